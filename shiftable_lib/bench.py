@@ -1,0 +1,216 @@
+"""`sma bench`: our decode and training speed against Hugging Face GPT-2 of the same size.
+
+Both models get the profile's dimensions and random weights (speed does not depend on what
+they learned), run on the same device in the same process, one after the other, with the same
+thread count. Reported as tokens/s and the ratio ours / reference. Our decode goes through the
+serving engine (continuous-batching step, sampling, streaming detokenisation); GPT-2's through
+`generate` with its KV cache, which returns ids only — so the comparison favours the reference.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from shiftable_lib.config import get_profile
+from shiftable_lib.generate import Engine, SamplingParams
+from shiftable_lib.model import ModelConfig, ShiftableLM
+from shiftable_lib.tokenizer import train_tokenizer
+from shiftable_lib.train import make_optimizer, pick_device
+
+PROMPT_TOKENS = 32
+
+
+def _timed(fn: Callable[[], int], repeats: int) -> float:
+    """Best-of-median tokens/s: one warm-up call, then the median of `repeats` timed calls."""
+    fn()
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        tokens = fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        rates.append(tokens / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def _bench_tokenizer(vocab_size: int):
+    from pydoc_data.topics import topics  # stdlib text: offline and the same everywhere
+
+    return train_tokenizer([topics[k] for k in sorted(topics)], vocab_size)
+
+
+def _gpt2(cfg: ModelConfig, device):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    hf = GPT2Config(
+        vocab_size=cfg.vocab_size,
+        n_positions=cfg.context,
+        n_embd=cfg.d_model,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=0,
+        loss_type="ForCausalLMLoss",
+    )
+    return GPT2LMHeadModel(hf).to(device).eval()
+
+
+def ours_decode(model: ShiftableLM, tok, batch: int, new_tokens: int, prompts) -> Callable:
+    engine = Engine(model, tok, max_batch=batch)
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
+
+    def run() -> int:
+        seqs = [engine.submit(p, params) for p in prompts[:batch]]
+        while engine.has_work():
+            engine.step()
+        return sum(len(s.output_ids) for s in seqs)
+
+    return run
+
+
+def gpt2_decode(model, batch: int, new_tokens: int, prompts, device) -> Callable:
+    ids = torch.tensor(prompts[:batch], device=device)
+    mask = torch.ones_like(ids)
+
+    @torch.inference_mode()
+    def run() -> int:
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=0,
+        )
+        return (out.shape[1] - ids.shape[1]) * batch
+
+    return run
+
+
+def _train_step(params, loss_fn: Callable[[], torch.Tensor], device, steps: int) -> Callable:
+    opt = make_optimizer(params, 1e-4, 0.1, device)
+    autocast = torch.device(device).type == "cuda"
+
+    def run() -> int:
+        tokens = 0
+        for _ in range(steps):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                loss, n = loss_fn()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            tokens += n
+        return tokens
+
+    return run
+
+
+def run_bench(profile: str = "cpu", quick: bool = False, device: str = "auto") -> dict:
+    torch.manual_seed(0)
+    dev = pick_device(device)
+    p = get_profile(profile)
+    tok = _bench_tokenizer(p.vocab_size)
+    cfg = ModelConfig(tok.get_vocab_size(), p.context, p.n_layer, p.n_head, p.d_model)
+    new_tokens = 16 if quick else min(128, p.context - PROMPT_TOKENS)
+    repeats, train_steps = (1, 2) if quick else (3, 5)
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, cfg.vocab_size, (16, PROMPT_TOKENS), generator=gen).tolist()
+
+    ours = ShiftableLM(cfg).to(dev).eval()
+    shiftable = ShiftableLM(cfg).to(dev).eval()
+    shiftable.add_specialist("a")
+    shiftable.add_specialist("b")
+    shiftable.wake_specialists(["a", "b"])  # live gate: every branch is computed
+    gpt2 = _gpt2(cfg, dev)
+
+    rows = []
+
+    def row(name: str, ours_fn: Callable, ref_fn: Callable) -> None:
+        ours_rate, ref_rate = _timed(ours_fn, repeats), _timed(ref_fn, repeats)
+        rows.append(
+            {"name": name, "ours": ours_rate, "reference": ref_rate, "ratio": ours_rate / ref_rate}
+        )
+
+    for batch in (1, 16):
+        row(
+            f"decode tokens/s, generalist, batch {batch}",
+            ours_decode(ours, tok, batch, new_tokens, prompts),
+            gpt2_decode(gpt2, batch, new_tokens, prompts, dev),
+        )
+    row(
+        "decode tokens/s, shiftable 2 specialists, batch 1",
+        ours_decode(shiftable, tok, 1, new_tokens, prompts),
+        gpt2_decode(gpt2, 1, new_tokens, prompts, dev),
+    )
+
+    batch = torch.randint(0, cfg.vocab_size, (p.batch_size, p.context + 1), generator=gen).to(dev)
+    ours.train()
+    gpt2.train()
+    row(
+        f"training tokens/s, generalist, batch {p.batch_size}x{p.context}",
+        _train_step(
+            list(ours.parameters()),
+            lambda: (ours.loss(batch[:, :-1], batch[:, 1:]), batch[:, 1:].numel()),
+            dev,
+            train_steps,
+        ),
+        _train_step(
+            list(gpt2.parameters()),
+            lambda: (
+                gpt2(input_ids=batch[:, :-1], labels=batch[:, :-1]).loss,
+                batch[:, 1:].numel(),
+            ),
+            dev,
+            train_steps,
+        ),
+    )
+    return {"machine": _machine(dev), "profile": profile, "new_tokens": new_tokens, "rows": rows}
+
+
+def _machine(dev: torch.device) -> dict:
+    info = {
+        "device": str(dev),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    if dev.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(dev)
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def print_table(result: dict) -> str:
+    m = result["machine"]
+    lines = [
+        f"machine: {m.get('gpu', m['cpu'])}, {m['cores']} cores, {m['torch_threads']} torch "
+        f"threads, torch {m['torch']}, transformers {m.get('transformers', '?')}",
+        f"profile {result['profile']}, {result['new_tokens']} new tokens per sequence",
+        "",
+        f"| {'benchmark':<52} | {'ours':>10} | {'GPT-2 (HF)':>10} | {'ratio':>6} |",
+        f"|{'-' * 54}|{'-' * 12}|{'-' * 12}|{'-' * 8}|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['name']:<52} | {r['ours']:>10,.0f} | {r['reference']:>10,.0f} | "
+            f"{r['ratio']:>5.2f}x |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,156 @@
+"""Model versions on disk: `<models>/<version>/{model.safetensors,config.json,tokenizer.json,
+metrics.json}`. A version directory appears only when complete (written to a temporary folder,
+fsynced, then renamed). Loading reads safetensors and JSON only: nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
+
+from shiftable_lib.config import Profile
+from shiftable_lib.errors import NotFound
+from shiftable_lib.model import ModelConfig, ShiftableLM
+from shiftable_lib.tokenizer import load_tokenizer
+
+VERSION_PATTERN = re.compile(r"^v(\d{4,})$")
+CURRENT = "CURRENT"
+FORMAT = 1
+
+
+@dataclass
+class ModelVersion:
+    """A loaded version: the model, its tokenizer and what was recorded with it."""
+
+    id: str
+    path: Path
+    model: ShiftableLM
+    tokenizer: Tokenizer
+    profile: Profile
+    meta: dict
+    metrics: dict
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_json_atomic(path: Path, data: object) -> None:
+    """Write JSON to `path` through a temporary file and `os.replace`."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    _write_file(tmp, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def version_ids(models_dir: Path) -> list[str]:
+    """Complete versions, oldest first."""
+    if not models_dir.is_dir():
+        return []
+    found = [p.name for p in models_dir.iterdir() if VERSION_PATTERN.match(p.name) and p.is_dir()]
+    return sorted(found, key=lambda v: int(v[1:]))
+
+
+def next_version_id(models_dir: Path) -> str:
+    ids = version_ids(models_dir)
+    return f"v{(int(ids[-1][1:]) + 1 if ids else 1):04d}"
+
+
+def save_version(
+    models_dir: Path,
+    model: ShiftableLM,
+    tokenizer: Tokenizer,
+    profile: Profile,
+    metrics: dict,
+    meta: dict | None = None,
+) -> str:
+    """Write a new complete version directory and return its id (it does not become current)."""
+    models_dir.mkdir(parents=True, exist_ok=True)
+    version = next_version_id(models_dir)
+    tmp = models_dir / f".tmp-{version}-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"))
+        with open(tmp / "model.safetensors", "rb+") as f:
+            os.fsync(f.fileno())
+        _write_file(tmp / "tokenizer.json", tokenizer.to_str().encode())
+        config = {
+            "format": FORMAT,
+            "version": version,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "model": model.cfg.to_dict(),
+            "profile": profile.to_dict(),
+            **(meta or {}),
+        }
+        _write_file(tmp / "config.json", json.dumps(config, indent=2, sort_keys=True).encode())
+        _write_file(tmp / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True).encode())
+        _fsync_dir(tmp)
+        os.rename(tmp, models_dir / version)  # fails rather than replace an existing version
+        _fsync_dir(models_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return version
+
+
+def set_current(models_dir: Path, version: str) -> None:
+    if not (models_dir / version).is_dir():
+        raise NotFound(f"no model version {version!r}")
+    tmp = models_dir / f".{CURRENT}.tmp-{os.getpid()}"
+    _write_file(tmp, (version + "\n").encode())
+    os.replace(tmp, models_dir / CURRENT)
+    _fsync_dir(models_dir)
+
+
+def current_version(models_dir: Path) -> str | None:
+    """The version the CLI serves: the CURRENT pointer, else the newest complete version."""
+    pointer = models_dir / CURRENT
+    if pointer.is_file():
+        version = pointer.read_text().strip()
+        if (models_dir / version).is_dir():
+            return version
+    ids = version_ids(models_dir)
+    return ids[-1] if ids else None
+
+
+def load_version(
+    models_dir: Path, version: str, device: str | torch.device = "cpu"
+) -> ModelVersion:
+    path = models_dir / version
+    if not VERSION_PATTERN.match(version) or not path.is_dir():
+        raise NotFound(f"no model version {version!r} in {models_dir}")
+    meta = json.loads((path / "config.json").read_text())
+    cfg = ModelConfig.from_dict(meta["model"])
+    model = ShiftableLM(cfg)
+    model.load_state_dict(load_file(str(path / "model.safetensors"), device="cpu"), strict=True)
+    metrics_path = path / "metrics.json"
+    return ModelVersion(
+        id=version,
+        path=path,
+        model=model.to(device).eval(),
+        tokenizer=load_tokenizer(path / "tokenizer.json"),
+        profile=Profile.from_dict(meta["profile"]),
+        meta=meta,
+        metrics=json.loads(metrics_path.read_text()) if metrics_path.is_file() else {},
+    )

@@ -1,0 +1,261 @@
+"""`sma`: the command line. Every command takes --home (default $SMA_HOME, else ./sma-home)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Callable
+
+from shiftable_lib.config import PROFILES, Settings
+from shiftable_lib.errors import ShiftableError
+from shiftable_lib.train import Progress
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {k: v for k in ("home", "device") if (v := getattr(args, k, None)) is not None}
+    return Settings(**overrides)
+
+
+class ProgressBars:
+    """A tqdm bar per training phase, fed by the library's progress callback."""
+
+    def __init__(self) -> None:
+        self.bar = None
+        self.phase = None
+
+    def __call__(self, p: Progress) -> None:
+        from tqdm import tqdm
+
+        if p.phase != self.phase:
+            self.close()
+            self.phase = p.phase
+            self.bar = tqdm(total=p.total, desc=p.phase, unit="step", dynamic_ncols=True)
+        self.bar.n = p.step
+        if not math.isnan(p.loss):
+            self.bar.set_postfix(
+                loss=f"{p.loss:.3f}", tok_s=f"{p.tokens_per_s:,.0f}", refresh=False
+            )
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def cmd_corpus_demo(args: argparse.Namespace) -> int:
+    from shiftable_lib.demo_corpus import build_demo_corpus
+
+    settings = _settings(args)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    for s in build_demo_corpus(settings.data_dir):
+        state = "kept (already has text)" if s.skipped else f"{s.bytes:,} bytes, {s.documents} docs"
+        print(f"{s.name:>14}: {state}")
+    return 0
+
+
+def _run_job(job: Callable[[ProgressBars], object]) -> object:
+    bars = ProgressBars()
+    try:
+        return job(bars)
+    finally:
+        bars.close()
+
+
+def _print_metrics(metrics: dict) -> None:
+    for name, d in metrics.get("domains", {}).items():
+        routing = d.get("routing")
+        shown = f"  routing {routing:.2f}" if routing is not None else ""
+        print(
+            f"  {name:>14}: ppl {d['model_ppl']:.2f} vs generalist {d['generalist_ppl']:.2f}"
+            f" (x{d['ratio']:.3f}){shown}"
+        )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from shiftable_lib import jobs
+
+    results = _run_job(lambda bars: jobs.train_all(_settings(args), args.profile, bars))
+    for r in results:
+        print(r.message)
+        _print_metrics(r.metrics)
+    return 0
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    from shiftable_lib import jobs
+
+    r = _run_job(lambda bars: jobs.add_specialist(_settings(args), args.name, bars))
+    print(r.message)
+    _print_metrics(r.metrics)
+    return 0
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    from shiftable_lib import jobs
+
+    r = _run_job(
+        lambda bars: jobs.remove_specialist(
+            _settings(args), args.name, args.recalibrate_steps, bars
+        )
+    )
+    print(r.message)
+    _print_metrics(r.metrics)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from shiftable_lib import jobs
+    from shiftable_lib.generate import Engine, SamplingParams, stream
+    from shiftable_lib.model import Routing
+
+    settings = _settings(args)
+    current = jobs.load_current(settings, jobs.configure_torch(settings))
+    routing = Routing(mode=args.routing, force=tuple(args.force), exclude=tuple(args.exclude))
+    context = current.model.cfg.context
+    params = SamplingParams(
+        max_new_tokens=min(80, context - 1) if args.max_new_tokens is None else args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=tuple(args.stop),
+        routing=routing,
+    )
+    params.validate(context)  # before anything is printed
+    routing.allowed(current.model.experts)
+    engine = Engine(current.model, current.tokenizer, max_batch=1)
+    prompts = [args.prompt] if args.prompt is not None else _interactive(current)
+    for prompt in prompts:
+        sys.stdout.write(prompt)
+        for event in stream(engine, prompt, params):
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        if event.seq.truncated:
+            print(
+                f"[prompt left-truncated by {event.seq.truncated} tokens to fit the context]",
+                file=sys.stderr,
+            )
+    return 0
+
+
+def _interactive(current):
+    print(
+        f"model {current.id} with specialists: {', '.join(current.model.cfg.specialists) or '-'}"
+        "\nType a prompt and press Enter (an empty line or Ctrl-D quits)."
+    )
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            return
+        if not line.strip():
+            return
+        yield line
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from shiftable_lib import jobs
+
+    result = jobs.evaluate_current(_settings(args))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"model {result['version']} (profile {result['profile']})")
+        _print_metrics(result)
+        print(f"  routing accuracy (mean over domains): {result['routing_accuracy']:.3f}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from shiftable_lib.bench import print_table, run_bench
+
+    result = run_bench(profile=args.profile, quick=args.quick, device=_settings(args).device)
+    print(json.dumps(result, indent=2) if args.json else print_table(result))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sma", description=__doc__)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--home", help="data, artifacts and state (default $SMA_HOME or ./sma-home)"
+    )
+    common.add_argument("--device", help="auto | cpu | cuda (default $SMA_DEVICE or auto)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    corpus = sub.add_parser("corpus", help="corpus tools")
+    corpus_sub = corpus.add_subparsers(dest="corpus_command", required=True)
+    demo = corpus_sub.add_parser("demo", parents=[common], help="build the offline demo corpus")
+    demo.set_defaults(func=cmd_corpus_demo)
+
+    t = sub.add_parser(
+        "train",
+        parents=[common],
+        help="train the generalist if there is none, then every specialist",
+    )
+    t.add_argument("--profile", choices=list(PROFILES), help="default $SMA_PROFILE or cpu")
+    t.set_defaults(func=cmd_train)
+
+    a = sub.add_parser("add-specialist", parents=[common], help="add one specialist (incremental)")
+    a.add_argument("name")
+    a.set_defaults(func=cmd_add)
+
+    r = sub.add_parser("remove-specialist", parents=[common], help="remove one specialist")
+    r.add_argument("name")
+    r.add_argument(
+        "--recalibrate-steps",
+        type=int,
+        default=0,
+        help="gate steps on the remaining domains after removal (default 0)",
+    )
+    r.set_defaults(func=cmd_remove)
+
+    g = sub.add_parser(
+        "generate", parents=[common], help="stream a completion (no prompt: interactive)"
+    )
+    g.add_argument("prompt", nargs="?")
+    g.add_argument(
+        "--max-new-tokens", type=int, help="default 80, or the context less one if smaller"
+    )
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--top-k", type=int, default=50)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--routing", default="soft", choices=["soft", "top1", "topk"])
+    g.add_argument("--force", action="append", default=[], help="use only this expert")
+    g.add_argument("--exclude", action="append", default=[], help="never use this expert")
+    g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("eval", parents=[common], help="held-out perplexity and routing")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser(
+        "bench", parents=[common], help="decode and training speed vs Hugging Face GPT-2"
+    )
+    b.add_argument("--json", action="store_true")
+    b.add_argument("--profile", default="cpu", choices=list(PROFILES))
+    b.add_argument("--quick", action="store_true", help="fewer tokens (smoke test)")
+    b.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ShiftableError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""One settings object (env `SMA_*`) and the named training profiles it selects."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Model size and training budget; a named preset, stored with every model version."""
+
+    name: str
+    # model
+    vocab_size: int
+    context: int
+    n_layer: int
+    n_head: int
+    d_model: int
+    # batches
+    batch_size: int
+    # generalist
+    generalist_steps: int
+    generalist_lr: float
+    # specialists: each branch trains on its own domain for a number of steps proportional to
+    # its corpus (epochs over its training tokens), clamped to [min, max]
+    specialist_epochs: float
+    specialist_min_steps: int
+    specialist_max_steps: int
+    specialist_lr: float
+    # gate: trained after the branches, on batches that mix every domain
+    gate_steps: int
+    gate_lr: float
+    # evaluation
+    eval_interval: int
+    eval_windows: int
+    routing_documents: int
+    dropout: float = 0.0
+    warmup_fraction: float = 0.05
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 1337
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Profile:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+PROFILES: dict[str, Profile] = {
+    # seconds on a laptop core: for tests
+    "tiny": Profile(
+        name="tiny",
+        vocab_size=384,
+        context=64,
+        n_layer=2,
+        n_head=2,
+        d_model=32,
+        batch_size=8,
+        generalist_steps=40,
+        generalist_lr=3e-3,
+        specialist_epochs=1.0,
+        specialist_min_steps=10,
+        specialist_max_steps=30,
+        specialist_lr=3e-3,
+        gate_steps=60,
+        gate_lr=5e-2,
+        eval_interval=20,
+        eval_windows=4,
+        routing_documents=8,
+    ),
+    # the whole demo in at most 10 minutes on 2 CPU cores
+    "cpu": Profile(
+        name="cpu",
+        vocab_size=4096,
+        context=256,
+        n_layer=4,
+        n_head=4,
+        d_model=128,
+        batch_size=16,
+        generalist_steps=800,
+        generalist_lr=2e-3,
+        specialist_epochs=1.0,
+        specialist_min_steps=100,
+        specialist_max_steps=400,
+        specialist_lr=2e-3,
+        gate_steps=300,
+        gate_lr=5e-2,
+        eval_interval=100,
+        eval_windows=24,
+        routing_documents=100,
+    ),
+    # a real GPU
+    "gpu": Profile(
+        name="gpu",
+        vocab_size=8192,
+        context=512,
+        n_layer=8,
+        n_head=8,
+        d_model=512,
+        batch_size=32,
+        generalist_steps=2000,
+        generalist_lr=6e-4,
+        specialist_epochs=6.0,
+        specialist_min_steps=200,
+        specialist_max_steps=2000,
+        specialist_lr=6e-4,
+        gate_steps=600,
+        gate_lr=5e-2,
+        eval_interval=50,
+        eval_windows=64,
+        routing_documents=200,
+        dropout=0.1,
+    ),
+}
+
+
+def get_profile(name: str, **overrides: object) -> Profile:
+    """The named profile, optionally with some fields replaced."""
+    try:
+        profile = PROFILES[name]
+    except KeyError:
+        raise ValueError(f"unknown profile {name!r}: choose one of {', '.join(PROFILES)}") from None
+    return replace(profile, **overrides) if overrides else profile
+
+
+class Settings(BaseSettings):
+    """Everything configurable, read once from the environment (`SMA_*`) and passed down."""
+
+    model_config = SettingsConfigDict(env_prefix="SMA_", extra="ignore")
+
+    home: Path = Field(default=Path("sma-home"), description="data, artifacts and state")
+    profile: str = Field(default="cpu", description="tiny | cpu | gpu")
+    device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
+    threads: int = Field(default=0, description="CPU threads for torch; 0 = all cores")
+
+    @property
+    def data_dir(self) -> Path:
+        return self.home / "data"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "artifacts" / "models"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.home / "state"

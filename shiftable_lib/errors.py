@@ -1,0 +1,29 @@
+"""The few typed errors the library raises; services map them to gRPC codes in one place."""
+
+
+class ShiftableError(Exception):
+    """Base of every error the library raises on purpose; the message is for the user."""
+
+
+class InvalidName(ShiftableError, ValueError):
+    """A specialist name that does not match the allowed pattern."""
+
+
+class CorpusMissing(ShiftableError, FileNotFoundError):
+    """A domain folder that is absent or holds no non-empty .txt file."""
+
+
+class CorpusInvalid(ShiftableError, ValueError):
+    """A corpus file that cannot be used (not UTF-8, unreadable)."""
+
+
+class NotFound(ShiftableError, LookupError):
+    """A specialist, model version or file that does not exist."""
+
+
+class Conflict(ShiftableError):
+    """The request contradicts the current state (already exists, last specialist, ...)."""
+
+
+class Busy(ShiftableError):
+    """Another operation holds the resource; try again later."""

@@ -1,0 +1,292 @@
+"""Generation: sampling, stop strings, streamed text, and a batch engine for continuous batching.
+
+`Engine` owns a model and a static KV cache with `max_batch` slots. `submit` queues a request;
+each `step` admits queued requests (prefill, which yields their first token) and advances every
+other active sequence by one token (one batched decode). Finished sequences free their slot at
+once, so a server can call `step` in a loop and new requests join between steps.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from tokenizers import Tokenizer
+from torch import Tensor
+
+from shiftable_lib.model import SOFT, RouteTable, Routing, ShiftableLM
+from shiftable_lib.tokenizer import StreamDecoder, encode, eos_id
+
+FINISH_REASONS = ("length", "stop", "eos", "cancelled")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = whole vocabulary
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    routing: Routing = SOFT
+    ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
+
+    def validate(self, context: int) -> None:
+        """Raise ValueError with a sentence a user can act on if any field is out of range."""
+        if not 1 <= self.max_new_tokens < context:
+            raise ValueError(f"max_new_tokens must be between 1 and {context - 1} (the context)")
+        if not self.temperature >= 0:
+            raise ValueError("temperature must be >= 0 (0 means greedy)")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0 (0 means no limit)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must not be empty")
+
+
+@dataclass
+class Sequence:
+    """One request's state while it generates."""
+
+    id: int
+    prompt_ids: list[int]
+    truncated: int  # prompt tokens dropped from the left to fit the context
+    params: SamplingParams
+    generator: torch.Generator
+    decoder: StreamDecoder
+    routing_row: tuple[list[bool], int]
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""  # completion text emitted so far
+    pending: str = ""  # decoded but held back: it might begin a stop string
+    finish_reason: str | None = None
+    gate_total: Tensor | None = None  # (L, E) gate weights summed over generating positions
+
+    @property
+    def gate_mean(self) -> Tensor | None:
+        """Mean gate weight per layer and expert over the positions that produced the output
+        (known once the sequence has finished)."""
+        if self.gate_total is None or not self.output_ids:
+            return None
+        return self.gate_total / len(self.output_ids)
+
+    @property
+    def cached(self) -> int:
+        """Tokens of this sequence in the KV cache (the newest output token is not, yet)."""
+        return len(self.prompt_ids) + max(0, len(self.output_ids) - 1)
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """What one step produced for one sequence: its new token and the text it completes."""
+
+    seq: Sequence
+    token_id: int
+    text: str
+    finish_reason: str | None
+
+
+def sample(logits: Tensor, seqs: list[Sequence]) -> list[int]:
+    """One token per row, each row with its own temperature, top-k, top-p and generator."""
+    out = logits.float().argmax(-1).tolist()
+    for i, s in enumerate(seqs):
+        p = s.params
+        if p.temperature == 0:
+            continue
+        row = logits[i].float() / p.temperature
+        if p.top_k or p.top_p < 1:
+            row, index = row.sort(descending=True)
+            if p.top_k:
+                row[p.top_k :] = float("-inf")
+            if p.top_p < 1:
+                cum = row.softmax(-1).cumsum(-1)
+                row[1:][cum[:-1] >= p.top_p] = float("-inf")  # keep the smallest set reaching p
+            choice = torch.multinomial(row.softmax(-1), 1, generator=s.generator)
+            out[i] = int(index[choice])
+        else:
+            out[i] = int(torch.multinomial(row.softmax(-1), 1, generator=s.generator))
+    return out
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest end of `text` that could still grow into a stop string."""
+    longest = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:n]):
+                longest = n
+                break
+    return longest
+
+
+class Engine:
+    """Continuous batching over a static KV cache: requests join and leave between steps."""
+
+    def __init__(self, model: ShiftableLM, tokenizer: Tokenizer, max_batch: int = 8) -> None:
+        self.model = model.eval()
+        self.tok = tokenizer
+        self.eos = eos_id(tokenizer)
+        self.device = model.wte.weight.device
+        self.cache = model.new_cache(max_batch)
+        cfg = model.cfg
+        # per slot, gate weights summed over the output so far; read once, when a sequence ends
+        self.gate_sums = torch.zeros(max_batch, cfg.n_layer, len(model.experts), device=self.device)
+        self.active: list[Sequence] = []  # active[i] lives in cache slot i
+        self.queue: deque[Sequence] = deque()
+        self._ids = itertools.count()
+        self._routes: RouteTable | None = None
+
+    @property
+    def max_batch(self) -> int:
+        return self.cache.slots
+
+    def submit(self, prompt: str | list[int], params: SamplingParams) -> Sequence:
+        """Queue a request (text or token ids); bad parameters raise before anything is queued."""
+        context = self.model.cfg.context
+        params.validate(context)
+        allowed = params.routing.allowed(self.model.experts)
+        ids = encode(self.tok, prompt) if isinstance(prompt, str) else list(prompt)
+        vocab = self.model.cfg.vocab_size
+        if any(not 0 <= i < vocab for i in ids):
+            raise ValueError(f"token ids must be in [0, {vocab})")
+        ids = ids or [self.eos]  # an empty prompt starts a new document
+        room = context - params.max_new_tokens
+        truncated = max(0, len(ids) - room)
+        seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little")
+        seq = Sequence(
+            id=next(self._ids),
+            prompt_ids=ids[truncated:],
+            truncated=truncated,
+            params=params,
+            generator=torch.Generator(device="cpu").manual_seed(seed),
+            decoder=StreamDecoder(self.tok),
+            routing_row=(allowed, params.routing.top_k()),
+        )
+        self.queue.append(seq)
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        """Stop a sequence now; its slot is free for the next step."""
+        if seq in self.queue:
+            self.queue.remove(seq)
+        seq.finish_reason = seq.finish_reason or "cancelled"
+        if seq in self.active:
+            self._release(self.active.index(seq))
+
+    def has_work(self) -> bool:
+        return bool(self.active or self.queue)
+
+    @torch.inference_mode()
+    def step(self) -> list[TokenEvent]:
+        """Admit what fits, advance every active sequence by one token, retire finished ones."""
+        events: list[TokenEvent] = []
+        running = len(self.active)
+        if running:
+            span = max(s.cached for s in self.active) + 1
+            logits, gates = self.model.decode(
+                self.cache, self._last_tokens(), self._route_table(), span
+            )
+            self.gate_sums[:running] += gates.transpose(0, 1).float()
+            events += self._emit(self.active[:running], logits)
+        admitted = self._admit()
+        if admitted:
+            first = len(self.active) - len(admitted)
+            logits, gates = self._prefill(admitted)
+            self.gate_sums[first : first + len(admitted)] = gates.transpose(0, 1).float()
+            events += self._emit(admitted, logits)
+        for i in reversed(range(len(self.active))):
+            if self.active[i].finish_reason is not None:
+                self._release(i)
+        return events
+
+    # ---- internals ----------------------------------------------------------------------------
+
+    def _admit(self) -> list[Sequence]:
+        admitted = []
+        while self.queue and len(self.active) < self.max_batch:
+            seq = self.queue.popleft()
+            self.active.append(seq)
+            admitted.append(seq)
+        if admitted:
+            self._routes = None
+        return admitted
+
+    def _prefill(self, seqs: list[Sequence]) -> tuple[Tensor, Tensor]:
+        first = len(self.active) - len(seqs)
+        lengths = torch.tensor([len(s.prompt_ids) for s in seqs], device=self.device)
+        idx = torch.full((len(seqs), int(lengths.max())), self.eos, device=self.device)
+        for i, s in enumerate(seqs):
+            idx[i, : len(s.prompt_ids)] = torch.tensor(s.prompt_ids)
+        slots = torch.arange(first, first + len(seqs), device=self.device)
+        return self.model.prefill(self.cache, slots, idx, lengths, self._rows(seqs))
+
+    def _rows(self, seqs: list[Sequence]) -> RouteTable:
+        allowed = torch.tensor([s.routing_row[0] for s in seqs], device=self.device)
+        top_k = torch.tensor([s.routing_row[1] for s in seqs], device=self.device)
+        return RouteTable(allowed, top_k)
+
+    def _route_table(self) -> RouteTable:
+        if self._routes is None or self._routes.allowed.shape[0] != len(self.active):
+            self._routes = self._rows(self.active)
+        return self._routes
+
+    def _last_tokens(self) -> Tensor:
+        return torch.tensor([s.output_ids[-1] for s in self.active], device=self.device)
+
+    def _emit(self, seqs: list[Sequence], logits: Tensor) -> list[TokenEvent]:
+        tokens = sample(logits, seqs)
+        return [self._advance(seq, token) for seq, token in zip(seqs, tokens, strict=True)]
+
+    def _advance(self, seq: Sequence, token: int) -> TokenEvent:
+        """Record one token, decide whether the sequence is done, and say what text it adds."""
+        seq.output_ids.append(token)
+        stops = seq.params.stop
+        if token == self.eos and not seq.params.ignore_eos:
+            seq.finish_reason = "eos"
+        else:
+            seq.pending += seq.decoder.push(token)
+        if stops:
+            hit = min((p for p in (seq.pending.find(s) for s in stops) if p >= 0), default=-1)
+            if hit >= 0:
+                seq.pending = seq.pending[:hit]
+                seq.finish_reason = "stop"
+        if seq.finish_reason is None and len(seq.output_ids) >= seq.params.max_new_tokens:
+            seq.finish_reason = "length"
+        if seq.finish_reason in ("length", "eos"):
+            seq.pending += seq.decoder.flush()
+        keep = _held_back(seq.pending, stops) if seq.finish_reason is None else 0
+        delta = seq.pending[: len(seq.pending) - keep]
+        seq.pending = seq.pending[len(delta) :]
+        seq.text += delta
+        return TokenEvent(seq, token, delta, seq.finish_reason)
+
+    def _release(self, i: int) -> None:
+        self.active[i].gate_total = self.gate_sums[i].cpu()
+        last = len(self.active) - 1
+        if i != last:
+            self.cache.move(last, i)
+            self.gate_sums[i] = self.gate_sums[last]
+            self.active[i] = self.active[last]
+        self.active.pop()
+        self._routes = None
+
+
+def stream(engine: Engine, prompt: str, params: SamplingParams) -> Iterator[TokenEvent]:
+    """Generate one completion, yielding each step's event (drives the engine itself)."""
+    seq = engine.submit(prompt, params)
+    while seq.finish_reason is None:
+        for event in engine.step():
+            if event.seq is seq:
+                yield event
+
+
+def complete(engine: Engine, prompts: list[str], params: SamplingParams) -> list[Sequence]:
+    """Run several prompts to completion together; returns their finished sequences."""
+    seqs = [engine.submit(p, params) for p in prompts]
+    while any(s.finish_reason is None for s in seqs):
+        engine.step()
+    return seqs

@@ -1,0 +1,552 @@
+"""The model: a causal GPT whose attention in every layer is a gated mixture of named experts.
+
+With no specialists it *is* the generalist (one expert, `general`, no gate work). Adding a
+specialist adds one attention branch per layer — a copy of the base attention — and one row per
+layer of the gate. Every generalist weight is reused as is; training code freezes them.
+
+Per layer, for position t:  y_t = sum_e g_e(t) * Attn_e(h)_t,   g(t) = softmax(W m_t + b)
+where m_t is the normalised mean of the layer input over positions <= t: the gate sees only the
+causal prefix, so no position's output depends on a later token.
+
+Each expert owns its gate row (weights and bias). Removing an expert drops its row and the
+softmax renormalises over the rest; a new expert's row starts at a logit so low that its weight
+is exactly zero, so adding it changes no output until it is trained.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from shiftable_lib.corpus import GENERAL, validate_specialist_name
+from shiftable_lib.errors import Conflict, NotFound
+
+# exp(-1e4) underflows to exactly 0 in fp32/bf16, so an expert at this logit has weight 0.
+DORMANT_LOGIT = -1.0e4
+ROUTING_MODES = ("soft", "top1", "topk")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    context: int
+    n_layer: int
+    n_head: int
+    d_model: int
+    specialists: tuple[str, ...] = ()
+    dropout: float = 0.0  # on embeddings and residual branches, in training only
+
+    @property
+    def experts(self) -> tuple[str, ...]:
+        """Expert names in gate-column order: the base (`general`) first."""
+        return (GENERAL, *self.specialists)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "specialists": list(self.specialists)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelConfig:
+        fields = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        fields["specialists"] = tuple(fields.get("specialists", ()))
+        return cls(**fields)
+
+
+@dataclass(frozen=True)
+class Routing:
+    """How one sequence may use the experts.
+
+    mode: `soft` mixes all allowed experts; `top1`/`topk` keep the k highest-gated per position
+    and renormalise. force: only these experts are allowed. exclude: these are not.
+    """
+
+    mode: str = "soft"
+    k: int = 2
+    force: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+    def top_k(self) -> int:
+        return {"soft": 0, "top1": 1}.get(self.mode, self.k)
+
+    def allowed(self, experts: tuple[str, ...]) -> list[bool]:
+        """Which experts this routing admits; raises if it names unknown ones or admits none."""
+        if self.mode not in ROUTING_MODES:
+            raise ValueError(f"unknown routing mode {self.mode!r}: use one of {ROUTING_MODES}")
+        if self.mode == "topk" and self.k < 1:
+            raise ValueError("topk routing needs k >= 1")
+        for name in (*self.force, *self.exclude):
+            if name not in experts:
+                raise NotFound(f"no expert named {name!r}; the model has {', '.join(experts)}")
+        ok = [(not self.force or e in self.force) and e not in self.exclude for e in experts]
+        if not any(ok):
+            raise ValueError("this routing excludes every expert; leave at least one")
+        return ok
+
+
+SOFT = Routing()
+
+
+@dataclass
+class RouteTable:
+    """Per-row routing of a batch: allowed experts (B, E) and top-k (B,), 0 = soft.
+
+    What the hot loop branches on (one expert for every row? any top-k row?) is worked out
+    once here, on the host, so no decode step waits on the device to decide.
+    """
+
+    allowed: Tensor
+    top_k: Tensor
+    single: int | None = field(init=False)  # the one expert every row is restricted to
+    any_topk: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        allowed = self.allowed.cpu()
+        first = allowed[0] if allowed.shape[0] else None
+        one = first is not None and int(first.sum()) == 1 and bool((allowed == first).all())
+        self.single = int(first.nonzero()[0, 0]) if one else None
+        self.any_topk = bool((self.top_k > 0).any())
+
+    @classmethod
+    def build(cls, experts: tuple[str, ...], routes: list[Routing], device) -> RouteTable:
+        allowed = torch.tensor([r.allowed(experts) for r in routes], device=device)
+        top_k = torch.tensor([r.top_k() for r in routes], device=device)
+        return cls(allowed, top_k)
+
+    def single_expert(self) -> int | None:
+        return self.single
+
+
+class Expert(nn.Module):
+    """One attention branch (fused qkv, output projection) and its row of the layer's gate.
+
+    The row scores the causal prefix two ways: a linear read of the mean hidden state (what the
+    text is like) and the mean of a learned per-token score (which words it uses: `ndarray`
+    against `Tensor` is a token-identity question that a mean of hidden states blurs).
+    """
+
+    def __init__(self, d_model: int, vocab_size: int) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.proj = nn.Linear(d_model, d_model, bias=False)
+        self.gate = nn.Parameter(torch.zeros(d_model + 1))  # [w; b]: logit = w . m_t + b + ...
+        self.gate_tokens = nn.Parameter(torch.zeros(vocab_size))  # ... mean of u[x_s], s <= t
+
+
+class MixedAttention(nn.Module):
+    """Causal self-attention of every expert at once, mixed by the gate."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.experts = nn.ModuleDict({GENERAL: Expert(cfg.d_model, cfg.vocab_size)})
+
+    def gate_features(self, prefix_sum: Tensor, count: Tensor) -> Tensor:
+        """The gate's input at each position: the normalised mean of the causal prefix."""
+        return F.layer_norm(prefix_sum / count, (prefix_sum.shape[-1],))
+
+    def token_scores(self, idx: Tensor) -> Tensor:
+        """Every expert's per-token gate score for each token of `idx`: (..., E)."""
+        return F.embedding(idx, torch.stack([e.gate_tokens for e in self.experts.values()]).T)
+
+    def token_evidence(self, idx: Tensor, count: Tensor) -> Tensor:
+        """Mean per-token score over the causal prefix, (B, T, E)."""
+        return self.token_scores(idx).cumsum(1) / count
+
+    def gate_logits(self, m: Tensor, evidence: Tensor) -> Tensor:
+        rows = torch.stack([e.gate for e in self.experts.values()])  # (E, d+1)
+        return F.linear(m, rows[:, :-1], rows[:, -1]) + evidence
+
+    def gate(self, m: Tensor, evidence: Tensor, routes: RouteTable) -> Tensor:
+        """Gate weights (B, T, E) from gate features, within each row's allowed experts."""
+        logits = self.gate_logits(m, evidence)
+        logits = logits.masked_fill(~routes.allowed[:, None, :], float("-inf"))
+        if routes.any_topk:
+            rank = logits.argsort(-1, descending=True).argsort(-1)
+            k = routes.top_k[:, None, None]
+            logits = logits.masked_fill((k > 0) & (rank >= k), float("-inf"))
+        return logits.softmax(-1)
+
+    def qkv(self, h: Tensor, experts: list[Expert]) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v as (B, E*H, T, hd): every expert's heads side by side, one matmul."""
+        B, T, d = h.shape
+        w = (
+            torch.cat([e.qkv.weight for e in experts])
+            if len(experts) > 1
+            else experts[0].qkv.weight
+        )
+        qkv = F.linear(h, w).view(B, T, len(experts), 3, self.n_head, d // self.n_head)
+        q, k, v = (t.flatten(1, 2) for t in qkv.permute(3, 0, 2, 4, 1, 5).unbind(0))
+        return q, k, v
+
+    def mix(self, heads: Tensor, weights: Tensor | None, experts: list[Expert]) -> Tensor:
+        """Project every expert's heads and sum them, weighted: one matmul over [g_e * a_e]."""
+        B, _, T, hd = heads.shape
+        E = len(experts)
+        a = heads.view(B, E, self.n_head, T, hd).permute(0, 3, 1, 2, 4).reshape(B, T, E, -1)
+        if weights is not None:
+            a = a * weights.unsqueeze(-1).to(a.dtype)
+        w = torch.cat([e.proj.weight for e in experts], dim=1) if E > 1 else experts[0].proj.weight
+        return F.linear(a.reshape(B, T, -1), w)
+
+
+class MLP(nn.Module):
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d_model, 4 * d_model, bias=False)
+        self.proj = nn.Linear(4 * d_model, d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.d_model)
+        self.attn = MixedAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.d_model)
+        self.mlp = MLP(cfg.d_model)
+
+
+@dataclass
+class KVCache:
+    """Static per-slot generation state: every expert's keys/values and each gate's prefix sum.
+
+    Slots 0..n-1 are the active sequences of a batch; `lengths[s]` tokens of slot s are cached.
+    """
+
+    k: list[Tensor]  # per layer (slots, E*H, context, hd)
+    v: list[Tensor]
+    gate_sum: list[Tensor]  # per layer (slots, d): sum of the layer input over the prefix
+    token_sum: list[Tensor]  # per layer (slots, E): sum of per-token gate scores
+    lengths: Tensor  # (slots,)
+    experts: tuple[str, ...] = field(default=())
+
+    @property
+    def slots(self) -> int:
+        return self.lengths.shape[0]
+
+    def move(self, src: int, dst: int) -> None:
+        """Copy slot `src` into `dst` (to keep active slots contiguous when one finishes)."""
+        for buf in (*self.k, *self.v, *self.gate_sum, *self.token_sum):
+            buf[dst] = buf[src]
+        self.lengths[dst] = self.lengths[src]
+
+
+def _skip_unused(experts: list[Expert], weights: Tensor) -> tuple[list[Expert], Tensor]:
+    """Drop experts that no position of the batch gives any weight (dormant, excluded, or
+    outside every top-k): they would add exactly zero, so they are not computed at all."""
+    used = (weights.detach().amax(dim=(0, 1)) > 0).tolist()
+    if all(used):
+        return experts, weights
+    keep = [i for i, u in enumerate(used) if u]
+    return [experts[i] for i in keep], weights[..., keep]
+
+
+@dataclass
+class Trace:
+    """What a forward pass leaves behind besides the hidden states."""
+
+    only: int | None  # the single expert every row used, if the gate was skipped
+    hidden: Tensor | None = None
+    features: list[Tensor] = field(default_factory=list)  # per layer (B, T, d)
+    gates: list[Tensor] = field(default_factory=list)  # per layer (B, T, E)
+
+    def full_gates(self, n_experts: int, n_layers: int) -> list[Tensor]:
+        """Gate weights per layer; one-hot where a single expert ran without a gate."""
+        if self.only is None:
+            return self.gates
+        B, T, _ = self.hidden.shape
+        one = torch.zeros(B, T, n_experts, device=self.hidden.device)
+        one[..., self.only] = 1.0
+        return [one] * n_layers
+
+
+class FusedLinearCrossEntropy(torch.autograd.Function):
+    """Tied-head logits and cross-entropy in chunks, the gradient computed in the same pass.
+
+    On a CPU the (tokens x vocab) logits are the largest tensor of a step; a chunk of them
+    stays in cache while it is exponentiated, normalised and multiplied back, and is never
+    written out whole. Same loss and gradients as linear + F.cross_entropy.
+    """
+
+    CHUNK = 512
+
+    @staticmethod
+    def forward(ctx, h: Tensor, w: Tensor, targets: Tensor) -> Tensor:  # type: ignore[override]
+        N = h.shape[0]
+        grad_h, grad_w = torch.empty_like(h), torch.zeros_like(w)
+        total = h.new_zeros((), dtype=torch.float32)
+        for s in range(0, N, FusedLinearCrossEntropy.CHUNK):
+            end = min(N, s + FusedLinearCrossEntropy.CHUNK)
+            hc, tc = h[s:end], targets[s:end]
+            rows = torch.arange(hc.shape[0], device=h.device)
+            p = hc @ w.T
+            p.sub_(p.amax(-1, keepdim=True)).exp_()
+            norm = p.sum(-1, keepdim=True)
+            total += norm.log().sum() - p[rows, tc].log().sum()  # -log softmax at the target
+            p.div_(norm)
+            p[rows, tc] -= 1
+            grad_h[s:end] = p @ w
+            grad_w.addmm_(p.T, hc)
+        ctx.save_for_backward(grad_h, grad_w)
+        return total / N
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        grad_h, grad_w = ctx.saved_tensors
+        scale = grad / grad_h.shape[0]
+        return grad_h * scale, grad_w * scale, None
+
+
+class ShiftableLM(nn.Module):
+    """Decoder-only LM: token + position embeddings, pre-norm blocks, tied output head."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = replace(cfg, specialists=())
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.wpe = nn.Embedding(cfg.context, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith(("proj.weight",)):  # residual projections, as GPT-2
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        for name in cfg.specialists:
+            self.add_specialist(name)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear | nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @property
+    def experts(self) -> tuple[str, ...]:
+        return self.cfg.experts
+
+    # ---- growing and shrinking ----------------------------------------------------------------
+
+    def add_specialist(self, name: str) -> None:
+        """Add a branch per layer, copied from the base attention, with a dormant gate row.
+
+        Dormant: its gate weight is exactly 0, and its attention equals the base's, so no output
+        changes until it is trained (`wake_specialists` gives it a share of the base's weight).
+        """
+        validate_specialist_name(name)
+        if name in self.cfg.specialists:
+            raise Conflict(f"specialist {name!r} already exists")
+        for block in self.blocks:
+            base = block.attn.experts[GENERAL]
+            expert = Expert(self.cfg.d_model, self.cfg.vocab_size)
+            expert = expert.to(base.qkv.weight.device, base.qkv.weight.dtype)
+            expert.load_state_dict(base.state_dict())
+            with torch.no_grad():
+                expert.gate.zero_()
+                expert.gate[-1] = DORMANT_LOGIT
+                expert.gate_tokens.zero_()
+            block.attn.experts[name] = expert
+        self.cfg = replace(self.cfg, specialists=(*self.cfg.specialists, name))
+
+    def remove_specialist(self, name: str) -> None:
+        """Drop the specialist's branch and gate row in every layer; the gate renormalises."""
+        if name not in self.cfg.specialists:
+            raise NotFound(f"no specialist named {name!r}")
+        for block in self.blocks:
+            del block.attn.experts[name]
+        self.cfg = replace(
+            self.cfg, specialists=tuple(s for s in self.cfg.specialists if s != name)
+        )
+
+    @torch.no_grad()
+    def wake_specialists(self, names: list[str], split: bool = True) -> None:
+        """Give dormant specialists a live gate row: the base's, at a share of its weight.
+
+        With `split`, the base's row gives up that share: exp(b - log n) * n = exp(b), so the
+        base's softmax weight is divided among n identical rows whose attention is (before
+        training) the base's, and no output changes. Without it (the incremental add) the base
+        keeps its row, so the other specialists' balance with the base is exactly as trained.
+        """
+        share = math.log(len(names) + 1)
+        for block in self.blocks:
+            experts = block.attn.experts
+            row, tokens = experts[GENERAL].gate.clone(), experts[GENERAL].gate_tokens.clone()
+            row[-1] -= share
+            for name in (GENERAL, *names) if split else names:
+                experts[name].gate.copy_(row)
+                experts[name].gate_tokens.copy_(tokens)
+
+    # ---- forward ------------------------------------------------------------------------------
+
+    def forward(
+        self, idx: Tensor, routing: Routing | list[Routing] = SOFT, return_gates: bool = False
+    ) -> tuple[Tensor, list[Tensor] | None]:
+        """Logits (B, T, V) for whole sequences starting at position 0; gate weights if asked."""
+        trace = self.trunk(idx, routing)
+        gates = trace.full_gates(len(self.experts), self.cfg.n_layer) if return_gates else None
+        return self.head(trace.hidden), gates
+
+    def loss(self, idx: Tensor, targets: Tensor, routing: Routing | list[Routing] = SOFT) -> Tensor:
+        """Mean next-token cross-entropy, without materialising the logits when training."""
+        hidden = self.trunk(idx, routing).hidden.flatten(0, 1)
+        if torch.is_grad_enabled() and hidden.device.type == "cpu":
+            return FusedLinearCrossEntropy.apply(hidden, self.wte.weight, targets.flatten())
+        return F.cross_entropy(self.head(hidden).float(), targets.flatten())
+
+    def _drop(self, x: Tensor) -> Tensor:
+        p = self.cfg.dropout
+        return F.dropout(x, p, training=True) if self.training and p > 0 else x
+
+    def head(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.wte.weight)  # tied embeddings
+
+    def trunk(self, idx: Tensor, routing: Routing | list[Routing] = SOFT) -> Trace:
+        """Final hidden states, and per layer the gate features and weights (if a gate ran)."""
+        B, T = idx.shape
+        routes = self._routes(routing, B, idx.device)
+        only = routes.single_expert()
+        x = self._drop(self.wte(idx) + self.wpe(torch.arange(T, device=idx.device)))
+        count = torch.arange(1, T + 1, device=idx.device, dtype=x.dtype).view(1, T, 1)
+        trace = Trace(only=only)
+        for block in self.blocks:
+            h = block.ln_1(x)
+            if only is None:
+                experts = list(block.attn.experts.values())
+                m = block.attn.gate_features(h.cumsum(1), count)
+                weights = block.attn.gate(m, block.attn.token_evidence(idx, count), routes)
+                trace.features.append(m)
+                trace.gates.append(weights)
+                experts, weights = _skip_unused(experts, weights)
+            else:  # one allowed expert: no gate to run
+                experts, weights = [block.attn.experts[self.experts[only]]], None
+            q, k, v = block.attn.qkv(h, experts)
+            heads = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + self._drop(block.attn.mix(heads, weights, experts))
+            x = x + self._drop(block.mlp(block.ln_2(x)))
+        trace.hidden = self.ln_f(x)
+        return trace
+
+    def _routes(self, routing: Routing | list[Routing], batch: int, device) -> RouteTable:
+        routes = [routing] * batch if isinstance(routing, Routing) else routing
+        if len(routes) != batch:
+            raise ValueError(f"got {len(routes)} routings for a batch of {batch}")
+        return RouteTable.build(self.experts, routes, device)
+
+    # ---- incremental decoding -----------------------------------------------------------------
+
+    def new_cache(self, slots: int, device=None, dtype: torch.dtype | None = None) -> KVCache:
+        """Preallocate generation state for `slots` sequences of up to `context` tokens."""
+        p = self.wte.weight
+        device, dtype = device or p.device, dtype or p.dtype
+        cfg, E = self.cfg, len(self.experts)
+        hd = cfg.d_model // cfg.n_head
+        shape = (slots, E * cfg.n_head, cfg.context, hd)
+        return KVCache(
+            k=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)],
+            v=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)],
+            gate_sum=[torch.zeros(slots, cfg.d_model, device=device) for _ in range(cfg.n_layer)],
+            token_sum=[torch.zeros(slots, E, device=device) for _ in range(cfg.n_layer)],
+            lengths=torch.zeros(slots, dtype=torch.long, device=device),
+            experts=self.experts,
+        )
+
+    def prefill(
+        self, cache: KVCache, slots: Tensor, idx: Tensor, lengths: Tensor, routes: RouteTable
+    ) -> tuple[Tensor, Tensor]:
+        """Run prompts (right-padded to a common length) into `slots` of the cache.
+
+        Returns the logits at each prompt's last real token (n, V) and the gate weights there
+        (L, n, E). Positions past a prompt's length are computed but never attended to.
+        """
+        self._check_cache(cache)
+        n, T = idx.shape
+        x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))
+        count = torch.arange(1, T + 1, device=idx.device, dtype=x.dtype).view(1, T, 1)
+        rows, last = torch.arange(n, device=idx.device), (lengths - 1).clamp_min(0)
+        heads, experts = self._cached_heads(routes)
+        gates = []
+        for i, block in enumerate(self.blocks):
+            h = block.ln_1(x)
+            weights = None
+            if routes.single is None:
+                prefix = h.float().cumsum(1)
+                tokens = block.attn.token_scores(idx).float().cumsum(1)
+                m = block.attn.gate_features(prefix.to(h.dtype), count)
+                weights = block.attn.gate(m, tokens.to(h.dtype) / count, routes)
+                cache.gate_sum[i][slots] = prefix[rows, last]
+                cache.token_sum[i][slots] = tokens[rows, last]
+                gates.append(weights[rows, last])
+            layer = [block.attn.experts[e] for e in experts]
+            q, k, v = block.attn.qkv(h, layer)
+            cache.k[i][slots, heads, :T] = k
+            cache.v[i][slots, heads, :T] = v
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + block.attn.mix(out, weights, layer)
+            x = x + block.mlp(block.ln_2(x))
+        cache.lengths[slots] = lengths
+        return self.head(self.ln_f(x[rows, last])), self._stack_gates(gates, routes, n)
+
+    def decode(
+        self, cache: KVCache, tokens: Tensor, routes: RouteTable, span: int | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Advance slots 0..n-1 by one token each. Returns logits (n, V) and gates (L, n, E).
+
+        `span` (the longest cached length + 1) lets a caller that tracks lengths on the host
+        spare a device sync; without it, it is read from the cache.
+        """
+        self._check_cache(cache)
+        n = tokens.shape[0]
+        pos = cache.lengths[:n]
+        span = span or int(pos.max()) + 1
+        keep = (torch.arange(span, device=tokens.device) <= pos[:, None]).view(n, 1, 1, span)
+        x = (self.wte(tokens) + self.wpe(pos)).unsqueeze(1)  # (n, 1, d)
+        rows = torch.arange(n, device=tokens.device)
+        count = (pos + 1).to(x.dtype).view(n, 1, 1)
+        heads, experts = self._cached_heads(routes)
+        gates = []
+        for i, block in enumerate(self.blocks):
+            h = block.ln_1(x)
+            weights = None
+            if routes.single is None:
+                cache.gate_sum[i][:n] += h[:, 0].float()
+                cache.token_sum[i][:n] += block.attn.token_scores(tokens).float()
+                m = block.attn.gate_features(cache.gate_sum[i][:n, None].to(h.dtype), count)
+                evidence = cache.token_sum[i][:n, None].to(h.dtype) / count
+                weights = block.attn.gate(m, evidence, routes)
+                gates.append(weights[:, 0])
+            layer = [block.attn.experts[e] for e in experts]
+            q, k, v = block.attn.qkv(h, layer)
+            cache.k[i][rows, heads, pos] = k[:, :, 0]
+            cache.v[i][rows, heads, pos] = v[:, :, 0]
+            keys, values = cache.k[i][:n, heads, :span], cache.v[i][:n, heads, :span]
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=keep)
+            x = x + block.attn.mix(out, weights, layer)
+            x = x + block.mlp(block.ln_2(x))
+        cache.lengths[:n] += 1
+        return self.head(self.ln_f(x[:, 0])), self._stack_gates(gates, routes, n)
+
+    def _cached_heads(self, routes: RouteTable) -> tuple[slice, list[str]]:
+        """Which heads of the cache this batch computes, and for which experts.
+
+        When every row is restricted to one expert, only that expert's heads are computed and
+        cached: those rows never attend with any other expert, so nothing else is needed.
+        """
+        H = self.cfg.n_head
+        if routes.single is None:
+            return slice(0, H * len(self.experts)), list(self.experts)
+        e = routes.single
+        return slice(e * H, (e + 1) * H), [self.experts[e]]
+
+    def _stack_gates(self, gates: list[Tensor], routes: RouteTable, n: int) -> Tensor:
+        if gates:
+            return torch.stack(gates)
+        one = torch.zeros(self.cfg.n_layer, n, len(self.experts), device=self.wte.weight.device)
+        one[..., routes.single] = 1.0
+        return one
+
+    def _check_cache(self, cache: KVCache) -> None:
+        if cache.experts != self.experts:
+            raise ValueError("this cache was made for other experts; make a new one")

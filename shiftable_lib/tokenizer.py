@@ -1,0 +1,74 @@
+"""Byte-level BPE (HF `tokenizers`) and a streaming detokenizer that emits only whole characters."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+EOS = "<|endoftext|>"
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Train a byte-level BPE on `texts`. Every byte is in the alphabet, so nothing is unknown."""
+    tok = Tokenizer(models.BPE())
+    # no normaliser: case, whitespace and punctuation are kept exactly
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    return Tokenizer.from_file(str(path))
+
+
+def eos_id(tok: Tokenizer) -> int:
+    return tok.token_to_id(EOS)
+
+
+def encode(tok: Tokenizer, text: str) -> list[int]:
+    return tok.encode(text, add_special_tokens=False).ids
+
+
+def encode_documents(tok: Tokenizer, docs: list[str]) -> list[list[int]]:
+    return [e.ids for e in tok.encode_batch(docs, add_special_tokens=False)]
+
+
+class StreamDecoder:
+    """Turns a growing list of token ids into text deltas, never splitting a UTF-8 character.
+
+    A byte-level token can end in the middle of a multi-byte character; decoding then yields
+    U+FFFD. We hold such tokens back until the character completes. Only a short window of
+    tokens is re-decoded each step, so the cost per token is constant.
+    """
+
+    def __init__(self, tok: Tokenizer) -> None:
+        self.tok = tok
+        self.ids: list[int] = []
+        self.prefix_offset = 0  # window start: tokens before it are settled
+        self.read_offset = 0  # tokens before it have been emitted as text
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the newly completed text (possibly empty)."""
+        self.ids.append(token_id)
+        prefix = self.tok.decode(self.ids[self.prefix_offset : self.read_offset])
+        text = self.tok.decode(self.ids[self.prefix_offset :])
+        if len(text) > len(prefix) and not text.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return text[len(prefix) :]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character decodes as U+FFFD)."""
+        prefix = self.tok.decode(self.ids[self.prefix_offset : self.read_offset])
+        text = self.tok.decode(self.ids[self.prefix_offset :])
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return text[len(prefix) :]

@@ -1,0 +1,465 @@
+"""Training: the generalist, then specialists as branch-then-gate (as in Branch-Train-MiX).
+
+1. Generalist: every weight, on the general corpus; the best held-out checkpoint is kept.
+2. Branches: each specialist's attention (a copy of the base's) trains alone on its own domain,
+   with the gate forced to it, every other weight frozen. A branch therefore carries its domain
+   and nothing else, and its cost is that of its own corpus.
+3. Gate: only gate rows train, on batches mixing every domain, to predict at every layer and
+   position the domain of the document (cross-entropy on the gate's softmax). Unsupervised, a
+   gate does not align branch i with domain i (see DESIGN §4); supervised, deleting
+   `datascience` deletes what the name says. The branches were trained to be used alone, so a
+   confident gate is also what the LM loss wants. The trunk runs without gradients here: the
+   features each gate sees come from a no-grad forward, which makes this phase cheap.
+
+`train_specialists` does 2 for every specialist and 3 for all gate rows (the full retrain);
+`add_specialist` does 2 for the new one and 3 for its gate rows only, replaying every domain so
+the gate learns to tell the new one from the rest; the other specialists stay bit-identical.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+from torch import Tensor, nn
+
+from shiftable_lib.config import Profile
+from shiftable_lib.corpus import GENERAL, Domain
+from shiftable_lib.model import ModelConfig, Routing, ShiftableLM
+from shiftable_lib.tokenizer import encode_documents, eos_id
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One training-progress report: what a bar, a log line or a server stream shows."""
+
+    phase: str
+    step: int
+    total: int
+    loss: float
+    tokens_per_s: float
+    eta_s: float
+
+
+ProgressFn = Callable[[Progress], None]
+
+
+def _silent(_: Progress) -> None:
+    pass
+
+
+@dataclass
+class DomainTokens:
+    """A domain as token ids: one training stream, held-out stream and held-out documents."""
+
+    name: str
+    train: Tensor  # 1-D, documents each followed by EOS
+    heldout: Tensor
+    heldout_docs: list[Tensor] = field(repr=False)
+
+
+def tokenize_domain(tok: Tokenizer, domain: Domain) -> DomainTokens:
+    eos = eos_id(tok)
+
+    def stream(docs: list[str]) -> tuple[Tensor, list[Tensor]]:
+        parts = [torch.tensor([*ids, eos], dtype=torch.long) for ids in encode_documents(tok, docs)]
+        return torch.cat(parts), parts
+
+    train, _ = stream(domain.train)
+    heldout, docs = stream(domain.heldout)
+    return DomainTokens(domain.name, train, heldout, docs)
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def _autocast(device: torch.device | str):
+    if torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+class WindowSampler:
+    """Random (input, target) windows from a token stream, reproducible under a seed."""
+
+    def __init__(self, tokens: Tensor, context: int, seed: int) -> None:
+        if tokens.numel() < 2:
+            raise ValueError("a corpus needs at least two tokens to train on")
+        self.tokens = tokens
+        self.context = min(context, tokens.numel() - 1)
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def sample(self, n: int) -> Tensor:
+        """(n, context + 1) windows; rows are sequences, the last column is the final target."""
+        high = self.tokens.numel() - self.context
+        starts = torch.randint(0, high, (n,), generator=self.gen)
+        return torch.stack([self.tokens[s : s + self.context + 1] for s in starts.tolist()])
+
+
+def lr_at(step: int, total: int, peak: float, warmup_fraction: float) -> float:
+    """Linear warm-up, then cosine decay to a tenth of the peak."""
+    warmup = max(1, int(total * warmup_fraction))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def make_optimizer(params: list[nn.Parameter], lr: float, weight_decay: float, device):
+    """AdamW; matrices decay, vectors (norms, gate rows) do not."""
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=True)
+
+
+@dataclass
+class Phase:
+    """One optimisation phase: which parameters, how batches and losses are made, how long."""
+
+    name: str
+    params: list[nn.Parameter]
+    steps: int
+    lr: float
+    loss: Callable[[], tuple[Tensor, int]]  # -> (loss, tokens in the batch)
+    evaluate: Callable[[], float] | None = None  # lower is better; best parameters are kept
+
+
+def run_phase(phase: Phase, model: ShiftableLM, profile: Profile, device, progress: ProgressFn):
+    """Optimise `phase.params`; everything else in the model is frozen for the duration."""
+    trainable = {id(p) for p in phase.params}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trainable)
+    opt = make_optimizer(phase.params, phase.lr, profile.weight_decay, device)
+    best, best_state = math.inf, None
+    model.train()
+    start, tokens, shown_loss = time.perf_counter(), 0, float("nan")
+    for step in range(phase.steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, phase.steps, phase.lr, profile.warmup_fraction)
+        with _autocast(device):
+            loss, n_tokens = phase.loss()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(phase.params, profile.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        tokens += n_tokens
+        last = step + 1 == phase.steps
+        if phase.evaluate and ((step + 1) % profile.eval_interval == 0 or last):
+            score = phase.evaluate()
+            model.train()
+            if score < best:
+                best = score
+                best_state = [p.detach().clone() for p in phase.params]
+        if step % 10 == 0 or last:
+            shown_loss = loss.item()  # the only host sync, once every ten steps
+            elapsed = time.perf_counter() - start
+            rate = tokens / elapsed if elapsed > 0 else 0.0
+            eta = elapsed / (step + 1) * (phase.steps - step - 1)
+            progress(Progress(phase.name, step + 1, phase.steps, shown_loss, rate, eta))
+    if best_state is not None:
+        with torch.no_grad():
+            for p, saved in zip(phase.params, best_state, strict=True):
+                p.copy_(saved)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    return {
+        "best_eval": best if best_state is not None else None,
+        "final_loss": shown_loss,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+
+
+# ---- evaluation ------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def perplexity(
+    model: ShiftableLM, tokens: Tensor, context: int, windows: int, routing: Routing, device
+) -> float:
+    """Perplexity on up to `windows` evenly spaced, non-overlapping windows of `tokens`."""
+    model.eval()
+    T = min(context, tokens.numel() - 1)
+    n = (tokens.numel() - 1) // T
+    if n == 0:
+        return float("nan")
+    picks = torch.linspace(0, n - 1, min(windows, n)).round().long().unique()
+    rows = torch.stack([tokens[i * T : i * T + T + 1] for i in picks.tolist()]).to(device)
+    total = 0.0
+    for chunk in rows.split(16):
+        with _autocast(device):
+            logits, _ = model(chunk[:, :-1], routing)
+        total += F.cross_entropy(
+            logits.flatten(0, 1).float(), chunk[:, 1:].flatten(), reduction="sum"
+        ).item()
+    return math.exp(total / (rows.shape[0] * T))
+
+
+@torch.no_grad()
+def routing_accuracy(
+    model: ShiftableLM, docs: dict[str, list[Tensor]], context: int, limit: int, device
+) -> dict[str, float]:
+    """Per domain: share of held-out documents whose mean gate weight (over layers and the
+    document's first `context` tokens) is highest for the domain's own expert."""
+    model.eval()
+    experts = model.experts
+    result = {}
+    for name, doc_list in docs.items():
+        if name not in experts:
+            continue
+        own, hits, total = experts.index(name), 0, 0
+        for batch in _batched(doc_list[:limit], 16):
+            docs_t = [d[:context] for d in batch]
+            lengths = torch.tensor([len(d) for d in docs_t], device=device)
+            idx = torch.nn.utils.rnn.pad_sequence(docs_t, batch_first=True).to(device)
+            with _autocast(device):
+                _, gates = model(idx, return_gates=True)
+            valid = (torch.arange(idx.shape[1], device=device) < lengths[:, None]).float()
+            g = torch.stack(gates).float().mean(0)  # (n, T, E), averaged over layers
+            mean = (g * valid[..., None]).sum(1) / lengths[:, None]
+            hits += int((mean.argmax(-1) == own).sum())
+            total += len(batch)
+        result[name] = hits / total if total else float("nan")
+    return result
+
+
+def _batched(items: list, n: int) -> Iterable[list]:
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
+
+
+def evaluate(model: ShiftableLM, data: dict[str, DomainTokens], profile: Profile, device) -> dict:
+    """Held-out perplexity of the generalist (base expert alone) and of the model, per domain,
+    and gate routing accuracy on held-out documents."""
+    base = Routing(force=(GENERAL,))
+    domains = {}
+    for name, d in data.items():
+        gen_ppl = perplexity(model, d.heldout, profile.context, profile.eval_windows, base, device)
+        ppl = perplexity(model, d.heldout, profile.context, profile.eval_windows, Routing(), device)
+        domains[name] = {"generalist_ppl": gen_ppl, "model_ppl": ppl, "ratio": ppl / gen_ppl}
+    routing = routing_accuracy(
+        model,
+        {n: d.heldout_docs for n, d in data.items()},
+        profile.context,
+        profile.routing_documents,
+        device,
+    )
+    for name, acc in routing.items():
+        domains[name]["routing"] = acc
+    scored = [v for v in routing.values() if not math.isnan(v)]
+    return {
+        "domains": domains,
+        "routing_accuracy": sum(scored) / len(scored) if scored else None,
+        "routing_min": min(scored) if scored else None,
+    }
+
+
+# ---- the three kinds of phase -----------------------------------------------------------------
+
+
+def train_generalist(
+    data: DomainTokens, tok: Tokenizer, profile: Profile, device, progress: ProgressFn = _silent
+) -> tuple[ShiftableLM, dict]:
+    """A fresh generalist trained on the general corpus; its best held-out checkpoint."""
+    torch.manual_seed(profile.seed)
+    cfg = ModelConfig(
+        vocab_size=tok.get_vocab_size(),
+        context=profile.context,
+        n_layer=profile.n_layer,
+        n_head=profile.n_head,
+        d_model=profile.d_model,
+        dropout=profile.dropout,
+    )
+    model = ShiftableLM(cfg).to(device)
+    sampler = WindowSampler(data.train, profile.context, profile.seed)
+    everything = Routing()
+
+    def loss() -> tuple[Tensor, int]:
+        batch = sampler.sample(profile.batch_size).to(device, non_blocking=True)
+        return model.loss(batch[:, :-1], batch[:, 1:], everything), batch[:, 1:].numel()
+
+    def held_out() -> float:
+        return perplexity(
+            model, data.heldout, profile.context, profile.eval_windows, everything, device
+        )
+
+    phase = Phase(
+        "generalist",
+        list(model.parameters()),
+        profile.generalist_steps,
+        profile.generalist_lr,
+        loss,
+        held_out,
+    )
+    report = run_phase(phase, model, profile, device, progress)
+    return model, report
+
+
+def specialist_steps(tokens: int, profile: Profile) -> int:
+    """Steps for one branch: `specialist_epochs` over its corpus, clamped to the profile."""
+    per_step = profile.batch_size * profile.context
+    steps = round(profile.specialist_epochs * tokens / per_step)
+    return max(profile.specialist_min_steps, min(profile.specialist_max_steps, steps))
+
+
+def train_branch(
+    model: ShiftableLM, data: DomainTokens, profile: Profile, device, progress: ProgressFn
+) -> dict:
+    """Train one specialist's attention in every layer on its own domain, gate forced to it."""
+    name = data.name
+    params = [p for b in model.blocks for p in b.attn.experts[name].parameters() if p.dim() == 2]
+    sampler = WindowSampler(data.train, profile.context, profile.seed + 1 + len(name))
+    forced = Routing(force=(name,))
+
+    def loss() -> tuple[Tensor, int]:
+        batch = sampler.sample(profile.batch_size).to(device, non_blocking=True)
+        return model.loss(batch[:, :-1], batch[:, 1:], forced), batch[:, 1:].numel()
+
+    def held_out() -> float:
+        return perplexity(
+            model, data.heldout, profile.context, profile.eval_windows, forced, device
+        )
+
+    steps = specialist_steps(data.train.numel(), profile)
+    phase = Phase(f"specialist:{name}", params, steps, profile.specialist_lr, loss, held_out)
+    return run_phase(phase, model, profile, device, progress)
+
+
+def train_gate(
+    model: ShiftableLM,
+    data: dict[str, DomainTokens],
+    rows_of: list[str],
+    profile: Profile,
+    device,
+    progress: ProgressFn,
+    steps: int | None = None,
+) -> dict:
+    """Train the gate rows of experts `rows_of` on batches with every domain in `data` equally."""
+    experts = model.experts
+    names = [n for n in data if n in experts]
+    params = [
+        p
+        for b in model.blocks
+        for n in rows_of
+        for p in (b.attn.experts[n].gate, b.attn.experts[n].gate_tokens)
+    ]
+    samplers = {
+        n: WindowSampler(data[n].train, profile.context, profile.seed + 7 + i)
+        for i, n in enumerate(names)
+    }
+    rows_per = [
+        profile.batch_size // len(names) + (i < profile.batch_size % len(names))
+        for i in range(len(names))
+    ]
+    rows_per = [max(1, r) for r in rows_per]
+    labels = torch.cat(
+        [torch.full((r,), experts.index(n)) for n, r in zip(names, rows_per, strict=True)]
+    ).to(device)
+    context = min(s.context for s in samplers.values())
+
+    def loss() -> tuple[Tensor, int]:
+        batch = torch.cat(
+            [samplers[n].sample(r)[:, :context] for n, r in zip(names, rows_per, strict=True)]
+        ).to(device)
+        model.eval()  # features as inference sees them (no dropout); only gate rows learn
+        with torch.no_grad():
+            features = model.trunk(batch, Routing()).features
+        targets = labels.repeat_interleave(batch.shape[1])
+        count = torch.arange(1, batch.shape[1] + 1, device=device).view(1, -1, 1)
+        ce = sum(
+            F.cross_entropy(
+                block.attn.gate_logits(m, block.attn.token_evidence(batch, count))
+                .flatten(0, 1)
+                .float(),
+                targets,
+            )
+            for block, m in zip(model.blocks, features, strict=True)
+        )
+        return ce / len(features), batch.numel()
+
+    phase = Phase("gate", params, steps or profile.gate_steps, profile.gate_lr, loss)
+    return run_phase(phase, model, profile, device, progress)
+
+
+def train_specialists(
+    generalist: ShiftableLM,
+    data: dict[str, DomainTokens],
+    profile: Profile,
+    device,
+    progress: ProgressFn = _silent,
+) -> tuple[ShiftableLM, dict]:
+    """The full retrain: a branch for every specialist domain in `data`, then the whole gate."""
+    model = _copy(generalist)
+    for name in model.cfg.specialists:
+        model.remove_specialist(name)
+    specialists = [n for n in data if n != GENERAL]
+    report = {}
+    for name in specialists:
+        model.add_specialist(name)
+        report[name] = train_branch(model, data[name], profile, device, progress)
+    model.wake_specialists(specialists, split=True)
+    report["gate"] = train_gate(model, data, list(model.experts), profile, device, progress)
+    return model, report
+
+
+def add_specialist(
+    model: ShiftableLM,
+    new: DomainTokens,
+    replay: dict[str, DomainTokens],
+    profile: Profile,
+    device,
+    progress: ProgressFn = _silent,
+) -> tuple[ShiftableLM, dict]:
+    """The incremental add: train only the new branch and its gate rows; the rest is untouched.
+
+    `replay` holds the other domains (general included) so the new rows learn to stay low on
+    them; only a gate phase's worth of their tokens is read.
+    """
+    model = _copy(model)
+    model.add_specialist(new.name)
+    report = {new.name: train_branch(model, new, profile, device, progress)}
+    model.wake_specialists([new.name], split=False)
+    report["gate"] = train_gate(
+        model, {**replay, new.name: new}, [new.name], profile, device, progress
+    )
+    return model, report
+
+
+def remove_specialist(
+    model: ShiftableLM,
+    name: str,
+    replay: dict[str, DomainTokens] | None,
+    profile: Profile,
+    device,
+    recalibrate_steps: int = 0,
+    progress: ProgressFn = _silent,
+) -> tuple[ShiftableLM, dict]:
+    """Drop a specialist (its branch and gate rows); optionally recalibrate the gate briefly."""
+    model = _copy(model)
+    model.remove_specialist(name)
+    report: dict = {}
+    if recalibrate_steps and replay:
+        report["gate"] = train_gate(
+            model, replay, list(model.experts), profile, device, progress, steps=recalibrate_steps
+        )
+    return model, report
+
+
+def _copy(model: ShiftableLM) -> ShiftableLM:
+    clone = ShiftableLM(model.cfg).to(model.wte.weight.device)
+    clone.load_state_dict(model.state_dict())
+    for p in clone.parameters():
+        p.requires_grad_(False)
+    return clone.eval()

@@ -1,0 +1,85 @@
+"""Shared fixtures: tiny corpora, a tiny tokenizer and tiny models (seconds on a CPU)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from shiftable_lib.model import ModelConfig, ShiftableLM
+from shiftable_lib.tokenizer import train_tokenizer
+
+VOCAB = {
+    "general": (
+        "the list dict string file open read write module function class return value if else"
+        " for while print format path os sys time json error"
+    ).split(),
+    "ds": (
+        "array matrix numpy mean variance regression sample frame axis dtype scipy linalg"
+        " sparse fft interpolate optimize stats"
+    ).split(),
+    "dl": (
+        "tensor gradient layer torch backward optimizer loss batch cuda autograd relu conv"
+        " dropout embedding attention"
+    ).split(),
+}
+
+
+def synthetic_documents(domain: str, n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(f"{domain}-{seed}")
+    words = VOCAB[domain]
+    return [
+        " ".join(rng.choice(words) for _ in range(rng.randint(40, 120))) + "." for _ in range(n)
+    ]
+
+
+def write_domain(data_dir: Path, name: str, docs: list[str], file: str = "corpus.txt") -> Path:
+    folder = data_dir / name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / file).write_text("\n\n\n".join(docs) + "\n", encoding="utf-8")
+    return folder
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    """A home with a general corpus and two specialist corpora (ds, dl)."""
+    for name in VOCAB:
+        write_domain(tmp_path / "data", name, synthetic_documents(name, 40))
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    texts = [d for name in VOCAB for d in synthetic_documents(name, 20)]
+    texts.append("héllo wörld — ünïcode ✓ 🚀 日本語 😀👍🏽")
+    return train_tokenizer(texts, vocab_size=400)
+
+
+@pytest.fixture
+def tiny_cfg(tokenizer) -> ModelConfig:
+    return ModelConfig(
+        vocab_size=tokenizer.get_vocab_size(), context=48, n_layer=2, n_head=2, d_model=32
+    )
+
+
+def perturbed(model: ShiftableLM, seed: int = 0) -> ShiftableLM:
+    """Give every weight (gate rows and specialist branches included) a random nudge, so that
+    tests do not pass merely because branches are still copies of the base."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    return model.eval()
+
+
+@pytest.fixture
+def shiftable(tiny_cfg: ModelConfig) -> ShiftableLM:
+    """A model with two specialists whose branches and gate differ from the base."""
+    torch.manual_seed(0)
+    model = ShiftableLM(tiny_cfg)
+    model.add_specialist("ds")
+    model.add_specialist("dl")
+    model.wake_specialists(["ds", "dl"])
+    return perturbed(model)

@@ -1,0 +1,172 @@
+"""Generation: the KV cache, continuous batching, sampling controls and stop strings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shiftable_lib.generate import Engine, SamplingParams, complete, stream
+from shiftable_lib.model import RouteTable, Routing
+from shiftable_lib.tokenizer import encode
+
+GREEDY = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+
+
+@pytest.mark.parametrize("routing", [Routing(), Routing(mode="top1"), Routing(force=("ds",))])
+def test_kv_cache_decoding_equals_full_recomputation_on_a_ragged_batch(shiftable, routing):
+    gen = torch.Generator().manual_seed(3)
+    full_idx = torch.randint(0, shiftable.cfg.vocab_size, (3, 30), generator=gen)
+    with torch.no_grad():
+        full, full_gates = shiftable(full_idx, routing, return_gates=True)
+    lengths = torch.tensor([4, 11, 7])
+    cache = shiftable.new_cache(slots=3)
+    routes = RouteTable.build(shiftable.experts, [routing] * 3, "cpu")
+    with torch.no_grad():
+        logits, _ = shiftable.prefill(cache, torch.arange(3), full_idx[:, :11], lengths, routes)
+        for i in range(3):
+            torch.testing.assert_close(logits[i], full[i, lengths[i] - 1], rtol=0, atol=1e-5)
+        for _ in range(15):
+            pos = cache.lengths.clone()
+            logits, gates = shiftable.decode(cache, full_idx[torch.arange(3), pos], routes)
+            for i in range(3):
+                torch.testing.assert_close(logits[i], full[i, pos[i]], rtol=0, atol=1e-5)
+                for layer in range(shiftable.cfg.n_layer):
+                    torch.testing.assert_close(
+                        gates[layer, i], full_gates[layer][i, pos[i]], rtol=0, atol=1e-6
+                    )
+
+
+def test_requests_joining_a_running_batch_get_the_same_tokens_as_alone(shiftable, tokenizer):
+    prompts = ["the list of", "numpy array mean", "tensor gradient"]
+    alone = [
+        complete(Engine(shiftable, tokenizer, max_batch=1), [p], GREEDY)[0].output_ids
+        for p in prompts
+    ]
+    engine = Engine(shiftable, tokenizer, max_batch=4)
+    first = engine.submit(prompts[0], GREEDY)
+    for _ in range(3):
+        engine.step()  # the first request is mid-generation when the others join
+    rest = [engine.submit(p, GREEDY) for p in prompts[1:]]
+    while engine.has_work():
+        engine.step()
+    assert [s.output_ids for s in (first, *rest)] == alone
+    assert all(len(ids) == GREEDY.max_new_tokens for ids in alone)
+
+
+def test_a_full_engine_queues_requests_until_a_slot_frees(shiftable, tokenizer):
+    engine = Engine(shiftable, tokenizer, max_batch=2)
+    seqs = [engine.submit(f"the list {i}", GREEDY) for i in range(5)]
+    engine.step()
+    assert len(engine.active) == 2 and len(engine.queue) == 3
+    while engine.has_work():
+        engine.step()
+    assert all(s.finish_reason == "length" for s in seqs)
+
+
+def test_cancelling_frees_the_slot_at_once(shiftable, tokenizer):
+    engine = Engine(shiftable, tokenizer, max_batch=2)
+    a = engine.submit("the list", GREEDY)
+    b = engine.submit("numpy array", GREEDY)
+    engine.step()
+    engine.cancel(a)
+    assert a.finish_reason == "cancelled"
+    assert engine.active == [b]
+    c = engine.submit("tensor", GREEDY)
+    engine.step()
+    assert c in engine.active
+    while engine.has_work():
+        engine.step()
+    assert b.finish_reason == c.finish_reason == "length"
+
+
+def test_greedy_is_deterministic_and_a_seed_makes_sampling_repeatable(shiftable, tokenizer):
+    engine = Engine(shiftable, tokenizer, max_batch=2)
+    greedy = [complete(engine, ["the list"], GREEDY)[0].output_ids for _ in range(2)]
+    assert greedy[0] == greedy[1]
+    sampled = SamplingParams(max_new_tokens=20, temperature=1.5, seed=7, ignore_eos=True)
+    runs = [complete(engine, ["the list"], sampled)[0].output_ids for _ in range(2)]
+    other = complete(engine, ["the list"], SamplingParams(**{**sampled.__dict__, "seed": 8}))
+    assert runs[0] == runs[1]
+    assert other[0].output_ids != runs[0]
+
+
+def test_top_k_one_is_greedy(shiftable, tokenizer):
+    engine = Engine(shiftable, tokenizer)
+    top1 = SamplingParams(max_new_tokens=12, temperature=1.0, top_k=1, seed=3, ignore_eos=True)
+    assert complete(engine, ["the list"], top1)[0].output_ids == (
+        complete(engine, ["the list"], GREEDY)[0].output_ids
+    )
+
+
+def test_tiny_top_p_is_greedy(shiftable, tokenizer):
+    engine = Engine(shiftable, tokenizer)
+    nucleus = SamplingParams(
+        max_new_tokens=12, temperature=1.0, top_p=1e-6, seed=3, ignore_eos=True
+    )
+    assert complete(engine, ["the list"], nucleus)[0].output_ids == (
+        complete(engine, ["the list"], GREEDY)[0].output_ids
+    )
+
+
+def test_streamed_text_concatenates_to_the_decoded_completion(shiftable, tokenizer):
+    engine = Engine(shiftable, tokenizer)
+    params = SamplingParams(max_new_tokens=30, temperature=1.0, seed=1, ignore_eos=True)
+    events = list(stream(engine, "héllo 🚀", params))
+    text = "".join(e.text for e in events)
+    assert text == tokenizer.decode(events[-1].seq.output_ids)
+    assert events[-1].finish_reason == "length" and events[-1].seq.text == text
+
+
+def test_a_stop_string_ends_generation_and_is_not_emitted(shiftable, tokenizer):
+    engine = Engine(shiftable, tokenizer)
+    free = complete(engine, ["the list"], GREEDY)[0].text
+    stop = free[5:8]  # some text the model is known to produce, possibly across tokens
+    assert stop.strip(), "pick a non-blank stop string"
+    params = SamplingParams(max_new_tokens=12, temperature=0, stop=(stop,), ignore_eos=True)
+    events = list(stream(engine, "the list", params))
+    streamed = "".join(e.text for e in events)
+    assert events[-1].finish_reason == "stop"
+    assert streamed == free[: free.index(stop)]
+
+
+def test_an_over_long_prompt_is_left_truncated_and_reported(shiftable, tokenizer):
+    engine = Engine(shiftable, tokenizer)
+    prompt = " ".join(["the list of values"] * 40)
+    n = len(encode(tokenizer, prompt))
+    seq = complete(engine, [prompt], GREEDY)[0]
+    room = shiftable.cfg.context - GREEDY.max_new_tokens
+    assert seq.truncated == n - room > 0
+    assert len(seq.prompt_ids) == room and seq.finish_reason == "length"
+
+
+def test_gate_weights_of_the_completion_are_reported(shiftable, tokenizer):
+    seq = complete(Engine(shiftable, tokenizer), ["numpy array"], GREEDY)[0]
+    mean = seq.gate_mean
+    assert mean.shape == (shiftable.cfg.n_layer, 3)
+    torch.testing.assert_close(mean.sum(-1), torch.ones(shiftable.cfg.n_layer))
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        (SamplingParams(max_new_tokens=0), "max_new_tokens"),
+        (SamplingParams(max_new_tokens=10_000), "max_new_tokens"),
+        (SamplingParams(max_new_tokens=8, temperature=-1), "temperature"),
+        (SamplingParams(max_new_tokens=8, temperature=float("nan")), "temperature"),
+        (SamplingParams(max_new_tokens=8, top_k=-1), "top_k"),
+        (SamplingParams(max_new_tokens=8, top_p=0), "top_p"),
+        (SamplingParams(max_new_tokens=8, stop=("",)), "stop"),
+        (SamplingParams(max_new_tokens=8, routing=Routing(force=("law",))), "law"),
+    ],
+)
+def test_bad_parameters_are_refused_before_anything_is_queued(
+    shiftable, tokenizer, params, message
+):
+    engine = Engine(shiftable, tokenizer)
+    with (
+        pytest.raises(ValueError, match=message)
+        if "law" not in message
+        else pytest.raises(LookupError, match=message)
+    ):
+        engine.submit("the list", params)
+    assert not engine.has_work()

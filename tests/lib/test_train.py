@@ -1,0 +1,98 @@
+"""Training: frozen weights stay bit-identical, a seed reproduces a run, phases report."""
+
+from __future__ import annotations
+
+import torch
+
+from shiftable_lib import train
+from shiftable_lib.config import get_profile
+from shiftable_lib.corpus import load_domain
+from shiftable_lib.tokenizer import train_tokenizer
+
+PROFILE = get_profile("tiny", generalist_steps=20, specialist_max_steps=12, gate_steps=10)
+
+
+def _data(home, names=("general", "ds", "dl")):
+    domains = {n: load_domain(home / "data", n) for n in names}
+    tok = train_tokenizer(domains["general"].train, PROFILE.vocab_size)
+    return tok, {n: train.tokenize_domain(tok, d) for n, d in domains.items()}
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_training_specialists_leaves_every_frozen_weight_bit_identical(home):
+    tok, data = _data(home)
+    generalist, _ = train.train_generalist(data["general"], tok, PROFILE, "cpu")
+    before = _state(generalist)
+    model, _ = train.train_specialists(generalist, data, PROFILE, "cpu")
+    after = model.state_dict()
+    for key, value in before.items():
+        if key.endswith((".gate", ".gate_tokens")):
+            continue  # the base's gate row is trained with the other rows
+        assert torch.equal(after[key], value), f"{key} changed"
+    assert torch.equal(generalist.state_dict()["wte.weight"], before["wte.weight"])
+    for name in ("ds", "dl"):
+        branch = f"blocks.0.attn.experts.{name}.qkv.weight"
+        assert not torch.equal(after[branch], before["blocks.0.attn.experts.general.qkv.weight"])
+
+
+def test_adding_a_specialist_leaves_the_others_bit_identical(home):
+    tok, data = _data(home)
+    generalist, _ = train.train_generalist(data["general"], tok, PROFILE, "cpu")
+    full, _ = train.train_specialists(
+        generalist, {k: data[k] for k in ("general", "ds")}, PROFILE, "cpu"
+    )
+    before = _state(full)
+    grown, report = train.add_specialist(
+        full, data["dl"], {k: data[k] for k in ("general", "ds")}, PROFILE, "cpu"
+    )
+    after = grown.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items()), "an old weight moved"
+    assert grown.experts == ("general", "ds", "dl")
+    assert set(report) == {"dl", "gate"}
+
+
+def test_a_seed_reproduces_training_exactly_on_cpu(home):
+    tok, data = _data(home, ("general",))
+    a, _ = train.train_generalist(data["general"], tok, PROFILE, "cpu")
+    b, _ = train.train_generalist(data["general"], tok, PROFILE, "cpu")
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert ka == kb and torch.equal(va, vb), f"{ka} differs between two seeded runs"
+
+
+def test_progress_reports_every_phase_with_rates_and_eta(home):
+    tok, data = _data(home)
+    seen: list[train.Progress] = []
+    generalist, _ = train.train_generalist(data["general"], tok, PROFILE, "cpu", seen.append)
+    train.train_specialists(generalist, data, PROFILE, "cpu", seen.append)
+    phases = list(dict.fromkeys(p.phase for p in seen))
+    assert phases == ["generalist", "specialist:ds", "specialist:dl", "gate"]
+    last = [p for p in seen if p.phase == "generalist"][-1]
+    assert last.step == last.total == PROFILE.generalist_steps
+    assert last.tokens_per_s > 0 and last.eta_s == 0 and last.loss > 0
+
+
+def test_the_generalist_learns_and_the_best_checkpoint_is_kept(home):
+    tok, data = _data(home, ("general",))
+    cfg_untrained = get_profile("tiny", generalist_steps=1)
+    untrained, _ = train.train_generalist(data["general"], tok, cfg_untrained, "cpu")
+    trained, report = train.train_generalist(data["general"], tok, PROFILE, "cpu")
+    ppl = [
+        train.perplexity(m, data["general"].heldout, 64, 8, train.Routing(), "cpu")
+        for m in (untrained, trained)
+    ]
+    assert ppl[1] < ppl[0] * 0.5
+    assert abs(report["best_eval"] - ppl[1]) < 1e-3 * ppl[1]
+
+
+def test_gate_training_routes_documents_to_their_own_specialist(home):
+    profile = get_profile("tiny", generalist_steps=20, specialist_max_steps=12, gate_steps=100)
+    tok, data = _data(home)
+    generalist, _ = train.train_generalist(data["general"], tok, profile, "cpu")
+    model, _ = train.train_specialists(generalist, data, profile, "cpu")
+    routing = train.routing_accuracy(
+        model, {n: d.heldout_docs for n, d in data.items()}, 64, 8, "cpu"
+    )
+    assert min(routing.values()) >= 0.75, routing
