@@ -26,17 +26,19 @@ from shiftable_lib.train import make_optimizer, pick_device
 PROMPT_TOKENS = 32
 
 
-def _timed(fn: Callable[[], int], repeats: int) -> float:
-    """Best-of-median tokens/s: one warm-up call, then the median of `repeats` timed calls."""
-    fn()
-    rates = []
+def _timed_pair(ours: Callable[[], int], reference: Callable[[], int], repeats: int):
+    """Median tokens/s of each, after a warm-up of each; the two alternate, so that whatever
+    else the machine does in the meantime falls on both alike."""
+    ours(), reference()
+    rates: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
-        start = time.perf_counter()
-        tokens = fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        rates.append(tokens / (time.perf_counter() - start))
-    return statistics.median(rates)
+        for fn, out in ((ours, rates[0]), (reference, rates[1])):
+            start = time.perf_counter()
+            tokens = fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            out.append(tokens / (time.perf_counter() - start))
+    return statistics.median(rates[0]), statistics.median(rates[1])
 
 
 def _bench_tokenizer(vocab_size: int):
@@ -124,7 +126,7 @@ def run_bench(profile: str = "cpu", quick: bool = False, device: str = "auto") -
     tok = _bench_tokenizer(p.vocab_size)
     cfg = ModelConfig(tok.get_vocab_size(), p.context, p.n_layer, p.n_head, p.d_model)
     new_tokens = 16 if quick else min(128, p.context - PROMPT_TOKENS)
-    repeats, train_steps = (1, 2) if quick else (3, 5)
+    repeats, train_steps = (1, 2) if quick else (7, 5)
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, cfg.vocab_size, (16, PROMPT_TOKENS), generator=gen).tolist()
 
@@ -138,7 +140,7 @@ def run_bench(profile: str = "cpu", quick: bool = False, device: str = "auto") -
     rows = []
 
     def row(name: str, ours_fn: Callable, ref_fn: Callable) -> None:
-        ours_rate, ref_rate = _timed(ours_fn, repeats), _timed(ref_fn, repeats)
+        ours_rate, ref_rate = _timed_pair(ours_fn, ref_fn, repeats)
         rows.append(
             {"name": name, "ours": ours_rate, "reference": ref_rate, "ratio": ours_rate / ref_rate}
         )

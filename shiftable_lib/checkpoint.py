@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from shiftable_lib.config import Profile
+from shiftable_lib.durable import fsync_dir, replace_file, write_file
 from shiftable_lib.errors import NotFound
 from shiftable_lib.model import ModelConfig, ShiftableLM
 from shiftable_lib.tokenizer import load_tokenizer
@@ -38,29 +39,6 @@ class ModelVersion:
     profile: Profile
     meta: dict
     metrics: dict
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def write_json_atomic(path: Path, data: object) -> None:
-    """Write JSON to `path` through a temporary file and `os.replace`."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    _write_file(tmp, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def version_ids(models_dir: Path) -> list[str]:
@@ -94,7 +72,7 @@ def save_version(
         save_file(state, str(tmp / "model.safetensors"))
         with open(tmp / "model.safetensors", "rb+") as f:
             os.fsync(f.fileno())
-        _write_file(tmp / "tokenizer.json", tokenizer.to_str().encode())
+        write_file(tmp / "tokenizer.json", tokenizer.to_str().encode())
         config = {
             "format": FORMAT,
             "version": version,
@@ -103,11 +81,11 @@ def save_version(
             "profile": profile.to_dict(),
             **(meta or {}),
         }
-        _write_file(tmp / "config.json", json.dumps(config, indent=2, sort_keys=True).encode())
-        _write_file(tmp / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True).encode())
-        _fsync_dir(tmp)
+        write_file(tmp / "config.json", json.dumps(config, indent=2, sort_keys=True).encode())
+        write_file(tmp / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True).encode())
+        fsync_dir(tmp)
         os.rename(tmp, models_dir / version)  # fails rather than replace an existing version
-        _fsync_dir(models_dir)
+        fsync_dir(models_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -117,10 +95,7 @@ def save_version(
 def set_current(models_dir: Path, version: str) -> None:
     if not (models_dir / version).is_dir():
         raise NotFound(f"no model version {version!r}")
-    tmp = models_dir / f".{CURRENT}.tmp-{os.getpid()}"
-    _write_file(tmp, (version + "\n").encode())
-    os.replace(tmp, models_dir / CURRENT)
-    _fsync_dir(models_dir)
+    replace_file(models_dir / CURRENT, (version + "\n").encode())
 
 
 def current_version(models_dir: Path) -> str | None:

@@ -34,6 +34,7 @@ from pathlib import Path
 from types import ModuleType
 
 from shiftable_lib.corpus import DOCUMENT_SEPARATOR, split_documents, text_files
+from shiftable_lib.durable import fsync_dir, write_file
 from shiftable_lib.errors import Conflict
 
 DEMO_DOMAINS: tuple[str, ...] = ("general", "datascience", "deeplearning")
@@ -605,21 +606,10 @@ def file_contents(groups: Sequence[DocGroup]) -> dict[str, str]:
     return files
 
 
-def fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_folder(folder: Path, files: Mapping[str, str]) -> None:
     folder.mkdir()
     for name, text in files.items():
-        with open(folder / name, "wb") as f:
-            f.write(text.encode("utf-8"))
-            f.flush()
-            os.fsync(f.fileno())
+        write_file(folder / name, text.encode("utf-8"))
     fsync_dir(folder)
 
 

@@ -162,7 +162,7 @@ class Engine:
             prompt_ids=ids[truncated:],
             truncated=truncated,
             params=params,
-            generator=torch.Generator(device="cpu").manual_seed(seed),
+            generator=torch.Generator(device=self.device).manual_seed(seed),
             decoder=StreamDecoder(self.tok),
             routing_row=(allowed, params.routing.top_k()),
         )

@@ -82,14 +82,11 @@ def train_all(
     """The generalist if there is none, then every specialist found under data/ (full)."""
     device = configure_torch(settings)
     results = []
-    version_id = checkpoint.current_version(settings.models_dir)
-    if version_id is None:
+    if checkpoint.current_version(settings.models_dir) is None:
         results.append(
             train_generalist(settings, profile_name or settings.profile, device, progress)
         )
-    current = checkpoint.load_version(
-        settings.models_dir, checkpoint.current_version(settings.models_dir), device
-    )
+    current = load_current(settings, device)
     if profile_name and profile_name != current.profile.name:
         raise Conflict(
             f"the model here was trained with profile {current.profile.name!r}, not "

@@ -101,6 +101,7 @@ class RouteTable:
     top_k: Tensor
     single: int | None = field(init=False)  # the one expert every row is restricted to
     any_topk: bool = field(init=False)
+    block: Tensor | None = field(init=False)  # (B, 1, E): -inf where not allowed; None: all are
 
     def __post_init__(self) -> None:
         allowed = self.allowed.cpu()
@@ -108,6 +109,10 @@ class RouteTable:
         one = first is not None and int(first.sum()) == 1 and bool((allowed == first).all())
         self.single = int(first.nonzero()[0, 0]) if one else None
         self.any_topk = bool((self.top_k > 0).any())
+        self.block = None
+        if not bool(allowed.all()):
+            self.block = torch.zeros(self.allowed.shape, device=self.allowed.device)
+            self.block = self.block.masked_fill(~self.allowed, float("-inf")).unsqueeze(1)
 
     @classmethod
     def build(cls, experts: tuple[str, ...], routes: list[Routing], device) -> RouteTable:
@@ -142,6 +147,31 @@ class MixedAttention(nn.Module):
         super().__init__()
         self.n_head = cfg.n_head
         self.experts = nn.ModuleDict({GENERAL: Expert(cfg.d_model, cfg.vocab_size)})
+        self._joined: dict[tuple, tuple[tuple, list[Tensor], Tensor]] = {}
+        self._rows: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def joined(self, tensors: list[Tensor], dim: int, stack: bool = False) -> Tensor:
+        """Experts' weights side by side (one matmul serves them all).
+
+        Without gradients (serving) the result is kept until any of the tensors changes: the key
+        is each tensor's storage and in-place version counter, so an in-place edit, a load or a
+        move to another device invalidates it. Fused optimisers update weights without bumping
+        the version counter, so training calls `ShiftableLM.weights_changed()` after each step.
+        With gradients it is built afresh, so that autograd sees the concatenation.
+        """
+        if len(tensors) == 1 and not stack:
+            return tensors[0]
+        join = torch.stack if stack else torch.cat
+        if torch.is_grad_enabled():
+            return join(tensors, dim)
+        key = tuple((t.data_ptr(), t._version) for t in tensors)
+        slot = (id(tensors[0]), len(tensors), dim, stack)
+        hit = self._joined.get(slot)
+        if hit is not None and hit[0] == key:
+            return hit[2]
+        out = join(tensors, dim)
+        self._joined[slot] = (key, tensors, out)  # holding `tensors` keeps their storage alive
+        return out
 
     def gate_features(self, prefix_sum: Tensor, count: Tensor) -> Tensor:
         """The gate's input at each position: the normalised mean of the causal prefix."""
@@ -149,20 +179,27 @@ class MixedAttention(nn.Module):
 
     def token_scores(self, idx: Tensor) -> Tensor:
         """Every expert's per-token gate score for each token of `idx`: (..., E)."""
-        return F.embedding(idx, torch.stack([e.gate_tokens for e in self.experts.values()]).T)
+        table = self.joined([e.gate_tokens for e in self.experts.values()], 1, stack=True)
+        return F.embedding(idx, table)
 
     def token_evidence(self, idx: Tensor, count: Tensor) -> Tensor:
         """Mean per-token score over the causal prefix, (B, T, E)."""
         return self.token_scores(idx).cumsum(1) / count
 
     def gate_logits(self, m: Tensor, evidence: Tensor) -> Tensor:
-        rows = torch.stack([e.gate for e in self.experts.values()])  # (E, d+1)
-        return F.linear(m, rows[:, :-1], rows[:, -1]) + evidence
+        rows = self.joined([e.gate for e in self.experts.values()], 0, stack=True)  # (E, d+1)
+        if self._rows is None or self._rows[0] is not rows:  # split once per joined rows
+            self._rows = (rows, rows[:, :-1], rows[:, -1])
+        return (
+            torch.addmm(self._rows[2], m.flatten(0, -2), self._rows[1].T).view(*m.shape[:-1], -1)
+            + evidence
+        )
 
     def gate(self, m: Tensor, evidence: Tensor, routes: RouteTable) -> Tensor:
         """Gate weights (B, T, E) from gate features, within each row's allowed experts."""
         logits = self.gate_logits(m, evidence)
-        logits = logits.masked_fill(~routes.allowed[:, None, :], float("-inf"))
+        if routes.block is not None:
+            logits = logits + routes.block
         if routes.any_topk:
             rank = logits.argsort(-1, descending=True).argsort(-1)
             k = routes.top_k[:, None, None]
@@ -172,11 +209,7 @@ class MixedAttention(nn.Module):
     def qkv(self, h: Tensor, experts: list[Expert]) -> tuple[Tensor, Tensor, Tensor]:
         """q, k, v as (B, E*H, T, hd): every expert's heads side by side, one matmul."""
         B, T, d = h.shape
-        w = (
-            torch.cat([e.qkv.weight for e in experts])
-            if len(experts) > 1
-            else experts[0].qkv.weight
-        )
+        w = self.joined([e.qkv.weight for e in experts], 0)
         qkv = F.linear(h, w).view(B, T, len(experts), 3, self.n_head, d // self.n_head)
         q, k, v = (t.flatten(1, 2) for t in qkv.permute(3, 0, 2, 4, 1, 5).unbind(0))
         return q, k, v
@@ -188,7 +221,7 @@ class MixedAttention(nn.Module):
         a = heads.view(B, E, self.n_head, T, hd).permute(0, 3, 1, 2, 4).reshape(B, T, E, -1)
         if weights is not None:
             a = a * weights.unsqueeze(-1).to(a.dtype)
-        w = torch.cat([e.proj.weight for e in experts], dim=1) if E > 1 else experts[0].proj.weight
+        w = self.joined([e.proj.weight for e in experts], 1)
         return F.linear(a.reshape(B, T, -1), w)
 
 
@@ -327,6 +360,12 @@ class ShiftableLM(nn.Module):
     @property
     def experts(self) -> tuple[str, ...]:
         return self.cfg.experts
+
+    def weights_changed(self) -> None:
+        """Forget joined expert weights; call after changing weights behind autograd's back."""
+        for block in self.blocks:
+            block.attn._joined.clear()
+            block.attn._rows = None
 
     # ---- growing and shrinking ----------------------------------------------------------------
 

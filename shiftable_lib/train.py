@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+import zlib
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -153,6 +154,7 @@ def run_phase(phase: Phase, model: ShiftableLM, profile: Profile, device, progre
         loss.backward()
         torch.nn.utils.clip_grad_norm_(phase.params, profile.grad_clip)
         opt.step()
+        model.weights_changed()  # the fused optimiser does not bump version counters
         opt.zero_grad(set_to_none=True)
         tokens += n_tokens
         last = step + 1 == phase.steps
@@ -172,6 +174,7 @@ def run_phase(phase: Phase, model: ShiftableLM, profile: Profile, device, progre
         with torch.no_grad():
             for p, saved in zip(phase.params, best_state, strict=True):
                 p.copy_(saved)
+        model.weights_changed()
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
@@ -283,28 +286,38 @@ def train_generalist(
         dropout=profile.dropout,
     )
     model = ShiftableLM(cfg).to(device)
-    sampler = WindowSampler(data.train, profile.context, profile.seed)
-    everything = Routing()
+    phase = language_model_phase(
+        "generalist", model, data, list(model.parameters()), profile.generalist_steps,
+        profile.generalist_lr, Routing(), profile.seed, profile, device,
+    )  # fmt: skip
+    return model, run_phase(phase, model, profile, device, progress)
+
+
+def language_model_phase(
+    name: str,
+    model: ShiftableLM,
+    data: DomainTokens,
+    params: list[nn.Parameter],
+    steps: int,
+    lr: float,
+    routing: Routing,
+    seed: int,
+    profile: Profile,
+    device,
+) -> Phase:
+    """Next-token loss on random windows of `data` under `routing`; held-out ppl as the score."""
+    sampler = WindowSampler(data.train, profile.context, seed)
 
     def loss() -> tuple[Tensor, int]:
         batch = sampler.sample(profile.batch_size).to(device, non_blocking=True)
-        return model.loss(batch[:, :-1], batch[:, 1:], everything), batch[:, 1:].numel()
+        return model.loss(batch[:, :-1], batch[:, 1:], routing), batch[:, 1:].numel()
 
     def held_out() -> float:
         return perplexity(
-            model, data.heldout, profile.context, profile.eval_windows, everything, device
+            model, data.heldout, profile.context, profile.eval_windows, routing, device
         )
 
-    phase = Phase(
-        "generalist",
-        list(model.parameters()),
-        profile.generalist_steps,
-        profile.generalist_lr,
-        loss,
-        held_out,
-    )
-    report = run_phase(phase, model, profile, device, progress)
-    return model, report
+    return Phase(name, params, steps, lr, loss, held_out)
 
 
 def specialist_steps(tokens: int, profile: Profile) -> int:
@@ -320,20 +333,11 @@ def train_branch(
     """Train one specialist's attention in every layer on its own domain, gate forced to it."""
     name = data.name
     params = [p for b in model.blocks for p in b.attn.experts[name].parameters() if p.dim() == 2]
-    sampler = WindowSampler(data.train, profile.context, profile.seed + 1 + len(name))
-    forced = Routing(force=(name,))
-
-    def loss() -> tuple[Tensor, int]:
-        batch = sampler.sample(profile.batch_size).to(device, non_blocking=True)
-        return model.loss(batch[:, :-1], batch[:, 1:], forced), batch[:, 1:].numel()
-
-    def held_out() -> float:
-        return perplexity(
-            model, data.heldout, profile.context, profile.eval_windows, forced, device
-        )
-
-    steps = specialist_steps(data.train.numel(), profile)
-    phase = Phase(f"specialist:{name}", params, steps, profile.specialist_lr, loss, held_out)
+    phase = language_model_phase(
+        f"specialist:{name}", model, data, params, specialist_steps(data.train.numel(), profile),
+        profile.specialist_lr, Routing(force=(name,)), profile.seed + zlib.crc32(name.encode()),
+        profile, device,
+    )  # fmt: skip
     return run_phase(phase, model, profile, device, progress)
 
 

@@ -170,3 +170,16 @@ def test_bad_parameters_are_refused_before_anything_is_queued(
     ):
         engine.submit("the list", params)
     assert not engine.has_work()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sampling_and_batching_work_on_cuda(shiftable, tokenizer):
+    model = shiftable.to("cuda")
+    engine = Engine(model, tokenizer, max_batch=4)
+    params = SamplingParams(max_new_tokens=10, temperature=0.9, top_k=20, top_p=0.9, seed=3)
+    first = complete(engine, ["the list", "numpy array"], params)
+    again = complete(engine, ["the list", "numpy array"], params)
+    assert [s.output_ids for s in first] == [s.output_ids for s in again]
+    greedy_gpu = complete(engine, ["tensor"], GREEDY)[0].output_ids
+    greedy_cpu = complete(Engine(model.to("cpu"), tokenizer), ["tensor"], GREEDY)[0].output_ids
+    assert greedy_gpu == greedy_cpu

@@ -142,3 +142,27 @@ def test_fused_cross_entropy_matches_the_reference():
     torch.testing.assert_close(fused, ref)
     torch.testing.assert_close(h.grad, ref_grads[0])
     torch.testing.assert_close(w.grad, ref_grads[1])
+
+
+def test_serving_sees_every_change_to_the_weights(shiftable):
+    """Joined expert weights are reused without gradients; any change must show through."""
+    idx = torch.randint(0, shiftable.cfg.vocab_size, (2, 20))
+    with torch.no_grad():
+        before, _ = shiftable(idx)
+        shiftable.blocks[0].attn.experts["ds"].qkv.weight.mul_(2)  # an in-place edit
+        edited, _ = shiftable(idx)
+    assert not torch.equal(before, edited)
+    with torch.enable_grad():
+        rebuilt, _ = shiftable(idx)  # with gradients nothing is reused
+    torch.testing.assert_close(edited, rebuilt.detach(), rtol=0, atol=1e-6)
+    opt = torch.optim.AdamW(shiftable.parameters(), lr=0.1, fused=True)
+    loss, _ = shiftable(idx)
+    loss.sum().backward()
+    opt.step()  # fused: no version bump, so the model is told
+    shiftable.weights_changed()
+    with torch.no_grad():
+        stepped, _ = shiftable(idx)
+        rebuilt_after, _ = shiftable(idx)
+    fresh, _ = shiftable(idx)
+    torch.testing.assert_close(stepped, fresh.detach(), rtol=0, atol=1e-6)
+    assert torch.equal(stepped, rebuilt_after)
