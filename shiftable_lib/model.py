@@ -173,9 +173,11 @@ class MixedAttention(nn.Module):
         self._joined[slot] = (key, tensors, out)  # holding `tensors` keeps their storage alive
         return out
 
-    def gate_features(self, prefix_sum: Tensor, count: Tensor) -> Tensor:
-        """The gate's input at each position: the normalised mean of the causal prefix."""
-        return F.layer_norm(prefix_sum / count, (prefix_sum.shape[-1],))
+    def gate_features(self, prefix_sum: Tensor, count: Tensor | None = None) -> Tensor:
+        """The gate's input at each position: the normalised mean of the causal prefix
+        (pass the mean itself, without `count`, where it is already divided)."""
+        mean = prefix_sum if count is None else prefix_sum / count
+        return F.layer_norm(mean, (mean.shape[-1],))
 
     def token_scores(self, idx: Tensor) -> Tensor:
         """Every expert's per-token gate score for each token of `idx`: (..., E)."""
@@ -211,7 +213,7 @@ class MixedAttention(nn.Module):
         B, T, d = h.shape
         w = self.joined([e.qkv.weight for e in experts], 0)
         qkv = F.linear(h, w).view(B, T, len(experts), 3, self.n_head, d // self.n_head)
-        q, k, v = (t.flatten(1, 2) for t in qkv.permute(3, 0, 2, 4, 1, 5).unbind(0))
+        q, k, v = qkv.permute(3, 0, 2, 4, 1, 5).reshape(3, B, -1, T, d // self.n_head).unbind(0)
         return q, k, v
 
     def mix(self, heads: Tensor, weights: Tensor | None, experts: list[Expert]) -> Tensor:
@@ -253,8 +255,9 @@ class KVCache:
 
     k: list[Tensor]  # per layer (slots, E*H, context, hd)
     v: list[Tensor]
-    gate_sum: list[Tensor]  # per layer (slots, d): sum of the layer input over the prefix
-    token_sum: list[Tensor]  # per layer (slots, E): sum of per-token gate scores
+    # per layer (slots, d + E): sums over the prefix of the layer input (first d) and of the
+    # per-token gate scores (last E), kept together so that one update serves both
+    gate_state: list[Tensor]
     lengths: Tensor  # (slots,)
     experts: tuple[str, ...] = field(default=())
 
@@ -264,7 +267,7 @@ class KVCache:
 
     def move(self, src: int, dst: int) -> None:
         """Copy slot `src` into `dst` (to keep active slots contiguous when one finishes)."""
-        for buf in (*self.k, *self.v, *self.gate_sum, *self.token_sum):
+        for buf in (*self.k, *self.v, *self.gate_state):
             buf[dst] = buf[src]
         self.lengths[dst] = self.lengths[src]
 
@@ -486,8 +489,9 @@ class ShiftableLM(nn.Module):
         return KVCache(
             k=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)],
             v=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)],
-            gate_sum=[torch.zeros(slots, cfg.d_model, device=device) for _ in range(cfg.n_layer)],
-            token_sum=[torch.zeros(slots, E, device=device) for _ in range(cfg.n_layer)],
+            gate_state=[
+                torch.zeros(slots, cfg.d_model + E, device=device) for _ in range(cfg.n_layer)
+            ],
             lengths=torch.zeros(slots, dtype=torch.long, device=device),
             experts=self.experts,
         )
@@ -515,8 +519,7 @@ class ShiftableLM(nn.Module):
                 tokens = block.attn.token_scores(idx).float().cumsum(1)
                 m = block.attn.gate_features(prefix.to(h.dtype), count)
                 weights = block.attn.gate(m, tokens.to(h.dtype) / count, routes)
-                cache.gate_sum[i][slots] = prefix[rows, last]
-                cache.token_sum[i][slots] = tokens[rows, last]
+                cache.gate_state[i][slots] = torch.cat([prefix[rows, last], tokens[rows, last]], -1)
                 gates.append(weights[rows, last])
             layer = [block.attn.experts[e] for e in experts]
             q, k, v = block.attn.qkv(h, layer)
@@ -543,18 +546,18 @@ class ShiftableLM(nn.Module):
         keep = (torch.arange(span, device=tokens.device) <= pos[:, None]).view(n, 1, 1, span)
         x = (self.wte(tokens) + self.wpe(pos)).unsqueeze(1)  # (n, 1, d)
         rows = torch.arange(n, device=tokens.device)
-        count = (pos + 1).to(x.dtype).view(n, 1, 1)
+        count, d = (pos + 1).float().view(n, 1), self.cfg.d_model
         heads, experts = self._cached_heads(routes)
         gates = []
         for i, block in enumerate(self.blocks):
             h = block.ln_1(x)
             weights = None
             if routes.single is None:
-                cache.gate_sum[i][:n] += h[:, 0].float()
-                cache.token_sum[i][:n] += block.attn.token_scores(tokens).float()
-                m = block.attn.gate_features(cache.gate_sum[i][:n, None].to(h.dtype), count)
-                evidence = cache.token_sum[i][:n, None].to(h.dtype) / count
-                weights = block.attn.gate(m, evidence, routes)
+                state = cache.gate_state[i][:n]
+                state += torch.cat([h[:, 0].float(), block.attn.token_scores(tokens).float()], -1)
+                mean = (state / count).to(h.dtype).unsqueeze(1)
+                m = block.attn.gate_features(mean[..., :d])
+                weights = block.attn.gate(m, mean[..., d:], routes)
                 gates.append(weights[:, 0])
             layer = [block.attn.experts[e] for e in experts]
             q, k, v = block.attn.qkv(h, layer)
