@@ -116,7 +116,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     routing = Routing(mode=args.routing, force=tuple(args.force), exclude=tuple(args.exclude))
     context = current.model.cfg.context
     params = SamplingParams(
-        max_new_tokens=min(80, context - 1) if args.max_new_tokens is None else args.max_new_tokens,
+        max_new_tokens=min(80, context // 2)
+        if args.max_new_tokens is None
+        else args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
@@ -219,7 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("prompt", nargs="?")
     g.add_argument(
-        "--max-new-tokens", type=int, help="default 80, or the context less one if smaller"
+        "--max-new-tokens",
+        type=int,
+        help="default 80, or half the context if smaller (the prompt keeps the rest)",
     )
     g.add_argument("--temperature", type=float, default=0.8)
     g.add_argument("--top-k", type=int, default=50)

@@ -59,6 +59,13 @@ def test_eval_json_has_the_documented_shape(trained_home):
     assert 0 <= result["routing_accuracy"] <= 1
 
 
+def test_generate_keeps_half_the_context_for_the_prompt_by_default(trained_home):
+    prompt = "the list of values " * 3  # fits in half of the tiny 64-token context
+    done = sma(trained_home, "generate", prompt, "--seed", "1")
+    assert "left-truncated" not in done.stderr
+    assert done.stdout.startswith(prompt)
+
+
 def test_generate_streams_a_completion(trained_home):
     out = sma(trained_home, "generate", "the list", "--max-new-tokens", "8", "--seed", "1").stdout
     assert out.startswith("the list") and len(out.strip()) > len("the list")
