@@ -392,6 +392,7 @@ class ShiftableLM(nn.Module):
                 expert.gate_tokens.zero_()
             block.attn.experts[name] = expert
         self.cfg = replace(self.cfg, specialists=(*self.cfg.specialists, name))
+        self.weights_changed()  # joined weights of the old expert set would only hold memory
 
     def remove_specialist(self, name: str) -> None:
         """Drop the specialist's branch and gate row in every layer; the gate renormalises."""
@@ -402,6 +403,7 @@ class ShiftableLM(nn.Module):
         self.cfg = replace(
             self.cfg, specialists=tuple(s for s in self.cfg.specialists if s != name)
         )
+        self.weights_changed()
 
     @torch.no_grad()
     def wake_specialists(self, names: list[str], split: bool = True) -> None:

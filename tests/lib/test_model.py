@@ -166,3 +166,15 @@ def test_serving_sees_every_change_to_the_weights(shiftable):
     fresh, _ = shiftable(idx)
     torch.testing.assert_close(stepped, fresh.detach(), rtol=0, atol=1e-6)
     assert torch.equal(stepped, rebuilt_after)
+
+
+def test_growing_and_shrinking_drop_joined_weights_of_the_old_expert_set(shiftable):
+    idx = torch.randint(0, shiftable.cfg.vocab_size, (1, 8))
+    with torch.no_grad():
+        shiftable(idx)
+        assert shiftable.blocks[0].attn._joined, "serving should have joined the weights"
+        shiftable.add_specialist("law")
+        assert not shiftable.blocks[0].attn._joined
+        shiftable(idx)
+        shiftable.remove_specialist("law")
+        assert not shiftable.blocks[0].attn._joined
