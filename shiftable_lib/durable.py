@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -29,7 +28,3 @@ def replace_file(path: Path, data: bytes) -> None:
     write_file(tmp, data)
     os.replace(tmp, path)
     fsync_dir(path.parent)
-
-
-def replace_json(path: Path, data: object) -> None:
-    replace_file(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())

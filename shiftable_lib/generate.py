@@ -225,9 +225,9 @@ class Engine:
         return self.model.prefill(self.cache, slots, idx, lengths, self._rows(seqs))
 
     def _rows(self, seqs: list[Sequence]) -> RouteTable:
-        allowed = torch.tensor([s.routing_row[0] for s in seqs], device=self.device)
-        top_k = torch.tensor([s.routing_row[1] for s in seqs], device=self.device)
-        return RouteTable(allowed, top_k)
+        return RouteTable.from_rows(
+            [s.routing_row[0] for s in seqs], [s.routing_row[1] for s in seqs], self.device
+        )
 
     def _route_table(self) -> RouteTable:
         if self._routes is None or self._routes.allowed.shape[0] != len(self.active):

@@ -89,39 +89,43 @@ class Routing:
 SOFT = Routing()
 
 
-@dataclass
+@dataclass(frozen=True)
 class RouteTable:
     """Per-row routing of a batch: allowed experts (B, E) and top-k (B,), 0 = soft.
 
-    What the hot loop branches on (one expert for every row? any top-k row?) is worked out
-    once here, on the host, so no decode step waits on the device to decide.
+    What the hot loop branches on (one expert for every row? any top-k row? any expert
+    excluded?) is worked out from the host-side rows before they go to the device, so no step
+    waits on the device to decide.
     """
 
     allowed: Tensor
     top_k: Tensor
-    single: int | None = field(init=False)  # the one expert every row is restricted to
-    any_topk: bool = field(init=False)
-    block: Tensor | None = field(init=False)  # (B, 1, E): -inf where not allowed; None: all are
+    single: int | None  # the one expert every row is restricted to
+    any_topk: bool
+    block: Tensor | None  # (B, 1, E): -inf where not allowed; None when every expert is
 
-    def __post_init__(self) -> None:
-        allowed = self.allowed.cpu()
-        first = allowed[0] if allowed.shape[0] else None
-        one = first is not None and int(first.sum()) == 1 and bool((allowed == first).all())
-        self.single = int(first.nonzero()[0, 0]) if one else None
-        self.any_topk = bool((self.top_k > 0).any())
-        self.block = None
-        if not bool(allowed.all()):
-            self.block = torch.zeros(self.allowed.shape, device=self.allowed.device)
-            self.block = self.block.masked_fill(~self.allowed, float("-inf")).unsqueeze(1)
+    @classmethod
+    def from_rows(cls, allowed: list[list[bool]], top_k: list[int], device) -> RouteTable:
+        first = allowed[0] if allowed else []
+        one = sum(first) == 1 and all(row == first for row in allowed)
+        allowed_t = torch.tensor(allowed, device=device)
+        block = None
+        if not all(all(row) for row in allowed):
+            block = torch.zeros(allowed_t.shape, device=device)
+            block = block.masked_fill(~allowed_t, float("-inf")).unsqueeze(1)
+        return cls(
+            allowed=allowed_t,
+            top_k=torch.tensor(top_k, device=device),
+            single=first.index(True) if one else None,
+            any_topk=any(k > 0 for k in top_k),
+            block=block,
+        )
 
     @classmethod
     def build(cls, experts: tuple[str, ...], routes: list[Routing], device) -> RouteTable:
-        allowed = torch.tensor([r.allowed(experts) for r in routes], device=device)
-        top_k = torch.tensor([r.top_k() for r in routes], device=device)
-        return cls(allowed, top_k)
-
-    def single_expert(self) -> int | None:
-        return self.single
+        return cls.from_rows(
+            [r.allowed(experts) for r in routes], [r.top_k() for r in routes], device
+        )
 
 
 class Expert(nn.Module):
@@ -148,7 +152,6 @@ class MixedAttention(nn.Module):
         self.n_head = cfg.n_head
         self.experts = nn.ModuleDict({GENERAL: Expert(cfg.d_model, cfg.vocab_size)})
         self._joined: dict[tuple, tuple[tuple, list[Tensor], Tensor]] = {}
-        self._rows: tuple[Tensor, Tensor, Tensor] | None = None
 
     def joined(self, tensors: list[Tensor], dim: int, stack: bool = False) -> Tensor:
         """Experts' weights side by side (one matmul serves them all).
@@ -190,12 +193,8 @@ class MixedAttention(nn.Module):
 
     def gate_logits(self, m: Tensor, evidence: Tensor) -> Tensor:
         rows = self.joined([e.gate for e in self.experts.values()], 0, stack=True)  # (E, d+1)
-        if self._rows is None or self._rows[0] is not rows:  # split once per joined rows
-            self._rows = (rows, rows[:, :-1], rows[:, -1])
-        return (
-            torch.addmm(self._rows[2], m.flatten(0, -2), self._rows[1].T).view(*m.shape[:-1], -1)
-            + evidence
-        )
+        logits = torch.addmm(rows[:, -1], m.flatten(0, -2), rows[:, :-1].T)
+        return logits.view(*m.shape[:-1], -1) + evidence
 
     def gate(self, m: Tensor, evidence: Tensor, routes: RouteTable) -> Tensor:
         """Gate weights (B, T, E) from gate features, within each row's allowed experts."""
@@ -368,7 +367,6 @@ class ShiftableLM(nn.Module):
         """Forget joined expert weights; call after changing weights behind autograd's back."""
         for block in self.blocks:
             block.attn._joined.clear()
-            block.attn._rows = None
 
     # ---- growing and shrinking ----------------------------------------------------------------
 
@@ -451,7 +449,7 @@ class ShiftableLM(nn.Module):
         """Final hidden states, and per layer the gate features and weights (if a gate ran)."""
         B, T = idx.shape
         routes = self._routes(routing, B, idx.device)
-        only = routes.single_expert()
+        only = routes.single
         x = self._drop(self.wte(idx) + self.wpe(torch.arange(T, device=idx.device)))
         count = torch.arange(1, T + 1, device=idx.device, dtype=x.dtype).view(1, T, 1)
         trace = Trace(only=only)
