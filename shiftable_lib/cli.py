@@ -14,7 +14,10 @@ from shiftable_lib.train import Progress
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    overrides = {k: v for k in ("home", "device") if (v := getattr(args, k, None)) is not None}
+    keys = ("home", "device", "port")
+    overrides = {k: v for k in keys if (v := getattr(args, k, None)) is not None}
+    if getattr(args, "command", None) in ("serve", "up") and args.profile:
+        overrides["profile"] = args.profile
     return Settings(**overrides)
 
 
@@ -180,6 +183,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if args.service == "gateway":
+        from gateway.app import main as serve
+    elif args.service == "registry":
+        from services.registry.server import main as serve
+    elif args.service == "training":
+        from services.training.server import main as serve
+    else:
+        from services.inference.server import main as serve
+    serve(settings)
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from services.stack import up
+
+    return up(_settings(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sma", description=__doc__)
     common = argparse.ArgumentParser(add_help=False)
@@ -246,6 +269,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--profile", default="cpu", choices=list(PROFILES))
     b.add_argument("--quick", action="store_true", help="fewer tokens (smoke test)")
     b.set_defaults(func=cmd_bench)
+
+    stack = argparse.ArgumentParser(add_help=False, parents=[common])
+    stack.add_argument("--profile", choices=list(PROFILES), help="for a first training")
+    stack.add_argument("--port", type=int, help="gateway port (default $SMA_PORT or 8000)")
+    s = sub.add_parser("serve", parents=[stack], help="run one server of the stack")
+    s.add_argument("service", choices=["registry", "training", "inference", "gateway"])
+    s.set_defaults(func=cmd_serve)
+    u = sub.add_parser(
+        "up",
+        parents=[stack],
+        help="run the whole stack (registry, training, inference, gateway) until Ctrl-C",
+    )
+    u.set_defaults(func=cmd_up)
     return parser
 
 

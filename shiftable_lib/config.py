@@ -139,6 +139,16 @@ class Settings(BaseSettings):
     profile: str = Field(default="cpu", description="tiny | cpu | gpu")
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
     threads: int = Field(default=0, description="CPU threads for torch; 0 = all cores")
+    # the stack (`sma up`, `sma serve ...`): loopback unless told otherwise
+    host: str = Field(default="127.0.0.1", description="address every server binds")
+    port: int = Field(default=8000, description="gateway HTTP port")
+    registry_port: int = Field(default=0, description="0 = derived from port (see grpc_port)")
+    training_port: int = Field(default=0, description="0 = derived from port")
+    inference_port: int = Field(default=0, description="0 = derived from port")
+    max_batch: int = Field(default=32, ge=1, description="sequences decoded together")
+    max_queue: int = Field(default=64, ge=0, description="requests waiting beyond max_batch")
+    train_threads: int = Field(default=0, description="torch threads in training jobs; 0 = all")
+    nproc_per_node: int = Field(default=1, ge=1, description="training processes per host")
 
     @property
     def data_dir(self) -> Path:
@@ -151,3 +161,22 @@ class Settings(BaseSettings):
     @property
     def state_dir(self) -> Path:
         return self.home / "state"
+
+    def grpc_port(self, service: str) -> int:
+        """The gRPC port of `registry`, `training` or `inference`.
+
+        Set explicitly (`SMA_REGISTRY_PORT`, ...) or derived from the gateway port so that two
+        stacks with different `--port`s never collide: 50051-50053 for the default port 8000,
+        else port+1 .. port+3.
+        """
+        offset = GRPC_SERVICES.index(service)
+        explicit = getattr(self, f"{service}_port")
+        if explicit:
+            return explicit
+        return (50051 if self.port == 8000 else self.port + 1) + offset
+
+    def grpc_address(self, service: str) -> str:
+        return f"{self.host}:{self.grpc_port(service)}"
+
+
+GRPC_SERVICES = ("registry", "training", "inference")

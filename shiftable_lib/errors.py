@@ -27,3 +27,15 @@ class Conflict(ShiftableError):
 
 class Busy(ShiftableError):
     """Another operation holds the resource; try again later."""
+
+
+class AlreadyExists(Conflict):
+    """Something with that name exists already."""
+
+
+class Overloaded(ShiftableError):
+    """Too much work queued; try again shortly."""
+
+
+class Unavailable(ShiftableError):
+    """Not ready yet (no model loaded, a dependency down); try again later."""

@@ -25,7 +25,7 @@ from shiftable_lib.corpus import (
     load_domain,
     validate_specialist_name,
 )
-from shiftable_lib.errors import Conflict, CorpusMissing, NotFound
+from shiftable_lib.errors import AlreadyExists, Conflict, CorpusMissing, NotFound
 from shiftable_lib.model import ShiftableLM
 from shiftable_lib.tokenizer import train_tokenizer
 from shiftable_lib.train import DomainTokens, ProgressFn, tokenize_domain
@@ -187,7 +187,7 @@ def add_specialist(settings: Settings, name: str, progress: ProgressFn = _quiet)
     device = configure_torch(settings)
     current = load_current(settings, device)
     if name in current.model.cfg.specialists:
-        raise Conflict(f"specialist {name!r} already exists")
+        raise AlreadyExists(f"specialist {name!r} already exists")
     folder = domain_dir(settings.data_dir, name)
     if not folder.is_dir():
         raise CorpusMissing(f"no corpus folder for {name!r}: create {folder} with .txt files first")

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from shiftable_lib.corpus import GENERAL, validate_specialist_name
-from shiftable_lib.errors import Conflict, NotFound
+from shiftable_lib.errors import AlreadyExists, NotFound
 
 # exp(-1e4) underflows to exactly 0 in fp32/bf16, so an expert at this logit has weight 0.
 DORMANT_LOGIT = -1.0e4
@@ -378,7 +378,7 @@ class ShiftableLM(nn.Module):
         """
         validate_specialist_name(name)
         if name in self.cfg.specialists:
-            raise Conflict(f"specialist {name!r} already exists")
+            raise AlreadyExists(f"specialist {name!r} already exists")
         for block in self.blocks:
             base = block.attn.experts[GENERAL]
             expert = Expert(self.cfg.d_model, self.cfg.vocab_size)

@@ -1,0 +1,204 @@
+"""What every gRPC server of the stack shares: error mapping, health, reflection, shutdown.
+
+Servicers stay thin over a core object. Their methods are wrapped with `@rpc`, which turns the
+library's typed errors into gRPC status codes with the error's message, in one place:
+
+    class RegistryServicer(registry_pb2_grpc.RegistryServicer):
+        @rpc
+        async def GetSpecialist(self, request, context): ...
+
+`serve()` runs a `grpc.aio` server with `grpc.health.v1` (NOT_SERVING until the service says it
+is ready), server reflection, and a graceful stop on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from shiftable_lib.errors import (
+    AlreadyExists,
+    Busy,
+    Conflict,
+    CorpusInvalid,
+    CorpusMissing,
+    InvalidName,
+    NotFound,
+    Overloaded,
+    Unavailable,
+)
+
+log = logging.getLogger("sma.grpc")
+
+# most specific first: AlreadyExists is a Conflict, the corpus errors are ValueError/OSError
+_CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
+    (InvalidName, grpc.StatusCode.INVALID_ARGUMENT),
+    (CorpusMissing, grpc.StatusCode.INVALID_ARGUMENT),
+    (CorpusInvalid, grpc.StatusCode.INVALID_ARGUMENT),
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (Conflict, grpc.StatusCode.FAILED_PRECONDITION),
+    (Busy, grpc.StatusCode.FAILED_PRECONDITION),
+    (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
+]
+
+
+def status_for(exc: BaseException) -> grpc.StatusCode:
+    """The gRPC code for an exception the library or a core raised on purpose."""
+    for kind, code in _CODES:
+        if isinstance(exc, kind):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def _message(exc: BaseException) -> str:
+    text = str(exc)
+    if isinstance(exc, KeyError | LookupError) and text.startswith("'") and text.endswith("'"):
+        text = text[1:-1]  # KeyError quotes its message
+    return text or type(exc).__name__
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    code = status_for(exc)
+    if code is grpc.StatusCode.INTERNAL:
+        log.exception("unexpected error in an RPC")
+    await context.abort(code, _message(exc))
+
+
+def rpc(method: Callable) -> Callable:
+    """Map typed errors to gRPC codes for a unary (`async def`) or streaming (`async def` with
+    `yield`) servicer method. `context.abort` inside the method passes through untouched."""
+    if inspect.isasyncgenfunction(method):
+
+        @functools.wraps(method)
+        async def stream(self, request, context):
+            try:
+                async for item in method(self, request, context):
+                    yield item
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception as exc:
+                await _abort(context, exc)
+
+        return stream
+
+    @functools.wraps(method)
+    async def unary(self, request, context):
+        try:
+            return await method(self, request, context)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:
+            await _abort(context, exc)
+
+    return unary
+
+
+@dataclass
+class Service:
+    """One gRPC service a server hosts: its full name, the generated `add_*_to_server` and the
+    servicer instance."""
+
+    name: str  # e.g. "sma.v1.Registry"
+    add_to_server: Callable[[object, grpc.aio.Server], None]
+    servicer: object
+
+
+@dataclass
+class Server:
+    """A running server: flip health to SERVING with `ready()`; `stopping` is set on shutdown."""
+
+    grpc_server: grpc.aio.Server
+    health: HealthServicer
+    names: list[str]
+    port: int
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def ready(self, serving: bool = True) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *self.names):
+            await self.health.set(name, status)
+
+
+async def start_server(address: str, services: list[Service]) -> Server:
+    """Bind and start a server with health (NOT_SERVING) and reflection for `services`."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+            ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share it
+        ]
+    )
+    for service in services:
+        service.add_to_server(service.servicer, server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    names = [s.name for s in services]
+    health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+    reflection.enable_server_reflection([*names, health_name, reflection.SERVICE_NAME], server)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot bind {address}")
+    await server.start()
+    running = Server(server, health, names, port)
+    await running.ready(False)
+    return running
+
+
+async def serve(
+    address: str,
+    services: list[Service],
+    start: Callable[[Server], Awaitable[None]] | None = None,
+    stop: Callable[[], Awaitable[None]] | None = None,
+    grace_s: float = 5.0,
+) -> None:
+    """Run until SIGTERM/SIGINT: start the server, await `start(server)` (which calls
+    `server.ready()` when the service can answer), then on a signal report NOT_SERVING, stop
+    taking RPCs, give in-flight ones `grace_s` seconds and await `stop()`."""
+    server = await start_server(address, services)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, server.stopping.set)
+    log.info("%s listening on %s", ", ".join(server.names), address)
+    starter = asyncio.create_task(start(server)) if start else None
+    if starter is not None:
+        starter.add_done_callback(_log_failure)
+    if start is None:
+        await server.ready()
+    await server.stopping.wait()
+    log.info("shutting down %s", ", ".join(server.names))
+    await server.health.enter_graceful_shutdown()
+    if starter is not None and not starter.done():
+        starter.cancel()
+    await server.grpc_server.stop(grace_s)
+    if stop is not None:
+        await stop()
+
+
+def _log_failure(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("service start-up failed", exc_info=task.exception())
+
+
+def run(main: Awaitable[None]) -> None:
+    """Entry point of a `sma serve` process."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    asyncio.run(main)
