@@ -3,12 +3,13 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+NPM_STAMP := node_modules/.installed
 HOME_DIR ?= sma-home
 PROFILE  ?= cpu
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench protos clean
 
-install: $(STAMP)
+install: $(STAMP) $(NPM_STAMP)
 
 # torch is pinned first: a looser requirement would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -18,15 +19,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# npm tools (buf, for `buf lint` of protos/) go into ./node_modules, never globally.
+$(NPM_STAMP): package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $(NPM_STAMP)
+
 $(VENV)/.bench-installed: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[dev,bench]'
 	touch $@
 
-# Until the services exist: build the demo corpus if missing, train, then chat in the terminal.
+# The whole stack: registry, training, inference and gateway on loopback. A first start builds
+# the demo corpus if data/general is empty, trains, and serves; later starts serve in seconds.
 run: install
-	$(BIN)/sma corpus demo --home $(HOME_DIR)
-	$(BIN)/sma train --home $(HOME_DIR) --profile $(PROFILE)
-	$(BIN)/sma generate --home $(HOME_DIR)
+	$(BIN)/sma up --home $(HOME_DIR) --profile $(PROFILE)
 
 test: install
 	$(BIN)/ruff check .
@@ -40,5 +45,10 @@ lint: install
 bench: $(VENV)/.bench-installed
 	$(BIN)/sma bench --profile $(PROFILE)
 
+# Regenerate the checked-in gRPC stubs after editing protos/sma/v1/*.proto.
+protos: install
+	node_modules/.bin/buf lint protos
+	$(BIN)/python scripts/gen_protos.py
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) node_modules build *.egg-info .pytest_cache .ruff_cache

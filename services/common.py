@@ -20,8 +20,10 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
@@ -170,15 +172,24 @@ async def serve(
 ) -> None:
     """Run until SIGTERM/SIGINT: start the server, await `start(server)` (which calls
     `server.ready()` when the service can answer), then on a signal report NOT_SERVING, stop
-    taking RPCs, give in-flight ones `grace_s` seconds and await `stop()`."""
+    taking RPCs, give in-flight ones `grace_s` seconds and await `stop()`. A `start` that
+    raises stops the server the same way and exits non-zero, so a supervisor restarts it."""
     server = await start_server(address, services)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.stopping.set)
     log.info("%s listening on %s", ", ".join(server.names), address)
     starter = asyncio.create_task(start(server)) if start else None
+    failed: list[BaseException] = []
     if starter is not None:
-        starter.add_done_callback(_log_failure)
+
+        def check(task: asyncio.Task) -> None:  # a start-up that fails ends the process
+            if not task.cancelled() and task.exception() is not None:
+                log.error("service start-up failed", exc_info=task.exception())
+                failed.append(task.exception())
+                server.stopping.set()
+
+        starter.add_done_callback(check)
     if start is None:
         await server.ready()
     await server.stopping.wait()
@@ -189,11 +200,17 @@ async def serve(
     await server.grpc_server.stop(grace_s)
     if stop is not None:
         await stop()
+    if failed:  # non-zero, so that a supervisor restarts it
+        raise SystemExit(f"start-up failed: {failed[0]}")
 
 
-def _log_failure(task: asyncio.Task) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("service start-up failed", exc_info=task.exception())
+def timestamp(moment: datetime | None) -> Timestamp | None:
+    """A datetime as a protobuf Timestamp (None stays unset)."""
+    if moment is None:
+        return None
+    stamp = Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp
 
 
 def run(main: Awaitable[None]) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -22,9 +21,18 @@ from shiftable_lib.durable import fsync_dir, replace_file, write_file
 from shiftable_lib.errors import NotFound
 from shiftable_lib.model import ModelConfig, ShiftableLM
 from shiftable_lib.tokenizer import load_tokenizer
+from shiftable_lib.versions import CURRENT, VERSION_PATTERN, current_version, version_ids
 
-VERSION_PATTERN = re.compile(r"^v(\d{4,})$")
-CURRENT = "CURRENT"
+__all__ = [
+    "CURRENT",
+    "current_version",
+    "load_version",
+    "next_version_id",
+    "save_version",
+    "set_current",
+    "version_ids",
+]
+
 FORMAT = 1
 
 
@@ -39,14 +47,6 @@ class ModelVersion:
     profile: Profile
     meta: dict
     metrics: dict
-
-
-def version_ids(models_dir: Path) -> list[str]:
-    """Complete versions, oldest first."""
-    if not models_dir.is_dir():
-        return []
-    found = [p.name for p in models_dir.iterdir() if VERSION_PATTERN.match(p.name) and p.is_dir()]
-    return sorted(found, key=lambda v: int(v[1:]))
 
 
 def next_version_id(models_dir: Path) -> str:
@@ -96,17 +96,6 @@ def set_current(models_dir: Path, version: str) -> None:
     if not (models_dir / version).is_dir():
         raise NotFound(f"no model version {version!r}")
     replace_file(models_dir / CURRENT, (version + "\n").encode())
-
-
-def current_version(models_dir: Path) -> str | None:
-    """The version the CLI serves: the CURRENT pointer, else the newest complete version."""
-    pointer = models_dir / CURRENT
-    if pointer.is_file():
-        version = pointer.read_text().strip()
-        if (models_dir / version).is_dir():
-            return version
-    ids = version_ids(models_dir)
-    return ids[-1] if ids else None
 
 
 def load_version(

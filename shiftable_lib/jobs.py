@@ -23,6 +23,7 @@ from shiftable_lib.corpus import (
     discover_specialists,
     domain_dir,
     load_domain,
+    text_files,
     validate_specialist_name,
 )
 from shiftable_lib.errors import AlreadyExists, Conflict, CorpusMissing, NotFound
@@ -77,11 +78,25 @@ def load_current(settings: Settings, device: torch.device | str = "cpu") -> chec
 
 
 def train_all(
-    settings: Settings, profile_name: str | None = None, progress: ProgressFn = _quiet
+    settings: Settings,
+    profile_name: str | None = None,
+    progress: ProgressFn = _quiet,
+    demo_if_empty: bool = False,
 ) -> list[JobResult]:
-    """The generalist if there is none, then every specialist found under data/ (full)."""
+    """The generalist if there is none, then every specialist found under data/ (full).
+
+    With `demo_if_empty` (a first start of the stack), an empty `data/general/` gets the demo
+    corpus first.
+    """
     device = configure_torch(settings)
     results = []
+    if demo_if_empty and not text_files(settings.data_dir / GENERAL):
+        from shiftable_lib.demo_corpus import build_demo_corpus
+
+        progress(train.Progress("demo corpus", 0, 1, float("nan"), 0.0, 0.0))
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        build_demo_corpus(settings.data_dir)
+        progress(train.Progress("demo corpus", 1, 1, float("nan"), 0.0, 0.0))
     if checkpoint.current_version(settings.models_dir) is None:
         results.append(
             train_generalist(settings, profile_name or settings.profile, device, progress)

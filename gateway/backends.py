@@ -1,0 +1,102 @@
+"""The gateway's gRPC clients: one channel per service, its stub, and its health.
+
+gRPC status codes become HTTP statuses in one place (`http_status`), as DESIGN §2 lists them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from shiftable_lib.config import GRPC_SERVICES, Settings
+from shiftable_lib.errors import Busy, Conflict, NotFound, Overloaded, ShiftableError, Unavailable
+from sma.v1 import inference_pb2_grpc, registry_pb2_grpc, training_pb2_grpc
+
+HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.FAILED_PRECONDITION: 409,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.CANCELLED: 499,
+}
+
+
+def http_status(code: grpc.StatusCode) -> int:
+    return HTTP_STATUS.get(code, 502)
+
+
+# the gateway's own checks raise the library's typed errors; most specific first
+_ERROR_STATUS: list[tuple[type[Exception], int]] = [
+    (NotFound, 404),
+    (Conflict, 409),  # AlreadyExists included
+    (Busy, 409),
+    (Overloaded, 429),
+    (Unavailable, 503),
+    (ShiftableError, 400),  # InvalidName, CorpusMissing, CorpusInvalid
+]
+
+
+def error_status(exc: Exception) -> int:
+    return next((status for kind, status in _ERROR_STATUS if isinstance(exc, kind)), 500)
+
+
+HEALTH_NAMES = {
+    health_pb2.HealthCheckResponse.SERVING: "SERVING",
+    health_pb2.HealthCheckResponse.NOT_SERVING: "NOT_SERVING",
+    health_pb2.HealthCheckResponse.SERVICE_UNKNOWN: "SERVICE_UNKNOWN",
+    health_pb2.HealthCheckResponse.UNKNOWN: "UNKNOWN",
+}
+
+
+@dataclass
+class Backends:
+    """Channels and stubs to the registry, training and inference servers."""
+
+    addresses: dict[str, str]
+    channels: dict[str, grpc.aio.Channel]
+    registry: registry_pb2_grpc.RegistryStub
+    training: training_pb2_grpc.TrainingStub
+    inference: inference_pb2_grpc.InferenceStub
+
+    @classmethod
+    def connect(cls, settings: Settings) -> Backends:
+        addresses = {name: settings.grpc_address(name) for name in GRPC_SERVICES}
+        options = [
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 2_000),
+        ]
+        channels = {n: grpc.aio.insecure_channel(a, options=options) for n, a in addresses.items()}
+        return cls(
+            addresses=addresses,
+            channels=channels,
+            registry=registry_pb2_grpc.RegistryStub(channels["registry"]),
+            training=training_pb2_grpc.TrainingStub(channels["training"]),
+            inference=inference_pb2_grpc.InferenceStub(channels["inference"]),
+        )
+
+    async def health(self, timeout: float = 1.0) -> dict[str, dict[str, str]]:
+        """Each service's address and health status (UNREACHABLE when it does not answer)."""
+
+        async def check(name: str) -> tuple[str, str]:
+            stub = health_pb2_grpc.HealthStub(self.channels[name])
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+                return name, HEALTH_NAMES.get(reply.status, "UNKNOWN")
+            except grpc.aio.AioRpcError:
+                return name, "UNREACHABLE"
+
+        results = await asyncio.gather(*(check(n) for n in self.channels))
+        return {n: {"address": self.addresses[n], "status": s} for n, s in results}
+
+    async def close(self) -> None:
+        await asyncio.gather(*(c.close() for c in self.channels.values()))

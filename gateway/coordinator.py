@@ -1,0 +1,376 @@
+"""The specialist lifecycle, coordinated across the services (DESIGN §2-§3).
+
+    add / delete / first start
+      -> registry: an operation (one at a time; a second request gets FAILED_PRECONDITION)
+      -> training: a job, whose progress is mirrored onto the operation
+      -> registry: publish the version the job wrote
+      -> inference: reports it loaded (it watches the registry and swaps between decode steps)
+      -> registry: specialists updated, operation SUCCEEDED
+
+Every step's outcome is recorded in the registry before the next starts, so after a restart of
+any component `resume()` picks each unfinished operation up where the record says it was: it
+re-attaches to its training job, restarts a job the training service no longer knows, or
+publishes a version that was trained but not yet served. What cannot go on fails with a reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from pathlib import Path
+
+import grpc
+
+from gateway.backends import Backends
+from shiftable_lib import versions
+from shiftable_lib.config import Settings
+from shiftable_lib.corpus import corpus_digest, domain_dir, text_files
+from shiftable_lib.errors import AlreadyExists, Conflict, CorpusMissing, NotFound, Unavailable
+from sma.v1 import common_pb2, registry_pb2, training_pb2
+
+log = logging.getLogger("sma.gateway.lifecycle")
+
+R = registry_pb2
+T = training_pb2
+UNFINISHED = (R.OPERATION_STATE_PENDING, R.OPERATION_STATE_RUNNING)
+TERMINAL_JOB = (T.JOB_STATE_SUCCEEDED, T.JOB_STATE_FAILED, T.JOB_STATE_CANCELLED)
+RPC_TIMEOUT = 15.0
+LOAD_TIMEOUT = 600.0  # seconds for inference to load a published version
+
+
+class OperationFailed(Exception):
+    """A step of an operation failed; the message says why, for the operation's `error`."""
+
+
+class Coordinator:
+    """Starts and drives lifecycle operations; one asyncio task per unfinished operation."""
+
+    def __init__(self, settings: Settings, backends: Backends) -> None:
+        self.settings = settings
+        self.backends = backends
+        self.tasks: dict[str, asyncio.Task] = {}
+        self.boot_error: str | None = None
+
+    # ---- requests ----------------------------------------------------------------------------
+
+    async def add(self, name: str, full_retrain: bool = False) -> R.Operation:
+        """Validate, record the operation and the specialist, and start training it."""
+        folder = domain_dir(self.settings.data_dir, name)  # InvalidName for bad names
+        if not text_files(folder):
+            raise CorpusMissing(
+                f"no corpus for {name!r}: put one or more non-empty .txt files in {folder}/ first"
+            )
+        await self._require_serving()
+        registry = self.backends.registry
+        existing = await self._specialist(name)
+        if existing is not None and existing.state != R.SPECIALIST_STATE_FAILED:
+            raise AlreadyExists(f"specialist {name!r} already exists")
+        op = await self._create(R.OPERATION_KIND_ADD_SPECIALIST, name, full_retrain)
+        if existing is not None:  # a failed earlier attempt: this one replaces it
+            await registry.DeleteSpecialist(R.DeleteSpecialistRequest(name=name))
+        await registry.AddSpecialist(
+            R.AddSpecialistRequest(
+                name=name,
+                corpus_dir=str(folder),
+                corpus_digest=corpus_digest(folder),
+                state=R.SPECIALIST_STATE_TRAINING,
+            ),
+            timeout=RPC_TIMEOUT,
+        )
+        self._spawn(op)
+        return op
+
+    async def delete(self, name: str) -> R.Operation:
+        """Validate (known, not the last one), record the operation, start the removal."""
+        domain_dir(self.settings.data_dir, name)  # InvalidName for bad names
+        serving = await self._require_serving()
+        existing = await self._specialist(name)
+        if existing is None or name not in serving.specialists:
+            raise NotFound(f"no specialist named {name!r}")
+        if list(serving.specialists) == [name]:
+            raise Conflict(f"{name!r} is the last specialist and cannot be deleted")
+        op = await self._create(R.OPERATION_KIND_DELETE_SPECIALIST, name)
+        await self._set_specialist(name, R.SPECIALIST_STATE_DELETING)
+        self._spawn(op)
+        return op
+
+    async def wait(self, op_id: str) -> R.Operation:
+        """Block until the operation ends; return its final record."""
+        task = self.tasks.get(op_id)
+        if task is not None:
+            await asyncio.shield(task)
+        return await self._get_operation(op_id)
+
+    # ---- start-up ----------------------------------------------------------------------------
+
+    async def boot(self) -> None:
+        """Resume unfinished operations; on a first start, serve what is on disk or train."""
+        while True:
+            try:
+                await self._boot_once()
+                self.boot_error = None
+                return
+            except grpc.aio.AioRpcError as exc:  # a service not up yet: try again shortly
+                self.boot_error = f"waiting for services: {exc.details()}"
+                await asyncio.sleep(0.5)
+
+    async def _boot_once(self) -> None:
+        registry = self.backends.registry
+        wait = {"wait_for_ready": True, "timeout": RPC_TIMEOUT}
+        unfinished = (
+            await registry.ListOperations(R.ListOperationsRequest(unfinished_only=True), **wait)
+        ).operations
+        for op in unfinished:
+            log.info("resuming operation %s (%s)", op.id, R.OperationKind.Name(op.kind))
+            self._spawn(op)
+        serving = (await registry.GetServing(R.GetServingRequest(), **wait)).serving
+        if serving.version.id or any(op.kind == R.OPERATION_KIND_INITIALIZE for op in unfinished):
+            return
+        on_disk = versions.current_version(self.settings.models_dir)
+        if on_disk is not None:  # trained before (by `sma train`, or a lost registry)
+            log.info("serving the model found on disk, %s", on_disk)
+            await self._publish(on_disk)
+            await self._sync_specialists(on_disk)
+            return
+        log.info("first start: no model yet, training one")
+        self._spawn(await self._create(R.OPERATION_KIND_INITIALIZE, ""))
+
+    async def close(self) -> None:
+        for task in self.tasks.values():
+            task.cancel()
+        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+
+    # ---- driving an operation ----------------------------------------------------------------
+
+    def _spawn(self, op: R.Operation) -> None:
+        if op.id not in self.tasks or self.tasks[op.id].done():
+            self.tasks[op.id] = asyncio.create_task(self._drive(op), name=f"operation {op.id}")
+
+    async def _drive(self, op: R.Operation) -> None:
+        try:
+            op = await self._update(op.id, state=R.OPERATION_STATE_RUNNING)
+            version = op.version_id
+            if not version:
+                job = await self._run_job(op)
+                version = job.version_id or versions.current_version(self.settings.models_dir)
+                if not version:
+                    raise OperationFailed("training finished but published no model")
+                op = await self._update(op.id, version_id=version, message=job.message)
+            await self._update(op.id, message=f"publishing {version}")
+            await self._publish(version)
+            await self._wait_loaded(version)
+            await self._finish(op, version)
+        except asyncio.CancelledError:  # gateway shutdown: the operation resumes at next start
+            raise
+        except Exception as exc:
+            reason = _reason(exc)
+            log.warning("operation %s failed: %s", op.id, reason)
+            await self._fail(op, reason)
+
+    async def _run_job(self, op: R.Operation) -> training_pb2.Job:
+        """Attach to the operation's training job, or start one; follow it to its end."""
+        training = self.backends.training
+        job = None
+        if op.job_id:
+            try:
+                reply = await training.GetJob(T.GetJobRequest(id=op.job_id), timeout=RPC_TIMEOUT)
+                job = reply.job
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.NOT_FOUND:
+                    raise
+                log.info("job %s is gone (training restarted): starting it again", op.job_id)
+        if job is None:
+            job = (
+                await training.StartJob(
+                    self._job_request(op), wait_for_ready=True, timeout=RPC_TIMEOUT
+                )
+            ).job
+            await self._update(op.id, job_id=job.id, message=f"training job {job.id} started")
+        last_update = 0.0
+        async for reply in training.WatchJob(T.WatchJobRequest(id=job.id), wait_for_ready=True):
+            job = reply.job
+            now = time.monotonic()
+            if job.state in TERMINAL_JOB or now - last_update > 0.25:
+                last_update = now
+                await self._update(op.id, progress=job.progress)
+        if job.state != T.JOB_STATE_SUCCEEDED:
+            state = T.JobState.Name(job.state).removeprefix("JOB_STATE_").lower()
+            raise OperationFailed(f"training job {job.id} {state}: {job.error or 'no reason'}")
+        return job
+
+    def _job_request(self, op: R.Operation) -> T.StartJobRequest:
+        if op.kind == R.OPERATION_KIND_INITIALIZE:
+            return T.StartJobRequest(kind=T.JOB_KIND_TRAIN_ALL, profile=self.settings.profile)
+        if op.kind == R.OPERATION_KIND_ADD_SPECIALIST:
+            kind = T.JOB_KIND_TRAIN_SPECIALISTS if op.full_retrain else T.JOB_KIND_ADD_SPECIALIST
+            return T.StartJobRequest(kind=kind, specialist=op.target)
+        return T.StartJobRequest(kind=T.JOB_KIND_REMOVE_SPECIALIST, specialist=op.target)
+
+    async def _publish(self, version: str) -> None:
+        path = self.settings.models_dir / version
+        config = versions.version_config(self.settings.models_dir, version)
+        metrics = path / "metrics.json"
+        await self.backends.registry.PublishVersion(
+            R.PublishVersionRequest(
+                version=R.ModelVersion(
+                    id=version,
+                    specialists=config["model"].get("specialists", []),
+                    artifact_dir=str(path),
+                    metrics_json=metrics.read_text() if metrics.is_file() else "{}",
+                    profile=config.get("profile", {}).get("name", ""),
+                )
+            ),
+            timeout=RPC_TIMEOUT,
+        )
+
+    async def _wait_loaded(self, version: str) -> None:
+        """Until inference reports `version` loaded (it follows the registry's serving pointer)."""
+
+        async def watch() -> None:
+            stream = self.backends.registry.WatchServing(R.WatchServingRequest())
+            async for reply in stream:
+                if reply.serving.loaded_version_id == version:
+                    return
+                if reply.serving.version.id != version:
+                    raise OperationFailed(
+                        f"version {reply.serving.version.id} was published while waiting for "
+                        f"{version} to load"
+                    )
+            raise OperationFailed("the registry ended the serving stream")
+
+        try:
+            await asyncio.wait_for(watch(), LOAD_TIMEOUT)
+        except TimeoutError:
+            raise OperationFailed(
+                f"inference did not load {version} within {LOAD_TIMEOUT:.0f} s"
+            ) from None
+
+    async def _finish(self, op: R.Operation, version: str) -> None:
+        if op.kind == R.OPERATION_KIND_INITIALIZE:
+            await self._sync_specialists(version)
+            message = f"model {version} trained and serving"
+        elif op.kind == R.OPERATION_KIND_ADD_SPECIALIST:
+            digest = corpus_digest(self.settings.data_dir / op.target)
+            await self._set_specialist(op.target, R.SPECIALIST_STATE_READY, digest=digest)
+            message = f"Specialist '{op.target}' is now configured."
+        else:
+            await self._forget_specialist(op.target)
+            message = f"Specialist '{op.target}' has been deleted."
+        await self._update(op.id, state=R.OPERATION_STATE_SUCCEEDED, message=message)
+
+    async def _fail(self, op: R.Operation, reason: str) -> None:
+        try:
+            if op.kind == R.OPERATION_KIND_ADD_SPECIALIST:
+                await self._set_specialist(op.target, R.SPECIALIST_STATE_FAILED, error=reason)
+            elif op.kind == R.OPERATION_KIND_DELETE_SPECIALIST:
+                await self._set_specialist(op.target, R.SPECIALIST_STATE_READY, error=reason)
+            await self._update(op.id, state=R.OPERATION_STATE_FAILED, error=reason)
+        except grpc.aio.AioRpcError as exc:  # registry down: resume() fails it at next start
+            log.error("could not record the failure of %s: %s", op.id, exc.details())
+
+    async def _sync_specialists(self, version: str) -> None:
+        """Make the registry's specialists those of `version` (first start, adopted model)."""
+        config = versions.version_config(self.settings.models_dir, version)
+        names = config["model"].get("specialists", [])
+        listed = await self.backends.registry.ListSpecialists(
+            R.ListSpecialistsRequest(), timeout=RPC_TIMEOUT
+        )
+        known = {s.name for s in listed.specialists}
+        for name in names:
+            folder = self.settings.data_dir / name
+            digest = corpus_digest(folder) if folder.is_dir() else ""
+            if name in known:
+                await self._set_specialist(name, R.SPECIALIST_STATE_READY, digest=digest)
+            else:
+                await self.backends.registry.AddSpecialist(
+                    R.AddSpecialistRequest(
+                        name=name,
+                        corpus_dir=str(folder),
+                        corpus_digest=digest,
+                        state=R.SPECIALIST_STATE_READY,
+                    ),
+                    timeout=RPC_TIMEOUT,
+                )
+        for name in known - set(names):
+            await self._forget_specialist(name)
+
+    # ---- registry helpers --------------------------------------------------------------------
+
+    async def _require_serving(self) -> R.ModelVersion:
+        serving = (
+            await self.backends.registry.GetServing(R.GetServingRequest(), timeout=RPC_TIMEOUT)
+        ).serving
+        if not serving.version.id:
+            raise Unavailable("the model is still training; try again when it serves")
+        return serving.version
+
+    async def _create(self, kind: int, target: str, full_retrain: bool = False) -> R.Operation:
+        request = R.CreateOperationRequest(kind=kind, target=target, full_retrain=full_retrain)
+        reply = await self.backends.registry.CreateOperation(request, timeout=RPC_TIMEOUT)
+        return reply.operation
+
+    async def _get_operation(self, op_id: str) -> R.Operation:
+        reply = await self.backends.registry.GetOperation(
+            R.GetOperationRequest(id=op_id), timeout=RPC_TIMEOUT
+        )
+        return reply.operation
+
+    async def _update(
+        self,
+        op_id: str,
+        state: int = R.OPERATION_STATE_UNSPECIFIED,
+        progress: common_pb2.TrainingProgress | None = None,
+        **fields: str,
+    ) -> R.Operation:
+        request = R.UpdateOperationRequest(id=op_id, state=state, progress=progress, **fields)
+        reply = await self.backends.registry.UpdateOperation(request, timeout=RPC_TIMEOUT)
+        return reply.operation
+
+    async def _specialist(self, name: str) -> R.Specialist | None:
+        try:
+            reply = await self.backends.registry.GetSpecialist(
+                R.GetSpecialistRequest(name=name), timeout=RPC_TIMEOUT
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise
+        return reply.specialist
+
+    async def _set_specialist(
+        self, name: str, state: int, error: str = "", digest: str = ""
+    ) -> None:
+        await self.backends.registry.UpdateSpecialist(
+            R.UpdateSpecialistRequest(name=name, state=state, error=error, corpus_digest=digest),
+            timeout=RPC_TIMEOUT,
+        )
+
+    async def _forget_specialist(self, name: str) -> None:
+        try:
+            await self.backends.registry.DeleteSpecialist(
+                R.DeleteSpecialistRequest(name=name), timeout=RPC_TIMEOUT
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name.lower()}: {exc.details()}"
+    if isinstance(exc, FileNotFoundError | json.JSONDecodeError | KeyError):
+        return f"the published version is incomplete: {exc}"
+    return str(exc) or type(exc).__name__
+
+
+def artifact_paths(artifact_dir: str) -> dict[str, str]:
+    """The seed's /health path fields, pointing at our single-file version layout."""
+    base = Path(artifact_dir)
+    model = str(base / "model.safetensors") if artifact_dir else ""
+    return {
+        "tokenizer_path": str(base / "tokenizer.json") if artifact_dir else "",
+        "generalist_ckpt_path": model,
+        "shiftable_ckpt_path": model,
+    }

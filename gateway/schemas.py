@@ -1,0 +1,169 @@
+"""REST bodies (pydantic) and their translation to and from the gRPC messages.
+
+The seed's four request fields keep their names and meaning; everything else is an optional
+extra with a default, so the seed's own page and scripts keep working unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from google.protobuf.timestamp_pb2 import Timestamp
+from pydantic import BaseModel, ConfigDict, Field
+
+from sma.v1 import common_pb2, inference_pb2, registry_pb2
+
+MAX_PROMPT_CHARS = 100_000
+
+
+class RoutingBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["soft", "top1", "topk"] = "soft"
+    k: int = Field(default=2, ge=1, le=64, description="experts per position for topk")
+    force: list[str] = Field(default_factory=list, max_length=64, description="only these")
+    exclude: list[str] = Field(default_factory=list, max_length=64, description="never these")
+
+    def to_proto(self) -> inference_pb2.Routing:
+        return inference_pb2.Routing(
+            mode={
+                "soft": inference_pb2.ROUTING_MODE_SOFT,
+                "top1": inference_pb2.ROUTING_MODE_TOP1,
+                "topk": inference_pb2.ROUTING_MODE_TOPK,
+            }[self.mode],
+            top_k_experts=self.k,
+            force=self.force,
+            exclude=self.exclude,
+        )
+
+
+class GenerateBody(BaseModel):
+    """POST /generate and /generate/stream. The first four fields are the seed's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(max_length=MAX_PROMPT_CHARS)
+    max_new_tokens: int | None = Field(
+        default=None, ge=1, le=100_000, description="default: 64, or less to fit the context"
+    )
+    temperature: float = Field(default=1.0, ge=0.0, le=100.0, description="0 = greedy")
+    top_k: int = Field(default=0, ge=0, le=1_000_000, description="0 = whole vocabulary")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    stop: list[str] = Field(default_factory=list, max_length=16)
+    routing: RoutingBody = Field(default_factory=RoutingBody)
+
+    def to_proto(self) -> inference_pb2.GenerateRequest:
+        request = inference_pb2.GenerateRequest(
+            prompt=self.prompt,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            stop=self.stop,
+            routing=self.routing.to_proto(),
+        )
+        if self.seed is not None:
+            request.seed = self.seed
+        if self.max_new_tokens is not None:
+            request.max_new_tokens = self.max_new_tokens
+        return request
+
+
+class InspectBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(max_length=MAX_PROMPT_CHARS)
+    routing: RoutingBody = Field(default_factory=RoutingBody)
+    per_position: bool = Field(default=False, description="also return every position's weights")
+
+
+class SpecialistBody(BaseModel):
+    """POST /specialists. `name` is the seed's; `full_retrain` retrains every specialist."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(max_length=256)
+    full_retrain: bool = False
+
+
+ACTIVE_WEIGHT = 0.1  # a specialist with at least this mean gate weight counts as active
+
+
+def gate_summary(gate_means: list[inference_pb2.ExpertWeight]) -> dict:
+    """`active_weights` (mean gate weight of each specialist over the completion) and
+    `active_specialists` (those at or above ACTIVE_WEIGHT, heaviest first)."""
+    weights = {w.expert: round(w.weight, 4) for w in gate_means if w.expert != "general"}
+    active = sorted((n for n in weights if weights[n] >= ACTIVE_WEIGHT), key=lambda n: -weights[n])
+    base = next((w.weight for w in gate_means if w.expert == "general"), None)
+    return {
+        "active_specialists": active,
+        "active_weights": weights,
+        "base_weight": None if base is None else round(base, 4),
+    }
+
+
+FINISH = {
+    inference_pb2.FINISH_REASON_LENGTH: "length",
+    inference_pb2.FINISH_REASON_STOP: "stop",
+    inference_pb2.FINISH_REASON_EOS: "eos",
+    inference_pb2.FINISH_REASON_CANCELLED: "cancelled",
+}
+
+
+def usage(message: inference_pb2.Usage) -> dict:
+    return {
+        "prompt_tokens": message.prompt_tokens,
+        "completion_tokens": message.completion_tokens,
+        "truncated_prompt_tokens": message.truncated_prompt_tokens,
+    }
+
+
+def _time(ts: Timestamp) -> str | None:
+    return ts.ToDatetime().isoformat() + "Z" if ts.seconds or ts.nanos else None
+
+
+def _lower(enum, value: int, prefix: str) -> str:
+    return enum.Name(value).removeprefix(prefix).lower()
+
+
+def progress_dict(p: common_pb2.TrainingProgress) -> dict:
+    return {
+        "phase": p.phase,
+        "step": p.step,
+        "total": p.total,
+        "fraction": round(p.fraction, 4),
+        "percent": round(100 * p.fraction, 1),
+        "loss": None if math.isnan(p.loss) else round(p.loss, 4),
+        "tokens_per_s": round(p.tokens_per_s, 1),
+        "eta_s": round(p.eta_s, 1),
+    }
+
+
+def operation_dict(op: registry_pb2.Operation) -> dict:
+    """The operation object of the REST API: id, kind, state, progress, error, ..."""
+    return {
+        "id": op.id,
+        "kind": _lower(registry_pb2.OperationKind, op.kind, "OPERATION_KIND_"),
+        "target": op.target or None,
+        "state": _lower(registry_pb2.OperationState, op.state, "OPERATION_STATE_"),
+        "progress": progress_dict(op.progress),
+        "error": op.error or None,
+        "message": op.message or None,
+        "job_id": op.job_id or None,
+        "version": op.version_id or None,
+        "full_retrain": op.full_retrain,
+        "created_at": _time(op.created_at),
+        "updated_at": _time(op.updated_at),
+    }
+
+
+def specialist_dict(s: registry_pb2.Specialist) -> dict:
+    return {
+        "name": s.name,
+        "state": _lower(registry_pb2.SpecialistState, s.state, "SPECIALIST_STATE_"),
+        "error": s.error or None,
+        "corpus_dir": s.corpus_dir,
+        "corpus_digest": s.corpus_digest or None,
+        "updated_at": _time(s.updated_at),
+    }

@@ -1,0 +1,220 @@
+"""`sma.v1.Inference`: a thin gRPC face over `InferenceCore`, and the registry watch that keeps
+the served version equal to the registry's serving pointer.
+
+The servicer only translates messages; the core does the work. Client cancellation and expired
+deadlines both cancel the handler task, which closes the core's stream and so cancels the
+sequence in the engine at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from services.common import Server, Service, rpc, run, serve
+from services.inference.core import Chunk, InferenceCore
+from shiftable_lib import jobs
+from shiftable_lib.config import Settings
+from shiftable_lib.errors import ShiftableError
+from shiftable_lib.generate import SamplingParams
+from shiftable_lib.model import Routing
+from sma.v1 import inference_pb2, inference_pb2_grpc, registry_pb2, registry_pb2_grpc
+
+log = logging.getLogger("sma.inference")
+
+SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
+DEFAULT_MAX_NEW_TOKENS = 64
+DEFAULT_TOP_K_EXPERTS = 2
+RETRY_FIRST_S = 0.2  # registry reconnect backoff: doubles up to RETRY_MAX_S
+RETRY_MAX_S = 5.0
+
+_MODES = {
+    inference_pb2.ROUTING_MODE_UNSPECIFIED: "soft",
+    inference_pb2.ROUTING_MODE_SOFT: "soft",
+    inference_pb2.ROUTING_MODE_TOP1: "top1",
+    inference_pb2.ROUTING_MODE_TOPK: "topk",
+}
+_FINISH = {
+    "length": inference_pb2.FINISH_REASON_LENGTH,
+    "stop": inference_pb2.FINISH_REASON_STOP,
+    "eos": inference_pb2.FINISH_REASON_EOS,
+    "cancelled": inference_pb2.FINISH_REASON_CANCELLED,
+}
+
+
+def routing_from_proto(message: inference_pb2.Routing) -> Routing:
+    mode = _MODES.get(message.mode)
+    if mode is None:
+        raise ValueError(f"unknown routing mode {message.mode}")
+    return Routing(
+        mode=mode,
+        k=message.top_k_experts or DEFAULT_TOP_K_EXPERTS,
+        force=tuple(message.force),
+        exclude=tuple(message.exclude),
+    )
+
+
+def sampling_params(request: inference_pb2.GenerateRequest, context: int) -> SamplingParams:
+    """The request's parameters, with the documented defaults for fields left unset."""
+    return SamplingParams(
+        max_new_tokens=request.max_new_tokens
+        if request.HasField("max_new_tokens")
+        else min(DEFAULT_MAX_NEW_TOKENS, context - 1),
+        temperature=request.temperature if request.HasField("temperature") else 1.0,
+        top_k=request.top_k,
+        top_p=request.top_p if request.HasField("top_p") else 1.0,
+        seed=request.seed if request.HasField("seed") else None,
+        stop=tuple(request.stop),
+        routing=routing_from_proto(request.routing),
+        ignore_eos=request.ignore_eos,
+    )
+
+
+def generate_response(chunk: Chunk) -> inference_pb2.GenerateResponse:
+    response = inference_pb2.GenerateResponse(
+        text=chunk.text, token_ids=chunk.token_ids, version_id=chunk.version_id
+    )
+    if chunk.finish_reason is not None:
+        response.finish_reason = _FINISH[chunk.finish_reason]
+    if chunk.usage is not None:
+        response.usage.CopyFrom(
+            inference_pb2.Usage(
+                prompt_tokens=chunk.usage.prompt_tokens,
+                completion_tokens=chunk.usage.completion_tokens,
+                truncated_prompt_tokens=chunk.usage.truncated_prompt_tokens,
+            )
+        )
+    if chunk.gate_means is not None:
+        response.gate_means.extend(
+            inference_pb2.ExpertWeight(expert=e, weight=w) for e, w in chunk.gate_means.items()
+        )
+    return response
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServicer):
+    def __init__(self, core: InferenceCore) -> None:
+        self.core = core
+
+    @rpc
+    async def Generate(
+        self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        params = sampling_params(request, self.core.info().context)
+        # aclosing: however the handler ends (cancelled, deadline, write failed), the core's
+        # stream is closed now, not at garbage collection, so the slot frees at once
+        async with contextlib.aclosing(self.core.generate(request.prompt, params)) as chunks:
+            async for chunk in chunks:
+                yield generate_response(chunk)
+
+    @rpc
+    async def InspectGates(
+        self, request: inference_pb2.InspectGatesRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.InspectGatesResponse:
+        report = await self.core.inspect_gates(request.prompt, routing_from_proto(request.routing))
+        return inference_pb2.InspectGatesResponse(
+            experts=report.experts,
+            tokens=report.tokens,
+            layers=[
+                inference_pb2.LayerGates(
+                    mean=mean, per_position=[w for position in positions for w in position]
+                )
+                for mean, positions in zip(report.means, report.per_position, strict=True)
+            ],
+            version_id=report.version_id,
+            truncated_prompt_tokens=report.truncated_prompt_tokens,
+        )
+
+    @rpc
+    async def GetModelInfo(
+        self, request: inference_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.GetModelInfoResponse:
+        info = self.core.info()
+        return inference_pb2.GetModelInfoResponse(
+            version_id=info.version_id,
+            specialists=info.specialists,
+            device=info.device,
+            profile=info.profile,
+            context=info.context,
+            n_layer=info.n_layer,
+            d_model=info.d_model,
+            vocab_size=info.vocab_size,
+            max_batch=info.max_batch,
+            max_queue=info.max_queue,
+            active_streams=info.active_streams,
+            queued=info.queued,
+            tokens_generated=info.tokens_generated,
+            requests_total=info.requests_total,
+            swapping=info.swapping,
+            load_error=info.load_error,
+        )
+
+
+async def follow_registry(core: InferenceCore, address: str, server: Server) -> None:
+    """Serve whatever version the registry says, forever.
+
+    Follows `WatchServing`; whenever the serving version differs from the loaded one, loads it
+    (the old one keeps serving meanwhile), marks the server SERVING and reports it loaded. A
+    registry that is down, or a watch that ends, is retried with exponential backoff. A version
+    that fails to load is not retried until the watch reconnects, so a broken artifact does not
+    make every registry update reload it.
+    """
+    delay = RETRY_FIRST_S
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = registry_pb2_grpc.RegistryStub(channel)
+        while True:
+            failed = ""
+            try:
+                async for update in stub.WatchServing(registry_pb2.WatchServingRequest()):
+                    delay = RETRY_FIRST_S
+                    wanted = update.serving.version.id
+                    if not wanted or wanted == failed:
+                        continue
+                    if wanted != core.version_id:
+                        try:
+                            await core.load(wanted)
+                        except Exception as exc:
+                            log.error(
+                                "cannot load version %s (%s); still serving %s",
+                                wanted,
+                                exc,
+                                core.version_id or "nothing",
+                                exc_info=not isinstance(exc, ShiftableError),
+                            )
+                            failed = wanted
+                            continue
+                        log.info("now serving %s", wanted)
+                        await server.ready()
+                    if update.serving.loaded_version_id != wanted:
+                        await stub.ReportLoaded(registry_pb2.ReportLoadedRequest(version_id=wanted))
+                log.warning("the registry ended the serving watch; reconnecting")
+            except grpc.aio.AioRpcError as exc:
+                log.warning(
+                    "registry at %s: %s (%s); retrying in %.1fs",
+                    address,
+                    exc.code().name,
+                    exc.details(),
+                    delay,
+                )
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, RETRY_MAX_S)
+
+
+def main(settings: Settings) -> None:
+    """`sma serve inference`: serve on the inference port, following the registry."""
+    device = jobs.configure_torch(settings)  # torch threads from settings.threads; 0 = default
+    core = InferenceCore(settings.models_dir, device, settings.max_batch, settings.max_queue)
+    service = Service(
+        SERVICE_NAME, inference_pb2_grpc.add_InferenceServicer_to_server, InferenceServicer(core)
+    )
+
+    async def start(server: Server) -> None:
+        await follow_registry(core, settings.grpc_address("registry"), server)
+
+    async def stop() -> None:
+        await asyncio.to_thread(core.close)
+
+    run(serve(settings.grpc_address("inference"), [service], start=start, stop=stop))

@@ -1,0 +1,411 @@
+"""`sma.v1.Registry`: a thin gRPC layer over `RegistryStore`.
+
+It only translates between proto messages and the store's dataclasses, validates what the
+store cannot see (required fields, UNSPECIFIED enums) and wakes the watch streams after every
+change. Store calls run in a worker thread, so an fsync never stalls the event loop that
+carries the watch streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import asdict, fields
+from datetime import UTC
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Generic, ParamSpec, TypeVar
+
+import grpc
+from google.protobuf.message import Message
+
+from services.common import Server, Service, rpc, run, serve, timestamp
+from services.registry.store import (
+    ModelVersion,
+    Operation,
+    OperationBusy,
+    OperationKind,
+    OperationState,
+    Progress,
+    RegistryStore,
+    ServingState,
+    Specialist,
+    SpecialistState,
+)
+from shiftable_lib.config import Settings
+from shiftable_lib.errors import Unavailable
+from sma.v1 import common_pb2, registry_pb2, registry_pb2_grpc
+
+if TYPE_CHECKING:
+    from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
+
+SERVICE_NAME = registry_pb2.DESCRIPTOR.services_by_name["Registry"].full_name
+OPERATION_ID_KEY = "sma-operation-id"  # trailing metadata of a FAILED_PRECONDITION on create
+DEFAULT_LIST_LIMIT = 100
+
+Context = grpc.aio.ServicerContext
+E = TypeVar("E", bound=Enum)
+M = TypeVar("M", bound=Message)
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class _EnumMap(Generic[E]):
+    """One of the store's enums and its proto twin, matched by member name
+    (`READY` <-> `SPECIALIST_STATE_READY`)."""
+
+    def __init__(self, ours: type[E], proto: EnumTypeWrapper) -> None:
+        self.ours, self.proto = ours, proto
+        self.prefix = proto.Name(0).removesuffix("UNSPECIFIED")
+
+    def to_proto(self, value: E) -> int:
+        return self.proto.Value(self.prefix + value.name)
+
+    def from_proto(self, value: int) -> E | None:
+        """None for UNSPECIFIED; ValueError (INVALID_ARGUMENT) for a number the proto lacks."""
+        return None if value == 0 else self.ours[self.proto.Name(value).removeprefix(self.prefix)]
+
+    def required(self, value: int, what: str) -> E:
+        member = self.from_proto(value)
+        if member is None:
+            choices = ", ".join(name.removeprefix(self.prefix) for name in self.proto.keys()[1:])
+            raise ValueError(f"{what} is required: one of {choices}")
+        return member
+
+
+SPECIALIST_STATES = _EnumMap(SpecialistState, registry_pb2.SpecialistState)
+OPERATION_KINDS = _EnumMap(OperationKind, registry_pb2.OperationKind)
+OPERATION_STATES = _EnumMap(OperationState, registry_pb2.OperationState)
+
+
+class _Changes:
+    """A change counter that every write bumps and watch streams wait past. Watchers read the
+    count before the state, so a change between the two still wakes them."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.closed = False
+        self._changed = asyncio.Event()  # a fresh one per change: set means "count moved"
+
+    def bump(self) -> None:
+        self.count += 1
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def close(self) -> None:
+        self.closed = True
+        self._changed.set()
+
+    async def write(self, method: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run a store write in a thread and bump once it is done, even if the caller has left
+        by then: the thread finishes the write regardless, and a watcher must not miss it."""
+        task = asyncio.ensure_future(asyncio.to_thread(method, *args, **kwargs))
+        task.add_done_callback(self._written)
+        return await asyncio.shield(task)
+
+    def _written(self, task: asyncio.Future) -> None:
+        self.bump()
+        if not task.cancelled():
+            task.exception()  # retrieved here too, for when nobody awaits it any more
+
+    async def wait_past(self, seen: int) -> None:
+        """Return once `count` exceeds `seen`; Unavailable once the server shuts down."""
+        while self.count <= seen and not self.closed:
+            await self._changed.wait()
+        if self.closed:
+            raise Unavailable("the registry is shutting down; watch again")
+
+
+class RegistryServicer(registry_pb2_grpc.RegistryServicer):
+    """Serves the store at `path`, which `start` opens and `stop` closes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._store: RegistryStore | None = None
+        self._operations = _Changes()
+        self._serving = _Changes()
+
+    def service(self) -> Service:
+        return Service(SERVICE_NAME, registry_pb2_grpc.add_RegistryServicer_to_server, self)
+
+    async def start(self, server: Server) -> None:
+        """Open the store and report SERVING. On shutdown, end the watch streams (UNAVAILABLE,
+        so that clients watch again) rather than hold the server for its whole grace period."""
+        self._store = await asyncio.to_thread(RegistryStore, self.path)
+        await server.ready()
+        try:
+            await server.stopping.wait()
+        finally:
+            self._operations.close()
+            self._serving.close()
+
+    async def stop(self) -> None:
+        store, self._store = self._store, None
+        if store is not None:
+            await asyncio.to_thread(store.close)
+
+    @property
+    def store(self) -> RegistryStore:
+        if self._store is None:
+            raise Unavailable("the registry store is not open")
+        return self._store
+
+    # specialists
+
+    @rpc
+    async def ListSpecialists(
+        self, request: registry_pb2.ListSpecialistsRequest, context: Context
+    ) -> registry_pb2.ListSpecialistsResponse:
+        specialists = await asyncio.to_thread(self.store.list_specialists)
+        return registry_pb2.ListSpecialistsResponse(specialists=map(_specialist_pb, specialists))
+
+    @rpc
+    async def GetSpecialist(
+        self, request: registry_pb2.GetSpecialistRequest, context: Context
+    ) -> registry_pb2.GetSpecialistResponse:
+        specialist = await asyncio.to_thread(
+            self.store.get_specialist, _required(request.name, "name")
+        )
+        return registry_pb2.GetSpecialistResponse(specialist=_specialist_pb(specialist))
+
+    @rpc
+    async def AddSpecialist(
+        self, request: registry_pb2.AddSpecialistRequest, context: Context
+    ) -> registry_pb2.AddSpecialistResponse:
+        specialist = await asyncio.to_thread(
+            self.store.add_specialist,
+            _required(request.name, "name"),
+            request.corpus_dir,
+            request.corpus_digest,
+            SPECIALIST_STATES.from_proto(request.state) or SpecialistState.TRAINING,
+        )
+        return registry_pb2.AddSpecialistResponse(specialist=_specialist_pb(specialist))
+
+    @rpc
+    async def UpdateSpecialist(
+        self, request: registry_pb2.UpdateSpecialistRequest, context: Context
+    ) -> registry_pb2.UpdateSpecialistResponse:
+        """An UNSPECIFIED state and empty strings leave fields as they are, except that a new
+        state always replaces the error, so that READY clears an earlier failure."""
+        state = SPECIALIST_STATES.from_proto(request.state)
+        specialist = await asyncio.to_thread(
+            self.store.update_specialist,
+            _required(request.name, "name"),
+            state=state,
+            error=request.error if request.error or state is not None else None,
+            corpus_digest=request.corpus_digest or None,
+            corpus_dir=request.corpus_dir or None,
+        )
+        return registry_pb2.UpdateSpecialistResponse(specialist=_specialist_pb(specialist))
+
+    @rpc
+    async def DeleteSpecialist(
+        self, request: registry_pb2.DeleteSpecialistRequest, context: Context
+    ) -> registry_pb2.DeleteSpecialistResponse:
+        await asyncio.to_thread(self.store.delete_specialist, _required(request.name, "name"))
+        return registry_pb2.DeleteSpecialistResponse()
+
+    # operations
+
+    @rpc
+    async def CreateOperation(
+        self, request: registry_pb2.CreateOperationRequest, context: Context
+    ) -> registry_pb2.CreateOperationResponse:
+        kind = OPERATION_KINDS.required(request.kind, "kind")
+        try:
+            operation = await self._operations.write(
+                self.store.create_operation, kind, request.target, request.full_retrain
+            )
+        except OperationBusy as busy:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                str(busy),
+                trailing_metadata=((OPERATION_ID_KEY, busy.operation_id),),
+            )
+        return registry_pb2.CreateOperationResponse(operation=_operation_pb(operation))
+
+    @rpc
+    async def GetOperation(
+        self, request: registry_pb2.GetOperationRequest, context: Context
+    ) -> registry_pb2.GetOperationResponse:
+        operation = await asyncio.to_thread(self.store.get_operation, _required(request.id, "id"))
+        return registry_pb2.GetOperationResponse(operation=_operation_pb(operation))
+
+    @rpc
+    async def ListOperations(
+        self, request: registry_pb2.ListOperationsRequest, context: Context
+    ) -> registry_pb2.ListOperationsResponse:
+        operations = await asyncio.to_thread(
+            self.store.list_operations, request.unfinished_only, request.limit or DEFAULT_LIST_LIMIT
+        )
+        return registry_pb2.ListOperationsResponse(operations=map(_operation_pb, operations))
+
+    @rpc
+    async def UpdateOperation(
+        self, request: registry_pb2.UpdateOperationRequest, context: Context
+    ) -> registry_pb2.UpdateOperationResponse:
+        given = ("error", "job_id", "version_id", "message")
+        operation = await self._operations.write(
+            self.store.update_operation,
+            _required(request.id, "id"),
+            state=OPERATION_STATES.from_proto(request.state),
+            progress=_progress(request.progress) if request.HasField("progress") else None,
+            **{name: getattr(request, name) for name in given if request.HasField(name)},
+        )
+        return registry_pb2.UpdateOperationResponse(operation=_operation_pb(operation))
+
+    @rpc
+    async def WatchOperation(
+        self, request: registry_pb2.WatchOperationRequest, context: Context
+    ) -> AsyncIterator[registry_pb2.WatchOperationResponse]:
+        op_id = _required(request.id, "id")
+
+        async def read() -> registry_pb2.WatchOperationResponse:
+            operation = await asyncio.to_thread(self.store.get_operation, op_id)
+            return registry_pb2.WatchOperationResponse(operation=_operation_pb(operation))
+
+        async for response in _watch(self._operations, read):
+            yield response
+            if OPERATION_STATES.from_proto(response.operation.state).finished:
+                return
+
+    # model versions
+
+    @rpc
+    async def PublishVersion(
+        self, request: registry_pb2.PublishVersionRequest, context: Context
+    ) -> registry_pb2.PublishVersionResponse:
+        if not request.HasField("version"):
+            raise ValueError("version is required")
+        serving = await self._serving.write(self.store.publish_version, _version(request.version))
+        return registry_pb2.PublishVersionResponse(serving=_serving_pb(serving))
+
+    @rpc
+    async def ListVersions(
+        self, request: registry_pb2.ListVersionsRequest, context: Context
+    ) -> registry_pb2.ListVersionsResponse:
+        versions = await asyncio.to_thread(self.store.list_versions)
+        return registry_pb2.ListVersionsResponse(versions=map(_version_pb, versions))
+
+    @rpc
+    async def GetServing(
+        self, request: registry_pb2.GetServingRequest, context: Context
+    ) -> registry_pb2.GetServingResponse:
+        serving = await asyncio.to_thread(self.store.get_serving)
+        return registry_pb2.GetServingResponse(serving=_serving_pb(serving))
+
+    @rpc
+    async def WatchServing(
+        self, request: registry_pb2.WatchServingRequest, context: Context
+    ) -> AsyncIterator[registry_pb2.WatchServingResponse]:
+
+        async def read() -> registry_pb2.WatchServingResponse:
+            serving = await asyncio.to_thread(self.store.get_serving)
+            return registry_pb2.WatchServingResponse(serving=_serving_pb(serving))
+
+        async for response in _watch(self._serving, read):
+            yield response
+
+    @rpc
+    async def ReportLoaded(
+        self, request: registry_pb2.ReportLoadedRequest, context: Context
+    ) -> registry_pb2.ReportLoadedResponse:
+        version_id = _required(request.version_id, "version_id")
+        serving = await self._serving.write(self.store.report_loaded, version_id)
+        return registry_pb2.ReportLoadedResponse(serving=_serving_pb(serving))
+
+
+async def _watch(changes: _Changes, read: Callable[[], Awaitable[M]]) -> AsyncIterator[M]:
+    """`read()` now and again after every change, skipping repeats, until the client leaves."""
+    last = b""
+    while True:
+        seen = changes.count
+        message = await read()
+        if (current := message.SerializeToString(deterministic=True)) != last:
+            yield message
+            last = current
+        await changes.wait_past(seen)
+
+
+def _required(value: str, what: str) -> str:
+    if not value:
+        raise ValueError(f"{what} is required")
+    return value
+
+
+def _specialist_pb(specialist: Specialist) -> registry_pb2.Specialist:
+    return registry_pb2.Specialist(
+        name=specialist.name,
+        corpus_dir=specialist.corpus_dir,
+        corpus_digest=specialist.corpus_digest,
+        state=SPECIALIST_STATES.to_proto(specialist.state),
+        error=specialist.error,
+        created_at=timestamp(specialist.created_at),
+        updated_at=timestamp(specialist.updated_at),
+    )
+
+
+def _progress(message: common_pb2.TrainingProgress) -> Progress:
+    return Progress(**{f.name: getattr(message, f.name) for f in fields(Progress)})
+
+
+def _operation_pb(operation: Operation) -> registry_pb2.Operation:
+    return registry_pb2.Operation(
+        id=operation.id,
+        kind=OPERATION_KINDS.to_proto(operation.kind),
+        target=operation.target,
+        state=OPERATION_STATES.to_proto(operation.state),
+        progress=common_pb2.TrainingProgress(**asdict(operation.progress)),
+        error=operation.error,
+        job_id=operation.job_id,
+        version_id=operation.version_id,
+        message=operation.message,
+        created_at=timestamp(operation.created_at),
+        updated_at=timestamp(operation.updated_at),
+        full_retrain=operation.full_retrain,
+    )
+
+
+def _version(message: registry_pb2.ModelVersion) -> ModelVersion:
+    """The store's record of a published version; stamped now unless the publisher did."""
+    version = ModelVersion(
+        id=message.id,
+        specialists=list(message.specialists),
+        artifact_dir=message.artifact_dir,
+        metrics_json=message.metrics_json,
+        profile=message.profile,
+    )
+    if message.HasField("created_at"):
+        version.created_at = message.created_at.ToDatetime(tzinfo=UTC)
+    return version
+
+
+def _version_pb(version: ModelVersion) -> registry_pb2.ModelVersion:
+    return registry_pb2.ModelVersion(
+        id=version.id,
+        specialists=version.specialists,
+        artifact_dir=version.artifact_dir,
+        metrics_json=version.metrics_json,
+        profile=version.profile,
+        created_at=timestamp(version.created_at),
+    )
+
+
+def _serving_pb(serving: ServingState) -> registry_pb2.ServingState:
+    return registry_pb2.ServingState(
+        version=_version_pb(serving.version) if serving.version else None,
+        loaded_version_id=serving.loaded_version_id,
+    )
+
+
+def main(settings: Settings) -> None:
+    """`sma serve registry`: serve `<home>/state/registry.db` until SIGTERM."""
+    servicer = RegistryServicer(settings.state_dir / "registry.db")
+    run(
+        serve(
+            settings.grpc_address("registry"),
+            [servicer.service()],
+            start=servicer.start,
+            stop=servicer.stop,
+        )
+    )

@@ -1,0 +1,176 @@
+"""`sma up`: the four servers as supervised child processes on loopback.
+
+Each child is `sma serve <name>` with the stack's settings in its environment (explicit ports,
+so every child agrees on every address). A child that dies is restarted after a back-off that
+doubles while it keeps dying young; Ctrl-C or SIGTERM stops them all (SIGTERM, then SIGKILL
+after a grace period). Ports are checked before anything starts, so a second stack on the
+same ports fails at once with a clear message instead of restarting forever.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+
+from shiftable_lib.config import GRPC_SERVICES, Settings
+
+ORDER = ("registry", "training", "inference", "gateway")
+GRACE_S = 10.0
+HEALTHY_AFTER_S = 30.0  # a child that lived this long starts its back-off afresh
+
+
+@dataclass
+class Child:
+    name: str
+    command: list[str]
+    env: dict[str, str]
+    process: subprocess.Popen | None = None
+    started: float = 0.0
+    backoff: float = 0.5
+    restart_at: float | None = None
+    restarts: int = field(default=0)
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(self.command, env=self.env)
+        self.started = time.monotonic()
+        self.restart_at = None
+
+
+def _record_pids(settings: Settings, children: list[Child]) -> None:
+    """`<home>/state/stack.json`: the supervisor's and each child's pid (for operators)."""
+    state = settings.state_dir
+    state.mkdir(parents=True, exist_ok=True)
+    pids = {c.name: c.process.pid for c in children if c.process is not None}
+    record = {"supervisor": os.getpid(), "children": pids, "port": settings.port}
+    tmp = state / f".stack.json.{os.getpid()}"
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, state / "stack.json")
+
+
+def stack_env(settings: Settings) -> dict[str, str]:
+    """The environment every child gets: the same home, profile, device and explicit ports."""
+    env = dict(os.environ)
+    env.update(
+        SMA_HOME=str(settings.home.resolve()),
+        SMA_PROFILE=settings.profile,
+        SMA_DEVICE=settings.device,
+        SMA_HOST=settings.host,
+        SMA_PORT=str(settings.port),
+        PYTHONUNBUFFERED="1",
+    )
+    for name in GRPC_SERVICES:
+        env[f"SMA_{name.upper()}_PORT"] = str(settings.grpc_port(name))
+    return env
+
+
+def check_ports(settings: Settings) -> None:
+    """Raise OSError naming the first port of the stack that is already taken."""
+    ports = {"gateway": settings.port, **{n: settings.grpc_port(n) for n in GRPC_SERVICES}}
+    if len(set(ports.values())) != len(ports):
+        raise OSError(f"the stack's ports collide: {ports}")
+    for name, port in ports.items():
+        with socket.socket() as s:
+            s.setsockopt(
+                socket.SOL_SOCKET, socket.SO_REUSEADDR, 1
+            )  # as servers do: TIME_WAIT is fine
+            try:
+                s.bind((settings.host, port))
+            except OSError:
+                raise OSError(
+                    f"port {port} ({name}) on {settings.host} is taken: is another stack running? "
+                    "use --port (the gRPC ports follow it) or SMA_*_PORT"
+                ) from None
+
+
+def up(settings: Settings) -> int:
+    """Run the stack until Ctrl-C/SIGTERM. Returns the process exit code."""
+    try:
+        check_ports(settings)
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    settings.home.mkdir(parents=True, exist_ok=True)
+    env = stack_env(settings)
+    children = [
+        Child(name, [sys.executable, "-m", "shiftable_lib.cli", "serve", name], env)
+        for name in ORDER
+    ]
+    stopping = False
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for child in children:
+        child.start()
+    _record_pids(settings, children)
+    url = f"http://{settings.host}:{settings.port}/"
+    print(f"sma: starting the stack in {settings.home} (profile {settings.profile})", flush=True)
+    announced = False
+    while not stopping:
+        time.sleep(0.2)
+        if any(_supervise(child) for child in children):
+            _record_pids(settings, children)
+        if not announced and _answers(url + "health"):
+            print(f"sma: web UI and API on {url} (docs: {url}docs); Ctrl-C stops", flush=True)
+            announced = True
+    print("sma: stopping", flush=True)
+    _stop_all(children)
+    return 0
+
+
+def _supervise(child: Child) -> bool:
+    """Restart a dead child when its back-off is over; True when it was restarted."""
+    assert child.process is not None
+    now = time.monotonic()
+    if child.restart_at is not None:
+        if now < child.restart_at:
+            return False
+        child.restarts += 1
+        print(f"sma: restarting {child.name} (restart {child.restarts})", flush=True)
+        child.start()
+        return True
+    code = child.process.poll()
+    if code is None:
+        return False
+    lived = now - child.started
+    child.backoff = 0.5 if lived > HEALTHY_AFTER_S else min(child.backoff * 2, 30.0)
+    child.restart_at = now + child.backoff
+    print(
+        f"sma: {child.name} exited with code {code} after {lived:.1f} s; "
+        f"restarting in {child.backoff:.1f} s",
+        file=sys.stderr,
+        flush=True,
+    )
+    return False
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1.0) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def _stop_all(children: list[Child]) -> None:
+    """SIGTERM in reverse order (gateway first), then SIGKILL whatever outlives the grace."""
+    running = [c.process for c in reversed(children) if c.process and c.process.poll() is None]
+    for process in running:
+        process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + GRACE_S
+    for process in running:
+        try:
+            process.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

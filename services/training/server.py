@@ -1,0 +1,133 @@
+"""`sma.v1.Training`: a thin gRPC servicer over `JobManager` (services/training/core.py).
+
+Everything here is translation between protobuf messages and the core's dataclasses; the core
+decides what is valid and raises the library's typed errors, which `@rpc` maps to status codes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from services.common import Server, Service, rpc, run, serve, timestamp
+from services.training.core import Job, JobKind, JobManager, JobState
+from shiftable_lib.config import Settings
+from sma.v1 import common_pb2, training_pb2, training_pb2_grpc
+
+SERVICE_NAME = "sma.v1.Training"
+
+_KINDS = {
+    training_pb2.JOB_KIND_TRAIN_ALL: JobKind.TRAIN_ALL,
+    training_pb2.JOB_KIND_TRAIN_SPECIALISTS: JobKind.TRAIN_SPECIALISTS,
+    training_pb2.JOB_KIND_ADD_SPECIALIST: JobKind.ADD_SPECIALIST,
+    training_pb2.JOB_KIND_REMOVE_SPECIALIST: JobKind.REMOVE_SPECIALIST,
+}
+_KIND_PB = {kind: number for number, kind in _KINDS.items()}
+_STATE_PB = {
+    JobState.QUEUED: training_pb2.JOB_STATE_QUEUED,
+    JobState.RUNNING: training_pb2.JOB_STATE_RUNNING,
+    JobState.SUCCEEDED: training_pb2.JOB_STATE_SUCCEEDED,
+    JobState.FAILED: training_pb2.JOB_STATE_FAILED,
+    JobState.CANCELLED: training_pb2.JOB_STATE_CANCELLED,
+}
+
+
+def job_to_proto(job: Job) -> training_pb2.Job:
+    p = job.progress
+    return training_pb2.Job(
+        id=job.id,
+        kind=_KIND_PB[job.kind],
+        specialist=job.specialist,
+        state=_STATE_PB[job.state],
+        progress=common_pb2.TrainingProgress(
+            phase=p.phase,
+            step=p.step,
+            total=p.total,
+            fraction=p.fraction,
+            loss=p.loss,
+            tokens_per_s=p.tokens_per_s,
+            eta_s=p.eta_s,
+        ),
+        error=job.error,
+        version_id=job.version_id,
+        message=job.message,
+        metrics_json=job.metrics_json,
+        created_at=timestamp(job.created_at),
+        started_at=timestamp(job.started_at),
+        finished_at=timestamp(job.finished_at),
+    )
+
+
+class TrainingServicer(training_pb2_grpc.TrainingServicer):
+    def __init__(self, manager: JobManager) -> None:
+        self.manager = manager
+
+    @rpc
+    async def StartJob(
+        self, request: training_pb2.StartJobRequest, context: grpc.aio.ServicerContext
+    ) -> training_pb2.StartJobResponse:
+        kind = _KINDS.get(request.kind)
+        if kind is None:
+            names = ", ".join(training_pb2.JobKind.Name(n) for n in _KINDS)
+            raise ValueError(f"job kind must be one of {names} (got {request.kind})")
+        job = self.manager.submit(
+            kind,
+            specialist=request.specialist,
+            profile=request.profile,
+            recalibrate_steps=request.recalibrate_steps,
+        )
+        return training_pb2.StartJobResponse(job=job_to_proto(job))
+
+    @rpc
+    async def GetJob(
+        self, request: training_pb2.GetJobRequest, context: grpc.aio.ServicerContext
+    ) -> training_pb2.GetJobResponse:
+        return training_pb2.GetJobResponse(job=job_to_proto(self.manager.get(request.id)))
+
+    @rpc
+    async def ListJobs(
+        self, request: training_pb2.ListJobsRequest, context: grpc.aio.ServicerContext
+    ) -> training_pb2.ListJobsResponse:
+        return training_pb2.ListJobsResponse(
+            jobs=[job_to_proto(job) for job in self.manager.list_jobs()]
+        )
+
+    @rpc
+    async def CancelJob(
+        self, request: training_pb2.CancelJobRequest, context: grpc.aio.ServicerContext
+    ) -> training_pb2.CancelJobResponse:
+        job = await self.manager.cancel(request.id)
+        return training_pb2.CancelJobResponse(job=job_to_proto(job))
+
+    @rpc
+    async def WatchJob(
+        self, request: training_pb2.WatchJobRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[training_pb2.WatchJobResponse]:
+        # a client that cancels cancels this task: the wait inside watch() raises and we stop
+        async for job in self.manager.watch(request.id):
+            yield training_pb2.WatchJobResponse(job=job_to_proto(job))
+
+
+def training_service(manager: JobManager) -> Service:
+    return Service(
+        SERVICE_NAME, training_pb2_grpc.add_TrainingServicer_to_server, TrainingServicer(manager)
+    )
+
+
+def main(settings: Settings) -> None:
+    """`sma serve training`: serve until SIGTERM/SIGINT, then cancel the jobs."""
+    manager = JobManager(settings)
+
+    async def start(server: Server) -> None:
+        manager.start()
+        await server.ready()
+
+    run(
+        serve(
+            settings.grpc_address("training"),
+            [training_service(manager)],
+            start=start,
+            stop=manager.close,
+        )
+    )

@@ -1,0 +1,118 @@
+"""A real stack for end-to-end tests: `sma up` as a process on loopback, tiny profile.
+
+The home gets tiny synthetic corpora (general, ds, dl) before the first start, so the first
+start trains in seconds instead of building the demo corpus.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import VOCAB, synthetic_documents, write_domain
+
+READY_TIMEOUT = 240.0
+
+
+def free_port_block(n: int = 4) -> int:
+    """A port P with P..P+n-1 all free on loopback (the gateway and its three gRPC ports)."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20_000, 60_000)
+        try:
+            for port in range(base, base + n):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no free block of ports")
+
+
+class Stack:
+    """One `sma up` process and an HTTP client to its gateway."""
+
+    def __init__(self, home: Path, port: int | None = None) -> None:
+        self.home = home
+        self.port = port or free_port_block()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = home / "stack.log"
+        self.process: subprocess.Popen | None = None
+        self.http = httpx.Client(base_url=self.url, timeout=120.0)
+
+    def grpc_address(self, service: str) -> str:
+        offset = ("registry", "training", "inference").index(service)
+        return f"127.0.0.1:{self.port + 1 + offset}"
+
+    def start(self) -> Stack:
+        env = {**os.environ, "SMA_THREADS": "1", "SMA_TRAIN_THREADS": "1", "SMA_MAX_BATCH": "8"}
+        env.pop("SMA_HOME", None)
+        command = [sys.executable, "-m", "shiftable_lib.cli", "up", "--home", str(self.home)]
+        command += ["--profile", "tiny", "--device", "cpu", "--port", str(self.port)]
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        return self
+
+    def health(self) -> dict | None:
+        try:
+            return self.http.get("/health", timeout=5.0).json()
+        except (httpx.HTTPError, ValueError):
+            return None
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> dict:
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            assert self.process is not None and self.process.poll() is None, self.tail()
+            last = self.health()
+            if last and last["ready"]:
+                return last
+            time.sleep(0.3)
+        raise AssertionError(f"stack not ready in {timeout} s: {last}\n{self.tail()}")
+
+    def pids(self) -> dict[str, int]:
+        return json.loads((self.home / "state" / "stack.json").read_text())["children"]
+
+    def tail(self, lines: int = 60) -> str:
+        if not self.log.exists():
+            return ""
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> int | None:
+        self.http.close()
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else None
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+
+def tiny_home(root: Path) -> Path:
+    for name in VOCAB:
+        write_domain(root / "data", name, synthetic_documents(name, 40))
+    return root
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A stack that made its first start (trained and serves) for the whole module."""
+    running = Stack(tiny_home(tmp_path_factory.mktemp("stack"))).start()
+    try:
+        running.wait_ready()
+        yield running
+    finally:
+        running.stop()

@@ -1,0 +1,281 @@
+"""The running system end to end: `sma up` on loopback, real processes, tiny profile."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+from google.protobuf import descriptor_pool, message_factory
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+
+from sma.v1 import inference_pb2, inference_pb2_grpc
+from tests.conftest import synthetic_documents, write_domain
+from tests.e2e.conftest import Stack
+
+pytestmark = pytest.mark.slow
+
+
+def sse_events(response: httpx.Response) -> list[tuple[str, dict]]:
+    events, name = [], None
+    for line in response.iter_lines():
+        if line.startswith("event: "):
+            name = line[7:]
+        elif line.startswith("data: "):
+            events.append((name, json.loads(line[6:])))
+    return events
+
+
+def state_snapshot(stack: Stack) -> dict:
+    """Everything a bad request must leave alone."""
+    data = stack.home / "data"
+    return {
+        "specialists": stack.http.get("/v1/specialists").json(),
+        "serving": stack.health()["serving_version"],
+        "versions": sorted(p.name for p in (stack.home / "artifacts" / "models").iterdir()),
+        "data": sorted(str(p.relative_to(data)) for p in data.rglob("*")),
+        "operations": [op["id"] for op in stack.http.get("/operations").json()],
+    }
+
+
+def test_first_start_serves_a_trained_model(stack: Stack) -> None:
+    health = stack.health()
+    assert health["initialized"] and health["ready"] and health["status"] == "ok"
+    assert health["serving_version"] == health["loaded_version"]
+    assert health["device"] == "cpu" and health["profile"] == "tiny"
+    assert sorted(health["specialists"]) == ["dl", "ds"]
+    assert Path(health["tokenizer_path"]).is_file()
+    assert {n: s["status"] for n, s in health["services"].items()} == {
+        "registry": "SERVING",
+        "training": "SERVING",
+        "inference": "SERVING",
+    }
+    assert sorted(stack.http.get("/specialists").json()) == ["dl", "ds"]
+    assert "Shiftable" in stack.http.get("/").text
+
+
+def test_every_grpc_server_reports_serving(stack: Stack) -> None:
+    for service in ("registry", "training", "inference"):
+        with grpc.insecure_channel(stack.grpc_address(service)) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=5
+            )
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING, service
+
+
+def test_generate_keeps_the_seed_contract(stack: Stack) -> None:
+    body = {"prompt": "the list", "max_new_tokens": 12, "temperature": 0, "top_k": 0}
+    reply = stack.http.post("/generate", json=body)
+    assert reply.status_code == 200, reply.text
+    out = reply.json()
+    assert out["prompt"] == "the list"
+    assert out["full_text"] == out["prompt"] + out["completion"]
+    assert sorted(out["specialists"]) == ["dl", "ds"]
+    assert out["usage"]["completion_tokens"] >= 1
+    assert set(out["active_weights"]) == {"ds", "dl"}
+    assert out["finish_reason"] in ("length", "eos")
+
+
+def test_stream_deltas_concatenate_to_the_completion(stack: Stack) -> None:
+    body = {"prompt": "tensor gradient", "max_new_tokens": 16, "temperature": 0.0}
+    whole = stack.http.post("/generate", json=body).json()
+    with stack.http.stream("POST", "/generate/stream", json=body) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(response)
+    tokens = [data for name, data in events if name == "token"]
+    done = [data for name, data in events if name == "done"]
+    assert len(tokens) >= 2 and len(done) == 1
+    assert "".join(t["text"] for t in tokens) == done[0]["completion"] == whole["completion"]
+    assert done[0]["usage"]["completion_tokens"] == sum(len(t["token_ids"]) for t in tokens)
+
+
+def test_inspect_gates_has_one_row_per_layer(stack: Stack) -> None:
+    reply = stack.http.post("/inspect_gates", json={"prompt": "numpy array mean"}).json()
+    assert reply["experts"][0] == "general" and set(reply["experts"][1:]) == {"ds", "dl"}
+    assert len(reply["layers"]) == 2  # the tiny profile's layers
+    for layer in reply["layers"]:
+        assert abs(sum(layer["mean"].values()) - 1.0) < 1e-3
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status"),
+    [
+        ("POST", "/specialists", {"name": "../etc"}, 400),
+        ("POST", "/specialists", {"name": "General"}, 400),
+        ("POST", "/specialists", {"name": "general"}, 400),
+        ("POST", "/specialists", {"name": "nocorpus"}, 400),
+        ("POST", "/specialists", {"name": "emptycorpus"}, 400),
+        ("POST", "/specialists", {"name": "ds"}, 409),
+        ("POST", "/specialists", {"name": 7}, 422),
+        ("POST", "/specialists", {}, 422),
+        ("DELETE", "/specialists/unknown", None, 404),
+        ("DELETE", "/specialists/Bad%20Name", None, 400),
+        ("POST", "/generate", {"prompt": "x", "max_new_tokens": 0}, 422),
+        ("POST", "/generate", {"prompt": "x", "max_new_tokens": 5000}, 400),
+        ("POST", "/generate", {"prompt": "x", "temperature": -1}, 422),
+        ("POST", "/generate", {"prompt": "x", "top_k": "many"}, 422),
+        ("POST", "/generate", {"prompt": ["x"]}, 422),
+        ("POST", "/generate", {"prompt": "x", "routing": {"force": ["nobody"]}}, 404),
+        ("POST", "/generate", None, 422),
+        ("POST", "/generate/stream", {"prompt": "x", "max_new_tokens": 5000}, 400),
+        ("GET", "/operations/op-doesnotexist", None, 404),
+    ],
+)
+def test_bad_requests_get_a_clear_4xx_and_change_nothing(
+    stack: Stack, method: str, path: str, body: object, status: int
+) -> None:
+    (stack.home / "data" / "emptycorpus").mkdir(exist_ok=True)
+    (stack.home / "data" / "emptycorpus" / "empty.txt").write_text("")
+    before = state_snapshot(stack)
+    reply = stack.http.request(method, path, json=body)
+    assert reply.status_code == status, reply.text
+    detail = reply.json()["detail"]
+    assert detail and (isinstance(detail, list) or len(detail) > 10)
+    assert state_snapshot(stack) == before
+
+
+def test_oversized_body_is_refused(stack: Stack) -> None:
+    reply = stack.http.post(
+        "/generate",
+        content=b'{"prompt": "' + b"a" * 2_000_000 + b'"}',
+        headers={"content-type": "application/json"},
+    )
+    assert reply.status_code == 413
+
+
+def test_a_reflection_only_client_lists_the_services_and_streams(stack: Stack) -> None:
+    with grpc.insecure_channel(stack.grpc_address("inference")) as channel:
+        database = ProtoReflectionDescriptorDatabase(channel)
+        assert "sma.v1.Inference" in database.get_services()
+        pool = descriptor_pool.DescriptorPool(database)
+        method = pool.FindServiceByName("sma.v1.Inference").methods_by_name["Generate"]
+        request_cls = message_factory.GetMessageClass(method.input_type)
+        response_cls = message_factory.GetMessageClass(method.output_type)
+        call = channel.unary_stream(
+            "/sma.v1.Inference/Generate",
+            request_serializer=request_cls.SerializeToString,
+            response_deserializer=response_cls.FromString,
+        )
+        replies = list(call(request_cls(prompt="the", max_new_tokens=6, temperature=0), timeout=60))
+        assert len(replies) >= 2 and replies[-1].finish_reason != 0
+    for service, name in (("registry", "sma.v1.Registry"), ("training", "sma.v1.Training")):
+        with grpc.insecure_channel(stack.grpc_address(service)) as channel:
+            assert name in ProtoReflectionDescriptorDatabase(channel).get_services()
+
+
+def test_a_client_that_disconnects_frees_its_slot(stack: Stack) -> None:
+    with grpc.insecure_channel(stack.grpc_address("inference")) as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        call = stub.Generate(
+            inference_pb2.GenerateRequest(prompt="the", max_new_tokens=60, ignore_eos=True)
+        )
+        next(call)
+        active = stub.GetModelInfo(inference_pb2.GetModelInfoRequest(), timeout=5).active_streams
+        assert active == 1
+        call.cancel()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            info = stub.GetModelInfo(inference_pb2.GetModelInfoRequest(), timeout=5)
+            if info.active_streams == 0:
+                break
+            time.sleep(0.05)
+        assert info.active_streams == 0 and info.queued == 0
+
+
+def test_metrics_expose_serving_and_training_figures(stack: Stack) -> None:
+    stack.http.post("/generate", json={"prompt": "the", "max_new_tokens": 4})
+    text = stack.http.get("/metrics").text
+    for name in (
+        "sma_http_requests_total",
+        "sma_generated_tokens_total",
+        "sma_time_to_first_token_seconds_bucket",
+        "sma_inter_token_latency_seconds_bucket",
+        "sma_queue_depth",
+        "sma_active_streams",
+        "sma_operations_running",
+    ):
+        assert name in text, name
+    assert "sma_model_loaded 1.0" in text
+
+
+def test_add_specialist_trains_publishes_and_serves_it(stack: Stack) -> None:
+    write_domain(stack.home / "data", "web", synthetic_documents("dl", 30, seed=7))
+    before = stack.health()["serving_version"]
+    reply = stack.http.post("/specialists", json={"name": "web"})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["message"] == "Specialist 'web' is now configured."
+    assert sorted(reply.json()["specialists"]) == ["dl", "ds", "web"]
+    health = stack.health()
+    assert health["serving_version"] != before
+    assert health["loaded_version"] == health["serving_version"]
+    out = stack.http.post("/generate", json={"prompt": "x", "max_new_tokens": 3}).json()
+    assert "web" in out["active_weights"]
+
+
+def test_two_concurrent_adds_give_one_409(stack: Stack) -> None:
+    for name in ("one", "two"):
+        write_domain(stack.home / "data", name, synthetic_documents("ds", 20, seed=len(name)))
+    replies: dict[str, httpx.Response] = {}
+
+    def add(name: str) -> None:
+        with httpx.Client(base_url=stack.url, timeout=120) as client:
+            replies[name] = client.post("/specialists", json={"name": name})
+
+    threads = [threading.Thread(target=add, args=(n,)) for n in ("one", "two")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    codes = sorted(r.status_code for r in replies.values())
+    assert codes == [200, 409], {n: r.text for n, r in replies.items()}
+    refused = next(r for r in replies.values() if r.status_code == 409)
+    assert "op-" in refused.json()["detail"]
+
+
+def test_add_without_waiting_returns_the_operation(stack: Stack) -> None:
+    present = set(stack.http.get("/specialists").json())
+    name = "three"
+    write_domain(stack.home / "data", name, synthetic_documents("general", 20, seed=3))
+    reply = stack.http.post("/specialists?wait=false", json={"name": name})
+    assert reply.status_code == 202, reply.text
+    op = reply.json()
+    assert op["id"].startswith("op-") and op["kind"] == "add_specialist"
+    assert op["state"] in ("pending", "running")
+    with stack.http.stream("GET", f"/operations/{op['id']}/events") as response:
+        states = [data["state"] for _, data in sse_events(response)]
+    assert states[-1] == "succeeded"
+    final = stack.http.get(f"/operations/{op['id']}").json()
+    assert final["state"] == "succeeded" and final["progress"]["fraction"] == 1.0
+    assert set(stack.http.get("/specialists").json()) == present | {name}
+
+
+def test_delete_moves_the_corpus_and_serves_a_model_without_it(stack: Stack) -> None:
+    reply = stack.http.delete("/specialists/ds")
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["message"] == "Specialist 'ds' has been deleted."
+    assert "ds" not in reply.json()["specialists"]
+    assert not (stack.home / "data" / "ds").exists()
+    moved = list((stack.home / "data" / ".deleted").glob("ds-*"))
+    assert len(moved) == 1 and list(moved[0].glob("*.txt"))
+    out = stack.http.post("/generate", json={"prompt": "x", "max_new_tokens": 3}).json()
+    assert "ds" not in out["active_weights"]
+
+
+def test_the_last_specialist_cannot_be_deleted(stack: Stack) -> None:
+    names = stack.http.get("/specialists").json()
+    for name in names[:-1]:
+        assert stack.http.delete(f"/specialists/{name}").status_code == 200
+    last = stack.http.get("/specialists").json()
+    assert len(last) == 1
+    before = state_snapshot(stack)
+    reply = stack.http.delete(f"/specialists/{last[0]}")
+    assert reply.status_code == 409 and "last" in reply.json()["detail"]
+    assert state_snapshot(stack) == before

@@ -1,0 +1,415 @@
+"""The inference service: the core (continuous batching, cancellation, back-pressure, hot swap,
+gate inspection) and the gRPC servicer in-process, driven by a real grpc.aio client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from services.common import Service, start_server
+from services.inference.core import Chunk, InferenceCore, Usage
+from services.inference.server import SERVICE_NAME, InferenceServicer
+from shiftable_lib import checkpoint, jobs
+from shiftable_lib.config import Settings
+from shiftable_lib.errors import NotFound, Overloaded, Unavailable
+from shiftable_lib.generate import Engine, SamplingParams, Sequence, complete
+from shiftable_lib.model import Routing
+from sma.v1 import inference_pb2, inference_pb2_grpc
+from tests.conftest import VOCAB, synthetic_documents, write_domain
+
+GENERALIST, SHIFTABLE = "v0001", "v0002"  # what train_all publishes: generalist, then specialists
+EXPERTS = ("general", "dl", "ds")
+PROMPTS = ["the list of", "numpy array mean", "tensor gradient"]
+GREEDY = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
+LONG = SamplingParams(max_new_tokens=63, temperature=0, ignore_eos=True)  # the whole context
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny models gain nothing from more threads, and the machine is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    home = tmp_path_factory.mktemp("home")
+    for name in VOCAB:
+        write_domain(home / "data", name, synthetic_documents(name, 30))
+    jobs.train_all(Settings(home=home, profile="tiny", device="cpu"))
+    return home / "artifacts" / "models"
+
+
+@functools.cache
+def _version(models: Path, version: str) -> checkpoint.ModelVersion:
+    return checkpoint.load_version(models, version)
+
+
+def reference(models: Path, version: str, prompt: str, params: SamplingParams) -> Sequence:
+    """The library's own completion, one request alone, to compare the service against."""
+    loaded = _version(models, version)
+    return complete(Engine(loaded.model, loaded.tokenizer, max_batch=1), [prompt], params)[0]
+
+
+@contextlib.asynccontextmanager
+async def running_core(
+    models: Path, version: str | None = SHIFTABLE, **limits: int
+) -> AsyncIterator[InferenceCore]:
+    core = InferenceCore(models, "cpu", **limits)
+    try:
+        if version is not None:
+            await core.load(version)
+        yield core
+    finally:
+        await asyncio.to_thread(core.close)
+
+
+@contextlib.asynccontextmanager
+async def serving(core: InferenceCore) -> AsyncIterator[inference_pb2_grpc.InferenceStub]:
+    """The servicer on a free loopback port, and a client stub connected to it."""
+    service = Service(
+        SERVICE_NAME, inference_pb2_grpc.add_InferenceServicer_to_server, InferenceServicer(core)
+    )
+    server = await start_server("127.0.0.1:0", [service])
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            yield inference_pb2_grpc.InferenceStub(channel)
+    finally:
+        await server.grpc_server.stop(None)
+
+
+async def collect(stream: AsyncIterator[Chunk]) -> list[Chunk]:
+    return [chunk async for chunk in stream]
+
+
+async def eventually(condition: Callable[[], object], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "the condition did not come true in time"
+        await asyncio.sleep(0.005)
+
+
+def joined(chunks: list[Chunk]) -> tuple[str, list[int]]:
+    return "".join(c.text for c in chunks), [i for c in chunks for i in c.token_ids]
+
+
+# ---- the core --------------------------------------------------------------------------------
+
+
+def test_a_greedy_stream_equals_the_library_completion_and_ends_with_a_summary(models):
+    long_prompt = "the list of values " * 40
+
+    async def scenario() -> tuple[list[Chunk], list[Chunk], object]:
+        async with running_core(models) as core:
+            chunks = await collect(core.generate(PROMPTS[0], GREEDY))
+            truncated = await collect(core.generate(long_prompt, GREEDY))
+            return chunks, truncated, core.info()
+
+    chunks, truncated, info = asyncio.run(scenario())
+    ref = reference(models, SHIFTABLE, PROMPTS[0], GREEDY)
+    assert joined(chunks) == (ref.text, ref.output_ids)
+    assert all(c.finish_reason is None and c.usage is None for c in chunks[:-1])
+    last = chunks[-1]
+    assert last.finish_reason == "length"
+    assert last.usage == Usage(len(ref.prompt_ids), GREEDY.max_new_tokens, 0)
+    assert last.gate_means is not None and tuple(last.gate_means) == EXPERTS
+    expected = dict(zip(EXPERTS, ref.gate_mean.mean(0).tolist(), strict=True))
+    assert last.gate_means == pytest.approx(expected, abs=1e-5)
+    assert sum(last.gate_means.values()) == pytest.approx(1.0, abs=1e-5)
+    assert {c.version_id for c in chunks} == {SHIFTABLE}
+
+    long_ref = reference(models, SHIFTABLE, long_prompt, GREEDY)
+    assert long_ref.truncated > 0
+    assert truncated[-1].usage == Usage(64 - GREEDY.max_new_tokens, 24, long_ref.truncated)
+    assert joined(truncated) == (long_ref.text, long_ref.output_ids)
+
+    assert (info.version_id, info.specialists, info.profile) == (SHIFTABLE, ("dl", "ds"), "tiny")
+    assert (info.context, info.n_layer, info.d_model) == (64, 2, 32)
+    assert (info.requests_total, info.tokens_generated, info.active_streams) == (2, 48, 0)
+
+
+def test_bad_requests_are_refused_before_anything_is_queued(models):
+    async def scenario() -> None:
+        async with running_core(models, version=None) as core:
+            with pytest.raises(Unavailable, match="no model"):
+                await anext(core.generate("the", GREEDY))
+            with pytest.raises(Unavailable):
+                await core.inspect_gates("the", Routing())
+            await core.load(SHIFTABLE)
+            for params, error in [
+                (SamplingParams(max_new_tokens=64), ValueError),
+                (SamplingParams(max_new_tokens=8, top_p=0), ValueError),
+                (SamplingParams(max_new_tokens=8, routing=Routing(force=("nope",))), NotFound),
+                (SamplingParams(max_new_tokens=8, routing=Routing(mode="top3")), ValueError),
+            ]:
+                with pytest.raises(error):
+                    await anext(core.generate("the", params))
+            assert core.info().requests_total == 0
+
+    asyncio.run(scenario())
+
+
+def test_concurrent_streams_advance_together_and_match_requests_run_alone(models):
+    async def scenario() -> tuple[list[list[Chunk]], object]:
+        async with running_core(models, max_batch=4) as core:
+            streams = [collect(core.generate(p, GREEDY)) for p in PROMPTS]
+            return list(await asyncio.gather(*streams)), core.info()
+
+    results, info = asyncio.run(scenario())
+    for prompt, chunks in zip(PROMPTS, results, strict=True):
+        ref = reference(models, SHIFTABLE, prompt, GREEDY)
+        assert joined(chunks) == (ref.text, ref.output_ids)
+    assert info.tokens_generated == len(PROMPTS) * GREEDY.max_new_tokens
+    # one step advances every active stream; requests submitted a moment apart join a step late
+    assert info.steps <= GREEDY.max_new_tokens + len(PROMPTS) - 1
+
+
+def test_closing_a_stream_early_cancels_its_sequence_and_frees_the_slot(models):
+    async def scenario() -> None:
+        async with running_core(models, max_batch=1, max_queue=0) as core:
+            stream = core.generate(PROMPTS[0], LONG)
+            await anext(stream)
+            await stream.aclose()  # what a disconnecting client does
+            await eventually(lambda: core.info().active_streams == 0)
+            assert core.info().tokens_generated < LONG.max_new_tokens
+            # the slot and the admission count are both free again
+            chunks = await collect(core.generate(PROMPTS[1], GREEDY))
+            assert chunks[-1].finish_reason == "length"
+
+            before = core.info().tokens_generated
+            task = asyncio.create_task(collect(core.generate(PROMPTS[2], LONG)))
+            await eventually(lambda: core.info().tokens_generated > before)
+            task.cancel()  # a cancelled reader, the other way a stream is abandoned
+            await eventually(lambda: core.info().active_streams == 0)
+            assert core.info().tokens_generated < before + LONG.max_new_tokens
+
+    asyncio.run(scenario())
+
+
+def test_closing_the_core_ends_running_streams_as_cancelled(models):
+    async def scenario() -> None:
+        async with running_core(models) as core:
+            stream = core.generate(PROMPTS[0], LONG)
+            first = await anext(stream)
+            await asyncio.to_thread(core.close)
+            rest = await collect(stream)
+            assert rest[-1].finish_reason == "cancelled"
+            assert rest[-1].usage is not None
+            assert rest[-1].usage.completion_tokens == len(joined([first, *rest])[1])
+            with pytest.raises(Unavailable, match="shutting down"):
+                await anext(core.generate(PROMPTS[0], GREEDY))
+
+    asyncio.run(scenario())
+
+
+def test_more_requests_than_slots_and_queue_are_refused_as_overloaded(models):
+    async def scenario() -> None:
+        async with running_core(models, max_batch=1, max_queue=1) as core:
+            running, waiting = core.generate(PROMPTS[0], LONG), core.generate(PROMPTS[1], LONG)
+            await anext(running)
+            pending = asyncio.create_task(anext(waiting))
+            await asyncio.sleep(0)  # the second request is admitted and waits for its first token
+            with pytest.raises(Overloaded):
+                await anext(core.generate(PROMPTS[2], GREEDY))
+            await running.aclose()
+            await pending
+            await waiting.aclose()
+            chunks = await collect(core.generate(PROMPTS[2], GREEDY))
+            assert chunks[-1].finish_reason == "length"
+
+    asyncio.run(scenario())
+
+
+def test_a_hot_swap_finishes_running_streams_on_the_old_version_and_serves_new_ones_on_the_new(
+    models,
+):
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(16)]
+
+    async def scenario() -> tuple[list[list[Chunk]], list[Chunk], int, int, object]:
+        async with running_core(models, GENERALIST, max_batch=2) as core:
+            old = [asyncio.create_task(collect(core.generate(p, LONG))) for p in prompts]
+            await eventually(lambda: core.info().tokens_generated > 0)
+            await core.load(SHIFTABLE)
+            running_at_swap = sum(not task.done() for task in old)
+            new = await collect(core.generate(PROMPTS[0], GREEDY))
+            running_after_new = sum(not task.done() for task in old)
+            return (
+                list(await asyncio.gather(*old)),
+                new,
+                running_at_swap,
+                running_after_new,
+                (core.info()),
+            )
+
+    old, new, running_at_swap, running_after_new, info = asyncio.run(scenario())
+    assert running_at_swap > 0 and running_after_new > 0  # the new version did not wait for them
+    for prompt, chunks in zip(prompts, old, strict=True):
+        ref = reference(models, GENERALIST, prompt, LONG)
+        assert joined(chunks) == (ref.text, ref.output_ids)
+        assert {c.version_id for c in chunks} == {GENERALIST}
+        assert tuple(chunks[-1].gate_means or ()) == ("general",)
+    ref = reference(models, SHIFTABLE, PROMPTS[0], GREEDY)
+    assert joined(new) == (ref.text, ref.output_ids)
+    assert {c.version_id for c in new} == {SHIFTABLE}
+    assert tuple(new[-1].gate_means or ()) == EXPERTS
+    assert (info.version_id, info.specialists, info.swapping) == (SHIFTABLE, ("dl", "ds"), False)
+    assert info.active_streams == info.queued == 0
+
+
+def test_a_failed_load_keeps_the_old_version_serving(models):
+    async def scenario() -> None:
+        async with running_core(models, GENERALIST) as core:
+            with pytest.raises(NotFound):
+                await core.load("v0099")
+            info = core.info()
+            assert info.version_id == GENERALIST and "v0099" in info.load_error
+            chunks = await collect(core.generate(PROMPTS[0], GREEDY))
+            assert chunks[-1].version_id == GENERALIST
+            await core.load(SHIFTABLE)
+            assert core.info().load_error == ""
+
+    asyncio.run(scenario())
+
+
+def test_inspect_gates_reports_weights_per_layer_position_and_expert(models):
+    async def scenario() -> list:
+        async with running_core(models) as core:
+            return [
+                await core.inspect_gates(PROMPTS[1], Routing()),
+                await core.inspect_gates(PROMPTS[1], Routing(force=("ds",))),
+                await core.inspect_gates("numpy array " * 60, Routing()),
+            ]
+
+    soft, forced, long = asyncio.run(scenario())
+    assert soft.experts == EXPERTS and soft.version_id == SHIFTABLE
+    assert "".join(soft.tokens) == PROMPTS[1] and soft.truncated_prompt_tokens == 0
+    n = len(soft.tokens)
+    assert len(soft.means) == len(soft.per_position) == 2
+    for means, positions in zip(soft.means, soft.per_position, strict=True):
+        assert len(means) == len(EXPERTS) and sum(means) == pytest.approx(1.0, abs=1e-5)
+        assert len(positions) == n and all(len(p) == len(EXPERTS) for p in positions)
+        assert means == pytest.approx(
+            [sum(col) / n for col in zip(*positions, strict=True)], abs=1e-6
+        )
+    assert all(p == [0.0, 0.0, 1.0] for layer in forced.per_position for p in layer)
+    assert len(long.tokens) == 64 and long.truncated_prompt_tokens > 0
+
+
+# ---- the servicer over gRPC ------------------------------------------------------------------
+
+
+def test_generate_streams_deltas_that_concatenate_to_the_completion(models):
+    request = inference_pb2.GenerateRequest(
+        prompt=PROMPTS[0], max_new_tokens=24, temperature=0, ignore_eos=True
+    )
+
+    async def scenario() -> tuple:
+        async with running_core(models) as core, serving(core) as stub:
+            messages = [m async for m in stub.Generate(request)]
+            defaults = [
+                m
+                async for m in stub.Generate(
+                    inference_pb2.GenerateRequest(prompt=PROMPTS[1], ignore_eos=True)
+                )
+            ]
+            gates = await stub.InspectGates(inference_pb2.InspectGatesRequest(prompt=PROMPTS[1]))
+            info = await stub.GetModelInfo(inference_pb2.GetModelInfoRequest())
+            return messages, defaults, gates, info
+
+    messages, defaults, gates, info = asyncio.run(scenario())
+    ref = reference(models, SHIFTABLE, PROMPTS[0], GREEDY)
+    assert "".join(m.text for m in messages) == ref.text
+    assert [i for m in messages for i in m.token_ids] == ref.output_ids
+    assert all(not m.HasField("usage") and not m.finish_reason for m in messages[:-1])
+    last = messages[-1]
+    assert last.finish_reason == inference_pb2.FINISH_REASON_LENGTH
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (len(ref.prompt_ids), 24)
+    assert [g.expert for g in last.gate_means] == list(EXPERTS)
+    assert {m.version_id for m in messages} == {SHIFTABLE}
+    # unset fields take the defaults: 64 new tokens, capped at the context - 1
+    assert defaults[-1].usage.completion_tokens == 63
+
+    assert list(gates.experts) == list(EXPERTS) and len(gates.layers) == 2
+    assert all(len(layer.per_position) == len(gates.tokens) * 3 for layer in gates.layers)
+
+    assert (info.version_id, list(info.specialists), info.context) == (SHIFTABLE, ["dl", "ds"], 64)
+    assert (info.requests_total, info.tokens_generated, info.active_streams) == (2, 24 + 63, 0)
+
+
+def test_errors_map_to_grpc_status_codes(models):
+    def generate(**fields: object) -> inference_pb2.GenerateRequest:
+        return inference_pb2.GenerateRequest(prompt="the", **fields)
+
+    async def code(call: object) -> grpc.StatusCode:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            if isinstance(call, grpc.aio.UnaryStreamCall):
+                async for _ in call:
+                    pass
+            else:
+                await call
+        return err.value.code()
+
+    async def scenario() -> None:
+        limits = {"max_batch": 1, "max_queue": 0}
+        async with running_core(models, None, **limits) as core, serving(core) as stub:
+            assert await code(stub.Generate(generate())) == grpc.StatusCode.UNAVAILABLE
+            unloaded = await stub.GetModelInfo(inference_pb2.GetModelInfoRequest())
+            assert unloaded.version_id == "" and unloaded.max_batch == 1
+            await core.load(SHIFTABLE)
+            for fields, expected in [
+                ({"top_p": 2.0}, grpc.StatusCode.INVALID_ARGUMENT),
+                ({"max_new_tokens": 500}, grpc.StatusCode.INVALID_ARGUMENT),
+                ({"routing": {"mode": 9}}, grpc.StatusCode.INVALID_ARGUMENT),
+                ({"routing": {"force": ["nope"]}}, grpc.StatusCode.NOT_FOUND),
+            ]:
+                assert await code(stub.Generate(generate(**fields))) == expected
+            busy = stub.Generate(generate(max_new_tokens=63, ignore_eos=True))
+            await busy.read()
+            assert await code(stub.Generate(generate())) == grpc.StatusCode.RESOURCE_EXHAUSTED
+            busy.cancel()
+
+    asyncio.run(scenario())
+
+
+def test_client_cancellation_and_deadlines_stop_the_sequence(models):
+    long = inference_pb2.GenerateRequest(
+        prompt=PROMPTS[0], max_new_tokens=63, temperature=0, ignore_eos=True
+    )
+
+    async def scenario() -> None:
+        async with running_core(models, max_batch=1, max_queue=1) as core, serving(core) as stub:
+
+            async def info() -> inference_pb2.GetModelInfoResponse:
+                return await stub.GetModelInfo(inference_pb2.GetModelInfoRequest())
+
+            call = stub.Generate(long)
+            await call.read()
+            call.cancel()
+            await eventually(lambda: core.info().active_streams == 0)
+            cancelled = await info()
+            assert cancelled.active_streams == 0 and cancelled.tokens_generated < 63
+
+            blocker = stub.Generate(long)  # holds the only slot, so the next one waits
+            await blocker.read()
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async for _ in stub.Generate(long, timeout=0.01):
+                    pass
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            while await blocker.read() != grpc.aio.EOF:
+                pass
+            await asyncio.sleep(0.2)  # time enough for an expired request that ran on to show
+            after = await info()
+            assert after.tokens_generated == cancelled.tokens_generated + 63
+            assert after.active_streams == after.queued == 0
+
+    asyncio.run(scenario())

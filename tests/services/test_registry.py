@@ -1,0 +1,495 @@
+"""The registry service: the real servicer on a loopback port over a real SQLite file.
+
+The server runs on its own event loop in a background thread, so the tests drive it with the
+ordinary blocking stubs, as any client of the stack would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from services.common import start_server
+from services.registry.server import OPERATION_ID_KEY, RegistryServicer
+from services.registry.store import (
+    ModelVersion,
+    Operation,
+    OperationBusy,
+    OperationKind,
+    OperationState,
+    Progress,
+    RegistryStore,
+)
+from shiftable_lib.errors import AlreadyExists, Conflict, InvalidName, NotFound
+from sma.v1 import common_pb2, registry_pb2, registry_pb2_grpc
+
+T = TypeVar("T")
+pb = registry_pb2
+TIMEOUT = 5.0
+
+
+class Registry:
+    """A `RegistryServicer` served on a free loopback port from an event loop of its own,
+    started and stopped in the order `services.common.serve` uses (which cannot run here: it
+    installs signal handlers, and only the main thread may)."""
+
+    def __init__(self, db: Path) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.servicer = RegistryServicer(db)
+        self.server = self.run(start_server("127.0.0.1:0", [self.servicer.service()]))
+        self.starter = asyncio.run_coroutine_threadsafe(self.servicer.start(self.server), self.loop)
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.server.port}")
+        self.stub = registry_pb2_grpc.RegistryStub(self.channel)
+        assert until(lambda: self.health() == health_pb2.HealthCheckResponse.SERVING)
+
+    def health(self, service: str = "sma.v1.Registry") -> int:
+        request = health_pb2.HealthCheckRequest(service=service)
+        return health_pb2_grpc.HealthStub(self.channel).Check(request, timeout=TIMEOUT).status
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(TIMEOUT)
+
+    def tasks(self, method: str) -> list[asyncio.Task]:
+        """The server's tasks for calls of `method` (grpc.aio names them after it)."""
+
+        async def find() -> list[asyncio.Task]:
+            return [task for task in asyncio.all_tasks() if method in task.get_name()]
+
+        return self.run(find())
+
+    def shutdown(self) -> None:
+        """As on SIGTERM: stop taking RPCs, give those in flight a grace period, close."""
+        self.loop.call_soon_threadsafe(self.server.stopping.set)
+        self.run(self.server.grpc_server.stop(grace=TIMEOUT))
+        self.starter.result(TIMEOUT)
+        self.run(self.servicer.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(TIMEOUT)
+        self.loop.close()
+
+    def close(self) -> None:
+        self.shutdown()
+        self.channel.close()
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "registry.db"
+
+
+@pytest.fixture
+def registry(db: Path) -> Iterator[Registry]:
+    running = Registry(db)
+    yield running
+    running.close()
+
+
+def failure(method: Callable[..., Any], request: object) -> grpc.RpcError:
+    """The error `method(request)` fails with."""
+    with pytest.raises(grpc.RpcError) as info:
+        method(request, timeout=TIMEOUT)
+    return info.value
+
+
+def until(check: Callable[[], bool]) -> bool:
+    """Whether `check()` turns true within a few seconds."""
+    deadline = time.monotonic() + TIMEOUT
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def add_ds(stub: registry_pb2_grpc.RegistryStub) -> registry_pb2.Operation:
+    request = pb.CreateOperationRequest(kind=pb.OPERATION_KIND_ADD_SPECIALIST, target="ds")
+    return stub.CreateOperation(request, timeout=TIMEOUT).operation
+
+
+def update(stub: registry_pb2_grpc.RegistryStub, **fields: Any) -> registry_pb2.Operation:
+    return stub.UpdateOperation(pb.UpdateOperationRequest(**fields), timeout=TIMEOUT).operation
+
+
+def publish(stub: registry_pb2_grpc.RegistryStub, version_id: str) -> registry_pb2.ServingState:
+    version = pb.ModelVersion(
+        id=version_id,
+        specialists=["ds"],
+        artifact_dir=f"artifacts/models/{version_id}",
+        metrics_json='{"ppl": 12.5}',
+        profile="tiny",
+    )
+    return stub.PublishVersion(pb.PublishVersionRequest(version=version), timeout=TIMEOUT).serving
+
+
+# specialists
+
+
+def test_specialist_lifecycle(registry: Registry) -> None:
+    stub = registry.stub
+    added = stub.AddSpecialist(
+        pb.AddSpecialistRequest(name="ds", corpus_dir="data/ds", corpus_digest="d1")
+    ).specialist
+    assert (added.name, added.state, added.corpus_digest) == (
+        "ds",
+        pb.SPECIALIST_STATE_TRAINING,
+        "d1",
+    )
+    assert added.created_at.seconds > 0
+    stub.AddSpecialist(pb.AddSpecialistRequest(name="dl", state=pb.SPECIALIST_STATE_READY))
+    listed = stub.ListSpecialists(pb.ListSpecialistsRequest()).specialists
+    assert [(s.name, s.state) for s in listed] == [
+        ("dl", pb.SPECIALIST_STATE_READY),
+        ("ds", pb.SPECIALIST_STATE_TRAINING),
+    ]
+
+    failed = stub.UpdateSpecialist(
+        pb.UpdateSpecialistRequest(name="ds", state=pb.SPECIALIST_STATE_FAILED, error="boom")
+    ).specialist
+    assert (failed.state, failed.error, failed.corpus_digest) == (
+        pb.SPECIALIST_STATE_FAILED,
+        "boom",
+        "d1",
+    )
+    assert failed.updated_at.ToDatetime() >= failed.created_at.ToDatetime()
+    # a digest alone leaves the state and the error alone; a new state clears the error
+    stub.UpdateSpecialist(pb.UpdateSpecialistRequest(name="ds", corpus_digest="d2"))
+    got = stub.GetSpecialist(pb.GetSpecialistRequest(name="ds")).specialist
+    assert (got.state, got.error, got.corpus_digest) == (pb.SPECIALIST_STATE_FAILED, "boom", "d2")
+    stub.UpdateSpecialist(pb.UpdateSpecialistRequest(name="ds", state=pb.SPECIALIST_STATE_READY))
+    got = stub.GetSpecialist(pb.GetSpecialistRequest(name="ds")).specialist
+    assert (got.state, got.error, got.corpus_dir) == (pb.SPECIALIST_STATE_READY, "", "data/ds")
+
+    stub.DeleteSpecialist(pb.DeleteSpecialistRequest(name="ds"))
+    for method, request in [
+        (stub.GetSpecialist, pb.GetSpecialistRequest(name="ds")),
+        (stub.DeleteSpecialist, pb.DeleteSpecialistRequest(name="ds")),
+        (stub.UpdateSpecialist, pb.UpdateSpecialistRequest(name="ds", error="x")),
+    ]:
+        error = failure(method, request)
+        assert error.code() == grpc.StatusCode.NOT_FOUND
+        assert "'ds'" in error.details()
+    assert [s.name for s in stub.ListSpecialists(pb.ListSpecialistsRequest()).specialists] == ["dl"]
+
+
+@pytest.mark.parametrize(
+    ("name", "says"),
+    [
+        ("../etc", "invalid specialist name"),
+        ("General", "invalid"),
+        ("general", "generalist"),
+        ("", "name is required"),
+    ],
+)
+def test_bad_specialist_names_change_nothing(registry: Registry, name: str, says: str) -> None:
+    error = failure(registry.stub.AddSpecialist, pb.AddSpecialistRequest(name=name))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert says in error.details()
+    assert not registry.stub.ListSpecialists(pb.ListSpecialistsRequest()).specialists
+    error = failure(registry.stub.GetSpecialist, pb.GetSpecialistRequest(name=name))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_duplicate_specialist_is_already_exists(registry: Registry) -> None:
+    registry.stub.AddSpecialist(pb.AddSpecialistRequest(name="ds", corpus_digest="first"))
+    request = pb.AddSpecialistRequest(name="ds", corpus_digest="second")
+    error = failure(registry.stub.AddSpecialist, request)
+    assert error.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert "'ds' already exists" in error.details()
+    kept = registry.stub.GetSpecialist(pb.GetSpecialistRequest(name="ds")).specialist
+    assert kept.corpus_digest == "first"
+
+
+# operations
+
+
+def test_one_unfinished_operation_at_a_time(registry: Registry) -> None:
+    stub = registry.stub
+    first = add_ds(stub)
+    assert first.id.startswith("op-") and len(first.id) == 15
+    assert (first.state, first.target) == (pb.OPERATION_STATE_PENDING, "ds")
+    update(stub, id=first.id, state=pb.OPERATION_STATE_RUNNING)
+
+    request = pb.CreateOperationRequest(kind=pb.OPERATION_KIND_DELETE_SPECIALIST, target="dl")
+    error = failure(stub.CreateOperation, request)
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"operation {first.id} is running (add_specialist ds)" in error.details()
+    assert (OPERATION_ID_KEY, first.id) in error.trailing_metadata()
+    unfinished = stub.ListOperations(pb.ListOperationsRequest(unfinished_only=True)).operations
+    assert [op.id for op in unfinished] == [first.id]
+
+    update(stub, id=first.id, state=pb.OPERATION_STATE_SUCCEEDED)
+    second = stub.CreateOperation(request).operation
+    assert second.kind == pb.OPERATION_KIND_DELETE_SPECIALIST
+    listed = stub.ListOperations(pb.ListOperationsRequest()).operations
+    assert [op.id for op in listed] == [second.id, first.id]  # newest first
+
+
+@pytest.mark.parametrize(
+    ("request_", "says"),
+    [
+        (pb.CreateOperationRequest(target="ds"), "kind is required"),
+        (pb.CreateOperationRequest(kind=pb.OPERATION_KIND_ADD_SPECIALIST), "needs a target"),
+        (
+            pb.CreateOperationRequest(kind=pb.OPERATION_KIND_ADD_SPECIALIST, target="../x"),
+            "invalid",
+        ),
+        (pb.CreateOperationRequest(kind=pb.OPERATION_KIND_INITIALIZE, target="ds"), "no target"),
+    ],
+)
+def test_bad_operation_requests(
+    registry: Registry, request_: registry_pb2.CreateOperationRequest, says: str
+) -> None:
+    error = failure(registry.stub.CreateOperation, request_)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert says in error.details()
+    assert not registry.stub.ListOperations(pb.ListOperationsRequest()).operations
+
+
+def test_operation_updates_and_finished_operations_are_immutable(registry: Registry) -> None:
+    stub = registry.stub
+    op = add_ds(stub)
+    progress = common_pb2.TrainingProgress(phase="gate", step=3, total=10, fraction=0.3, loss=2.5)
+    running = update(
+        stub, id=op.id, state=pb.OPERATION_STATE_RUNNING, progress=progress, job_id="j1"
+    )
+    assert (running.state, running.progress, running.job_id) == (
+        pb.OPERATION_STATE_RUNNING,
+        progress,
+        "j1",
+    )
+    # unset fields stay: no progress, no state, no job id
+    noted = update(stub, id=op.id, message="training the gate")
+    assert (noted.state, noted.progress, noted.job_id, noted.message) == (
+        pb.OPERATION_STATE_RUNNING,
+        progress,
+        "j1",
+        "training the gate",
+    )
+    error = failure(
+        stub.UpdateOperation, pb.UpdateOperationRequest(id=op.id, state=pb.OPERATION_STATE_PENDING)
+    )
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+    done = update(stub, id=op.id, state=pb.OPERATION_STATE_SUCCEEDED, version_id="v1")
+    assert (done.state, done.version_id) == (pb.OPERATION_STATE_SUCCEEDED, "v1")
+    for change in [
+        {"message": "again"},
+        {"state": pb.OPERATION_STATE_FAILED},
+        {"progress": progress},
+    ]:
+        error = failure(stub.UpdateOperation, pb.UpdateOperationRequest(id=op.id, **change))
+        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "succeeded" in error.details()
+    assert stub.GetOperation(pb.GetOperationRequest(id=op.id)).operation == done
+    error = failure(stub.GetOperation, pb.GetOperationRequest(id="op-000000000000"))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_watch_operation_streams_progress_then_ends(registry: Registry) -> None:
+    stub = registry.stub
+    op = add_ds(stub)
+    stream = stub.WatchOperation(pb.WatchOperationRequest(id=op.id), timeout=TIMEOUT)
+    assert next(stream).operation.state == pb.OPERATION_STATE_PENDING
+    update(stub, id=op.id, state=pb.OPERATION_STATE_RUNNING)
+    assert next(stream).operation.state == pb.OPERATION_STATE_RUNNING
+    for step in (1, 2):
+        update(
+            stub,
+            id=op.id,
+            progress=common_pb2.TrainingProgress(phase="branch:ds", step=step, total=2),
+        )
+        assert next(stream).operation.progress.step == step
+    update(stub, id=op.id, state=pb.OPERATION_STATE_SUCCEEDED, version_id="v1")
+    last = next(stream).operation
+    assert (last.state, last.version_id) == (pb.OPERATION_STATE_SUCCEEDED, "v1")
+    with pytest.raises(StopIteration):
+        next(stream)
+    assert stream.code() == grpc.StatusCode.OK
+
+    unknown = stub.WatchOperation(pb.WatchOperationRequest(id="op-nope"), timeout=TIMEOUT)
+    with pytest.raises(grpc.RpcError) as info:
+        next(unknown)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_cancelled_watch_stops_on_the_server(registry: Registry) -> None:
+    op = add_ds(registry.stub)
+    stream = registry.stub.WatchOperation(pb.WatchOperationRequest(id=op.id), timeout=60)
+    next(stream)
+    watching = registry.tasks("/sma.v1.Registry/WatchOperation")
+    assert watching and not any(task.done() for task in watching)  # waiting for a change
+    stream.cancel()
+    assert until(lambda: all(task.done() for task in watching))
+
+
+# versions and serving
+
+
+def test_publish_watch_serving_and_report_loaded(registry: Registry) -> None:
+    stub = registry.stub
+    assert not stub.GetServing(pb.GetServingRequest()).serving.HasField("version")
+    stream = stub.WatchServing(pb.WatchServingRequest(), timeout=TIMEOUT)
+    assert next(stream).serving == pb.ServingState()
+
+    serving = publish(stub, "v1")
+    assert (serving.version.id, serving.loaded_version_id) == ("v1", "")
+    assert next(stream).serving == serving
+    assert (
+        serving.version.metrics_json == '{"ppl": 12.5}' and serving.version.created_at.seconds > 0
+    )
+
+    loaded = stub.ReportLoaded(pb.ReportLoadedRequest(version_id="v1")).serving
+    assert loaded.loaded_version_id == "v1"
+    assert next(stream).serving == loaded
+    publish(stub, "v2")
+    watched = next(stream).serving
+    assert (watched.version.id, watched.loaded_version_id) == ("v2", "v1")  # v2 not loaded yet
+    stream.cancel()
+
+    assert [v.id for v in stub.ListVersions(pb.ListVersionsRequest()).versions] == ["v2", "v1"]
+    error = failure(stub.ReportLoaded, pb.ReportLoadedRequest(version_id="v9"))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    error = failure(stub.PublishVersion, pb.PublishVersionRequest())
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    changed = pb.ModelVersion(id="v1", specialists=["ds", "dl"])
+    error = failure(stub.PublishVersion, pb.PublishVersionRequest(version=changed))
+    assert error.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert stub.GetServing(pb.GetServingRequest()).serving.version.id == "v2"
+
+
+def test_state_survives_a_restart(db: Path) -> None:
+    first = Registry(db)
+    try:
+        first.stub.AddSpecialist(pb.AddSpecialistRequest(name="ds", corpus_digest="d1"))
+        op = add_ds(first.stub)
+        update(first.stub, id=op.id, state=pb.OPERATION_STATE_RUNNING, message="half way")
+        publish(first.stub, "v1")
+        first.stub.ReportLoaded(pb.ReportLoadedRequest(version_id="v1"))
+    finally:
+        first.close()
+
+    second = Registry(db)
+    try:
+        stub = second.stub
+        assert (
+            stub.GetSpecialist(pb.GetSpecialistRequest(name="ds")).specialist.corpus_digest == "d1"
+        )
+        unfinished = stub.ListOperations(pb.ListOperationsRequest(unfinished_only=True)).operations
+        assert [(o.id, o.state, o.message) for o in unfinished] == [
+            (op.id, pb.OPERATION_STATE_RUNNING, "half way")
+        ]
+        serving = stub.GetServing(pb.GetServingRequest()).serving
+        assert (serving.version.id, serving.loaded_version_id) == ("v1", "v1")
+        request = pb.CreateOperationRequest(kind=pb.OPERATION_KIND_INITIALIZE)
+        assert failure(stub.CreateOperation, request).code() == grpc.StatusCode.FAILED_PRECONDITION
+    finally:
+        second.close()
+
+
+def test_shutdown_ends_watch_streams_at_once(db: Path) -> None:
+    registry = Registry(db)
+    stream = registry.stub.WatchServing(pb.WatchServingRequest(), timeout=60)
+    next(stream)
+    started = time.monotonic()
+    registry.shutdown()  # with a grace period of TIMEOUT seconds
+    assert time.monotonic() - started < TIMEOUT / 2
+    with pytest.raises(grpc.RpcError) as info:
+        next(stream)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE  # so the client watches again
+    assert "shutting down" in info.value.details()
+    registry.channel.close()
+
+
+def test_health_and_reflection(registry: Registry) -> None:
+    for service in ("", "sma.v1.Registry"):
+        assert registry.health(service) == health_pb2.HealthCheckResponse.SERVING
+
+    reflection = reflection_pb2_grpc.ServerReflectionStub(registry.channel)
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    (response,) = reflection.ServerReflectionInfo(iter([request]), timeout=TIMEOUT)
+    names = {s.name for s in response.list_services_response.service}
+    assert {"sma.v1.Registry", "grpc.health.v1.Health"} <= names
+
+
+# the store on its own
+
+
+def test_store_rules(db: Path) -> None:
+    with RegistryStore(db) as store:
+        with pytest.raises(ValueError, match="not a valid OperationKind"):
+            store.create_operation("retrain_everything")
+        with pytest.raises(InvalidName):
+            store.add_specialist("Data Science")
+        op = store.create_operation(OperationKind.INITIALIZE)
+        with pytest.raises(OperationBusy) as busy:
+            store.create_operation(OperationKind.ADD_SPECIALIST, "ds")
+        assert busy.value.operation_id == op.id
+        assert (
+            str(busy.value) == f"operation {op.id} is pending (initialize); wait for it to finish"
+        )
+        store.update_operation(op.id, state=OperationState.CANCELLED)  # PENDING -> finished
+        with pytest.raises(Conflict):
+            store.update_operation(op.id, progress=Progress(step=1))
+        second = store.create_operation(OperationKind.INITIALIZE)
+        store.update_operation(second.id, state=OperationState.FAILED, error="no corpus")
+        assert [o.id for o in store.list_operations(limit=1)] == [second.id]
+        assert store.get_operation(second.id).error == "no corpus"
+        assert store.list_operations(unfinished_only=True) == []
+        with pytest.raises(ValueError):
+            store.list_operations(limit=0)
+
+        v1 = ModelVersion("v1", ["ds"], "artifacts/models/v1", "{}", "tiny")
+        store.publish_version(v1)
+        store.publish_version(ModelVersion("v2", [], "artifacts/models/v2", "{}", "tiny"))
+        assert store.publish_version(v1).version == v1  # rolling back only moves the pointer
+        with pytest.raises(AlreadyExists):
+            store.publish_version(ModelVersion("v1", ["dl"], "elsewhere", "{}", "tiny"))
+        with pytest.raises(ValueError):
+            store.publish_version(ModelVersion("v3", [], "x", "not json", "tiny"))
+        with pytest.raises(NotFound):
+            store.report_loaded("v3")
+
+
+def test_store_creates_one_operation_when_writers_race(db: Path) -> None:
+    """Separate connections (as separate processes would have): the check for an unfinished
+    operation and the insert are one transaction, so exactly one writer wins."""
+    stores = [RegistryStore(db) for _ in range(4)]
+    start = threading.Barrier(len(stores))
+
+    def create(store: RegistryStore) -> Operation | OperationBusy:
+        start.wait()
+        try:
+            return store.create_operation(OperationKind.ADD_SPECIALIST, "ds")
+        except OperationBusy as busy:
+            return busy
+
+    with ThreadPoolExecutor(len(stores)) as pool:
+        results = list(pool.map(create, stores))
+    for store in stores:
+        store.close()
+    (created,) = [r for r in results if isinstance(r, Operation)]
+    assert [r.operation_id for r in results if isinstance(r, OperationBusy)] == [created.id] * 3
+
+
+def test_store_schema_is_versioned(db: Path) -> None:
+    RegistryStore(db).close()
+    with closing(sqlite3.connect(db)) as raw:
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        raw.execute("PRAGMA user_version = 99")
+    with pytest.raises(RuntimeError, match="newer"):
+        RegistryStore(db)

@@ -1,0 +1,309 @@
+"""The training service in-process over loopback gRPC: real jobs in real child processes on
+tiny synthetic corpora (profile "tiny"), as the gateway drives them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.common import Server, start_server
+from services.training.core import FractionEstimate, Job, JobManager, PlannedPhase
+from services.training.server import SERVICE_NAME, training_service
+from shiftable_lib import versions
+from shiftable_lib.config import Settings
+from sma.v1 import training_pb2 as T
+from sma.v1 import training_pb2_grpc
+from tests.conftest import synthetic_documents, write_domain
+
+FINISHED = (T.JOB_STATE_SUCCEEDED, T.JOB_STATE_FAILED, T.JOB_STATE_CANCELLED)
+LONG_RECALIBRATION = 1_000_000  # gate steps: a REMOVE job that runs until it is stopped
+
+
+class Harness:
+    """A training server on its own event-loop thread, and a blocking client for it."""
+
+    def __init__(self, home: Path) -> None:
+        settings = Settings(home=home, profile="tiny", device="cpu", train_threads=1)
+        self.home = home
+        self.models = settings.models_dir
+        self.manager = JobManager(settings)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server: Server = self._call(self._start())
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.server.port}")
+        self.stub = training_pb2_grpc.TrainingStub(self.channel)
+
+    def _call(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=60)
+
+    async def _start(self) -> Server:
+        server = await start_server("127.0.0.1:0", [training_service(self.manager)])
+        self.manager.start()
+        await server.ready()
+        return server
+
+    async def _job(self, job_id: str) -> Job:
+        return self.manager.get(job_id)
+
+    async def _stop(self) -> None:
+        await self.server.grpc_server.stop(0)
+        await self.manager.close()
+
+    def pid(self, job_id: str) -> int:
+        pid = self._call(self._job(job_id)).pid
+        assert pid is not None
+        return pid
+
+    def start(self, kind: int, **fields) -> T.Job:
+        return self.stub.StartJob(T.StartJobRequest(kind=kind, **fields), timeout=10).job
+
+    def get(self, job_id: str) -> T.Job:
+        return self.stub.GetJob(T.GetJobRequest(id=job_id), timeout=10).job
+
+    def wait(self, job_id: str, until: Callable[[T.Job], bool], timeout: float = 60) -> T.Job:
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.get(job_id)
+            if until(job):
+                return job
+            assert job.state not in FINISHED, f"{job_id} ended early: {job}"
+            assert time.monotonic() < deadline, f"timed out waiting on {job}"
+            time.sleep(0.05)
+
+    def wait_finished(self, job_id: str) -> T.Job:
+        deadline = time.monotonic() + 90
+        while (job := self.get(job_id)).state not in FINISHED:
+            assert time.monotonic() < deadline, f"timed out waiting on {job}"
+            time.sleep(0.05)
+        return job
+
+    def close(self) -> None:
+        self.channel.close()
+        self._call(self._stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
+
+
+@contextlib.contextmanager
+def serving(home: Path) -> Iterator[Harness]:
+    harness = Harness(home)
+    try:
+        yield harness
+    finally:
+        harness.close()
+
+
+def copy_home(source: Path, target: Path) -> Path:
+    """A private copy of a trained home, for a test that changes it."""
+    return Path(shutil.copytree(source, target / "home"))
+
+
+def store(models: Path) -> tuple[list[str], str | None, list[str]]:
+    """Versions, the CURRENT pointer and leftovers: what a job that did not succeed must keep."""
+    pointer = (models / versions.CURRENT).read_text().strip()
+    leftovers = sorted(p.name for p in models.iterdir() if ".tmp-" in p.name)
+    return versions.version_ids(models), pointer, leftovers
+
+
+@dataclass
+class Trained:
+    home: Path
+    harness: Harness
+    job: T.Job
+    events: list[T.Job]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Iterator[Trained]:
+    """A home trained by one TRAIN_ALL job (generalist + ds + dl), watched from its start; the
+    server stays up for the tests that only read."""
+    home = tmp_path_factory.mktemp("trained")
+    for name in ("general", "ds", "dl"):
+        write_domain(home / "data", name, synthetic_documents(name, 40))
+    with serving(home) as harness:
+        job = harness.start(T.JOB_KIND_TRAIN_ALL)
+        events = [r.job for r in harness.stub.WatchJob(T.WatchJobRequest(id=job.id), timeout=120)]
+        yield Trained(home, harness, harness.get(job.id), events)
+
+
+def test_train_all_publishes_a_version_and_streams_rising_progress(trained: Trained):
+    job, events = trained.job, trained.events
+    assert job.state == T.JOB_STATE_SUCCEEDED, job.error
+    assert job.version_id == "v0002"  # the generalist, then the specialists on it
+    models = trained.home / "artifacts" / "models"
+    assert store(models) == (["v0001", "v0002"], "v0002", [])
+    config = versions.version_config(models, "v0002")
+    assert config["model"]["specialists"] == ["dl", "ds"]
+    assert job.metrics_json == (models / "v0002" / "metrics.json").read_text()
+    assert set(json.loads(job.metrics_json)["domains"]) == {"general", "ds", "dl"}
+    assert job.created_at.ToDatetime() <= job.started_at.ToDatetime()
+    assert job.started_at.ToDatetime() <= job.finished_at.ToDatetime()
+
+    assert events[-1].state == T.JOB_STATE_SUCCEEDED
+    fractions = [e.progress.fraction for e in events]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    running = [e for e in events if e.state == T.JOB_STATE_RUNNING]
+    assert len({e.progress.fraction for e in running}) >= 5
+    assert all(0 <= e.progress.fraction < 1 for e in running)
+    phases = {e.progress.phase for e in running}
+    assert {"tokenizer", "generalist", "specialist:ds", "specialist:dl", "gate"} <= phases
+    assert "evaluate" in phases
+
+
+def test_health_is_serving(trained: Trained):
+    health = health_pb2_grpc.HealthStub(trained.harness.channel)
+    for service in ("", SERVICE_NAME):
+        reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "says"),
+    [
+        ({"kind": T.JOB_KIND_UNSPECIFIED}, "kind"),
+        ({"kind": 99}, "kind"),
+        ({"kind": T.JOB_KIND_ADD_SPECIALIST, "specialist": "../etc"}, "invalid specialist"),
+        ({"kind": T.JOB_KIND_REMOVE_SPECIALIST, "specialist": ""}, "invalid specialist"),
+        ({"kind": T.JOB_KIND_ADD_SPECIALIST, "specialist": "nothere"}, "create"),
+        ({"kind": T.JOB_KIND_TRAIN_ALL, "profile": "huge"}, "unknown profile"),
+        ({"kind": T.JOB_KIND_REMOVE_SPECIALIST, "specialist": "ds", "recalibrate_steps": -1}, ">="),
+    ],
+)
+def test_bad_requests_are_invalid_and_create_no_job(trained: Trained, request_fields, says):
+    stub = trained.harness.stub
+    before = stub.ListJobs(T.ListJobsRequest(), timeout=5).jobs
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.StartJob(T.StartJobRequest(**request_fields), timeout=5)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert says in caught.value.details()
+    assert stub.ListJobs(T.ListJobsRequest(), timeout=5).jobs == before
+
+
+def test_unknown_and_finished_jobs(trained: Trained):
+    stub = trained.harness.stub
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.GetJob(T.GetJobRequest(id="job-000000000000"), timeout=5)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    cancelled = stub.CancelJob(T.CancelJobRequest(id=trained.job.id), timeout=5).job
+    assert cancelled == trained.job  # a finished job is left as it is
+
+
+def test_add_specialist_publishes_a_version_with_it(trained: Trained, tmp_path: Path):
+    home = copy_home(trained.home, tmp_path)
+    write_domain(home / "data", "extra", synthetic_documents("dl", 40, seed=1))
+    with serving(home) as harness:
+        job = harness.start(T.JOB_KIND_ADD_SPECIALIST, specialist="extra")
+        assert job.specialist == "extra"
+        job = harness.wait_finished(job.id)
+    assert job.state == T.JOB_STATE_SUCCEEDED, job.error
+    assert job.version_id == "v0003" and job.progress.fraction == 1.0
+    assert "'extra' added" in job.message
+    config = versions.version_config(harness.models, "v0003")
+    assert config["model"]["specialists"] == ["dl", "ds", "extra"]
+    assert store(harness.models) == (["v0001", "v0002", "v0003"], "v0003", [])
+
+
+def test_jobs_queue_in_order_and_cancel_changes_nothing(trained: Trained, tmp_path: Path):
+    home = copy_home(trained.home, tmp_path)
+    with serving(home) as harness:
+        before = store(harness.models)
+        first = harness.start(
+            T.JOB_KIND_REMOVE_SPECIALIST, specialist="ds", recalibrate_steps=LONG_RECALIBRATION
+        )
+        second = harness.start(T.JOB_KIND_ADD_SPECIALIST, specialist="dl")
+        third = harness.start(T.JOB_KIND_TRAIN_SPECIALISTS)
+        assert first.state == T.JOB_STATE_RUNNING
+        assert second.state == third.state == T.JOB_STATE_QUEUED
+        listed = harness.stub.ListJobs(T.ListJobsRequest(), timeout=5).jobs
+        assert [j.id for j in listed] == [first.id, second.id, third.id]
+
+        dropped = harness.stub.CancelJob(T.CancelJobRequest(id=second.id), timeout=5).job
+        assert dropped.state == T.JOB_STATE_CANCELLED and not dropped.HasField("started_at")
+
+        harness.wait(first.id, lambda j: j.progress.phase == "gate")
+        stopped = harness.stub.CancelJob(T.CancelJobRequest(id=first.id), timeout=15).job
+        assert stopped.state == T.JOB_STATE_CANCELLED and stopped.version_id == ""
+        assert store(harness.models) == before
+        assert (home / "data" / "ds").is_dir()  # REMOVE moves the corpus only once published
+
+        # the queue goes on: nothing changed since the last training, so nothing is published
+        last = harness.wait_finished(third.id)
+        assert last.state == T.JOB_STATE_SUCCEEDED, last.error
+        assert last.version_id == "" and "up to date" in last.message
+        assert store(harness.models) == before
+
+
+def test_a_killed_child_fails_the_job_and_leaves_the_store_as_it_was(
+    trained: Trained, tmp_path: Path
+):
+    home = copy_home(trained.home, tmp_path)
+    with serving(home) as harness:
+        before = store(harness.models)
+        job = harness.start(
+            T.JOB_KIND_REMOVE_SPECIALIST, specialist="ds", recalibrate_steps=LONG_RECALIBRATION
+        )
+        harness.wait(job.id, lambda j: j.progress.phase == "gate")
+        # what a writer killed mid-publish leaves: a temporary folder, or a complete version
+        # that CURRENT never pointed at
+        (harness.models / ".tmp-v0003-12345").mkdir()
+        (harness.models / ".tmp-v0003-12345" / "model.safetensors").write_bytes(b"partial")
+        shutil.copytree(harness.models / "v0002", harness.models / "v0003")
+        os.kill(harness.pid(job.id), signal.SIGKILL)
+        job = harness.wait_finished(job.id)
+        assert job.state == T.JOB_STATE_FAILED
+        assert "killed by signal 9" in job.error and "SIGKILL" in job.error
+        assert job.version_id == ""
+        assert store(harness.models) == before
+        assert (home / "data" / "ds").is_dir()
+        # the server is fine: the next job runs, and a job the library refuses fails with its
+        # reason
+        refused = harness.start(T.JOB_KIND_REMOVE_SPECIALIST, specialist="nosuch")
+        refused = harness.wait_finished(refused.id)
+        assert refused.state == T.JOB_STATE_FAILED
+        assert refused.error == "no specialist named 'nosuch'"
+        assert store(harness.models) == before
+
+
+def test_train_specialists_needs_a_generalist(tmp_path: Path):
+    write_domain(tmp_path / "data", "general", synthetic_documents("general", 5))
+    with serving(tmp_path) as harness:
+        with pytest.raises(grpc.RpcError) as caught:
+            harness.start(T.JOB_KIND_TRAIN_SPECIALISTS)
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "TRAIN_ALL" in caught.value.details()
+        assert not harness.stub.ListJobs(T.ListJobsRequest(), timeout=5).jobs
+
+
+def test_fraction_is_monotonic_when_an_estimate_is_corrected():
+    estimate = FractionEstimate(
+        [
+            PlannedPhase("specialist:a", 10),
+            PlannedPhase("gate", 10),
+            PlannedPhase("evaluate", 2, by_steps=False, reported=False),
+        ]
+    )
+    seen = [estimate.update("specialist:a", 5, 10)]  # 5 of 22
+    seen.append(estimate.update("specialist:a", 10, 10))
+    assert estimate.enter_unreported() is None  # the gate is reported by the library
+    seen.append(estimate.update("gate", 1, 100))  # the gate runs far longer than planned
+    seen.append(estimate.update("gate", 100, 100))
+    assert estimate.enter_unreported() == "evaluate"
+    seen.append(estimate.fraction)
+    assert seen == sorted(seen) and seen[0] == pytest.approx(5 / 22)
+    assert seen[-1] == pytest.approx(110 / 112)
+    assert estimate.update("unplanned", 1, 1) == seen[-1]
