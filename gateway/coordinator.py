@@ -28,7 +28,7 @@ from shiftable_lib import versions
 from shiftable_lib.config import Settings
 from shiftable_lib.corpus import corpus_digest, domain_dir, text_files
 from shiftable_lib.errors import AlreadyExists, Conflict, CorpusMissing, NotFound, Unavailable
-from sma.v1 import common_pb2, registry_pb2, training_pb2
+from sma.v1 import common_pb2, inference_pb2, registry_pb2, training_pb2
 
 log = logging.getLogger("sma.gateway.lifecycle")
 
@@ -170,42 +170,84 @@ class Coordinator:
             await self._fail(op, reason)
 
     async def _run_job(self, op: R.Operation) -> training_pb2.Job:
-        """Attach to the operation's training job, or start one; follow it to its end."""
-        training = self.backends.training
-        job = None
-        if op.job_id:
+        """Follow the operation's training job to its end, starting one when there is none.
+
+        The training service keeps jobs in memory and its child dies with it: when it
+        restarts mid-job the job is gone, and the operation starts it again (a job writes its
+        version atomically and publishes nothing when it dies, so a rerun is safe).
+        """
+        job_id = op.job_id or await self._matching_job(op)
+        while True:
             try:
-                reply = await training.GetJob(T.GetJobRequest(id=op.job_id), timeout=RPC_TIMEOUT)
-                job = reply.job
+                job = await self._attach(job_id) if job_id else None
+                if job is None:
+                    job = await self._start_job(op)
+                    job_id = job.id
+                job = await self._follow(op, job)
+                if job.state in TERMINAL_JOB:
+                    break
+                await asyncio.sleep(1.0)  # the stream ended early (training stopping): re-attach
             except grpc.aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.NOT_FOUND:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
                     raise
-                log.info("job %s is gone (training restarted): starting it again", op.job_id)
-        if job is None:
-            job = (
-                await training.StartJob(
-                    self._job_request(op), wait_for_ready=True, timeout=RPC_TIMEOUT
-                )
-            ).job
-            await self._update(op.id, job_id=job.id, message=f"training job {job.id} started")
+                log.info("training service unavailable while following %s; retrying", job_id)
+                await asyncio.sleep(1.0)
+        if job.state != T.JOB_STATE_SUCCEEDED:
+            state = T.JobState.Name(job.state).removeprefix("JOB_STATE_").lower()
+            raise OperationFailed(f"training job {job.id} {state}: {job.error or 'no reason'}")
+        return job
+
+    async def _attach(self, job_id: str) -> training_pb2.Job | None:
+        try:
+            reply = await self.backends.training.GetJob(
+                T.GetJobRequest(id=job_id), wait_for_ready=True, timeout=RPC_TIMEOUT
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            log.info("job %s is gone (training restarted): starting it again", job_id)
+            return None
+        return reply.job
+
+    async def _matching_job(self, op: R.Operation) -> str:
+        """A job that a gateway which died before recording it started for this operation."""
+        wanted = self._job_request(op)
+        reply = await self.backends.training.ListJobs(
+            T.ListJobsRequest(), wait_for_ready=True, timeout=RPC_TIMEOUT
+        )
+        started = op.created_at.ToDatetime()
+        for job in reversed(reply.jobs):
+            same = job.kind == wanted.kind and job.specialist == wanted.specialist
+            if same and job.created_at.ToDatetime() >= started:
+                return job.id
+        return ""
+
+    async def _start_job(self, op: R.Operation) -> training_pb2.Job:
+        reply = await self.backends.training.StartJob(
+            self._job_request(op), wait_for_ready=True, timeout=RPC_TIMEOUT
+        )
+        await self._update(op.id, job_id=reply.job.id, message=f"training job {reply.job.id}")
+        return reply.job
+
+    async def _follow(self, op: R.Operation, job: training_pb2.Job) -> training_pb2.Job:
+        """Mirror the job's progress onto the operation (at most ~4 writes a second)."""
         last_update = 0.0
-        async for reply in training.WatchJob(T.WatchJobRequest(id=job.id), wait_for_ready=True):
+        stream = self.backends.training.WatchJob(T.WatchJobRequest(id=job.id), wait_for_ready=True)
+        async for reply in stream:
             job = reply.job
             now = time.monotonic()
             if job.state in TERMINAL_JOB or now - last_update > 0.25:
                 last_update = now
                 await self._update(op.id, progress=job.progress)
-        if job.state != T.JOB_STATE_SUCCEEDED:
-            state = T.JobState.Name(job.state).removeprefix("JOB_STATE_").lower()
-            raise OperationFailed(f"training job {job.id} {state}: {job.error or 'no reason'}")
         return job
 
     def _job_request(self, op: R.Operation) -> T.StartJobRequest:
         if op.kind == R.OPERATION_KIND_INITIALIZE:
             return T.StartJobRequest(kind=T.JOB_KIND_TRAIN_ALL, profile=self.settings.profile)
         if op.kind == R.OPERATION_KIND_ADD_SPECIALIST:
-            kind = T.JOB_KIND_TRAIN_SPECIALISTS if op.full_retrain else T.JOB_KIND_ADD_SPECIALIST
-            return T.StartJobRequest(kind=kind, specialist=op.target)
+            if op.full_retrain:  # every specialist under data/, the new one included
+                return T.StartJobRequest(kind=T.JOB_KIND_TRAIN_SPECIALISTS)
+            return T.StartJobRequest(kind=T.JOB_KIND_ADD_SPECIALIST, specialist=op.target)
         return T.StartJobRequest(kind=T.JOB_KIND_REMOVE_SPECIALIST, specialist=op.target)
 
     async def _publish(self, version: str) -> None:
@@ -240,8 +282,20 @@ class Coordinator:
                     )
             raise OperationFailed("the registry ended the serving stream")
 
+        async def load_failure() -> None:  # inference says why, in its model info
+            while True:
+                await asyncio.sleep(1.0)
+                try:
+                    info = await self.backends.inference.GetModelInfo(
+                        inference_pb2.GetModelInfoRequest(), timeout=RPC_TIMEOUT
+                    )
+                except grpc.aio.AioRpcError:
+                    continue
+                if info.load_error and version in info.load_error:
+                    raise OperationFailed(info.load_error)
+
         try:
-            await asyncio.wait_for(watch(), LOAD_TIMEOUT)
+            await _first_of(asyncio.wait_for(watch(), LOAD_TIMEOUT), load_failure())
         except TimeoutError:
             raise OperationFailed(
                 f"inference did not load {version} within {LOAD_TIMEOUT:.0f} s"
@@ -355,6 +409,18 @@ class Coordinator:
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.NOT_FOUND:
                 raise
+
+
+async def _first_of(*coroutines) -> None:
+    """Await whichever coroutine ends first (its exception included); cancel the others."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            task.result()
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def _reason(exc: BaseException) -> str:

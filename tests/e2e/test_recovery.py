@@ -1,0 +1,124 @@
+"""Reliability end to end: killed servers come back, unfinished operations resume, a failed
+job leaves the old model serving, a second start serves at once, two stacks coexist."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import synthetic_documents, write_domain
+from tests.e2e.conftest import Stack, tiny_home
+
+pytestmark = pytest.mark.slow
+
+
+def wait_for(predicate, timeout: float = 120.0, every: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"condition not met in {timeout} s")
+
+
+def operation_done(stack: Stack, op_id: str) -> dict | None:
+    try:
+        op = stack.http.get(f"/operations/{op_id}", timeout=5).json()
+    except Exception:  # the gateway is restarting
+        return None
+    return op if op.get("state") in ("succeeded", "failed", "cancelled") else None
+
+
+def generates(stack: Stack) -> bool:
+    try:
+        reply = stack.http.post("/generate", json={"prompt": "the", "max_new_tokens": 3})
+    except Exception:
+        return False
+    return reply.status_code == 200
+
+
+def test_a_killed_server_is_restarted_and_the_stack_recovers(stack: Stack) -> None:
+    for name in ("inference", "registry"):
+        pid = stack.pids()[name]
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda name=name, pid=pid: stack.pids()[name] != pid, timeout=30)
+        health = stack.wait_ready(60)
+        assert health["services"][name]["status"] == "SERVING"
+        assert wait_for(lambda: generates(stack), timeout=30)
+    assert sorted(stack.http.get("/specialists").json()) == ["dl", "ds"]  # state survived
+
+
+def test_a_gateway_killed_mid_operation_resumes_it(stack: Stack) -> None:
+    write_domain(stack.home / "data", "resumed", synthetic_documents("dl", 30, seed=11))
+    op = stack.http.post("/specialists?wait=false", json={"name": "resumed"}).json()
+    os.kill(stack.pids()["gateway"], signal.SIGKILL)
+    final = wait_for(lambda: operation_done(stack, op["id"]), timeout=180)
+    assert final["state"] == "succeeded", final
+    assert "resumed" in stack.http.get("/specialists").json()
+    assert stack.wait_ready(60)["loaded_version"] == final["version"]
+
+
+def test_a_training_server_killed_mid_job_restarts_the_job(stack: Stack) -> None:
+    write_domain(stack.home / "data", "again", synthetic_documents("ds", 30, seed=12))
+    op = stack.http.post("/specialists?wait=false", json={"name": "again"}).json()
+    wait_for(lambda: stack.http.get(f"/operations/{op['id']}").json()["job_id"], timeout=30)
+    os.kill(stack.pids()["training"], signal.SIGKILL)
+    final = wait_for(lambda: operation_done(stack, op["id"]), timeout=180)
+    assert final["state"] == "succeeded", final
+    assert "again" in stack.http.get("/specialists").json()
+
+
+def test_a_failed_job_leaves_the_old_model_serving(stack: Stack) -> None:
+    folder = stack.home / "data" / "broken"
+    folder.mkdir()
+    (folder / "bad.txt").write_bytes(b"\xff\xfe not utf-8 \xc3\x28" * 50)
+    serving = stack.health()["serving_version"]
+    reply = stack.http.post("/specialists", json={"name": "broken"})
+    assert reply.status_code == 500
+    assert "bad.txt" in reply.json()["detail"]  # the reason names the file
+    detail = {s["name"]: s for s in stack.http.get("/v1/specialists").json()}
+    assert detail["broken"]["state"] == "failed" and "bad.txt" in detail["broken"]["error"]
+    assert stack.health()["serving_version"] == serving
+    assert "broken" not in stack.http.get("/specialists").json()
+    assert generates(stack)
+
+
+def test_a_second_start_serves_within_seconds(stack: Stack) -> None:
+    serving = stack.health()["serving_version"]
+    assert stack.stop() == 0
+    again = Stack(stack.home, stack.port).start()
+    try:
+        started = time.monotonic()
+        health = again.wait_ready(60)
+        elapsed = time.monotonic() - started
+        assert health["serving_version"] == serving
+        assert elapsed < 30, f"second start took {elapsed:.1f} s"
+        assert generates(again)
+    finally:
+        again.stop()
+
+
+def test_two_stacks_with_different_homes_and_ports_run_side_by_side(tmp_path: Path) -> None:
+    first = Stack(tiny_home(tmp_path / "a")).start()
+    second = Stack(tiny_home(tmp_path / "b")).start()
+    try:
+        for stack in (first, second):
+            stack.wait_ready()
+            assert generates(stack)
+        assert (
+            first.health()["services"]["registry"]["address"]
+            != (second.health()["services"]["registry"]["address"])
+        )
+        taken = Stack(tmp_path / "c", port=first.port)
+        (tmp_path / "c").mkdir()
+        taken.start()
+        assert taken.process is not None and taken.process.wait(30) == 2
+        assert "is taken" in taken.log.read_text()
+    finally:
+        first.stop()
+        second.stop()
