@@ -53,6 +53,7 @@ class GenerateBody(BaseModel):
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     stop: list[str] = Field(default_factory=list, max_length=16)
     routing: RoutingBody = Field(default_factory=RoutingBody)
+    ignore_eos: bool = Field(default=False, description="exactly max_new_tokens (benchmarks)")
 
     def to_proto(self) -> inference_pb2.GenerateRequest:
         request = inference_pb2.GenerateRequest(
@@ -62,6 +63,7 @@ class GenerateBody(BaseModel):
             top_p=self.top_p,
             stop=self.stop,
             routing=self.routing.to_proto(),
+            ignore_eos=self.ignore_eos,
         )
         if self.seed is not None:
             request.seed = self.seed

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -87,6 +88,22 @@ def check_ports(settings: Settings) -> None:
                     f"port {port} ({name}) on {settings.host} is taken: is another stack running? "
                     "use --port (the gRPC ports follow it) or SMA_*_PORT"
                 ) from None
+
+
+def free_port_block(n: int = 4, host: str = "127.0.0.1") -> int:
+    """A port P with P .. P+n-1 all free: a gateway port whose derived gRPC ports are free too
+    (tests and benchmarks start stacks side by side with it)."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20_000, 60_000)
+        try:
+            for port in range(base, base + n):
+                with socket.socket() as s:
+                    s.bind((host, port))
+        except OSError:
+            continue
+        return base
+    raise OSError("no free block of ports")
 
 
 def up(settings: Settings) -> int:

@@ -63,7 +63,7 @@ def sampling_params(request: inference_pb2.GenerateRequest, context: int) -> Sam
     return SamplingParams(
         max_new_tokens=request.max_new_tokens
         if request.HasField("max_new_tokens")
-        else min(DEFAULT_MAX_NEW_TOKENS, context - 1),
+        else min(DEFAULT_MAX_NEW_TOKENS, context // 2),  # the prompt keeps the rest
         temperature=request.temperature if request.HasField("temperature") else 1.0,
         top_k=request.top_k,
         top_p=request.top_p if request.HasField("top_p") else 1.0,

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,24 +18,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from services.stack import free_port_block
 from tests.conftest import VOCAB, synthetic_documents, write_domain
 
 READY_TIMEOUT = 240.0
-
-
-def free_port_block(n: int = 4) -> int:
-    """A port P with P..P+n-1 all free on loopback (the gateway and its three gRPC ports)."""
-    rng = random.Random()
-    for _ in range(200):
-        base = rng.randrange(20_000, 60_000)
-        try:
-            for port in range(base, base + n):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return base
-    raise RuntimeError("no free block of ports")
 
 
 class Stack:

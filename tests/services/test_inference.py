@@ -336,14 +336,14 @@ def test_generate_streams_deltas_that_concatenate_to_the_completion(models):
     assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (len(ref.prompt_ids), 24)
     assert [g.expert for g in last.gate_means] == list(EXPERTS)
     assert {m.version_id for m in messages} == {SHIFTABLE}
-    # unset fields take the defaults: 64 new tokens, capped at the context - 1
-    assert defaults[-1].usage.completion_tokens == 63
+    # unset fields take the defaults: 64 new tokens, capped at half the context
+    assert defaults[-1].usage.completion_tokens == 32
 
     assert list(gates.experts) == list(EXPERTS) and len(gates.layers) == 2
     assert all(len(layer.per_position) == len(gates.tokens) * 3 for layer in gates.layers)
 
     assert (info.version_id, list(info.specialists), info.context) == (SHIFTABLE, ["dl", "ds"], 64)
-    assert (info.requests_total, info.tokens_generated, info.active_streams) == (2, 24 + 63, 0)
+    assert (info.requests_total, info.tokens_generated, info.active_streams) == (2, 24 + 32, 0)
 
 
 def test_errors_map_to_grpc_status_codes(models):

@@ -1,0 +1,325 @@
+"""Benchmark a live `sma up` stack: decode tokens/s (in-process, gRPC, SSE) and add times.
+
+Decode speed of one stream in-process vs over gRPC vs over SSE, the batching gain of concurrent
+gRPC streams, and the wall time of an incremental add vs a full retrain, in one run.
+
+Starts `sma up` on a free block of loopback ports (log in a temp folder), waits for /health
+`ready`, measures, and stops the stack with SIGTERM. A home without a model gets one trained by
+the stack's first start (with --profile). Every decode is greedy from one fixed prompt, and the
+stack's inference server and this process use the same torch thread count (--threads).
+
+The lifecycle part adds specialists `benchnew*` built from the first documents of an existing
+specialist's corpus, then DELETEs them again: the home keeps the new model versions, and the
+deleted corpora move to data/.deleted/ (nothing is destroyed).
+
+    .venv/bin/python scripts/bench_stack.py --home sma-home [--profile cpu] [--tokens 128] \
+        [--repeats 3] [--threads 2] [--json] [--skip-lifecycle]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import httpx
+import torch
+
+from services.stack import free_port_block
+from shiftable_lib import checkpoint, jobs
+from shiftable_lib.config import Settings
+from shiftable_lib.corpus import DOCUMENT_SEPARATOR, GENERAL, read_documents
+from shiftable_lib.generate import Engine, SamplingParams
+from sma.v1 import inference_pb2, inference_pb2_grpc
+
+READY_TIMEOUT_S = 3600.0  # a first start with the cpu profile trains for up to ~10 minutes
+CONCURRENCY = (1, 8, 32)
+NEW_DOCS = 100  # documents copied into each new specialist corpus (at most half the source)
+# the first whose greedy completion runs to --tokens without EOS is used
+PROMPTS = ("The list of files in the module", "import numpy as np\n", "def main():\n")
+
+
+def start_stack(home: Path, profile: str, port: int, threads: int, log: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SMA_")}  # no stray ports
+    env["SMA_THREADS"] = str(threads)
+    command = [sys.executable, "-m", "shiftable_lib.cli", "up", "--home", str(home)]
+    command += ["--profile", profile, "--device", "cpu", "--port", str(port)]
+    with open(log, "ab") as out:
+        return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def wait_ready(http: httpx.Client, process: subprocess.Popen, log: Path) -> dict:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            break
+        try:
+            health = http.get("/health", timeout=5.0).json()
+            if health.get("ready"):
+                return health
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(0.5)
+    tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
+    raise RuntimeError(f"the stack is not ready (exit code {process.poll()}):\n{tail}")
+
+
+def choose_prompt(engine: Engine, tokens: int) -> tuple[str, int]:
+    """The first prompt whose greedy completion (EOS allowed) is `tokens` long, else the one
+    that runs longest; and that length (greedy is deterministic, so the gateway's matches)."""
+    params = SamplingParams(max_new_tokens=tokens, temperature=0.0)
+    best = ("", -1)
+    for prompt in PROMPTS:
+        seq = engine.submit(prompt, params)
+        while engine.has_work():
+            engine.step()
+        if len(seq.output_ids) > best[1]:
+            best = (prompt, len(seq.output_ids))
+        if best[1] >= tokens:
+            break
+    return best
+
+
+def inprocess_once(engine: Engine, prompt: str, tokens: int) -> tuple[int, float]:
+    params = SamplingParams(max_new_tokens=tokens, temperature=0.0, ignore_eos=True)
+    start = time.perf_counter()
+    seq = engine.submit(prompt, params)
+    while seq.finish_reason is None:
+        engine.step()
+    return len(seq.output_ids), time.perf_counter() - start
+
+
+def grpc_once(address: str, prompt: str, tokens: int, streams: int) -> tuple[int, float]:
+    """Total completion tokens of `streams` concurrent Generate calls, and the wall time from
+    starting the first to the last message of the last (connection set up beforehand)."""
+    request = inference_pb2.GenerateRequest(
+        prompt=prompt, max_new_tokens=tokens, temperature=0.0, top_k=0, top_p=1.0, seed=0
+    )
+    request.ignore_eos = True
+
+    async def run() -> tuple[int, float]:
+        async with grpc.aio.insecure_channel(address) as channel:
+            await channel.channel_ready()
+            stub = inference_pb2_grpc.InferenceStub(channel)
+
+            async def one() -> int:
+                usage = 0
+                async for message in stub.Generate(request):
+                    usage = message.usage.completion_tokens or usage
+                return usage
+
+            start = time.perf_counter()
+            counts = await asyncio.gather(*(one() for _ in range(streams)))
+            return sum(counts), time.perf_counter() - start
+
+    return asyncio.run(run())
+
+
+def sse_once(
+    http: httpx.Client, prompt: str, tokens: int, ignore_eos: bool
+) -> tuple[int, float, str | None]:
+    """Tokens streamed (sum of token_ids), wall time to the `done` event, finish reason.
+    `ignore_eos` only where the gateway's GenerateBody has it (else it would answer 422)."""
+    body = {"prompt": prompt, "max_new_tokens": tokens, "temperature": 0.0, "seed": 0}
+    body |= {"ignore_eos": True} if ignore_eos else {}
+    count, finish, event = 0, None, ""
+    start = time.perf_counter()
+    with http.stream("POST", "/generate/stream", json=body, timeout=None) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                event = line.removeprefix("event: ")
+            elif line.startswith("data: "):
+                data = json.loads(line.removeprefix("data: "))
+                if event == "token":
+                    count += len(data["token_ids"])
+                elif event == "done":
+                    finish = data.get("finish_reason")
+                    break
+                else:
+                    raise RuntimeError(f"SSE {event}: {data}")
+    return count, time.perf_counter() - start, finish
+
+
+def fresh_name(base: str, data_dir: Path, taken: list[str]) -> str:
+    name, i = base, 1
+    while name in taken or (data_dir / name).exists():
+        i += 1
+        name = f"{base}{i}"
+    return name
+
+
+def lifecycle(http: httpx.Client, data_dir: Path, served: list[str]) -> dict:
+    """Seconds from POST /specialists to its 200 (the new specialist serves): an incremental
+    add of one new corpus, then (after deleting it) a full retrain with a copy of it."""
+    source = next(s for s in served if s != GENERAL and (data_dir / s).is_dir())
+    docs = read_documents(data_dir / source)
+    docs = docs[: min(NEW_DOCS, max(1, len(docs) // 2))]
+    seconds: dict[str, float] = {}
+    names: list[str] = []
+    for full in (False, True):
+        name = fresh_name("benchnew", data_dir, served + names)
+        names.append(name)
+        (data_dir / name).mkdir(parents=True)
+        (data_dir / name / "corpus.txt").write_text(DOCUMENT_SEPARATOR.join(docs) + "\n")
+        start = time.perf_counter()
+        reply = http.post("/specialists", json={"name": name, "full_retrain": full}, timeout=None)
+        seconds["full" if full else "incremental"] = time.perf_counter() - start
+        if reply.status_code != 200:
+            raise RuntimeError(f"POST /specialists {name}: {reply.status_code} {reply.text}")
+        reply = http.delete(f"/specialists/{name}", timeout=None)  # corpus -> data/.deleted/
+        if reply.status_code != 200:
+            raise RuntimeError(f"DELETE /specialists/{name}: {reply.status_code} {reply.text}")
+    return {"source": source, "documents": len(docs), "names": names, **seconds}
+
+
+def cpu_model() -> str:
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    return (re.findall(r"model name\s*:\s*(.*)", info) or [platform.machine()])[0]
+
+
+def rate(samples: list[tuple[int, float]]) -> float:
+    return statistics.median(n / s for n, s in samples)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--home", type=Path, required=True)
+    parser.add_argument("--profile", default="cpu", help="for a first training only")
+    parser.add_argument("--tokens", type=int, default=128, help="new tokens per stream")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds; medians are reported")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (SMA_THREADS)")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--skip-lifecycle", action="store_true")
+    args = parser.parse_args()
+
+    home = args.home.resolve()
+    settings = Settings(home=home, threads=args.threads)
+    profile = args.profile
+    if (current := checkpoint.current_version(settings.models_dir)) is not None:
+        config = json.loads((settings.models_dir / current / "config.json").read_text())
+        profile = config["profile"]["name"]  # the stack must not disagree with the model
+    torch.set_num_threads(args.threads)
+    port = free_port_block()
+    log = Path(tempfile.mkdtemp(prefix="bench-stack-")) / "stack.log"
+    http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60.0)
+    address = f"127.0.0.1:{port + 3}"  # the inference port the stack derives (Settings.grpc_port)
+    process = start_stack(home, profile, port, args.threads, log)
+    notes: list[str] = [f"stack log: {log}"]
+    load_before = os.getloadavg()[0]
+    worker = ThreadPoolExecutor(max_workers=1)
+    try:
+        health = wait_ready(http, process, log)
+        with grpc.insecure_channel(address) as channel:
+            stub = inference_pb2_grpc.InferenceStub(channel)
+            info = stub.GetModelInfo(inference_pb2.GetModelInfoRequest(), timeout=30)
+        version = jobs.load_current(settings, "cpu")
+        # as in the server: the engine is built on one thread and stepped on another (`worker`,
+        # like its step thread). Which thread first runs torch's parallel regions matters: on a
+        # busy machine, stepping on that same thread with 2 threads was ~20x slower (tiny)
+        engine = Engine(version.model, version.tokenizer, info.max_batch)
+        prompt, reach = worker.submit(choose_prompt, engine, args.tokens).result()
+        schemas = http.get("/openapi.json").json().get("components", {}).get("schemas", {})
+        sse_eos = "ignore_eos" in schemas.get("GenerateBody", {}).get("properties", {})
+        if not sse_eos and reach < args.tokens:
+            notes.append(
+                f"every prompt hits EOS before {args.tokens} tokens (best {reach}) and the "
+                "gateway has no ignore_eos: the SSE row is over shorter streams (more prefill "
+                "and overhead per token), not strictly comparable"
+            )
+        if info.max_batch < max(CONCURRENCY):
+            notes.append(f"max_batch is {info.max_batch}: streams beyond it queue")
+        one: dict[str, list[tuple[int, float]]] = {"in-process": [], "gRPC": [], "SSE": []}
+        finishes: list[str | None] = []
+        for round_ in range(args.repeats + 1):  # round 0 warms every path up
+            ip = worker.submit(inprocess_once, engine, prompt, args.tokens).result()
+            gr = grpc_once(address, prompt, args.tokens, 1)
+            n, seconds, finish = sse_once(http, prompt, args.tokens, sse_eos)
+            if round_:
+                one["in-process"].append(ip)
+                one["gRPC"].append(gr)
+                one["SSE"].append((n, seconds))
+                finishes.append(finish)
+        if min(n for n, _ in one["SSE"]) < args.tokens:
+            notes.append(f"SSE streams ended early: {one['SSE']} (tokens, s), finish {finishes}")
+        conc: dict[int, list[tuple[int, float]]] = {n: [] for n in CONCURRENCY}
+        grpc_once(address, prompt, args.tokens, max(CONCURRENCY))  # warm the batched shapes
+        for _ in range(args.repeats):
+            for n in CONCURRENCY:
+                conc[n].append(grpc_once(address, prompt, args.tokens, n))
+        life = None
+        if not args.skip_lifecycle:
+            life = lifecycle(http, settings.data_dir, health["specialists"])
+    finally:
+        worker.shutdown()
+        http.close()
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    single = {k: rate(v) for k, v in one.items()}
+    base = single["in-process"]
+    rows: list[dict] = []
+
+    def row(name: str, value: float, unit: str, ratio: float | None, goal: str = "") -> None:
+        rows.append({"row": name, "value": round(value, 2), "unit": unit, "goal": goal,
+                     "ratio": None if ratio is None else round(ratio, 3)})  # fmt: skip
+
+    row("in-process, 1 stream", base, "tok/s", 1.0)
+    row("gRPC Generate, 1 stream", single["gRPC"], "tok/s", single["gRPC"] / base, ">=0.9x")
+    row("SSE /generate/stream, 1 stream", single["SSE"], "tok/s", single["SSE"] / base, ">=0.85x")
+    for n in CONCURRENCY:
+        row(f"gRPC, {n} concurrent (aggregate)", rate(conc[n]), "tok/s", rate(conc[n]) / base)
+    row("gRPC 32 vs 1 stream", rate(conc[32]) / rate(conc[1]), "x", None, ">=8x")
+    if life is not None:
+        row("POST /specialists incremental", life["incremental"], "s", None)
+        row("POST /specialists full_retrain", life["full"], "s", life["full"] / life["incremental"])
+        notes.append(
+            f"lifecycle: {life['documents']} documents of {life['source']!r} as "
+            f"{life['names']} (ratio = full / incremental); corpora moved to data/.deleted/"
+        )
+    machine = {
+        "cpus": os.cpu_count(),
+        "cpu": cpu_model(),
+        "loadavg_1m_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "torch": torch.__version__,
+        "torch_threads": args.threads,
+        "profile": info.profile,
+        "version": info.version_id,
+        "max_batch": info.max_batch,
+        "tokens": args.tokens,
+        "repeats": args.repeats,
+        "prompt": prompt,
+        "sse_ignore_eos": sse_eos,
+    }
+    if args.json:
+        print(json.dumps({"rows": rows, "machine": machine, "notes": notes}, indent=2))
+        return
+    print(f"{'row':34} {'value':>10} {'unit':6} {'ratio':>8}  goal")
+    for r in rows:
+        ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}x"
+        print(f"{r['row']:34} {r['value']:>10.2f} {r['unit']:6} {ratio:>8}  {r['goal']}")
+    print("ratio: vs in-process for tok/s rows; full retrain / incremental for the last")
+    print("machine: " + ", ".join(f"{k} {v!r}" for k, v in machine.items()))
+    for note in notes:
+        print(f"note: {note}")
+
+
+if __name__ == "__main__":
+    main()
