@@ -413,3 +413,27 @@ def test_client_cancellation_and_deadlines_stop_the_sequence(models):
             assert after.active_streams == after.queued == 0
 
     asyncio.run(scenario())
+
+
+def test_a_worker_that_dies_fails_its_streams_and_is_replaced(models):
+    async def scenario() -> None:
+        async with running_core(models) as core:
+            stream = core.generate(PROMPTS[0], LONG)
+            await anext(stream)
+            core._process.kill()  # the decode worker process crashes mid-stream
+            with pytest.raises(Unavailable, match="worker process died"):
+                await collect(stream)
+            # a new worker takes over, serving the same version
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    chunks = await collect(core.generate(PROMPTS[1], GREEDY))
+                    break
+                except Unavailable:
+                    assert time.monotonic() < deadline, "no new worker came up"
+                    await asyncio.sleep(0.1)
+            ref = reference(models, SHIFTABLE, PROMPTS[1], GREEDY)
+            assert joined(chunks) == (ref.text, ref.output_ids)
+            assert chunks[-1].version_id == SHIFTABLE
+
+    asyncio.run(scenario())
