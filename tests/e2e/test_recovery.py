@@ -42,6 +42,27 @@ def generates(stack: Stack) -> bool:
     return reply.status_code == 200
 
 
+def first_start_answers(stack: Stack) -> tuple[list[str], list[float]]:
+    """Until the first model serves: /generate's 503 messages and /health's first-start %."""
+    refusals, progress = [], []
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        try:
+            health = stack.http.get("/health", timeout=5).json()
+            reply = stack.http.post("/generate", json={"prompt": "the", "max_new_tokens": 2})
+        except Exception:  # the gateway is not listening yet
+            time.sleep(0.1)
+            continue
+        if health["first_start"]:
+            progress.append(health["first_start"]["progress"]["percent"])
+        if reply.status_code == 200:
+            break
+        assert reply.status_code == 503, reply.text
+        refusals.append(reply.json()["detail"])
+        time.sleep(0.1)
+    return refusals, progress
+
+
 def test_a_killed_server_is_restarted_and_the_stack_recovers(stack: Stack) -> None:
     for name in ("inference", "registry"):
         pid = stack.pids()[name]
@@ -107,6 +128,11 @@ def test_two_stacks_with_different_homes_and_ports_run_side_by_side(tmp_path: Pa
     first = Stack(tiny_home(tmp_path / "a")).start()
     second = Stack(tiny_home(tmp_path / "b")).start()
     try:
+        refusals, progress = first_start_answers(first)
+        training = [r for r in refusals if r.startswith("model is training (")]
+        assert training, refusals  # before the first-start operation exists: "no model ... yet"
+        assert all(r in training or r == "no model is serving yet" for r in refusals), refusals
+        assert progress and progress == sorted(progress), progress  # monotonic percentages
         for stack in (first, second):
             stack.wait_ready()
             assert generates(stack)
