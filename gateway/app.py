@@ -267,7 +267,7 @@ def create_app(settings: Settings) -> FastAPI:
             "prompt": body.prompt,
             "completion": completion,
             "full_text": body.prompt + completion,
-            "specialists": await gw.specialists(),
+            "specialists": list(gw.serving.version.specialists),  # no registry call per request
             **_final(last),
         }
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import grpc
 
 from gateway.backends import Backends
+from gateway.schemas import enum_name
 from shiftable_lib import versions
 from shiftable_lib.config import Settings
 from shiftable_lib.corpus import corpus_digest, domain_dir, text_files
@@ -193,7 +194,7 @@ class Coordinator:
                 log.info("training service unavailable while following %s; retrying", job_id)
                 await asyncio.sleep(1.0)
         if job.state != T.JOB_STATE_SUCCEEDED:
-            state = T.JobState.Name(job.state).removeprefix("JOB_STATE_").lower()
+            state = enum_name(T.JobState, job.state)
             raise OperationFailed(f"training job {job.id} {state}: {job.error or 'no reason'}")
         return job
 

@@ -20,6 +20,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from gateway.schemas import enum_name
 from sma.v1 import inference_pb2, registry_pb2
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -99,7 +100,7 @@ class Metrics:
             self.model_loaded.set(0)
         self.training_progress.clear()
         for op in running:
-            kind = registry_pb2.OperationKind.Name(op.kind).removeprefix("OPERATION_KIND_").lower()
+            kind = enum_name(registry_pb2.OperationKind, op.kind)
             self.training_progress.labels(op.id, kind, op.target).set(op.progress.fraction)
         self.operations_running.set(len(running))
 

@@ -125,7 +125,9 @@ def _time(ts: Timestamp) -> str | None:
     return ts.ToDatetime().isoformat() + "Z" if ts.seconds or ts.nanos else None
 
 
-def _lower(enum, value: int, prefix: str) -> str:
+def enum_name(enum, value: int) -> str:
+    """`OPERATION_STATE_RUNNING` -> `running`: the enum's prefix (from its zero) dropped."""
+    prefix = enum.Name(0).removesuffix("UNSPECIFIED")
     return enum.Name(value).removeprefix(prefix).lower()
 
 
@@ -146,9 +148,9 @@ def operation_dict(op: registry_pb2.Operation) -> dict:
     """The operation object of the REST API: id, kind, state, progress, error, ..."""
     return {
         "id": op.id,
-        "kind": _lower(registry_pb2.OperationKind, op.kind, "OPERATION_KIND_"),
+        "kind": enum_name(registry_pb2.OperationKind, op.kind),
         "target": op.target or None,
-        "state": _lower(registry_pb2.OperationState, op.state, "OPERATION_STATE_"),
+        "state": enum_name(registry_pb2.OperationState, op.state),
         "progress": progress_dict(op.progress),
         "error": op.error or None,
         "message": op.message or None,
@@ -163,7 +165,7 @@ def operation_dict(op: registry_pb2.Operation) -> dict:
 def specialist_dict(s: registry_pb2.Specialist) -> dict:
     return {
         "name": s.name,
-        "state": _lower(registry_pb2.SpecialistState, s.state, "SPECIALIST_STATE_"),
+        "state": enum_name(registry_pb2.SpecialistState, s.state),
         "error": s.error or None,
         "corpus_dir": s.corpus_dir,
         "corpus_digest": s.corpus_digest or None,

@@ -21,6 +21,8 @@ import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from enum import Enum
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -40,7 +42,11 @@ from shiftable_lib.errors import (
     Unavailable,
 )
 
+if TYPE_CHECKING:
+    from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
+
 log = logging.getLogger("sma.grpc")
+E = TypeVar("E", bound=Enum)
 
 # most specific first: AlreadyExists is a Conflict, the corpus errors are ValueError/OSError
 _CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
@@ -202,6 +208,31 @@ async def serve(
         await stop()
     if failed:  # non-zero, so that a supervisor restarts it
         raise SystemExit(f"start-up failed: {failed[0]}")
+
+
+class EnumMap(Generic[E]):
+    """A core's Python enum and its proto twin, matched by member name
+    (`READY` <-> `SPECIALIST_STATE_READY`, `TRAIN_ALL` <-> `JOB_KIND_TRAIN_ALL`)."""
+
+    def __init__(self, ours: type[E], proto: EnumTypeWrapper) -> None:
+        self.ours, self.proto = ours, proto
+        self.prefix = proto.Name(0).removesuffix("UNSPECIFIED")
+
+    def to_proto(self, value: E) -> int:
+        return self.proto.Value(self.prefix + value.name)
+
+    def from_proto(self, value: int) -> E | None:
+        """None for UNSPECIFIED; ValueError (INVALID_ARGUMENT) for a number the proto lacks."""
+        return None if value == 0 else self.ours[self.proto.Name(value).removeprefix(self.prefix)]
+
+    def required(self, value: int, what: str) -> E:
+        """The member for `value`; ValueError naming the choices when it is UNSPECIFIED or
+        unknown."""
+        member = self.from_proto(value) if value in self.proto.values() else None
+        if member is None:
+            choices = ", ".join(name.removeprefix(self.prefix) for name in self.proto.keys()[1:])
+            raise ValueError(f"{what} is required: one of {choices} (got {value})")
+        return member
 
 
 def timestamp(moment: datetime | None) -> Timestamp | None:

@@ -149,17 +149,11 @@ class Engine:
         context = self.model.cfg.context
         params.validate(context)
         allowed = params.routing.allowed(self.model.experts)
-        ids = encode(self.tok, prompt) if isinstance(prompt, str) else list(prompt)
-        vocab = self.model.cfg.vocab_size
-        if any(not 0 <= i < vocab for i in ids):
-            raise ValueError(f"token ids must be in [0, {vocab})")
-        ids = ids or [self.eos]  # an empty prompt starts a new document
-        room = context - params.max_new_tokens
-        truncated = max(0, len(ids) - room)
+        ids, truncated = self.prompt_ids(prompt, context - params.max_new_tokens)
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little")
         seq = Sequence(
             id=next(self._ids),
-            prompt_ids=ids[truncated:],
+            prompt_ids=ids,
             truncated=truncated,
             params=params,
             generator=torch.Generator(device=self.device).manual_seed(seed),
@@ -168,6 +162,16 @@ class Engine:
         )
         self.queue.append(seq)
         return seq
+
+    def prompt_ids(self, prompt: str | list[int], room: int) -> tuple[list[int], int]:
+        """A prompt as at most `room` token ids (left-truncated), and how many were dropped."""
+        ids = encode(self.tok, prompt) if isinstance(prompt, str) else list(prompt)
+        vocab = self.model.cfg.vocab_size
+        if any(not 0 <= i < vocab for i in ids):
+            raise ValueError(f"token ids must be in [0, {vocab})")
+        ids = ids or [self.eos]  # an empty prompt starts a new document
+        truncated = max(0, len(ids) - room)
+        return ids[truncated:], truncated
 
     def cancel(self, seq: Sequence) -> None:
         """Stop a sequence now; its slot is free for the next step."""

@@ -54,7 +54,6 @@ from shiftable_lib import checkpoint
 from shiftable_lib.errors import Overloaded, Unavailable
 from shiftable_lib.generate import Engine, SamplingParams, Sequence
 from shiftable_lib.model import ModelConfig, Routing
-from shiftable_lib.tokenizer import encode
 
 log = logging.getLogger("sma.inference")
 
@@ -570,6 +569,8 @@ class _Worker:
         if request is not None:
             del self.by_seq[id(request.seq)]
             request.engine.cancel(request.seq)
+            # a draining engine whose last stream was cancelled goes now, not at the next step
+            self.draining = [e for e in self.draining if e.has_work()]
 
     def forget(self, request: _Request) -> None:
         del self.requests[request.stream_id], self.by_seq[id(request.seq)]
@@ -614,9 +615,7 @@ class _Worker:
         if engine is None:
             raise Unavailable("the inference worker has no model loaded")
         model, tok = engine.model, engine.tok
-        ids = encode(tok, prompt) or [engine.eos]
-        truncated = max(0, len(ids) - model.cfg.context)
-        ids = ids[truncated:]
+        ids, truncated = engine.prompt_ids(prompt, model.cfg.context)
         with torch.inference_mode():
             idx = torch.tensor([ids], device=engine.device)
             _, gates = model(idx, routing, return_gates=True)

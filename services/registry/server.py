@@ -12,14 +12,13 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, fields
 from datetime import UTC
-from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Generic, ParamSpec, TypeVar
+from typing import ParamSpec, TypeVar
 
 import grpc
 from google.protobuf.message import Message
 
-from services.common import Server, Service, rpc, run, serve, timestamp
+from services.common import EnumMap, Server, Service, rpc, run, serve, timestamp
 from services.registry.store import (
     ModelVersion,
     Operation,
@@ -36,46 +35,19 @@ from shiftable_lib.config import Settings
 from shiftable_lib.errors import Unavailable
 from sma.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 
-if TYPE_CHECKING:
-    from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
-
 SERVICE_NAME = registry_pb2.DESCRIPTOR.services_by_name["Registry"].full_name
 OPERATION_ID_KEY = "sma-operation-id"  # trailing metadata of a FAILED_PRECONDITION on create
 DEFAULT_LIST_LIMIT = 100
 
 Context = grpc.aio.ServicerContext
-E = TypeVar("E", bound=Enum)
 M = TypeVar("M", bound=Message)
 P = ParamSpec("P")
 T = TypeVar("T")
 
 
-class _EnumMap(Generic[E]):
-    """One of the store's enums and its proto twin, matched by member name
-    (`READY` <-> `SPECIALIST_STATE_READY`)."""
-
-    def __init__(self, ours: type[E], proto: EnumTypeWrapper) -> None:
-        self.ours, self.proto = ours, proto
-        self.prefix = proto.Name(0).removesuffix("UNSPECIFIED")
-
-    def to_proto(self, value: E) -> int:
-        return self.proto.Value(self.prefix + value.name)
-
-    def from_proto(self, value: int) -> E | None:
-        """None for UNSPECIFIED; ValueError (INVALID_ARGUMENT) for a number the proto lacks."""
-        return None if value == 0 else self.ours[self.proto.Name(value).removeprefix(self.prefix)]
-
-    def required(self, value: int, what: str) -> E:
-        member = self.from_proto(value)
-        if member is None:
-            choices = ", ".join(name.removeprefix(self.prefix) for name in self.proto.keys()[1:])
-            raise ValueError(f"{what} is required: one of {choices}")
-        return member
-
-
-SPECIALIST_STATES = _EnumMap(SpecialistState, registry_pb2.SpecialistState)
-OPERATION_KINDS = _EnumMap(OperationKind, registry_pb2.OperationKind)
-OPERATION_STATES = _EnumMap(OperationState, registry_pb2.OperationState)
+SPECIALIST_STATES = EnumMap(SpecialistState, registry_pb2.SpecialistState)
+OPERATION_KINDS = EnumMap(OperationKind, registry_pb2.OperationKind)
+OPERATION_STATES = EnumMap(OperationState, registry_pb2.OperationState)
 
 
 class _Changes:

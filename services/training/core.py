@@ -556,7 +556,7 @@ class JobManager:
             job = self._queue.popleft()
             try:
                 self._launch(job)
-            except OSError as exc:  # cannot start a process (fds, memory): fail this job only
+            except Exception as exc:  # cannot start a process (fds, memory): fail this job only
                 log.exception("cannot start %s", job.id)
                 self._finish(job, JobState.FAILED, error=f"cannot start training process: {exc}")
 
@@ -620,8 +620,7 @@ class JobManager:
 
     def _on_message(self, run: _Run, message: JobProgress | _Published | _Failed) -> None:
         if isinstance(message, JobProgress):
-            fraction = max(run.job.progress.fraction, message.fraction)
-            run.job.progress = replace(message, fraction=fraction)
+            run.job.progress = message  # monotonic already: FractionEstimate in the child
             self._notify(run.job)
         else:
             run.outcome = message

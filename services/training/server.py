@@ -7,48 +7,28 @@ decides what is valid and raises the library's typed errors, which `@rpc` maps t
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import asdict
 
 import grpc
 
-from services.common import Server, Service, rpc, run, serve, timestamp
+from services.common import EnumMap, Server, Service, rpc, run, serve, timestamp
 from services.training.core import Job, JobKind, JobManager, JobState
 from shiftable_lib.config import Settings
 from sma.v1 import common_pb2, training_pb2, training_pb2_grpc
 
 SERVICE_NAME = "sma.v1.Training"
 
-_KINDS = {
-    training_pb2.JOB_KIND_TRAIN_ALL: JobKind.TRAIN_ALL,
-    training_pb2.JOB_KIND_TRAIN_SPECIALISTS: JobKind.TRAIN_SPECIALISTS,
-    training_pb2.JOB_KIND_ADD_SPECIALIST: JobKind.ADD_SPECIALIST,
-    training_pb2.JOB_KIND_REMOVE_SPECIALIST: JobKind.REMOVE_SPECIALIST,
-}
-_KIND_PB = {kind: number for number, kind in _KINDS.items()}
-_STATE_PB = {
-    JobState.QUEUED: training_pb2.JOB_STATE_QUEUED,
-    JobState.RUNNING: training_pb2.JOB_STATE_RUNNING,
-    JobState.SUCCEEDED: training_pb2.JOB_STATE_SUCCEEDED,
-    JobState.FAILED: training_pb2.JOB_STATE_FAILED,
-    JobState.CANCELLED: training_pb2.JOB_STATE_CANCELLED,
-}
+KINDS = EnumMap(JobKind, training_pb2.JobKind)
+STATES = EnumMap(JobState, training_pb2.JobState)
 
 
 def job_to_proto(job: Job) -> training_pb2.Job:
-    p = job.progress
     return training_pb2.Job(
         id=job.id,
-        kind=_KIND_PB[job.kind],
+        kind=KINDS.to_proto(job.kind),
         specialist=job.specialist,
-        state=_STATE_PB[job.state],
-        progress=common_pb2.TrainingProgress(
-            phase=p.phase,
-            step=p.step,
-            total=p.total,
-            fraction=p.fraction,
-            loss=p.loss,
-            tokens_per_s=p.tokens_per_s,
-            eta_s=p.eta_s,
-        ),
+        state=STATES.to_proto(job.state),
+        progress=common_pb2.TrainingProgress(**asdict(job.progress)),
         error=job.error,
         version_id=job.version_id,
         message=job.message,
@@ -67,12 +47,8 @@ class TrainingServicer(training_pb2_grpc.TrainingServicer):
     async def StartJob(
         self, request: training_pb2.StartJobRequest, context: grpc.aio.ServicerContext
     ) -> training_pb2.StartJobResponse:
-        kind = _KINDS.get(request.kind)
-        if kind is None:
-            names = ", ".join(training_pb2.JobKind.Name(n) for n in _KINDS)
-            raise ValueError(f"job kind must be one of {names} (got {request.kind})")
         job = self.manager.submit(
-            kind,
+            KINDS.required(request.kind, "job kind"),
             specialist=request.specialist,
             profile=request.profile,
             recalibrate_steps=request.recalibrate_steps,
