@@ -4,10 +4,12 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 NPM_STAMP := node_modules/.installed
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 HOME_DIR ?= sma-home
 PROFILE  ?= cpu
 
-.PHONY: install run test lint bench protos clean
+.PHONY: install browser run test lint bench protos clean
 
 install: $(STAMP) $(NPM_STAMP)
 
@@ -24,6 +26,12 @@ $(NPM_STAMP): package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $(NPM_STAMP)
 
+# The UI tests drive Debian's Chromium with Playwright (never a browser download).
+browser: $(CHROMIUM)
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+
 $(VENV)/.bench-installed: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[dev,bench]'
 	touch $@
@@ -33,7 +41,7 @@ $(VENV)/.bench-installed: $(STAMP)
 run: install
 	$(BIN)/sma up --home $(HOME_DIR) --profile $(PROFILE)
 
-test: install
+test: install browser
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest -q

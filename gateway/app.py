@@ -215,9 +215,23 @@ def create_app(settings: Settings) -> FastAPI:
             "serving_version": version.id or None,
             "loaded_version": gw.serving.loaded_version_id or None,
             "profile": version.profile or None,
+            "model": _model(info),
             "first_start": await gw.first_start(),
             "boot": gw.coordinator.boot_error,
             "services": services,
+        }
+
+    def _model(info: inference_pb2.GetModelInfoResponse | None) -> dict | None:
+        if info is None or not info.version_id:
+            return None
+        return {
+            "context": info.context,
+            "n_layer": info.n_layer,
+            "d_model": info.d_model,
+            "vocab_size": info.vocab_size,
+            "max_batch": info.max_batch,
+            "active_streams": info.active_streams,
+            "queued": info.queued,
         }
 
     @app.get("/specialists")

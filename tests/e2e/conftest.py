@@ -85,6 +85,16 @@ class Stack:
             return self.process.wait()
 
 
+def wait_for(predicate, timeout: float = 120.0, every: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"condition not met in {timeout} s")
+
+
 def tiny_home(root: Path) -> Path:
     for name in VOCAB:
         write_domain(root / "data", name, synthetic_documents(name, 40))

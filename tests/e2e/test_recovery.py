@@ -11,19 +11,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import synthetic_documents, write_domain
-from tests.e2e.conftest import Stack, tiny_home
+from tests.e2e.conftest import Stack, tiny_home, wait_for
 
 pytestmark = pytest.mark.slow
-
-
-def wait_for(predicate, timeout: float = 120.0, every: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"condition not met in {timeout} s")
 
 
 def operation_done(stack: Stack, op_id: str) -> dict | None:

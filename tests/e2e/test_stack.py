@@ -50,6 +50,7 @@ def test_first_start_serves_a_trained_model(stack: Stack) -> None:
     assert health["initialized"] and health["ready"] and health["status"] == "ok"
     assert health["serving_version"] == health["loaded_version"]
     assert health["device"] == "cpu" and health["profile"] == "tiny"
+    assert health["model"]["context"] == 64 and health["model"]["n_layer"] == 2
     assert sorted(health["specialists"]) == ["dl", "ds"]
     assert Path(health["tokenizer_path"]).is_file()
     assert {n: s["status"] for n, s in health["services"].items()} == {

@@ -1,0 +1,79 @@
+// The gateway's REST and Server-Sent Events, as plain functions. Nothing else talks to the server.
+
+export class ApiError extends Error {
+  constructor(status, detail) {
+    super(detail);
+    this.status = status;
+  }
+}
+
+async function check(response) {
+  if (response.ok) return response;
+  let detail = `${response.status} ${response.statusText}`;
+  try {
+    const body = await response.json();
+    detail = describe(body.detail) ?? detail;
+  } catch {
+    // not JSON: keep the status line
+  }
+  throw new ApiError(response.status, detail);
+}
+
+// FastAPI's 422 detail is a list of {loc, msg}; everything else here is a sentence.
+function describe(detail) {
+  if (typeof detail === "string") return detail;
+  if (Array.isArray(detail)) {
+    return detail.map((d) => `${(d.loc ?? []).slice(1).join(".") || "body"}: ${d.msg}`).join("; ");
+  }
+  return null;
+}
+
+function request(method, body, signal) {
+  const init = { method, signal, headers: { Accept: "application/json" } };
+  if (body !== undefined) {
+    init.body = JSON.stringify(body);
+    init.headers["Content-Type"] = "application/json";
+  }
+  return init;
+}
+
+export async function api(path, { method = "GET", body, signal } = {}) {
+  const response = await check(await fetch(path, request(method, body, signal)));
+  return response.status === 204 ? null : response.json();
+}
+
+// Server-Sent Events over fetch (EventSource can only GET): yields {event, data} as they arrive.
+// Aborting `signal` closes the connection, which the gateway turns into a cancelled stream.
+export async function* events(path, { method = "GET", body, signal } = {}) {
+  const init = request(method, body, signal);
+  init.headers.Accept = "text/event-stream";
+  const response = await check(await fetch(path, init));
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  try {
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      buffer += value;
+      let end;
+      while ((end = buffer.indexOf("\n\n")) >= 0) {
+        const block = buffer.slice(0, end);
+        buffer = buffer.slice(end + 2);
+        const event = parse(block);
+        if (event) yield event;
+      }
+    }
+  } finally {
+    reader.cancel().catch(() => {});
+  }
+}
+
+function parse(block) {
+  let event = "message";
+  const data = [];
+  for (const line of block.split("\n")) {
+    if (line.startsWith("event:")) event = line.slice(6).trim();
+    else if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
+  }
+  return data.length ? { event, data: JSON.parse(data.join("\n")) } : null;
+}

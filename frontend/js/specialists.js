@@ -1,0 +1,231 @@
+// The specialists panel: the registry's list with states, add and delete, and a progress bar for
+// every unfinished operation, fed by its SSE stream. The list refreshes when an operation ends.
+
+import { api, events } from "./api.js";
+
+const $ = (id) => document.getElementById(id);
+const list = $("specialists");
+const operations = $("operations");
+const addForm = $("add-form");
+const addName = $("add-name");
+const addButton = $("add-button");
+const addError = $("add-error");
+const dialog = $("confirm");
+
+const TITLES = {
+  initialize: () => "First start: training the model",
+  add_specialist: (op) => `Adding ${op.target}`,
+  delete_specialist: (op) => `Deleting ${op.target}`,
+};
+const FINISHED = new Set(["succeeded", "failed", "cancelled"]);
+
+export class Specialists {
+  constructor({ onChange }) {
+    this.onChange = onChange;
+    this.items = [];
+    this.followed = new Map(); // operation id -> its element
+    this.busy = false; // an operation is unfinished: the server takes one at a time
+    addForm.addEventListener("submit", (e) => {
+      e.preventDefault();
+      this.add(addName.value.trim());
+    });
+  }
+
+  async refresh() {
+    let items, unfinished;
+    try {
+      [items, unfinished] = await Promise.all([
+        api("/v1/specialists"),
+        api("/operations?unfinished=true"),
+      ]);
+    } catch {
+      return; // the status bar says the gateway is away
+    }
+    for (const op of unfinished) this.follow(op);
+    this.busy = unfinished.length > 0;
+    this.items = items;
+    this.render();
+  }
+
+  render() {
+    const ready = this.items.filter((s) => s.state === "ready");
+    list.replaceChildren(...this.items.map((s) => this.row(s, ready.length)));
+    if (!this.items.length) {
+      const li = document.createElement("li");
+      li.className = "empty";
+      li.textContent = "None serving yet.";
+      list.append(li);
+    }
+    addButton.disabled = this.busy;
+    this.onChange(ready.map((s) => s.name));
+  }
+
+  row(s, readyCount) {
+    const li = document.createElement("li");
+    li.className = `specialist ${s.state}`;
+    li.dataset.name = s.name;
+    const name = document.createElement("span");
+    name.className = "name";
+    name.textContent = s.name;
+    const state = document.createElement("span");
+    state.className = "badge";
+    state.textContent = s.state;
+    li.append(name, state);
+    if (s.state === "failed") {
+      // Not served, so nothing to delete: the fix is new text in data/<name>/, then a retry.
+      const retry = document.createElement("button");
+      retry.type = "button";
+      retry.className = "ghost";
+      retry.textContent = "Retry";
+      retry.setAttribute("aria-label", `Retry specialist ${s.name}`);
+      retry.disabled = this.busy;
+      retry.addEventListener("click", () => this.add(s.name));
+      const why = document.createElement("p");
+      why.className = "error small";
+      why.textContent = s.error ?? "Training failed.";
+      li.append(retry, why);
+      return li;
+    }
+    const remove = document.createElement("button");
+    remove.type = "button";
+    remove.className = "ghost danger-text";
+    remove.textContent = "Delete";
+    remove.setAttribute("aria-label", `Delete specialist ${s.name}`);
+    const last = s.state === "ready" && readyCount <= 1;
+    remove.disabled = last || this.busy || s.state === "deleting";
+    if (last) remove.title = "The model keeps at least one specialist";
+    else if (this.busy) remove.title = "Another operation is running";
+    remove.addEventListener("click", () => this.remove(s.name));
+    li.append(remove);
+    return li;
+  }
+
+  async add(name) {
+    this.showAddError(null);
+    if (!name) {
+      this.showAddError("Type the name of a folder under data/.");
+      return;
+    }
+    addButton.disabled = true;
+    try {
+      const op = await api("/specialists?wait=false", { method: "POST", body: { name } });
+      addName.value = "";
+      this.follow(op);
+    } catch (err) {
+      this.showAddError(err.message);
+    }
+    await this.refresh();
+  }
+
+  async remove(name) {
+    if (!(await confirmDelete(name))) return;
+    try {
+      const op = await api(`/specialists/${encodeURIComponent(name)}?wait=false`, {
+        method: "DELETE",
+      });
+      this.follow(op);
+    } catch (err) {
+      this.showAddError(err.message);
+    }
+    await this.refresh();
+  }
+
+  showAddError(message) {
+    addError.hidden = !message;
+    addError.textContent = message ?? "";
+  }
+
+  // One progress row per operation, kept up to date by its event stream until it ends.
+  follow(op) {
+    if (this.followed.has(op.id)) return;
+    const el = document.createElement("div");
+    el.className = "operation";
+    el.dataset.op = op.id;
+    el.innerHTML = `<p class="op-title"></p><progress max="100"></progress><p class="op-detail note"></p>`;
+    operations.append(el);
+    this.followed.set(op.id, el);
+    this.show(el, op);
+    this.stream(op, el);
+  }
+
+  async stream(op, el) {
+    let last = op;
+    try {
+      for await (const { event, data } of events(`/operations/${op.id}/events`)) {
+        if (event !== "operation") break;
+        last = data;
+        this.show(el, data);
+      }
+    } catch {
+      // the gateway went away mid-stream: the next refresh picks the operation up again
+    }
+    if (!FINISHED.has(last.state)) {
+      this.followed.delete(op.id);
+      el.remove();
+      return;
+    }
+    if (last.state === "succeeded") {
+      el.remove();
+    } else {
+      this.showFailure(el, last);
+    }
+    await this.refresh();
+  }
+
+  show(el, op) {
+    const p = op.progress;
+    const title = (TITLES[op.kind] ?? (() => op.kind))(op);
+    el.querySelector(".op-title").textContent = `${title} — ${op.state}`;
+    const bar = el.querySelector("progress");
+    bar.value = p.percent;
+    bar.setAttribute("aria-label", `${title}: ${p.percent.toFixed(0)}%`);
+    const detail = [`${p.percent.toFixed(0)}%`];
+    if (p.phase) detail.unshift(phaseName(p.phase));
+    const training = op.state === "running" && p.step > 0;
+    if (training && p.loss != null) detail.push(`loss ${p.loss.toFixed(3)}`);
+    if (training && p.eta_s >= 1) detail.push(`ETA ${duration(p.eta_s)}`);
+    if (op.message && op.state === "running" && p.percent >= 100) detail.push(op.message);
+    el.querySelector(".op-detail").textContent = detail.join(" · ");
+  }
+
+  showFailure(el, op) {
+    el.classList.add("failed");
+    el.querySelector("progress").remove();
+    el.querySelector(".op-detail").textContent = op.error ?? "It did not finish.";
+    const dismiss = document.createElement("button");
+    dismiss.type = "button";
+    dismiss.className = "ghost";
+    dismiss.textContent = "Dismiss";
+    dismiss.addEventListener("click", () => el.remove());
+    el.append(dismiss);
+  }
+}
+
+function confirmDelete(name) {
+  $("confirm-text").textContent =
+    `The model is retrained without ${name}; its corpus moves to data/.deleted/ and is kept.`;
+  dialog.returnValue = "";
+  dialog.showModal();
+  return new Promise((resolve) => {
+    dialog.addEventListener("close", () => resolve(dialog.returnValue === "ok"), { once: true });
+  });
+}
+
+// The training service's phase names, in the user's words.
+function phaseName(phase) {
+  if (phase.startsWith("specialist:")) return `training ${phase.slice(11)}`;
+  return PHASES[phase] ?? phase;
+}
+const PHASES = {
+  "demo corpus": "building the demo corpus",
+  tokenizer: "training the tokenizer",
+  generalist: "training the generalist",
+  gate: "training the gate",
+};
+
+function duration(seconds) {
+  const s = Math.round(seconds);
+  if (s < 60) return `${s}s`;
+  const m = Math.floor(s / 60);
+  return m < 60 ? `${m}m ${s % 60}s` : `${Math.floor(m / 60)}h ${m % 60}m`;
+}

@@ -1,0 +1,340 @@
+"""The web UI in real headless Chromium against the real stack (tiny profile, loopback).
+
+The tests run in file order on one stack: the first sees its first start, the last deletes
+specialists. Each test opens the page in a fresh browser context (empty localStorage).
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Page, expect
+
+from tests.conftest import synthetic_documents, write_domain
+from tests.e2e.conftest import Stack, wait_for
+from tests.ui.conftest import Console, SlowLink, descendants, signal_all
+
+pytestmark = pytest.mark.slow
+
+MESSAGE = "the list"
+GREEDY = {"max_new_tokens": 56, "temperature": 0.0, "top_k": 40, "top_p": 0.95}
+SLOW = 120_000  # ms: a training operation on a loaded CI machine
+
+
+def open_ui(page: Page, stack: Stack, url: str | None = None) -> None:
+    page.goto(url or stack.url)
+    expect(page.locator("#status-text")).to_contain_text("Serving", timeout=SLOW)
+    expect(page.locator(".specialist").first).to_be_visible()
+
+
+def settings(page: Page, max_new_tokens: int, temperature: float) -> None:
+    page.locator(".settings summary").click()
+    page.get_by_label("Max tokens").fill(str(max_new_tokens))
+    page.get_by_label("Temperature").fill(str(temperature))
+
+
+def send(page: Page, text: str) -> None:
+    page.get_by_label("Message").fill(text)
+    page.get_by_label("Message").press("Enter")
+
+
+def last_reply(page: Page):
+    return page.locator(".turn.model").last
+
+
+def training_job(stack: Stack) -> list[int]:
+    """The first-start training job's processes, once the training server has started it."""
+    try:
+        server = stack.pids()["training"]
+    except (OSError, KeyError, ValueError):
+        return []
+    jobs = []
+    for pid in descendants(server):
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"spawn_main" in command:  # a multiprocessing child, not its resource tracker
+            jobs += [pid, *descendants(pid)]
+    return jobs
+
+
+def test_a_first_start_shows_progress_and_a_clear_message(
+    page: Page, console: Console, ui_stack: Stack, shots: Path
+) -> None:
+    # The tiny first start trains in seconds: hold its job still (SIGSTOP) while the page looks.
+    job = wait_for(lambda: training_job(ui_stack), timeout=120, every=0.02)
+    signal_all(job, signal.SIGSTOP)
+    try:
+        wait_for(ui_stack.health, timeout=60)
+        page.goto(ui_stack.url)
+        status = page.locator("#status-text")
+        expect(status).to_contain_text("First start: training the model")
+        expect(page.locator("#status-progress")).to_be_visible()
+        send(page, MESSAGE)
+        error = page.locator("#chat-error")
+        expect(error).to_be_visible()
+        expect(error).to_contain_text(re.compile(r"Model is training \(\d+%\)"))
+        expect(page.get_by_label("Message")).to_have_value(MESSAGE)  # given back to resend
+        expect(page.locator(".turn")).to_have_count(0)
+        page.screenshot(path=shots / "01-first-start.png")
+    finally:
+        signal_all(job, signal.SIGCONT)
+    expect(page.locator("#status-text")).to_contain_text(
+        re.compile(r"Serving v\d+ · cpu · tiny profile · ready"), timeout=SLOW
+    )
+    expect(page.locator("#status-progress")).to_be_hidden()
+    refused = "the server responded with a status of 503"  # the refused message, logged
+    assert [e for e in console.errors if refused not in e] == [], console.errors
+
+
+def test_the_page_loads_offline_with_no_console_errors(
+    page: Page, console: Console, ui_stack: Stack
+) -> None:
+    ui_stack.wait_ready()
+    requests: list[str] = []
+    page.on("request", lambda request: requests.append(request.url))
+    open_ui(page, ui_stack)
+    names = page.locator(".specialist .name").all_inner_texts()
+    assert sorted(names) == sorted(ui_stack.http.get("/specialists").json()) == ["dl", "ds"]
+    for label in ("Message", "Max tokens", "Temperature", "Top-k", "Top-p", "Add a specialist"):
+        expect(page.get_by_label(label, exact=True)).to_have_count(1)
+    expect(page.get_by_role("button", name="Delete specialist ds")).to_be_enabled()
+    assert all(url.startswith(ui_stack.url) or url.startswith("data:") for url in requests)
+    assert console.errors == [], console.errors
+
+
+# Records the reply's length at every DOM change and at every painted frame until it completes.
+WATCH_GROWTH = """() => {
+  const log = document.getElementById('log');
+  const seen = window.growth = {changes: [], frames: []};
+  const text = () => log.querySelector('.turn.model:last-child .text');
+  new MutationObserver(() => { if (text()) seen.changes.push(text().textContent.length); })
+    .observe(log, {subtree: true, childList: true, characterData: true});
+  const frame = () => {
+    const reply = log.querySelector('.turn.model:last-child');
+    if (reply) seen.frames.push([reply.classList.contains('streaming'), text().textContent.length]);
+    if (!reply || reply.classList.contains('streaming')) requestAnimationFrame(frame);
+  };
+  requestAnimationFrame(frame);
+}"""
+
+
+def test_a_reply_streams_token_by_token_and_draws_the_gate(
+    page: Page, console: Console, ui_stack: Stack, slow_link: SlowLink, shots: Path
+) -> None:
+    open_ui(page, ui_stack, slow_link.url)
+    settings(page, GREEDY["max_new_tokens"], GREEDY["temperature"])
+    page.evaluate(WATCH_GROWTH)
+    send(page, MESSAGE)
+    reply = last_reply(page)
+    expect(reply.locator(".meta")).to_contain_text("56 tokens · ended by length", timeout=SLOW)
+
+    expected = ui_stack.http.post("/generate", json={"prompt": MESSAGE, **GREEDY}).json()
+    text = reply.locator(".text").inner_text()
+    assert text == expected["completion"]
+    growth = page.evaluate("window.growth")
+    assert len(set(growth["changes"])) >= 10, growth  # rendered as the tokens came
+    partial = {n for streaming, n in growth["frames"] if streaming and 0 < n < len(text)}
+    assert len(partial) >= 2, growth["frames"]  # painted part-way, more than once
+
+    layers = ui_stack.health()["model"]["n_layer"]
+    rows = page.locator("#gates svg g.layer")
+    expect(rows).to_have_count(layers)
+    for i in range(layers):
+        assert rows.nth(i).locator("rect").count() >= 1
+    expect(page.locator("#gates-caption")).to_contain_text("over the last reply (56 tokens")
+    page.screenshot(path=shots / "02-chat-streamed.png")
+    assert console.errors == [], console.errors
+
+
+def test_the_stop_button_stops_the_stream(
+    page: Page, ui_stack: Stack, slow_link: SlowLink, shots: Path
+) -> None:
+    open_ui(page, ui_stack, slow_link.url)
+    settings(page, GREEDY["max_new_tokens"], GREEDY["temperature"])
+    full = ui_stack.http.post("/generate", json={"prompt": MESSAGE, **GREEDY}).json()
+    send(page, MESSAGE)
+    reply = last_reply(page)
+    expect(reply.locator(".text")).not_to_have_text("")  # the reply has begun
+    page.get_by_role("button", name="Stop").click()
+    expect(page.locator("#stop")).to_be_hidden()
+    expect(reply).to_have_class(re.compile(r"\bstopped\b"))
+    expect(reply.locator(".meta")).to_have_text("Stopped.")
+    text = reply.locator(".text").inner_text()
+    assert 0 < len(text) < len(full["completion"]) and full["completion"].startswith(text)
+    time.sleep(0.5)
+    assert reply.locator(".text").inner_text() == text  # nothing more arrives
+    expect(page.get_by_role("button", name="Send")).to_be_enabled()
+    wait_for(lambda: ui_stack.health()["model"]["active_streams"] == 0, timeout=10)
+    page.screenshot(path=shots / "03-stopped.png")
+
+
+def test_history_goes_in_the_prompt_survives_a_reload_and_can_be_cleared(
+    page: Page, ui_stack: Stack
+) -> None:
+    open_ui(page, ui_stack)
+    settings(page, 8, 0.0)
+    send(page, MESSAGE)
+    expect(last_reply(page).locator(".meta")).to_contain_text("8 tokens")
+    first = last_reply(page).locator(".text").inner_text()
+    with page.expect_request("**/generate/stream") as request:
+        send(page, "open the file")
+    assert request.value.post_data_json["prompt"] == f"{MESSAGE}{first}\n\nopen the file"
+    expect(page.locator(".turn")).to_have_count(4)
+    expect(last_reply(page).locator(".meta")).to_contain_text("8 tokens")
+
+    page.reload()
+    expect(page.locator(".turn")).to_have_count(4)  # kept in the browser
+
+    # A reply that takes most of the context leaves room for the newest message only.
+    settings(page, 60, 0.0)
+    with page.expect_request("**/generate/stream") as request:
+        send(page, "json")
+    assert request.value.post_data_json["prompt"] == "json"
+    expect(last_reply(page).locator(".meta")).to_contain_text("left out to fit the context")
+
+    page.get_by_role("button", name="New conversation").click()
+    expect(page.locator(".turn")).to_have_count(0)
+    with page.expect_request("**/generate/stream") as request:
+        send(page, "the dict")
+    assert request.value.post_data_json["prompt"] == "the dict"
+
+
+def test_forcing_a_specialist_routes_the_next_message_to_it(page: Page, ui_stack: Stack) -> None:
+    open_ui(page, ui_stack)
+    settings(page, 8, 0.0)
+    choice = page.get_by_label("Routing for ds", exact=True)
+    choice.select_option("force")
+    expect(page.locator("#routing-note")).to_have_text("Next message: only ds")
+    with page.expect_request("**/generate/stream") as request:
+        send(page, MESSAGE)
+    assert request.value.post_data_json["routing"] == {"force": ["ds"], "exclude": []}
+    expect(last_reply(page).locator(".meta")).to_contain_text("forced ds")
+    chart = page.locator("#gates svg")
+    expect(chart).to_have_attribute("aria-label", re.compile("ds 1.00"))
+    label = chart.get_attribute("aria-label") or ""
+    assert label.count("ds 1.00") == ui_stack.health()["model"]["n_layer"], label
+    expect(choice).to_have_value("auto")  # for the next message only
+    expect(page.locator("#routing-note")).to_have_text("")
+
+
+def test_an_invalid_name_shows_the_servers_message(
+    page: Page, ui_stack: Stack, shots: Path
+) -> None:
+    open_ui(page, ui_stack)
+    before = ui_stack.http.get("/v1/specialists").json()
+    for name, hint in (("Bad Name", "invalid specialist name"), ("nosuch", "data/nosuch")):
+        server = ui_stack.http.post("/specialists?wait=false", json={"name": name})
+        assert server.status_code == 400
+        page.get_by_label("Add a specialist").fill(name)
+        page.get_by_role("button", name="Add specialist").click()
+        error = page.locator("#add-error")
+        expect(error).to_have_text(server.json()["detail"])
+        assert hint in error.inner_text()
+    page.screenshot(path=shots / "04-invalid-name.png")
+    assert ui_stack.http.get("/v1/specialists").json() == before
+    expect(page.locator(".operation")).to_have_count(0)
+
+
+# Records every text the operation rows show.
+WATCH_OPERATIONS = """() => {
+  const ops = document.getElementById('operations');
+  window.opTexts = [];
+  new MutationObserver(() => window.opTexts.push(ops.innerText))
+    .observe(ops, {subtree: true, childList: true, characterData: true});
+}"""
+
+
+def test_adding_a_specialist_shows_a_progress_bar_then_the_entry(
+    page: Page, ui_stack: Stack, shots: Path
+) -> None:
+    write_domain(ui_stack.home / "data", "extra", synthetic_documents("dl", 30, seed=5))
+    open_ui(page, ui_stack)
+    page.evaluate(WATCH_OPERATIONS)
+    page.get_by_label("Add a specialist").fill("extra")
+    page.get_by_role("button", name="Add specialist").click()
+    bar = page.locator(".operation progress")
+    expect(bar).to_be_visible()
+    expect(page.locator(".operation .op-title")).to_contain_text("Adding extra")
+    expect(page.get_by_role("button", name="Add specialist")).to_be_disabled()
+    page.screenshot(path=shots / "05-adding.png")
+
+    entry = page.locator('.specialist[data-name="extra"]')
+    expect(entry.locator(".badge")).to_have_text("ready", timeout=SLOW)
+    expect(page.locator(".operation")).to_have_count(0)  # the list refreshed by itself
+    texts = page.evaluate("window.opTexts")
+    assert any(re.search(r"\d+%", t) for t in texts), texts
+    assert "extra" in ui_stack.http.get("/specialists").json()
+    expect(page.get_by_label("Routing for extra", exact=True)).to_have_count(1)
+    page.screenshot(path=shots / "06-added.png")
+
+
+def test_a_failed_training_shows_its_reason_and_can_be_retried(
+    page: Page, ui_stack: Stack, shots: Path
+) -> None:
+    folder = ui_stack.home / "data" / "broken"
+    folder.mkdir()
+    (folder / "bad.txt").write_bytes(b"\xff\xfe not utf-8 \xc3\x28" * 50)
+    open_ui(page, ui_stack)
+    page.get_by_label("Add a specialist").fill("broken")
+    page.get_by_role("button", name="Add specialist").click()
+    failure = page.locator(".operation.failed")
+    expect(failure).to_contain_text("bad.txt", timeout=SLOW)  # the reason names the file
+    entry = page.locator('.specialist[data-name="broken"]')
+    expect(entry.locator(".badge")).to_have_text("failed")
+    expect(entry.locator(".error")).to_contain_text("bad.txt")
+    expect(page.get_by_role("button", name="Delete specialist broken")).to_have_count(0)
+    page.screenshot(path=shots / "07-failed.png")
+    page.get_by_role("button", name="Dismiss").click()
+    expect(failure).to_have_count(0)
+
+    write_domain(ui_stack.home / "data", "broken", synthetic_documents("ds", 20, seed=9), "bad.txt")
+    page.get_by_role("button", name="Retry specialist broken").click()
+    expect(entry.locator(".badge")).to_have_text("ready", timeout=SLOW)
+    expect(entry.locator(".error")).to_have_count(0)
+
+
+def test_deleting_specialists_removes_them_and_keeps_the_last(
+    page: Page, console: Console, ui_stack: Stack, shots: Path
+) -> None:
+    open_ui(page, ui_stack)
+    dialog = page.locator("#confirm")
+    page.get_by_role("button", name="Delete specialist extra").click()
+    expect(dialog).to_be_visible()
+    expect(dialog).to_contain_text("data/.deleted/")
+    page.screenshot(path=shots / "08-delete-confirm.png")
+    page.keyboard.press("Escape")  # keyboard cancel: nothing happens
+    expect(dialog).to_be_hidden()
+    expect(page.locator(".operation")).to_have_count(0)
+
+    for name in ("extra", "broken", "dl"):
+        page.get_by_role("button", name=f"Delete specialist {name}").click()
+        page.locator("#confirm-ok").click()
+        expect(page.locator(".operation .op-title")).to_contain_text(f"Deleting {name}")
+        expect(page.locator(f'.specialist[data-name="{name}"]')).to_have_count(0, timeout=SLOW)
+        expect(page.locator(".operation")).to_have_count(0)
+        assert name not in ui_stack.http.get("/specialists").json()
+        assert list((ui_stack.home / "data" / ".deleted").glob(f"{name}-*"))
+    last = page.get_by_role("button", name="Delete specialist ds")
+    expect(last).to_be_disabled()
+    expect(last).to_have_attribute("title", "The model keeps at least one specialist")
+    page.screenshot(path=shots / "09-last-specialist.png")
+    assert console.errors == [], console.errors
+
+
+def test_a_phone_width_screen_gets_one_column(page: Page, ui_stack: Stack, shots: Path) -> None:
+    page.set_viewport_size({"width": 390, "height": 844})
+    open_ui(page, ui_stack)
+    send(page, MESSAGE)
+    expect(last_reply(page).locator(".meta")).to_be_visible(timeout=SLOW)
+    overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 0
+    chat = page.locator(".chat").bounding_box()
+    side = page.locator(".side").bounding_box()
+    assert chat and side and side["y"] >= chat["y"] + chat["height"]  # stacked, not side by side
+    page.screenshot(path=shots / "10-phone.png", full_page=True)
