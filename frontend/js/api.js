@@ -77,3 +77,10 @@ function parse(block) {
   }
   return data.length ? { event, data: JSON.parse(data.join("\n")) } : null;
 }
+
+// Says `text` to screen readers (one polite live region for the whole page).
+export function announce(text) {
+  const region = document.getElementById("announce");
+  if (region.textContent === text) region.textContent = "";
+  region.textContent = text;
+}

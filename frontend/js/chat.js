@@ -9,6 +9,7 @@ import { ApiError, events } from "./api.js";
 
 const STORE = "sma.conversation";
 const SETTINGS = "sma.settings";
+const KEEP_TURNS = 200;
 
 const $ = (id) => document.getElementById(id);
 const log = $("log");
@@ -25,9 +26,11 @@ const fields = {
 };
 
 export class Chat {
-  constructor({ takeRouting, onReply }) {
+  constructor({ takeRouting, restoreRouting, onReply, onClear }) {
     this.takeRouting = takeRouting;
+    this.restoreRouting = restoreRouting;
     this.onReply = onReply;
+    this.onClear = onClear;
     this.turns = load(STORE, []); // [{role: "user" | "model", text, meta?}]
     this.charsPerToken = 2.5; // refined from every reply's usage
     this.context = null;
@@ -67,22 +70,34 @@ export class Chat {
     }
   }
 
+  // The generation settings, or a sentence saying which one is out of range.
   settings() {
-    const number = (input, parse) => {
-      const value = parse(input.value);
-      return Number.isFinite(value) ? value : undefined;
+    const maxTokens = this.context ? this.context - 1 : 100_000;
+    const rules = {
+      max_new_tokens: [Number.isInteger, 1, maxTokens, `a whole number from 1 to ${maxTokens}`],
+      temperature: [Number.isFinite, 0, 100, "a number from 0 to 100"],
+      top_k: [Number.isInteger, 0, 1_000_000, "a whole number, 0 or more"],
+      top_p: [Number.isFinite, Number.MIN_VALUE, 1, "a number above 0, at most 1"],
     };
-    return {
-      max_new_tokens: number(fields.max_new_tokens, (v) => parseInt(v, 10)),
-      temperature: number(fields.temperature, parseFloat),
-      top_k: number(fields.top_k, (v) => parseInt(v, 10)),
-      top_p: number(fields.top_p, parseFloat),
-    };
+    const values = {};
+    for (const [key, [valid, low, high, what]] of Object.entries(rules)) {
+      const value = Number(fields[key].value);
+      if (fields[key].value.trim() === "" || !valid(value) || value < low || value > high) {
+        const name = fields[key].closest("label").firstChild.textContent.trim();
+        return { error: `${name} must be ${what}.` };
+      }
+      values[key] = value;
+    }
+    return { values };
   }
 
   saveSettings() {
     const values = Object.fromEntries(Object.entries(fields).map(([k, el]) => [k, el.value]));
-    localStorage.setItem(SETTINGS, JSON.stringify(values));
+    try {
+      localStorage.setItem(SETTINGS, JSON.stringify(values));
+    } catch {
+      // not kept across reloads, still used
+    }
   }
 
   restoreSettings() {
@@ -114,8 +129,10 @@ export class Chat {
   async send() {
     const message = prompt.value.trim();
     if (!message || this.controller) return;
-    this.showError(null);
-    const params = this.settings();
+    const { values: params, error } = this.settings();
+    this.showError(error);
+    if (error) return;
+    const turns = this.turns; // "New conversation" during the reply replaces it
     const routing = this.takeRouting();
     const { text, dropped } = this.buildPrompt(message, params.max_new_tokens);
     const user = { role: "user", text: message };
@@ -153,7 +170,8 @@ export class Chat {
         // Nothing came back: take the turn away and give the message back to edit or resend.
         userEl.remove();
         replyEl.remove();
-        prompt.value = message;
+        if (!prompt.value.trim()) prompt.value = message;
+        this.restoreRouting(routing);
         this.showError(explain(err));
         return;
       } else {
@@ -163,6 +181,7 @@ export class Chat {
       this.controller = null;
       this.busy(false);
     }
+    if (this.turns !== turns) return; // cleared meanwhile: the exchange went with it
     this.turns.push(user, reply);
     this.save();
     this.renderMeta(replyEl, reply.meta);
@@ -178,7 +197,8 @@ export class Chat {
     send.disabled = on;
     stop.hidden = !on;
     log.setAttribute("aria-busy", String(on));
-    if (!on) prompt.focus();
+    const active = document.activeElement;
+    if (!on && (active === document.body || active === stop || active === send)) prompt.focus();
   }
 
   clear() {
@@ -187,11 +207,17 @@ export class Chat {
     this.save();
     log.replaceChildren();
     this.showError(null);
+    this.onClear();
     prompt.focus();
   }
 
+  // Keeps the latest turns; a full or disabled storage only loses persistence.
   save() {
-    localStorage.setItem(STORE, JSON.stringify(this.turns));
+    try {
+      localStorage.setItem(STORE, JSON.stringify(this.turns.slice(-KEEP_TURNS)));
+    } catch {
+      // the conversation still lives in the page
+    }
   }
 
   showError(message) {
@@ -251,7 +277,8 @@ function explain(err) {
     if (err.status === 429) return `${message}. The server is busy; try again in a moment.`;
     return message;
   }
-  return `The gateway could not be reached (${err.message}).`;
+  if (err instanceof TypeError) return `The gateway could not be reached (${err.message}).`;
+  return `The gateway's answer could not be read (${err.message}).`;
 }
 
 function load(key, fallback) {

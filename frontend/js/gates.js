@@ -10,12 +10,14 @@ const chart = $("gates");
 const caption = $("gates-caption");
 const controls = $("routing");
 const note = $("routing-note");
+const CAPTION = caption.textContent;
 const PALETTE = ["#64748b", "#2563eb", "#d97706", "#059669", "#db2777", "#7c3aed", "#0891b2", "#65a30d"];
 
 export class Gates {
   constructor() {
     this.experts = [];
     this.colors = new Map();
+    this.shown = 0; // replies asked about: an older answer arriving late is dropped
   }
 
   color(expert) {
@@ -81,15 +83,32 @@ export class Gates {
     return routing;
   }
 
+  // Puts back a routing that was never used (the message failed before any token).
+  restoreRouting({ force, exclude }) {
+    for (const select of controls.querySelectorAll("select")) {
+      const expert = select.dataset.expert;
+      select.value = force.includes(expert) ? "force" : exclude.includes(expert) ? "exclude" : "auto";
+    }
+    this.describe();
+  }
+
+  clear() {
+    this.shown += 1;
+    chart.replaceChildren();
+    caption.textContent = CAPTION;
+  }
+
   // Per-layer gate weights over the reply's own positions, asked of the server for the full text.
   async showReply({ prompt, completion, done, routing }) {
     const n = done.usage?.completion_tokens ?? 0;
     if (!n) return;
+    const ticket = ++this.shown;
     try {
       const g = await api("/inspect_gates", {
         method: "POST",
         body: { prompt: prompt + completion, routing: { force: routing.force, exclude: routing.exclude }, per_position: true },
       });
+      if (ticket !== this.shown) return;
       const rows = g.layers.map((layer) => {
         const positions = layer.per_position.slice(-n);
         return g.experts.map((_, e) => positions.reduce((s, w) => s + w[e], 0) / positions.length);
@@ -97,7 +116,7 @@ export class Gates {
       this.draw(g.experts, rows);
       caption.textContent = `Mean gate weight per layer over the last reply (${n} tokens, ${g.version}).`;
     } catch (err) {
-      caption.textContent = `Could not read the gate weights: ${err.message}`;
+      if (ticket === this.shown) caption.textContent = `Could not read the gate weights: ${err.message}`;
     }
   }
 

@@ -10,7 +10,9 @@ const gates = new Gates();
 const specialists = new Specialists({ onChange: (names) => gates.setExperts(names) });
 const chat = new Chat({
   takeRouting: () => gates.takeRouting(),
+  restoreRouting: (routing) => gates.restoreRouting(routing),
   onReply: (reply) => gates.showReply(reply),
+  onClear: () => gates.clear(),
 });
 
 watchHealth((health) => {

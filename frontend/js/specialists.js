@@ -1,7 +1,7 @@
 // The specialists panel: the registry's list with states, add and delete, and a progress bar for
 // every unfinished operation, fed by its SSE stream. The list refreshes when an operation ends.
 
-import { api, events } from "./api.js";
+import { announce, api, events } from "./api.js";
 
 const $ = (id) => document.getElementById(id);
 const list = $("specialists");
@@ -10,6 +10,7 @@ const addForm = $("add-form");
 const addName = $("add-name");
 const addButton = $("add-button");
 const addError = $("add-error");
+const listError = $("list-error");
 const dialog = $("confirm");
 
 const TITLES = {
@@ -25,6 +26,8 @@ export class Specialists {
     this.items = [];
     this.followed = new Map(); // operation id -> its element
     this.busy = false; // an operation is unfinished: the server takes one at a time
+    this.asked = 0; // refreshes asked for: a late answer to an older one is dropped
+    this.drawn = ""; // what the list shows, so an unchanged answer leaves focus alone
     addForm.addEventListener("submit", (e) => {
       e.preventDefault();
       this.add(addName.value.trim());
@@ -32,6 +35,7 @@ export class Specialists {
   }
 
   async refresh() {
+    const ticket = ++this.asked;
     let items, unfinished;
     try {
       [items, unfinished] = await Promise.all([
@@ -41,6 +45,7 @@ export class Specialists {
     } catch {
       return; // the status bar says the gateway is away
     }
+    if (ticket !== this.asked) return;
     for (const op of unfinished) this.follow(op);
     this.busy = unfinished.length > 0;
     this.items = items;
@@ -49,6 +54,11 @@ export class Specialists {
 
   render() {
     const ready = this.items.filter((s) => s.state === "ready");
+    addButton.disabled = this.busy;
+    this.onChange(ready.map((s) => s.name));
+    const drawn = JSON.stringify([this.items, this.busy]);
+    if (drawn === this.drawn) return; // rebuilding would take the focus from a button
+    this.drawn = drawn;
     list.replaceChildren(...this.items.map((s) => this.row(s, ready.length)));
     if (!this.items.length) {
       const li = document.createElement("li");
@@ -56,8 +66,6 @@ export class Specialists {
       li.textContent = "None serving yet.";
       list.append(li);
     }
-    addButton.disabled = this.busy;
-    this.onChange(ready.map((s) => s.name));
   }
 
   row(s, readyCount) {
@@ -119,13 +127,14 @@ export class Specialists {
 
   async remove(name) {
     if (!(await confirmDelete(name))) return;
+    this.showListError(null);
     try {
       const op = await api(`/specialists/${encodeURIComponent(name)}?wait=false`, {
         method: "DELETE",
       });
       this.follow(op);
     } catch (err) {
-      this.showAddError(err.message);
+      this.showListError(err.message);
     }
     await this.refresh();
   }
@@ -133,6 +142,11 @@ export class Specialists {
   showAddError(message) {
     addError.hidden = !message;
     addError.textContent = message ?? "";
+  }
+
+  showListError(message) {
+    listError.hidden = !message;
+    listError.textContent = message ?? "";
   }
 
   // One progress row per operation, kept up to date by its event stream until it ends.
@@ -151,7 +165,7 @@ export class Specialists {
   async stream(op, el) {
     let last = op;
     try {
-      for await (const { event, data } of events(`/operations/${op.id}/events`)) {
+      for await (const { event, data } of events(`/operations/${encodeURIComponent(op.id)}/events`)) {
         if (event !== "operation") break;
         last = data;
         this.show(el, data);
@@ -164,17 +178,20 @@ export class Specialists {
       el.remove();
       return;
     }
+    const title = titleOf(last);
     if (last.state === "succeeded") {
       el.remove();
+      announce(`${title}: done.`);
     } else {
       this.showFailure(el, last);
+      announce(`${title}: ${last.state}. ${last.error ?? ""}`);
     }
     await this.refresh();
   }
 
   show(el, op) {
     const p = op.progress;
-    const title = (TITLES[op.kind] ?? (() => op.kind))(op);
+    const title = titleOf(op);
     el.querySelector(".op-title").textContent = `${title} — ${op.state}`;
     const bar = el.querySelector("progress");
     bar.value = p.percent;
@@ -199,6 +216,10 @@ export class Specialists {
     dismiss.addEventListener("click", () => el.remove());
     el.append(dismiss);
   }
+}
+
+function titleOf(op) {
+  return TITLES[op.kind]?.(op) ?? op.kind;
 }
 
 function confirmDelete(name) {

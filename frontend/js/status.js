@@ -1,6 +1,6 @@
 // The status bar: serving version, device, and first-start progress, from GET /health.
 
-import { api } from "./api.js";
+import { announce, api } from "./api.js";
 
 const text = document.getElementById("status-text");
 const bar = document.getElementById("status-progress");
@@ -26,9 +26,18 @@ export function describeHealth(health) {
   return parts.join(" · ");
 }
 
+let said = null;
+
 export function renderStatus(health) {
   text.textContent = describeHealth(health);
-  document.body.dataset.state = !health ? "offline" : health.initialized ? "serving" : "training";
+  const state = !health ? "offline" : health.initialized ? "serving" : "training";
+  document.body.dataset.state = state;
+  // Only a change of state is announced, not every percent of a first start.
+  const news = state === "serving" ? `Serving ${health.loaded_version}` : state;
+  if (news !== said) {
+    if (said !== null) announce(text.textContent);
+    said = news;
+  }
   const first = health?.initialized ? null : health?.first_start;
   bar.hidden = !first;
   if (first) bar.value = first.progress.percent;
@@ -43,8 +52,11 @@ export function watchHealth(onHealth) {
     } catch {
       last = null;
     }
-    onHealth(last);
-    setTimeout(tick, last?.initialized ? 3000 : 1000);
+    try {
+      onHealth(last);
+    } finally {
+      setTimeout(tick, last?.initialized ? 3000 : 1000);
+    }
   }
   tick();
 }

@@ -55,14 +55,14 @@ def ui_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 class SlowLink:
     """A loopback TCP relay to the gateway that delivers Server-Sent Events one every `gap`
-    seconds, as a real link from a model decoding at 1/gap tokens per second would.
+    seconds, as a real link from a model decoding at 1/gap tokens per second (20) would.
 
     The tiny test model decodes a whole reply in a few milliseconds, inside one painted frame,
     and Chromium's own network throttling holds a streamed body back until it ends; this relay
     is how a test sees a reply arrive over time. Bytes pass through unchanged.
     """
 
-    def __init__(self, target_port: int, gap: float = 0.02) -> None:
+    def __init__(self, target_port: int, gap: float = 0.05) -> None:
         self.target_port = target_port
         self.gap = gap
         self.loop = asyncio.new_event_loop()
@@ -82,6 +82,8 @@ class SlowLink:
         self.port = server.sockets[0].getsockname()[1]
         ready.set()
         self.loop.run_forever()
+        server.close()
+        self.loop.run_until_complete(server.wait_closed())
 
     async def _relay(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target_port)
@@ -92,10 +94,12 @@ class SlowLink:
         )
 
     async def _pipe(self, reader, writer, paced: bool) -> None:
-        streaming = False
+        streaming, head = False, b""
         try:
             while chunk := await reader.read(65536):
-                streaming = streaming or (paced and b"text/event-stream" in chunk)
+                if paced and not streaming:  # the header may come over several reads
+                    head = (head + chunk)[-4096:]
+                    streaming = b"text/event-stream" in head
                 if not streaming:
                     writer.write(chunk)
                     await writer.drain()

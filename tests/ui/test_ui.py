@@ -205,6 +205,37 @@ def test_history_goes_in_the_prompt_survives_a_reload_and_can_be_cleared(
     assert request.value.post_data_json["prompt"] == "the dict"
 
 
+def test_a_new_conversation_during_a_reply_drops_that_reply(
+    page: Page, ui_stack: Stack, slow_link: SlowLink
+) -> None:
+    open_ui(page, ui_stack, slow_link.url)
+    send(page, MESSAGE)
+    expect(last_reply(page).locator(".text")).not_to_have_text("")
+    page.get_by_role("button", name="New conversation").click()
+    expect(page.locator("#stop")).to_be_hidden()
+    expect(page.locator(".turn")).to_have_count(0)
+    page.reload()
+    expect(page.locator(".specialist").first).to_be_visible()
+    expect(page.locator(".turn")).to_have_count(0)  # not kept either
+
+
+def test_a_setting_out_of_range_gets_a_message_not_a_request(page: Page, ui_stack: Stack) -> None:
+    open_ui(page, ui_stack)
+    settings(page, 500, 0.75)  # the tiny model's context is 64; 0.75 is fine
+    requests: list[str] = []
+    page.on("request", lambda request: requests.append(request.url))
+    send(page, MESSAGE)
+    expect(page.locator("#chat-error")).to_have_text(
+        "Max tokens must be a whole number from 1 to 63."
+    )
+    expect(page.get_by_label("Message")).to_have_value(MESSAGE)
+    assert not [url for url in requests if "/generate" in url]
+    page.get_by_label("Max tokens").fill("8")
+    send(page, MESSAGE)
+    expect(last_reply(page).locator(".meta")).to_contain_text("8 tokens")
+    expect(page.locator("#chat-error")).to_be_hidden()
+
+
 def test_forcing_a_specialist_routes_the_next_message_to_it(page: Page, ui_stack: Stack) -> None:
     open_ui(page, ui_stack)
     settings(page, 8, 0.0)
@@ -268,7 +299,7 @@ def test_adding_a_specialist_shows_a_progress_bar_then_the_entry(
     expect(entry.locator(".badge")).to_have_text("ready", timeout=SLOW)
     expect(page.locator(".operation")).to_have_count(0)  # the list refreshed by itself
     texts = page.evaluate("window.opTexts")
-    assert any(re.search(r"\d+%", t) for t in texts), texts
+    assert any(re.search(r"training extra · \d+% · loss \d", t) for t in texts), texts  # live
     assert "extra" in ui_stack.http.get("/specialists").json()
     expect(page.get_by_label("Routing for extra", exact=True)).to_have_count(1)
     page.screenshot(path=shots / "06-added.png")
@@ -304,12 +335,17 @@ def test_deleting_specialists_removes_them_and_keeps_the_last(
 ) -> None:
     open_ui(page, ui_stack)
     dialog = page.locator("#confirm")
-    page.get_by_role("button", name="Delete specialist extra").click()
+    delete = page.get_by_role("button", name="Delete specialist extra")
+    delete.focus()
+    page.keyboard.press("Enter")  # by keyboard alone
     expect(dialog).to_be_visible()
     expect(dialog).to_contain_text("data/.deleted/")
+    expect(page.get_by_role("button", name="Cancel")).to_be_focused()
     page.screenshot(path=shots / "08-delete-confirm.png")
-    page.keyboard.press("Escape")  # keyboard cancel: nothing happens
+    page.keyboard.press("Escape")  # cancel: nothing happens
     expect(dialog).to_be_hidden()
+    time.sleep(3.5)  # a status poll or two: the list must not take the focus away
+    expect(delete).to_be_focused()
     expect(page.locator(".operation")).to_have_count(0)
 
     for name in ("extra", "broken", "dl"):
