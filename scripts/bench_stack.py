@@ -13,7 +13,7 @@ specialist's corpus, then DELETEs them again: the home keeps the new model versi
 deleted corpora move to data/.deleted/ (nothing is destroyed).
 
     .venv/bin/python scripts/bench_stack.py --home sma-home [--profile cpu] [--tokens 128] \
-        [--repeats 3] [--threads 2] [--json] [--skip-lifecycle]
+        [--repeats 3] [--threads N] [--json] [--skip-lifecycle]
 """
 
 from __future__ import annotations
@@ -194,18 +194,31 @@ def rate(samples: list[tuple[int, float]]) -> float:
     return statistics.median(n / s for n, s in samples)
 
 
+def paired(samples: list[tuple[int, float]], base: list[tuple[int, float]]) -> float:
+    """Median over rounds of the round's ratio: a slow or fast spell of the VM cancels out."""
+    return statistics.median(
+        (n / s) / (m / t) for (n, s), (m, t) in zip(samples, base, strict=True)
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--home", type=Path, required=True)
     parser.add_argument("--profile", default="cpu", help="for a first training only")
     parser.add_argument("--tokens", type=int, default=128, help="new tokens per stream")
     parser.add_argument("--repeats", type=int, default=3, help="rounds; medians are reported")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (SMA_THREADS)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads (SMA_THREADS); 0 = the stack's default",
+    )
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--skip-lifecycle", action="store_true")
     args = parser.parse_args()
 
     home = args.home.resolve()
+    args.threads = args.threads or Settings(home=home).decode_threads()  # as the worker's
     settings = Settings(home=home, threads=args.threads)
     profile = args.profile
     if (current := checkpoint.current_version(settings.models_dir)) is not None:
@@ -243,10 +256,21 @@ def main() -> None:
             notes.append(f"max_batch is {info.max_batch}: streams beyond it queue")
         one: dict[str, list[tuple[int, float]]] = {"in-process": [], "gRPC": [], "SSE": []}
         finishes: list[str | None] = []
+        paths = {
+            "in-process": lambda: worker.submit(
+                inprocess_once, engine, prompt, args.tokens
+            ).result(),
+            "gRPC": lambda: grpc_once(address, prompt, args.tokens, 1),
+            "SSE": lambda: sse_once(http, prompt, args.tokens, sse_eos),
+        }
         for round_ in range(args.repeats + 1):  # round 0 warms every path up
-            ip = worker.submit(inprocess_once, engine, prompt, args.tokens).result()
-            gr = grpc_once(address, prompt, args.tokens, 1)
-            n, seconds, finish = sse_once(http, prompt, args.tokens, sse_eos)
+            # each round runs the three back to back, in turn forwards and backwards, so that a
+            # drift in the VM's speed hits them alike (ratios are taken within a round)
+            order = list(paths) if round_ % 2 else list(reversed(paths))
+            got = {name: paths[name]() for name in order}
+            ip = got["in-process"]
+            gr = got["gRPC"]
+            n, seconds, finish = got["SSE"]
             if round_:
                 one["in-process"].append(ip)
                 one["gRPC"].append(gr)
@@ -282,11 +306,13 @@ def main() -> None:
                      "ratio": None if ratio is None else round(ratio, 3)})  # fmt: skip
 
     row("in-process, 1 stream", base, "tok/s", 1.0)
-    row("gRPC Generate, 1 stream", single["gRPC"], "tok/s", single["gRPC"] / base, ">=0.9x")
-    row("SSE /generate/stream, 1 stream", single["SSE"], "tok/s", single["SSE"] / base, ">=0.85x")
+    inproc = one["in-process"]
+    row("gRPC Generate, 1 stream", single["gRPC"], "tok/s", paired(one["gRPC"], inproc), ">=0.9x")
+    sse = paired(one["SSE"], inproc)
+    row("SSE /generate/stream, 1 stream", single["SSE"], "tok/s", sse, ">=0.85x")
     for n in CONCURRENCY:
         row(f"gRPC, {n} concurrent (aggregate)", rate(conc[n]), "tok/s", rate(conc[n]) / base)
-    row("gRPC 32 vs 1 stream", rate(conc[32]) / rate(conc[1]), "x", None, ">=8x")
+    row("gRPC 32 vs 1 stream", paired(conc[32], conc[1]), "x", None, ">=8x")
     if life is not None:
         row("POST /specialists incremental", life["incremental"], "s", None)
         row("POST /specialists full_retrain", life["full"], "s", life["full"] / life["incremental"])
@@ -315,7 +341,8 @@ def main() -> None:
     for r in rows:
         ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}x"
         print(f"{r['row']:34} {r['value']:>10.2f} {r['unit']:6} {ratio:>8}  {r['goal']}")
-    print("ratio: vs in-process for tok/s rows; full retrain / incremental for the last")
+    print("ratio: vs in-process for tok/s rows (1 stream: the median of each round's ratio);")
+    print("       full retrain / incremental for the last; 32 vs 1: median of each round's ratio")
     print("machine: " + ", ".join(f"{k} {v!r}" for k, v in machine.items()))
     for note in notes:
         print(f"note: {note}")

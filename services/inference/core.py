@@ -167,12 +167,13 @@ class InferenceCore:
         device: str | torch.device = "cpu",
         max_batch: int = 32,
         max_queue: int = 64,
+        threads: int = 0,
     ) -> None:
         self.models_dir = models_dir
         self.device = torch.device(device)
         self.max_batch = max_batch
         self.max_queue = max_queue
-        self._threads = torch.get_num_threads()  # the worker uses what this process was given
+        self._threads = threads or torch.get_num_threads()  # the worker's torch threads
         self._version: _Loaded | None = None
         self._load_lock = asyncio.Lock()
         self._swapping = False

@@ -205,8 +205,14 @@ async def follow_registry(core: InferenceCore, address: str, server: Server) -> 
 
 def main(settings: Settings) -> None:
     """`sma serve inference`: serve on the inference port, following the registry."""
-    device = jobs.configure_torch(settings)  # torch threads from settings.threads; 0 = default
-    core = InferenceCore(settings.models_dir, device, settings.max_batch, settings.max_queue)
+    device = jobs.configure_torch(settings)
+    core = InferenceCore(
+        settings.models_dir,
+        device,
+        settings.max_batch,
+        settings.max_queue,
+        threads=settings.decode_threads(),
+    )
     service = Service(
         SERVICE_NAME, inference_pb2_grpc.add_InferenceServicer_to_server, InferenceServicer(core)
     )
