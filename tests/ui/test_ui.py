@@ -179,6 +179,12 @@ def test_history_goes_in_the_prompt_survives_a_reload_and_can_be_cleared(
 ) -> None:
     open_ui(page, ui_stack)
     settings(page, 8, 0.0)
+    box = page.get_by_label("Message")
+    box.fill("the")
+    box.press("Shift+Enter")  # a new line, not a send
+    box.type("list")
+    expect(box).to_have_value("the\nlist")
+    expect(page.locator(".turn")).to_have_count(0)
     send(page, MESSAGE)
     expect(last_reply(page).locator(".meta")).to_contain_text("8 tokens")
     first = last_reply(page).locator(".text").inner_text()
