@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import subprocess
 import sys
 from collections.abc import Callable
 
@@ -78,13 +79,31 @@ def _print_metrics(metrics: dict) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from shiftable_lib import jobs
+    from shiftable_lib import distributed, jobs
 
-    results = _run_job(lambda bars: jobs.train_all(_settings(args), args.profile, bars))
+    settings = _settings(args)
+    nproc = args.nproc_per_node or settings.nproc_per_node
+    if nproc > 1 and not distributed.launched():
+        return torchrun(nproc, args.argv)
+    try:
+        results = _run_job(lambda bars: jobs.train_all(settings, args.profile, bars))
+        reports = distributed.world().main  # rank 0 speaks for the job
+    finally:
+        distributed.shutdown()
+    if not reports:
+        return 0
     for r in results:
         print(r.message)
         _print_metrics(r.metrics)
     return 0
+
+
+def torchrun(nproc: int, argv: list[str]) -> int:
+    """Run this same command as `nproc` data-parallel processes on this host, under PyTorch's
+    own launcher; its exit status is the job's (one rank failing fails and stops them all)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += [f"--nproc-per-node={nproc}", "-m", "shiftable_lib.cli", *argv]
+    return subprocess.run(command, check=False).returncode
 
 
 def cmd_add(args: argparse.Namespace) -> int:
@@ -223,6 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="train the generalist if there is none, then every specialist",
     )
     t.add_argument("--profile", choices=list(PROFILES), help="default $SMA_PROFILE or cpu")
+    t.add_argument(
+        "--nproc-per-node",
+        type=int,
+        help="data-parallel processes on this host, under torchrun (default $SMA_NPROC_PER_NODE"
+        " or 1): one per GPU, or CPU processes with gloo",
+    )
     t.set_defaults(func=cmd_train)
 
     a = sub.add_parser("add-specialist", parents=[common], help="add one specialist (incremental)")
@@ -286,7 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv  # for a command that re-runs itself (train under torchrun)
     try:
         return args.func(args)
     except (ShiftableError, ValueError) as exc:

@@ -3,6 +3,10 @@
 Each job reads corpora from `<home>/data`, trains, and publishes a new complete model version
 under `<home>/artifacts/models`, then points CURRENT at it. A job that fails publishes nothing,
 so the previous version keeps serving. The CLI and the training service both run these.
+
+Under torchrun (`sma train --nproc-per-node N`) every rank runs the same job; rank 0 alone
+builds the demo corpus, trains the tokenizer and writes versions, and the others wait for it
+(distributed.py).
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
 
-from shiftable_lib import checkpoint, train
+from shiftable_lib import checkpoint, distributed, train
 from shiftable_lib.config import Profile, Settings, get_profile
 from shiftable_lib.corpus import (
     GENERAL,
@@ -44,9 +49,10 @@ def _quiet(_: train.Progress) -> None:
 
 
 def configure_torch(settings: Settings) -> torch.device:
+    """Torch threads from settings; the device; under torchrun, this rank's process group."""
     if settings.threads > 0:
         torch.set_num_threads(settings.threads)
-    return train.pick_device(settings.device)
+    return distributed.init(train.pick_device(settings.device))
 
 
 def _tokenize(settings: Settings, tok, names: list[str]) -> dict[str, DomainTokens]:
@@ -65,9 +71,13 @@ def _publish(
     metrics: dict,
     meta: dict,
 ) -> str:
-    version = checkpoint.save_version(settings.models_dir, model, tok, profile, metrics, meta)
-    checkpoint.set_current(settings.models_dir, version)
-    return version
+    world = distributed.world()
+    version = None
+    if world.main:
+        version = checkpoint.save_version(settings.models_dir, model, tok, profile, metrics, meta)
+        checkpoint.set_current(settings.models_dir, version)
+    world.barrier()  # the other ranks read what rank 0 wrote
+    return str(world.broadcast(version))
 
 
 def load_current(settings: Settings, device: torch.device | str = "cpu") -> checkpoint.ModelVersion:
@@ -94,8 +104,10 @@ def train_all(
         from shiftable_lib.demo_corpus import build_demo_corpus
 
         progress(train.Progress("demo corpus", 0, 1, float("nan"), 0.0, 0.0))
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        build_demo_corpus(settings.data_dir)
+        if distributed.world().main:
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+            build_demo_corpus(settings.data_dir)
+        distributed.world().barrier()
         progress(train.Progress("demo corpus", 1, 1, float("nan"), 0.0, 0.0))
     if checkpoint.current_version(settings.models_dir) is None:
         results.append(
@@ -129,7 +141,10 @@ def train_generalist(
     started = time.perf_counter()
     general = load_domain(settings.data_dir, GENERAL)
     progress(train.Progress("tokenizer", 0, 1, float("nan"), 0.0, 0.0))
-    tok = train_tokenizer(general.train, profile.vocab_size)
+    world = distributed.world()
+    tok = train_tokenizer(general.train, profile.vocab_size) if world.main else None
+    if world.size > 1:  # every rank tokenizes with rank 0's tokenizer
+        tok = Tokenizer.from_str(str(world.broadcast(tok.to_str() if tok else None)))
     data = tokenize_domain(tok, general)
     model, report = train.train_generalist(data, tok, profile, device, progress)
     metrics = train.evaluate(model, {GENERAL: data}, profile, device)

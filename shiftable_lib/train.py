@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from torch import Tensor, nn
 
+from shiftable_lib import distributed
 from shiftable_lib.config import Profile
 from shiftable_lib.corpus import GENERAL, Domain
 from shiftable_lib.model import ModelConfig, Routing, ShiftableLM
@@ -138,25 +139,31 @@ class Phase:
 
 
 def run_phase(phase: Phase, model: ShiftableLM, profile: Profile, device, progress: ProgressFn):
-    """Optimise `phase.params`; everything else in the model is frozen for the duration."""
+    """Optimise `phase.params`; everything else in the model is frozen for the duration.
+
+    Under torchrun every rank runs this on its rows of each global batch and DDP averages the
+    gradients (see distributed.py); only rank 0 reports progress."""
     trainable = {id(p) for p in phase.params}
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable)
+    world = distributed.world()
+    step_loss = world.step_fn(model, phase.loss, device)  # built after requires_grad is set
     opt = make_optimizer(phase.params, phase.lr, profile.weight_decay, device)
     best, best_state = math.inf, None
     model.train()
     start, tokens, shown_loss = time.perf_counter(), 0, float("nan")
+    curve: list[float] = []  # the loss every ten steps, as reported
     for step in range(phase.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, phase.steps, phase.lr, profile.warmup_fraction)
         with _autocast(device):
-            loss, n_tokens = phase.loss()
+            loss, n_tokens = step_loss()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(phase.params, profile.grad_clip)
         opt.step()
         model.weights_changed()  # the fused optimiser does not bump version counters
         opt.zero_grad(set_to_none=True)
-        tokens += n_tokens
+        tokens += n_tokens * world.size
         last = step + 1 == phase.steps
         if phase.evaluate and ((step + 1) % profile.eval_interval == 0 or last):
             score = phase.evaluate()
@@ -165,11 +172,13 @@ def run_phase(phase: Phase, model: ShiftableLM, profile: Profile, device, progre
                 best = score
                 best_state = [p.detach().clone() for p in phase.params]
         if step % 10 == 0 or last:
-            shown_loss = loss.item()  # the only host sync, once every ten steps
+            shown_loss = world.mean(loss).item()  # the only host sync, once every ten steps
+            curve.append(round(shown_loss, 5))
             elapsed = time.perf_counter() - start
             rate = tokens / elapsed if elapsed > 0 else 0.0
             eta = elapsed / (step + 1) * (phase.steps - step - 1)
-            progress(Progress(phase.name, step + 1, phase.steps, shown_loss, rate, eta))
+            if world.main:
+                progress(Progress(phase.name, step + 1, phase.steps, shown_loss, rate, eta))
     if best_state is not None:
         with torch.no_grad():
             for p, saved in zip(phase.params, best_state, strict=True):
@@ -181,6 +190,7 @@ def run_phase(phase: Phase, model: ShiftableLM, profile: Profile, device, progre
     return {
         "best_eval": best if best_state is not None else None,
         "final_loss": shown_loss,
+        "loss_curve": curve,
         "seconds": round(time.perf_counter() - start, 2),
     }
 
@@ -286,8 +296,10 @@ def train_generalist(
         dropout=profile.dropout,
     )
     model = ShiftableLM(cfg).to(device)
+    # with one expert the gate never runs: its rows get no gradient (and DDP wants none unused)
+    params = [p for n, p in model.named_parameters() if not n.endswith((".gate", ".gate_tokens"))]
     phase = language_model_phase(
-        "generalist", model, data, list(model.parameters()), profile.generalist_steps,
+        "generalist", model, data, params, profile.generalist_steps,
         profile.generalist_lr, Routing(), profile.seed, profile, device,
     )  # fmt: skip
     return model, run_phase(phase, model, profile, device, progress)
@@ -307,9 +319,10 @@ def language_model_phase(
 ) -> Phase:
     """Next-token loss on random windows of `data` under `routing`; held-out ppl as the score."""
     sampler = WindowSampler(data.train, profile.context, seed)
+    rows = distributed.world().rows
 
     def loss() -> tuple[Tensor, int]:
-        batch = sampler.sample(profile.batch_size).to(device, non_blocking=True)
+        batch = rows(sampler.sample(profile.batch_size)).to(device, non_blocking=True)
         return model.loss(batch[:, :-1], batch[:, 1:], routing), batch[:, 1:].numel()
 
     def held_out() -> float:
@@ -372,15 +385,17 @@ def train_gate(
         [torch.full((r,), experts.index(n)) for n, r in zip(names, rows_per, strict=True)]
     ).to(device)
     context = min(s.context for s in samplers.values())
+    rows = distributed.world().rows  # this rank's rows of the global batch (all of it alone)
 
     def loss() -> tuple[Tensor, int]:
         batch = torch.cat(
             [samplers[n].sample(r)[:, :context] for n, r in zip(names, rows_per, strict=True)]
-        ).to(device)
+        )
+        batch = rows(batch).to(device)
         model.eval()  # features as inference sees them (no dropout); only gate rows learn
         with torch.no_grad():
             features = model.trunk(batch, Routing()).features
-        targets = labels.repeat_interleave(batch.shape[1])
+        targets = rows(labels).repeat_interleave(batch.shape[1])
         count = torch.arange(1, batch.shape[1] + 1, device=device).view(1, -1, 1)
         ce = sum(
             F.cross_entropy(
