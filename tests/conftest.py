@@ -42,6 +42,34 @@ def write_domain(data_dir: Path, name: str, docs: list[str], file: str = "corpus
     return folder
 
 
+def torchrun_ranks(ancestor: int) -> dict[int, int]:
+    """RANK -> pid of the training ranks that torchrun started below process `ancestor`."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            env = dict(
+                e.split(b"=", 1) for e in (proc / "environ").read_bytes().split(b"\0") if b"=" in e
+            )
+        except OSError:
+            continue
+        if b"TORCHELASTIC_RUN_ID" in env and b"RANK" in env and _descends(int(proc.name), ancestor):
+            found[int(env[b"RANK"])] = int(proc.name)
+    return found
+
+
+def _descends(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        if pid == ancestor:
+            return True
+        try:
+            pid = int((Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split())[1])
+        except (OSError, IndexError, ValueError):
+            return False
+    return False
+
+
 @pytest.fixture
 def home(tmp_path: Path) -> Path:
     """A home with a general corpus and two specialist corpora (ds, dl)."""

@@ -277,6 +277,7 @@ class _Task:
     device: str
     train_threads: int
     parent_pid: int
+    nproc: int = 1  # > 1: the job runs as that many data-parallel processes (ranks.py)
 
 
 @dataclass(frozen=True)
@@ -332,7 +333,7 @@ class _Reporter:
             self.phase = progress.phase
 
 
-def _die_with_parent(parent_pid: int) -> None:
+def _die_with_parent(parent_pid: int, sig: signal.Signals = signal.SIGKILL) -> None:
     """Ask Linux to SIGKILL this process when the server dies, so that no orphan keeps training
     (and writing) behind a restarted server. The signal follows the *thread* that started the
     child: the manager starts children from the event-loop thread, which lives as long as the
@@ -340,7 +341,7 @@ def _die_with_parent(parent_pid: int) -> None:
     if sys.platform.startswith("linux"):
         pr_set_pdeathsig = 1
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+        libc.prctl(pr_set_pdeathsig, sig, 0, 0, 0)
     if os.getppid() != parent_pid:  # the parent died before the request took effect
         os._exit(1)
 
@@ -366,9 +367,22 @@ def _run_task(task: _Task, settings: Settings, progress: train.ProgressFn) -> _P
 
 
 def _child_main(conn: Connection, task: _Task) -> None:
-    """Entry point of the job's child process: run the job, send progress and one outcome."""
+    """Entry point of the job's child process: run the job, send progress and one outcome.
+    With `task.nproc` > 1 the child runs the job's ranks under torchrun and relays rank 0."""
     _die_with_parent(task.parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the server, which cancels us
+    if task.nproc > 1:
+        from services.training import ranks
+
+        outcome = ranks.relay(task, conn)
+    else:
+        outcome = _run_job(conn, task)
+    conn.send(outcome)
+    conn.close()
+
+
+def _run_job(conn, task: _Task) -> _Published | _Failed:
+    """Run the job here, sending progress to `conn`; the outcome, failures included."""
     try:
         # jobs.configure_torch applies `threads`: the server's train_threads (0 = torch's default)
         settings = Settings(
@@ -392,8 +406,7 @@ def _child_main(conn: Connection, task: _Task) -> None:
             log.exception("training job failed")
             message = f"{type(exc).__name__}: {message}"
         outcome = _Failed(message)
-    conn.send(outcome)
-    conn.close()
+    return outcome
 
 
 def _no_generalist(settings: Settings) -> bool:
@@ -572,6 +585,7 @@ class JobManager:
             device=s.device,
             train_threads=s.train_threads,
             parent_pid=os.getpid(),
+            nproc=s.nproc_per_node,
         )
         receiver, sender = self._mp.Pipe(duplex=False)
         process = self._mp.Process(

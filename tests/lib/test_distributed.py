@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from shiftable_lib.distributed import World
+from tests.conftest import torchrun_ranks
 from tests.e2e.conftest import tiny_home
 
 pytestmark = pytest.mark.slow
@@ -73,25 +74,6 @@ def test_two_processes_reach_the_weights_and_losses_of_one(tmp_path: Path) -> No
     ]
 
 
-def ranks(process: subprocess.Popen) -> dict[int, int]:
-    """RANK -> pid of the training processes torchrun started under `process`."""
-    found = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            env = (proc / "environ").read_bytes().split(b"\0")
-            command = (proc / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"shiftable_lib.cli" not in command or b"torch.distributed.run" in command:
-            continue
-        values = dict(e.split(b"=", 1) for e in env if b"=" in e)
-        if values.get(b"TORCHELASTIC_RUN_ID") and int(proc.name) != process.pid:
-            found[int(values.get(b"RANK", b"-1"))] = int(proc.name)
-    return found
-
-
 def test_a_rank_that_dies_fails_the_job_and_publishes_nothing(tmp_path: Path) -> None:
     home = tiny_home(tmp_path / "home")
     models = home / "artifacts" / "models"
@@ -101,7 +83,7 @@ def test_a_rank_that_dies_fails_the_job_and_publishes_nothing(tmp_path: Path) ->
         while not (models / "v0001").is_dir():  # the generalist is out: specialists train next
             assert job.poll() is None and time.monotonic() < deadline, finish(job)[1]
             time.sleep(0.02)
-        os.kill(ranks(job)[1], signal.SIGKILL)
+        os.kill(torchrun_ranks(job.pid)[1], signal.SIGKILL)
         code, out = finish(job, timeout=120)  # no hang: torchrun stops the other rank
     finally:
         if job.poll() is None:

@@ -26,7 +26,7 @@ from shiftable_lib import versions
 from shiftable_lib.config import Settings
 from sma.v1 import training_pb2 as T
 from sma.v1 import training_pb2_grpc
-from tests.conftest import synthetic_documents, write_domain
+from tests.conftest import synthetic_documents, torchrun_ranks, write_domain
 
 FINISHED = (T.JOB_STATE_SUCCEEDED, T.JOB_STATE_FAILED, T.JOB_STATE_CANCELLED)
 LONG_RECALIBRATION = 1_000_000  # gate steps: a REMOVE job that runs until it is stopped
@@ -35,8 +35,8 @@ LONG_RECALIBRATION = 1_000_000  # gate steps: a REMOVE job that runs until it is
 class Harness:
     """A training server on its own event-loop thread, and a blocking client for it."""
 
-    def __init__(self, home: Path) -> None:
-        settings = Settings(home=home, profile="tiny", device="cpu", train_threads=1)
+    def __init__(self, home: Path, **overrides) -> None:
+        settings = Settings(home=home, profile="tiny", device="cpu", train_threads=1, **overrides)
         self.home = home
         self.models = settings.models_dir
         self.manager = JobManager(settings)
@@ -100,8 +100,8 @@ class Harness:
 
 
 @contextlib.contextmanager
-def serving(home: Path) -> Iterator[Harness]:
-    harness = Harness(home)
+def serving(home: Path, **overrides) -> Iterator[Harness]:
+    harness = Harness(home, **overrides)
     try:
         yield harness
     finally:
@@ -307,3 +307,36 @@ def test_fraction_is_monotonic_when_an_estimate_is_corrected():
     assert seen == sorted(seen) and seen[0] == pytest.approx(5 / 22)
     assert seen[-1] == pytest.approx(110 / 112)
     assert estimate.update("unplanned", 1, 1) == seen[-1]
+
+
+def test_a_job_over_two_processes_publishes_and_streams_progress(tmp_path: Path):
+    home = tmp_path / "home"
+    for name in ("general", "ds", "dl"):
+        write_domain(home / "data", name, synthetic_documents(name, 40))
+    with serving(home, nproc_per_node=2) as harness:
+        job = harness.start(T.JOB_KIND_TRAIN_ALL)
+        events = [r.job for r in harness.stub.WatchJob(T.WatchJobRequest(id=job.id), timeout=180)]
+        job = harness.get(job.id)
+        assert job.state == T.JOB_STATE_SUCCEEDED, job.error
+        assert store(harness.models) == (["v0001", "v0002"], "v0002", [])
+        fractions = [e.progress.fraction for e in events]
+        assert fractions == sorted(fractions) and fractions[-1] == 1.0
+        phases = {e.progress.phase for e in events if e.state == T.JOB_STATE_RUNNING}
+        assert {"tokenizer", "generalist", "specialist:ds", "specialist:dl", "gate"} <= phases
+        assert json.loads(job.metrics_json)["domains"].keys() == {"general", "ds", "dl"}
+
+
+def test_a_rank_that_dies_fails_the_job_with_the_reason(trained: Trained, tmp_path: Path):
+    home = copy_home(trained.home, tmp_path)
+    with serving(home, nproc_per_node=2) as harness:
+        before = store(harness.models)
+        job = harness.start(
+            T.JOB_KIND_REMOVE_SPECIALIST, specialist="ds", recalibrate_steps=LONG_RECALIBRATION
+        )
+        harness.wait(job.id, lambda j: j.progress.phase == "gate", timeout=120)
+        os.kill(torchrun_ranks(harness.pid(job.id))[1], signal.SIGKILL)
+        job = harness.wait_finished(job.id)
+        assert job.state == T.JOB_STATE_FAILED
+        assert "torchrun exit" in job.error and "rank 1" in job.error, job.error
+        assert "SIGKILL" in job.error or "-9" in job.error, job.error
+        assert store(harness.models) == before
