@@ -119,6 +119,28 @@ PROFILES: dict[str, Profile] = {
         routing_documents=200,
         dropout=0.1,
     ),
+    # GPT-2 small's shape (124M-class): for corpora that outgrow `gpu`, and the
+    # multi-GPU training benchmark (scripts/bench_train.py)
+    "gpt2-small": Profile(
+        name="gpt2-small",
+        vocab_size=16384,
+        context=1024,
+        n_layer=12,
+        n_head=12,
+        d_model=768,
+        batch_size=16,
+        generalist_steps=5000,
+        generalist_lr=6e-4,
+        specialist_epochs=4.0,
+        specialist_min_steps=200,
+        specialist_max_steps=2000,
+        specialist_lr=3e-4,
+        gate_steps=600,
+        gate_lr=5e-2,
+        eval_interval=250,
+        eval_windows=64,
+        routing_documents=200,
+    ),
 }
 
 
@@ -137,7 +159,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SMA_", extra="ignore")
 
     home: Path = Field(default=Path("sma-home"), description="data, artifacts and state")
-    profile: str = Field(default="cpu", description="tiny | cpu | gpu")
+    profile: str = Field(default="cpu", description="tiny | cpu | gpu | gpt2-small")
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
     threads: int = Field(
         default=0,
