@@ -44,6 +44,10 @@ class Profile:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     seed: int = 1337
+    # the gate's loss counts general text this many times over a specialist's: sending general
+    # text to a specialist costs general perplexity, the reverse only a specialist's gain, and
+    # general (the standard library's docs) is the most varied domain (docs/benchmarks.md)
+    gate_base_weight: float = 2.0
 
     def to_dict(self) -> dict:
         return asdict(self)

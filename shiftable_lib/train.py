@@ -363,7 +363,8 @@ def train_gate(
     progress: ProgressFn,
     steps: int | None = None,
 ) -> dict:
-    """Train the gate rows of experts `rows_of` on batches with every domain in `data` equally."""
+    """Train the gate rows of experts `rows_of` on batches with every domain in `data` equally;
+    positions of general text weigh `profile.gate_base_weight` in the loss."""
     experts = model.experts
     names = [n for n in data if n in experts]
     params = [
@@ -384,8 +385,15 @@ def train_gate(
     labels = torch.cat(
         [torch.full((r,), experts.index(n)) for n, r in zip(names, rows_per, strict=True)]
     ).to(device)
+    weights = torch.tensor(
+        [profile.gate_base_weight if e == GENERAL else 1.0 for e in experts], device=device
+    )
     context = min(s.context for s in samplers.values())
-    rows = distributed.world().rows  # this rank's rows of the global batch (all of it alone)
+    world = distributed.world()
+    rows = world.rows  # this rank's rows of the global batch (all of it alone)
+    # a weighted mean over the *global* batch: each rank divides its weighted sum by its share
+    # of the global weight, so that DDP's mean over the ranks is the one-process loss
+    share = weights[labels].sum() / world.size
 
     def loss() -> tuple[Tensor, int]:
         batch = torch.cat(
@@ -396,6 +404,7 @@ def train_gate(
         with torch.no_grad():
             features = model.trunk(batch, Routing()).features
         targets = rows(labels).repeat_interleave(batch.shape[1])
+        w = weights[targets] / (share * batch.shape[1])
         count = torch.arange(1, batch.shape[1] + 1, device=device).view(1, -1, 1)
         ce = sum(
             F.cross_entropy(
@@ -403,7 +412,10 @@ def train_gate(
                 .flatten(0, 1)
                 .float(),
                 targets,
+                reduction="none",
             )
+            .mul(w)
+            .sum()
             for block, m in zip(model.blocks, features, strict=True)
         )
         return ce / len(features), batch.numel()
