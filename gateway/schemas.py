@@ -6,6 +6,7 @@ extra with a default, so the seed's own page and scripts keep working unchanged.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Literal
 
@@ -171,3 +172,8 @@ def specialist_dict(s: registry_pb2.Specialist) -> dict:
         "corpus_digest": s.corpus_digest or None,
         "updated_at": _time(s.updated_at),
     }
+
+
+def sse(event: str, data: dict) -> str:
+    """One Server-Sent Event."""
+    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"

@@ -205,6 +205,8 @@ def test_metrics_expose_serving_and_training_figures(stack: Stack) -> None:
     ):
         assert name in text, name
     assert "sma_model_loaded 1.0" in text
+    # requests are counted by route template, not raw path
+    assert 'method="POST",route="/generate",status="200"' in text
 
 
 def test_add_specialist_trains_publishes_and_serves_it(stack: Stack) -> None:

@@ -1,0 +1,114 @@
+"""What the routes share: the `Gateway` (settings, gRPC backends, the lifecycle coordinator,
+the serving state) and a FastAPI dependency that hands it out."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import grpc
+from fastapi import Depends, Request
+
+from gateway.backends import Backends
+from gateway.coordinator import Coordinator
+from gateway.metrics import Metrics
+from gateway.schemas import operation_dict
+from shiftable_lib.config import Settings
+from shiftable_lib.errors import Unavailable
+from sma.v1 import inference_pb2, registry_pb2
+
+log = logging.getLogger("sma.gateway")
+R = registry_pb2
+FRONTEND = Path(__file__).resolve().parent.parent / "frontend"
+RPC_TIMEOUT = 15.0
+SERVED = (R.SPECIALIST_STATE_READY, R.SPECIALIST_STATE_DELETING)
+
+
+class Gateway:
+    """What the routes share: settings, gRPC backends, the coordinator, the serving state."""
+
+    backends: Backends
+    coordinator: Coordinator
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.serving = R.ServingState()
+        self.tasks: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        """Connect (grpc.aio channels belong to the loop that creates them) and boot."""
+        self.backends = Backends.connect(self.settings)
+        self.coordinator = Coordinator(self.settings, self.backends)
+        self.tasks = [
+            asyncio.create_task(self.coordinator.boot(), name="boot"),
+            asyncio.create_task(self._follow_serving(), name="serving"),
+        ]
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.coordinator.close()
+        await self.backends.close()
+
+    async def _follow_serving(self) -> None:
+        """Keep `self.serving` in step with the registry (reconnecting when it restarts)."""
+        while True:
+            try:
+                stream = self.backends.registry.WatchServing(
+                    R.WatchServingRequest(), wait_for_ready=True
+                )
+                async for reply in stream:
+                    self.serving = reply.serving
+            except grpc.aio.AioRpcError as exc:
+                log.debug("serving watch interrupted: %s", exc.details())
+            await asyncio.sleep(0.5)
+
+    @property
+    def initialized(self) -> bool:
+        return bool(self.serving.loaded_version_id)
+
+    async def first_start(self) -> dict | None:
+        """The unfinished first-start operation, if any (its progress feeds /health and 503s)."""
+        try:
+            reply = await self.backends.registry.ListOperations(
+                R.ListOperationsRequest(unfinished_only=True), timeout=2.0
+            )
+        except grpc.aio.AioRpcError:
+            return None
+        for op in reply.operations:
+            if op.kind == R.OPERATION_KIND_INITIALIZE:
+                return operation_dict(op)
+        return None
+
+    async def require_model(self) -> None:
+        if self.initialized:
+            return
+        first = await self.first_start()
+        if first is not None:
+            raise Unavailable(f"model is training ({first['progress']['percent']:.0f}%)")
+        raise Unavailable("no model is serving yet")
+
+    async def specialists(self) -> list[str]:
+        reply = await self.backends.registry.ListSpecialists(
+            R.ListSpecialistsRequest(), timeout=RPC_TIMEOUT
+        )
+        return [s.name for s in reply.specialists if s.state in SERVED]
+
+    async def model_info(self) -> inference_pb2.GetModelInfoResponse | None:
+        try:
+            return await self.backends.inference.GetModelInfo(
+                inference_pb2.GetModelInfoRequest(), timeout=1.0
+            )
+        except grpc.aio.AioRpcError:
+            return None
+
+
+def gateway(request: Request) -> Gateway:
+    return request.app.state.gateway
+
+
+GatewayDep = Annotated[Gateway, Depends(gateway)]

@@ -1,0 +1,121 @@
+"""Generation: the seed's `/generate`, its SSE twin `/generate/stream`, and `/inspect_gates`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
+
+from gateway.backends import http_status
+from gateway.deps import RPC_TIMEOUT, Gateway, GatewayDep
+from gateway.schemas import FINISH, GenerateBody, InspectBody, gate_summary, sse, usage
+from sma.v1 import inference_pb2
+
+router = APIRouter()
+
+
+@router.post("/generate")
+async def generate(gw: GatewayDep, body: GenerateBody) -> dict:
+    """The whole completion at once (the seed's shape, plus usage and gate weights)."""
+    await gw.require_model()
+    parts: list[str] = []
+    last = None
+    async for message in _stream(gw, body):
+        parts.append(message.text)
+        last = message
+    completion = "".join(parts)
+    return {
+        "prompt": body.prompt,
+        "completion": completion,
+        "full_text": body.prompt + completion,
+        "specialists": list(gw.serving.version.specialists),  # no registry call per request
+        **_final(last),
+    }
+
+
+async def _stream(gw: Gateway, body: GenerateBody) -> AsyncIterator[inference_pb2.GenerateResponse]:
+    """Messages of one Generate call; the call is cancelled if the consumer stops."""
+    call = gw.backends.inference.Generate(body.to_proto())
+    timer = gw.metrics.stream_timer()
+    try:
+        async for message in call:
+            timer.tick(len(message.token_ids))
+            yield message
+    finally:
+        call.cancel()
+
+
+@router.post("/generate/stream", response_class=StreamingResponse)
+async def generate_stream(gw: GatewayDep, body: GenerateBody) -> StreamingResponse:
+    """Server-Sent Events: `token` events with text deltas, then one `done` event with the
+    finish reason, usage and gate weights. Errors before the first token are plain HTTP
+    errors; a later one is an `error` event."""
+    await gw.require_model()
+    messages = _stream(gw, body)
+    first = await anext(messages)  # bad parameters raise here, as a 4xx
+
+    async def events() -> AsyncIterator[str]:
+        text = []
+        message = first
+        try:
+            while True:
+                text.append(message.text)
+                yield sse("token", {"text": message.text, "token_ids": list(message.token_ids)})
+                if message.finish_reason:
+                    yield sse("done", {"completion": "".join(text), **_final(message)})
+                    return
+                message = await anext(messages)
+        except StopAsyncIteration:
+            yield sse("error", {"status": 502, "detail": "the stream ended early"})
+        except grpc.aio.AioRpcError as exc:
+            yield sse("error", {"status": http_status(exc.code()), "detail": exc.details()})
+        finally:
+            await messages.aclose()
+
+    return StreamingResponse(
+        events(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def _final(message: inference_pb2.GenerateResponse | None) -> dict:
+    if message is None:
+        return {}
+    return {
+        "finish_reason": FINISH.get(message.finish_reason),
+        "usage": usage(message.usage),
+        "version": message.version_id,
+        **gate_summary(list(message.gate_means)),
+    }
+
+
+# ---- the rest of the API -----------------------------------------------------------------
+
+
+@router.post("/inspect_gates")
+async def inspect_gates(gw: GatewayDep, body: InspectBody) -> dict:
+    """Gate weights per layer and expert for a prompt: which experts the model leans on."""
+    await gw.require_model()
+    reply = await gw.backends.inference.InspectGates(
+        inference_pb2.InspectGatesRequest(prompt=body.prompt, routing=body.routing.to_proto()),
+        timeout=RPC_TIMEOUT,
+    )
+    experts = list(reply.experts)
+    layers = []
+    for i, layer in enumerate(reply.layers):
+        entry = {"layer": i, "mean": dict(zip(experts, layer.mean, strict=True))}
+        if body.per_position:
+            n = len(experts)
+            flat = list(layer.per_position)
+            entry["per_position"] = [flat[j : j + n] for j in range(0, len(flat), n)]
+        layers.append(entry)
+    return {
+        "experts": experts,
+        "tokens": list(reply.tokens),
+        "layers": layers,
+        "version": reply.version_id,
+        "truncated_prompt_tokens": reply.truncated_prompt_tokens,
+    }

@@ -1,0 +1,81 @@
+"""`/`, `/health` and `/metrics`."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+from fastapi import APIRouter
+from fastapi.responses import FileResponse, HTMLResponse, Response
+
+from gateway.coordinator import artifact_paths
+from gateway.deps import FRONTEND, GatewayDep, R
+from sma.v1 import inference_pb2
+
+router = APIRouter()
+
+
+@router.get("/", include_in_schema=False)
+async def index(gw: GatewayDep) -> Response:
+    page = FRONTEND / "index.html"
+    if page.is_file():
+        return FileResponse(page)
+    return HTMLResponse(
+        "<!doctype html><title>Shiftable</title><h1>Shiftable</h1>"
+        '<p>The API is up: see <a href="/docs">/docs</a> and <a href="/health">/health</a>.'
+    )
+
+
+@router.get("/health")
+async def health(gw: GatewayDep) -> dict:
+    """The seed's fields, plus readiness, serving version, first-start progress and the
+    health of each gRPC service."""
+    services, info = await asyncio.gather(gw.backends.health(), gw.model_info())
+    version = gw.serving.version
+    ready = gw.initialized and all(s["status"] == "SERVING" for s in services.values())
+    try:
+        specialists = await gw.specialists()
+    except grpc.aio.AioRpcError:
+        specialists = list(version.specialists)
+    return {
+        "initialized": gw.initialized,
+        "device": info.device if info is not None and info.device else None,
+        **artifact_paths(version.artifact_dir),
+        "specialists": specialists,
+        "ready": ready,
+        "status": "ok" if ready else ("degraded" if gw.initialized else "initializing"),
+        "serving_version": version.id or None,
+        "loaded_version": gw.serving.loaded_version_id or None,
+        "profile": version.profile or None,
+        "model": _model(info),
+        "first_start": await gw.first_start(),
+        "boot": gw.coordinator.boot_error,
+        "services": services,
+    }
+
+
+def _model(info: inference_pb2.GetModelInfoResponse | None) -> dict | None:
+    if info is None or not info.version_id:
+        return None
+    return {
+        "context": info.context,
+        "n_layer": info.n_layer,
+        "d_model": info.d_model,
+        "vocab_size": info.vocab_size,
+        "max_batch": info.max_batch,
+        "active_streams": info.active_streams,
+        "queued": info.queued,
+    }
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(gw: GatewayDep) -> Response:
+    """Prometheus text: requests, tokens, time to first token, inter-token latency, queue
+    depth, active streams and training progress."""
+    info = await gw.model_info()
+    running = await gw.backends.registry.ListOperations(
+        R.ListOperationsRequest(unfinished_only=True), timeout=2.0
+    )
+    gw.metrics.observe_state(info, list(running.operations))
+    body, content_type = gw.metrics.render()
+    return Response(body, media_type=content_type)

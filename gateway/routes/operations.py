@@ -1,0 +1,58 @@
+"""Long-running operations: list, get, and an SSE stream of one until it ends."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+from fastapi import APIRouter, Query
+from fastapi.responses import StreamingResponse
+
+from gateway.backends import http_status
+from gateway.deps import RPC_TIMEOUT, GatewayDep, R
+from gateway.schemas import operation_dict, sse
+from shiftable_lib.errors import Unavailable
+
+router = APIRouter()
+
+
+@router.get("/operations")
+async def list_operations(
+    gw: GatewayDep, unfinished: bool = False, limit: int = Query(20, ge=1, le=100)
+):
+    reply = await gw.backends.registry.ListOperations(
+        R.ListOperationsRequest(unfinished_only=unfinished, limit=limit), timeout=RPC_TIMEOUT
+    )
+    return [operation_dict(op) for op in reply.operations]
+
+
+@router.get("/operations/{op_id}")
+async def get_operation(gw: GatewayDep, op_id: str) -> dict:
+    reply = await gw.backends.registry.GetOperation(
+        R.GetOperationRequest(id=op_id), timeout=RPC_TIMEOUT
+    )
+    return operation_dict(reply.operation)
+
+
+@router.get("/operations/{op_id}/events", response_class=StreamingResponse)
+async def operation_events(gw: GatewayDep, op_id: str) -> StreamingResponse:
+    """Server-Sent Events: the operation object now and on every change, until it ends."""
+    call = gw.backends.registry.WatchOperation(R.WatchOperationRequest(id=op_id))
+    first = await call.read()  # NOT_FOUND raises here, as a 404
+    if first is grpc.aio.EOF:
+        raise Unavailable("the registry ended the stream")
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            reply = first
+            while reply is not grpc.aio.EOF:  # read() only: grpc.aio forbids mixing it with
+                yield sse("operation", operation_dict(reply.operation))  # `async for`
+                reply = await call.read()
+        except grpc.aio.AioRpcError as exc:
+            yield sse("error", {"status": http_status(exc.code()), "detail": exc.details()})
+        finally:
+            call.cancel()
+
+    return StreamingResponse(
+        events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    )

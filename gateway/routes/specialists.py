@@ -1,0 +1,58 @@
+"""The specialists: the seed's `/specialists` (list, add, delete) and `/v1/specialists`."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Query
+from fastapi.responses import JSONResponse, Response
+
+from gateway.deps import RPC_TIMEOUT, Gateway, GatewayDep, R
+from gateway.schemas import SpecialistBody, operation_dict, specialist_dict
+
+router = APIRouter()
+
+
+@router.get("/specialists")
+async def list_specialists(gw: GatewayDep) -> list[str]:
+    """Names of the specialists the model serves (the seed's shape)."""
+    return await gw.specialists()
+
+
+@router.post("/specialists", responses={202: {"description": "the operation (wait=false)"}})
+async def add_specialist(
+    gw: GatewayDep,
+    body: SpecialistBody,
+    wait: bool = Query(True, description="block until the specialist serves, as the seed"),
+) -> Response:
+    """Add a specialist whose corpus is in data/<name>/: train (incremental unless
+    `full_retrain`), publish, hot-swap. 400 without a corpus, 409 while another operation
+    runs (its id in the message)."""
+    op = await gw.coordinator.add(body.name, body.full_retrain)
+    return await _finish(gw, op, wait)
+
+
+@router.delete("/specialists/{name}", responses={202: {"description": "the operation"}})
+async def delete_specialist(gw: GatewayDep, name: str, wait: bool = Query(True)) -> Response:
+    """Remove a specialist (never the last one: 409); its corpus moves to data/.deleted/."""
+    op = await gw.coordinator.delete(name)
+    return await _finish(gw, op, wait)
+
+
+async def _finish(gw: Gateway, op: R.Operation, wait: bool) -> Response:
+    if not wait:
+        return JSONResponse(operation_dict(op), status_code=202)
+    op = await gw.coordinator.wait(op.id)
+    if op.state != R.OPERATION_STATE_SUCCEEDED:
+        return JSONResponse(
+            {"detail": op.error or "the operation did not succeed", **operation_dict(op)},
+            status_code=500,
+        )
+    return JSONResponse({"message": op.message, "specialists": await gw.specialists()})
+
+
+@router.get("/v1/specialists")
+async def specialists_detail(gw: GatewayDep) -> list[dict]:
+    """Every specialist the registry knows, with its state (training, ready, failed, ...)."""
+    reply = await gw.backends.registry.ListSpecialists(
+        R.ListSpecialistsRequest(), timeout=RPC_TIMEOUT
+    )
+    return [specialist_dict(s) for s in reply.specialists]
