@@ -24,7 +24,13 @@ import torch
 from shiftable_lib import distributed
 from shiftable_lib.config import get_profile
 from shiftable_lib.model import ModelConfig, Routing, ShiftableLM
-from shiftable_lib.train import DomainTokens, language_model_phase, pick_device, run_phase
+from shiftable_lib.train import (
+    DomainTokens,
+    generalist_params,
+    language_model_phase,
+    pick_device,
+    run_phase,
+)
 
 PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}  # dense, per GPU
 
@@ -64,7 +70,7 @@ def main() -> None:
         0, cfg.vocab_size, (4_000_000,), generator=torch.Generator().manual_seed(1)
     )
     data = DomainTokens("general", tokens, tokens[:10_000], [])
-    params = [p for n, p in model.named_parameters() if not n.endswith((".gate", ".gate_tokens"))]
+    params = generalist_params(model)
 
     def phase(steps: int):
         lm = language_model_phase(

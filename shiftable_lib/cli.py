@@ -101,8 +101,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def torchrun(nproc: int, argv: list[str]) -> int:
     """Run this same command as `nproc` data-parallel processes on this host, under PyTorch's
     own launcher; its exit status is the job's (one rank failing fails and stops them all)."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += [f"--nproc-per-node={nproc}", "-m", "shiftable_lib.cli", *argv]
+    from shiftable_lib.distributed import torchrun_command
+
+    command = torchrun_command(nproc, "shiftable_lib.cli", argv)
     return subprocess.run(command, check=False).returncode
 
 

@@ -16,6 +16,7 @@ With one process (no torchrun) everything here is a no-op and the plain path run
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 
 import torch
@@ -27,8 +28,8 @@ from torch.nn.parallel import DistributedDataParallel
 class World:
     """This process's place among the ranks of a job (rank 0 of 1 when not distributed)."""
 
-    def __init__(self, rank: int = 0, size: int = 1, local_rank: int = 0) -> None:
-        self.rank, self.size, self.local_rank = rank, size, local_rank
+    def __init__(self, rank: int = 0, size: int = 1) -> None:
+        self.rank, self.size = rank, size
 
     @property
     def main(self) -> bool:
@@ -105,13 +106,18 @@ def init(device: torch.device) -> torch.device:
     if not launched():
         return device
     if device.type == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        device = torch.device("cuda", local)
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    _world = World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    _world = World(dist.get_rank(), dist.get_world_size())
     return device
+
+
+def torchrun_command(nproc: int, module: str, args: list[str]) -> list[str]:
+    """`python -m module args` as `nproc` processes on this host under PyTorch's launcher."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    return [*launcher, f"--nproc-per-node={nproc}", "-m", module, *args]
 
 
 def shutdown() -> None:

@@ -296,13 +296,17 @@ def train_generalist(
         dropout=profile.dropout,
     )
     model = ShiftableLM(cfg).to(device)
-    # with one expert the gate never runs: its rows get no gradient (and DDP wants none unused)
-    params = [p for n, p in model.named_parameters() if not n.endswith((".gate", ".gate_tokens"))]
     phase = language_model_phase(
-        "generalist", model, data, params, profile.generalist_steps,
+        "generalist", model, data, generalist_params(model), profile.generalist_steps,
         profile.generalist_lr, Routing(), profile.seed, profile, device,
     )  # fmt: skip
     return model, run_phase(phase, model, profile, device, progress)
+
+
+def generalist_params(model: ShiftableLM) -> list[nn.Parameter]:
+    """Every weight but the gate rows: with one expert the gate never runs, so its rows get no
+    gradient (and DDP wants no unused parameter)."""
+    return [p for n, p in model.named_parameters() if not n.endswith((".gate", ".gate_tokens"))]
 
 
 def language_model_phase(

@@ -14,7 +14,6 @@ with torchrun's root cause: the rank, its exit code or signal.
 from __future__ import annotations
 
 import collections
-import contextlib
 import json
 import logging
 import os
@@ -35,6 +34,7 @@ from services.training.core import (
     _run_job,
     _Task,
 )
+from shiftable_lib import distributed
 
 log = logging.getLogger("sma.training.ranks")
 MARK = "@sma-job "
@@ -78,10 +78,8 @@ def relay(task: _Task, conn) -> _Published | _Failed:
     with tempfile.NamedTemporaryFile("w", prefix="sma-task-", suffix=".json") as spec:
         spec.write(encode_task(task))
         spec.flush()
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-        command += [f"--nproc-per-node={task.nproc}", "-m", "services.training.ranks", spec.name]
         launcher = subprocess.Popen(
-            command,
+            distributed.torchrun_command(task.nproc, "services.training.ranks", [spec.name]),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -141,10 +139,7 @@ def main(argv: list[str]) -> int:
     outcome = _run_job(conn, task)
     if main_rank:
         conn.send(outcome)
-    with contextlib.suppress(Exception):
-        from shiftable_lib import distributed
-
-        distributed.shutdown()
+    distributed.shutdown()
     return 0 if isinstance(outcome, _Published) else 1
 
 
