@@ -48,6 +48,25 @@ class Profile:
     # text to a specialist costs general perplexity, the reverse only a specialist's gain, and
     # general (the standard library's docs) is the most varied domain (docs/benchmarks.md)
     gate_base_weight: float = 2.0
+    # gate windows in tokens (0 = context): batch_size * context tokens a step, in shorter
+    # windows, train the gate more often where it routes worst, at a window's start; a quarter
+    # of the context is what the sweep in docs/benchmarks.md settled on for cpu and gpu
+    gate_window: int = 0
+    # the incremental add trains only the new row: its errors on the other domains' text cost
+    # their perplexity, so those positions weigh `gate_replay_weight` more, and it takes
+    # `gate_add_steps` (0 = gate_steps) to learn that from enough distinct windows
+    gate_replay_weight: float = 1.0
+    gate_add_steps: int = 0
+
+    @property
+    def gate_tokens(self) -> int:
+        """The length of a gate-training window."""
+        return min(self.gate_window or self.context, self.context)
+
+    @property
+    def gate_rows(self) -> int:
+        """Windows in one gate step: `batch_size` contexts' worth of tokens."""
+        return self.batch_size * self.context // self.gate_tokens
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -97,6 +116,9 @@ PROFILES: dict[str, Profile] = {
         specialist_lr=2e-3,
         gate_steps=300,
         gate_lr=5e-2,
+        gate_window=64,
+        gate_replay_weight=2.0,
+        gate_add_steps=600,
         eval_interval=100,
         eval_windows=24,
         routing_documents=100,
@@ -118,6 +140,9 @@ PROFILES: dict[str, Profile] = {
         specialist_lr=6e-4,
         gate_steps=600,
         gate_lr=5e-2,
+        gate_window=128,
+        gate_replay_weight=2.0,
+        gate_add_steps=1200,
         eval_interval=50,
         eval_windows=64,
         routing_documents=200,
@@ -141,6 +166,9 @@ PROFILES: dict[str, Profile] = {
         specialist_lr=3e-4,
         gate_steps=600,
         gate_lr=5e-2,
+        gate_window=256,
+        gate_replay_weight=2.0,
+        gate_add_steps=1200,
         eval_interval=250,
         eval_windows=64,
         routing_documents=200,

@@ -445,8 +445,13 @@ class ShiftableLM(nn.Module):
     def head(self, x: Tensor) -> Tensor:
         return F.linear(x, self.wte.weight)  # tied embeddings
 
-    def trunk(self, idx: Tensor, routing: Routing | list[Routing] = SOFT) -> Trace:
-        """Final hidden states, and per layer the gate features and weights (if a gate ran)."""
+    def trunk(
+        self, idx: Tensor, routing: Routing | list[Routing] = SOFT, features_only: bool = False
+    ) -> Trace:
+        """Final hidden states, and per layer the gate features and weights (if a gate ran).
+
+        With `features_only`, stop once the last layer's gate features are known (no hidden
+        states): all that training the gate needs, a layer's worth of work cheaper."""
         B, T = idx.shape
         routes = self._routes(routing, B, idx.device)
         only = routes.single
@@ -461,6 +466,8 @@ class ShiftableLM(nn.Module):
                 weights = block.attn.gate(m, block.attn.token_evidence(idx, count), routes)
                 trace.features.append(m)
                 trace.gates.append(weights)
+                if features_only and len(trace.features) == len(self.blocks):
+                    return trace
                 experts, weights = _skip_unused(experts, weights)
             else:  # one allowed expert: no gate to run
                 experts, weights = [block.attn.experts[self.experts[only]]], None

@@ -366,9 +366,15 @@ def train_gate(
     device,
     progress: ProgressFn,
     steps: int | None = None,
+    replay_weight: float = 1.0,
 ) -> dict:
     """Train the gate rows of experts `rows_of` on batches with every domain in `data` equally;
-    positions of general text weigh `profile.gate_base_weight` in the loss."""
+    positions of general text weigh `profile.gate_base_weight` in the loss, and positions of
+    a domain whose row does not train `replay_weight` times that.
+
+    Windows are `profile.gate_window` tokens long, as many as make `batch_size` full contexts:
+    short windows put more of the batch at the start of a window, where the gate has the least
+    evidence and does its worst routing, for the same tokens."""
     experts = model.experts
     names = [n for n in data if n in experts]
     params = [
@@ -378,19 +384,22 @@ def train_gate(
         for p in (b.attn.experts[n].gate, b.attn.experts[n].gate_tokens)
     ]
     samplers = {
-        n: WindowSampler(data[n].train, profile.context, profile.seed + 7 + i)
+        n: WindowSampler(data[n].train, profile.gate_tokens, profile.seed + 7 + i)
         for i, n in enumerate(names)
     }
-    rows_per = [
-        profile.batch_size // len(names) + (i < profile.batch_size % len(names))
-        for i in range(len(names))
-    ]
+    total = profile.gate_rows
+    rows_per = [total // len(names) + (i < total % len(names)) for i in range(len(names))]
     rows_per = [max(1, r) for r in rows_per]
     labels = torch.cat(
         [torch.full((r,), experts.index(n)) for n, r in zip(names, rows_per, strict=True)]
     ).to(device)
     weights = torch.tensor(
-        [profile.gate_base_weight if e == GENERAL else 1.0 for e in experts], device=device
+        [
+            (profile.gate_base_weight if e == GENERAL else 1.0)
+            * (1.0 if e in rows_of else replay_weight)
+            for e in experts
+        ],
+        device=device,
     )
     context = min(s.context for s in samplers.values())
     world = distributed.world()
@@ -406,7 +415,7 @@ def train_gate(
         batch = rows(batch).to(device)
         model.eval()  # features as inference sees them (no dropout); only gate rows learn
         with torch.no_grad():
-            features = model.trunk(batch, Routing()).features
+            features = model.trunk(batch, Routing(), features_only=True).features
         targets = rows(labels).repeat_interleave(batch.shape[1])
         w = weights[targets] / (share * batch.shape[1])
         count = torch.arange(1, batch.shape[1] + 1, device=device).view(1, -1, 1)
@@ -467,8 +476,9 @@ def add_specialist(
     report = {new.name: train_branch(model, new, profile, device, progress)}
     model.wake_specialists([new.name], split=False)
     report["gate"] = train_gate(
-        model, {**replay, new.name: new}, [new.name], profile, device, progress
-    )
+        model, {**replay, new.name: new}, [new.name], profile, device, progress,
+        steps=profile.gate_add_steps or None, replay_weight=profile.gate_replay_weight,
+    )  # fmt: skip
     return model, report
 
 

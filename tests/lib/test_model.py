@@ -178,3 +178,13 @@ def test_growing_and_shrinking_drop_joined_weights_of_the_old_expert_set(shiftab
         shiftable(idx)
         shiftable.remove_specialist("law")
         assert not shiftable.blocks[0].attn._joined
+
+
+def test_the_gate_features_alone_are_those_of_the_full_pass(shiftable):
+    idx = torch.randint(0, shiftable.cfg.vocab_size, (3, 20))
+    with torch.no_grad():
+        full = shiftable.trunk(idx)
+        alone = shiftable.trunk(idx, features_only=True)
+    assert alone.hidden is None and len(alone.features) == len(shiftable.blocks)
+    for a, b in zip(alone.features, full.features, strict=True):
+        assert torch.equal(a, b)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import pytest
 import torch
 
 from shiftable_lib import train
@@ -87,8 +90,12 @@ def test_the_generalist_learns_and_the_best_checkpoint_is_kept(home):
     assert abs(report["best_eval"] - ppl[1]) < 1e-3 * ppl[1]
 
 
-def test_gate_training_routes_documents_to_their_own_specialist(home):
-    profile = get_profile("tiny", generalist_steps=20, specialist_max_steps=12, gate_steps=100)
+@pytest.mark.parametrize("window", [0, 16], ids=["whole-context", "short-windows"])
+def test_gate_training_routes_documents_to_their_own_specialist(home, window):
+    profile = get_profile(
+        "tiny", generalist_steps=20, specialist_max_steps=12, gate_steps=100, gate_window=window
+    )
+    assert profile.gate_rows * profile.gate_tokens == profile.batch_size * profile.context
     tok, data = _data(home)
     generalist, _ = train.train_generalist(data["general"], tok, profile, "cpu")
     model, _ = train.train_specialists(generalist, data, profile, "cpu")
@@ -96,3 +103,15 @@ def test_gate_training_routes_documents_to_their_own_specialist(home):
         model, {n: d.heldout_docs for n, d in data.items()}, 64, 8, "cpu"
     )
     assert min(routing.values()) >= 0.75, routing
+
+
+def test_the_add_trains_the_new_gate_row_for_its_own_number_of_steps(home):
+    profile = replace(PROFILE, gate_window=16, gate_add_steps=30, gate_replay_weight=2.0)
+    tok, data = _data(home)
+    generalist, _ = train.train_generalist(data["general"], tok, profile, "cpu")
+    replay = {k: data[k] for k in ("general", "ds")}
+    full, _ = train.train_specialists(generalist, replay, profile, "cpu")
+    seen: list[train.Progress] = []
+    train.add_specialist(full, data["dl"], replay, profile, "cpu", seen.append)
+    gate = [p for p in seen if p.phase == "gate"]
+    assert (gate[-1].step, gate[-1].total) == (30, 30)
