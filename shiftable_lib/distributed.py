@@ -39,12 +39,17 @@ class World:
         """This rank's rows of a global batch: rank, rank + size, ..."""
         if self.size == 1:
             return batch
-        if batch.shape[0] % self.size:
-            raise ValueError(
-                f"a global batch of {batch.shape[0]} rows does not split over {self.size} "
-                "processes: use a process count that divides the profile's batch size"
-            )
+        self.check_batches(batch.shape[0])
         return batch[self.rank :: self.size]
+
+    def check_batches(self, *rows: int) -> None:
+        """Refuse global batches of `rows` that do not split evenly over the ranks."""
+        for n in rows:
+            if n % self.size:
+                raise ValueError(
+                    f"a global batch of {n} rows does not split over {self.size} processes: "
+                    "use a process count that divides the profile's batch sizes"
+                )
 
     def barrier(self) -> None:
         if self.size > 1:

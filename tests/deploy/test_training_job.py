@@ -43,7 +43,7 @@ def trainer(replica: dict) -> dict:
 
 
 def env_of(container: dict) -> dict[str, str]:
-    return {e["name"]: e["value"] for e in container.get("env", [])}
+    return {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
 
 
 def operator_env(job: dict, node_rank: int, port: int) -> dict[str, str]:
@@ -106,6 +106,13 @@ POD = [*MASTER, "template", "spec"]
          "'lots' is not a quantity"),
         ("PyTorchJob", _drop([*POD, "containers", 0, "env", 0, "name"]),
          "`name`, must not be `None`"),
+        ("PyTorchJob", _set([*MASTER, "restartPolicy"], "Nevr"), "restartPolicy is not one of"),
+        ("PyTorchJob", _set(["spec", "runPolicy", "cleanPodPolicy"], "Runing"),
+         "cleanPodPolicy 'Runing' is not one of"),
+        ("PyTorchJob", _set(["apiVersion"], "kubeflow.org/v2"), "no schema known"),
+        ("PyTorchJob", _set(["metadata", "name"], "Sma_Train"), "RFC 1123"),
+        ("PyTorchJob", _set(["spec", "pytorchReplicaSpecs", "Worker", "replicas"], 0),
+         "replicas must be at least 1"),
         ("PersistentVolumeClaim", _set(["spec", "accessModes"], "ReadWriteMany"),
          "is not of type 'array'"),
     ],
@@ -192,3 +199,14 @@ def test_the_job_trains_across_two_hosts_on_loopback(tmp_path: Path) -> None:
     assert sorted(p.name for p in models.iterdir()) == ["CURRENT", "v0001", "v0002"]
     served = checkpoint.load_version(models, "v0002")
     assert served.model.cfg.specialists == ("dl", "ds")
+
+
+def test_no_two_variants_share_a_job_or_a_home() -> None:
+    """A variant applied after another must not patch the other's finished job, nor reuse a
+    home trained with another profile."""
+    seen: dict[tuple[str, str], str] = {}
+    for variant in VARIANTS:
+        for obj in render(variant):
+            key = (obj["kind"], obj["metadata"]["name"])
+            assert key not in seen, f"{variant.name} and {seen.get(key)} both define {key}"
+            seen[key] = variant.name
