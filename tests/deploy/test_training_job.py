@@ -14,6 +14,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -181,19 +182,27 @@ def test_the_job_trains_across_two_hosts_on_loopback(tmp_path: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    hosts = []
+    hosts, logs = [], [tmp_path / "master.log", tmp_path / "worker.log"]
     for rank, role in enumerate(("Master", "Worker")):
         container = trainer(replicas(job)[role])
         env = {**os.environ, **env_of(container), **operator_env(job, rank, port)}
         env.update(SMA_HOME=str(home), SMA_THREADS="1")  # the volume, mounted here
         argv = [expand(a, env) for a in container["command"] + container["args"]]
         argv = [sys.executable, *argv[1:]]  # the image's python is this one
-        hosts.append(
-            subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        )
-    outputs = [h.communicate(timeout=300)[0].decode(errors="replace") for h in hosts]
-    for host, out in zip(hosts, outputs, strict=True):
-        assert host.returncode == 0, out
+        with logs[rank].open("wb") as log:  # files, not pipes: an unread pipe would block a host
+            hosts.append(subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + 300
+    try:  # until both end, one fails (then the other would wait for it in vain), or time is up
+        while time.monotonic() < deadline and any(h.poll() is None for h in hosts):
+            if any(h.poll() not in (None, 0) for h in hosts):
+                break
+            time.sleep(0.2)
+    finally:
+        for host in hosts:
+            host.kill()
+            host.wait()
+    outputs = [log.read_text(errors="replace") for log in logs]
+    assert [h.returncode for h in hosts] == [0, 0], "\n\n".join(outputs)
     assert sum(out.count("trained specialists") for out in outputs) == 1  # rank 0 reports
     models = home / "artifacts" / "models"
     assert sorted(p.name for p in models.iterdir()) == ["CURRENT", "v0001", "v0002"]
