@@ -87,9 +87,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         return torchrun(nproc, args.argv)
     try:
         results = _run_job(lambda bars: jobs.train_all(settings, args.profile, bars))
-        reports = distributed.world().main  # rank 0 speaks for the job
-    finally:
+    except BaseException:
         distributed.shutdown()
+        raise
+    reports = distributed.world().main  # rank 0 speaks for the job
+    distributed.shutdown(completed=True)
     if not reports:
         return 0
     for r in results:

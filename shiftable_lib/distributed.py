@@ -15,6 +15,7 @@ With one process (no torchrun) everything here is a no-op and the plain path run
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from collections.abc import Callable
@@ -125,8 +126,17 @@ def torchrun_command(nproc: int, module: str, args: list[str]) -> list[str]:
     return [*launcher, f"--nproc-per-node={nproc}", "-m", module, *args]
 
 
-def shutdown() -> None:
+def shutdown(completed: bool = False) -> None:
+    """Leave the job's process group; after a job that every rank `completed`, all together.
+
+    What still holds the group (the DDP wrappers of finished phases, kept in reference cycles)
+    is freed first, while the interpreter is whole: left to its exit, gloo's threads outlive
+    the group and abort the rank ("terminate called without an active exception"), which
+    failed a job that had published its version."""
     global _world
     if dist.is_initialized():
+        if completed:
+            dist.barrier()
+        gc.collect()
         dist.destroy_process_group()
     _world = World()

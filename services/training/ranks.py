@@ -139,7 +139,7 @@ def main(argv: list[str]) -> int:
     outcome = _run_job(conn, task)
     if main_rank:
         conn.send(outcome)
-    distributed.shutdown()
+    distributed.shutdown(completed=isinstance(outcome, _Published))
     return 0 if isinstance(outcome, _Published) else 1
 
 
