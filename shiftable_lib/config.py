@@ -64,6 +64,11 @@ class Profile:
         return min(self.gate_window or self.context, self.context)
 
     @property
+    def add_gate_steps(self) -> int:
+        """Gate steps of an incremental add."""
+        return self.gate_add_steps or self.gate_steps
+
+    @property
     def gate_rows(self) -> int:
         """Windows in one gate step: `batch_size` contexts' worth of tokens."""
         return self.batch_size * self.context // self.gate_tokens

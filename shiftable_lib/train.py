@@ -477,7 +477,7 @@ def add_specialist(
     model.wake_specialists([new.name], split=False)
     report["gate"] = train_gate(
         model, {**replay, new.name: new}, [new.name], profile, device, progress,
-        steps=profile.gate_add_steps or None, replay_weight=profile.gate_replay_weight,
+        steps=profile.add_gate_steps, replay_weight=profile.gate_replay_weight,
     )  # fmt: skip
     return model, report
 

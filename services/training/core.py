@@ -237,7 +237,7 @@ def plan_phases(
     phases: list[PlannedPhase] = []
     if kind is JobKind.ADD_SPECIALIST:
         branch = _branch(settings, specialist, prof, bytes_per_token)
-        gate = PlannedPhase("gate", prof.gate_steps)
+        gate = PlannedPhase("gate", prof.add_gate_steps)
         return [branch, gate, _evaluate(branch.weight + gate.weight)]
     if kind is JobKind.REMOVE_SPECIALIST:
         if recalibrate_steps:
