@@ -59,7 +59,7 @@ class Profile:
     gate_add_steps: int = 0
 
     @property
-    def gate_tokens(self) -> int:
+    def gate_window_tokens(self) -> int:
         """The length of a gate-training window."""
         return min(self.gate_window or self.context, self.context)
 
@@ -71,7 +71,7 @@ class Profile:
     @property
     def gate_rows(self) -> int:
         """Windows in one gate step: `batch_size` contexts' worth of tokens."""
-        return self.batch_size * self.context // self.gate_tokens
+        return self.batch_size * self.context // self.gate_window_tokens
 
     def to_dict(self) -> dict:
         return asdict(self)

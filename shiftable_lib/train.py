@@ -384,7 +384,7 @@ def train_gate(
         for p in (b.attn.experts[n].gate, b.attn.experts[n].gate_tokens)
     ]
     samplers = {
-        n: WindowSampler(data[n].train, profile.gate_tokens, profile.seed + 7 + i)
+        n: WindowSampler(data[n].train, profile.gate_window_tokens, profile.seed + 7 + i)
         for i, n in enumerate(names)
     }
     total = profile.gate_rows

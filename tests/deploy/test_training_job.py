@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 from torch.distributed.run import get_args_parser
 
+from services.stack import free_port_block
 from shiftable_lib import checkpoint
 from shiftable_lib.cli import build_parser
 from shiftable_lib.config import get_profile
@@ -73,22 +73,25 @@ def test_every_object_is_valid_against_its_schema(rendered: dict[str, dict]) -> 
         validate(obj)
 
 
+_DROP = object()
+
+
 def _set(path: list, value: object):
+    """A mutation that sets the field at `path` to `value`, or removes it (`_drop`)."""
+
     def mutate(obj: dict) -> None:
         for key in path[:-1]:
             obj = obj[key]
-        obj[path[-1]] = value
+        if value is _DROP:
+            del obj[path[-1]]
+        else:
+            obj[path[-1]] = value
 
     return mutate
 
 
 def _drop(path: list):
-    def mutate(obj: dict) -> None:
-        for key in path[:-1]:
-            obj = obj[key]
-        del obj[path[-1]]
-
-    return mutate
+    return _set(path, _DROP)
 
 
 MASTER = ["spec", "pytorchReplicaSpecs", "Master"]
@@ -179,9 +182,7 @@ def test_the_job_trains_across_two_hosts_on_loopback(tmp_path: Path) -> None:
     operator's environment and two ranks, and one shared home."""
     job = next(o for o in render(JOB / "overlays" / "cpu-smoke") if o["kind"] == "PyTorchJob")
     home = tiny_home(tmp_path / "home")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port_block(1)
     hosts, logs = [], [tmp_path / "master.log", tmp_path / "worker.log"]
     for rank, role in enumerate(("Master", "Worker")):
         container = trainer(replicas(job)[role])

@@ -95,7 +95,7 @@ def test_gate_training_routes_documents_to_their_own_specialist(home, window):
     profile = get_profile(
         "tiny", generalist_steps=20, specialist_max_steps=12, gate_steps=100, gate_window=window
     )
-    assert profile.gate_rows * profile.gate_tokens == profile.batch_size * profile.context
+    assert profile.gate_rows * profile.gate_window_tokens == profile.batch_size * profile.context
     tok, data = _data(home)
     generalist, _ = train.train_generalist(data["general"], tok, profile, "cpu")
     model, _ = train.train_specialists(generalist, data, profile, "cpu")
