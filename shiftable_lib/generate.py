@@ -4,6 +4,10 @@
 each `step` admits queued requests (prefill, which yields their first token) and advances every
 other active sequence by one token (one batched decode). Finished sequences free their slot at
 once, so a server can call `step` in a loop and new requests join between steps.
+
+On a CUDA device the decode step is replayed from CUDA graphs (`DecodeGraphs`): a small model's
+step is a few hundred tiny kernels, and launching them one by one from Python, not the GPU's
+arithmetic, is what bounds it.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import torch
 from tokenizers import Tokenizer
 from torch import Tensor
 
-from shiftable_lib.model import SOFT, RouteTable, Routing, ShiftableLM
+from shiftable_lib.model import SOFT, KVCache, RouteTable, Routing, ShiftableLM
 from shiftable_lib.tokenizer import StreamDecoder, encode, eos_id
 
 FINISH_REASONS = ("length", "stop", "eos", "cancelled")
@@ -123,15 +127,83 @@ def _held_back(text: str, stops: tuple[str, ...]) -> int:
     return longest
 
 
+class DecodeGraphs:
+    """`ShiftableLM.decode` captured as CUDA graphs, one per batch-size bucket, and replayed.
+
+    A graph replays fixed shapes and fixed memory, so each bucket's graph decodes `bucket` rows
+    over the whole context (positions past a row's length are masked, as in eager decoding),
+    from static token and routing buffers, into static outputs. A batch of n rows runs the
+    smallest bucket >= n; the rows past n are free cache slots, reset to position 0 first, so
+    they decode a throw-away token there (a slot is prefilled afresh before it is used again).
+
+    Only the routing that almost every request uses is captured: every expert allowed, soft
+    mixing (for the generalist, its one expert). Forcing, excluding or top-k requests in a
+    batch send that step down the eager path. Graphs are captured when the engine is made,
+    while every slot is free, so the warm-up runs needed before a capture touch no sequence.
+    """
+
+    def __init__(self, model: ShiftableLM, cache: KVCache, max_batch: int) -> None:
+        self.cache = cache
+        device, E = model.wte.weight.device, len(model.experts)
+        self.buckets = sorted({min(2**i, max_batch) for i in range(max_batch.bit_length() + 1)})
+        self.tokens = torch.zeros(max_batch, dtype=torch.long, device=device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] = {}
+        self.single: int | None = None  # the captured routing's one expert, if it has one
+        self.replays = 0
+        pool = torch.cuda.graph_pool_handle()
+        for bucket in reversed(self.buckets):  # largest first: the smaller reuse its memory
+            routes = RouteTable.from_rows([[True] * E] * bucket, [0] * bucket, device)
+            tokens = self.tokens[:bucket]
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(2):  # lazy initialisation (cuBLAS handles, workspaces)
+                    model.decode(cache, tokens, routes, cache.context)
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: the inference worker captures a new version's graphs in a helper
+            # thread while its step thread keeps decoding the old one
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                logits, gates = model.decode(cache, tokens, routes, cache.context)
+            self.graphs[bucket], self.single = (graph, logits, gates), routes.single
+        cache.reset()  # the warm-ups wrote into free slots; start clean anyway
+
+    def serves(self, routes: RouteTable) -> bool:
+        """Whether a batch with these routes can replay a graph (else decode eagerly)."""
+        return routes.single == self.single and not routes.any_topk and routes.block is None
+
+    def decode(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """What `ShiftableLM.decode` returns for slots 0..n-1 (n = len(tokens)), by replay.
+        The outputs are views of the graph's buffers: use them before the next call."""
+        n = tokens.shape[0]
+        bucket = next(b for b in self.buckets if b >= n)
+        self.tokens[:n].copy_(tokens)
+        self.cache.lengths[n:bucket].zero_()
+        graph, logits, gates = self.graphs[bucket]
+        graph.replay()
+        self.replays += 1
+        return logits[:n], gates[:, :n]
+
+
 class Engine:
     """Continuous batching over a static KV cache: requests join and leave between steps."""
 
-    def __init__(self, model: ShiftableLM, tokenizer: Tokenizer, max_batch: int = 8) -> None:
+    def __init__(
+        self,
+        model: ShiftableLM,
+        tokenizer: Tokenizer,
+        max_batch: int = 8,
+        cuda_graphs: bool = True,
+    ) -> None:
         self.model = model.eval()
         self.tok = tokenizer
         self.eos = eos_id(tokenizer)
         self.device = model.wte.weight.device
         self.cache = model.new_cache(max_batch)
+        self.graphs: DecodeGraphs | None = None
+        if cuda_graphs and self.device.type == "cuda":
+            with torch.inference_mode():
+                self.graphs = DecodeGraphs(model, self.cache, max_batch)
         cfg = model.cfg
         # per slot, gate weights summed over the output so far; read once, when a sequence ends
         self.gate_sums = torch.zeros(max_batch, cfg.n_layer, len(model.experts), device=self.device)
@@ -190,10 +262,12 @@ class Engine:
         events: list[TokenEvent] = []
         running = len(self.active)
         if running:
-            span = max(s.cached for s in self.active) + 1
-            logits, gates = self.model.decode(
-                self.cache, self._last_tokens(), self._route_table(), span
-            )
+            routes = self._route_table()
+            if self.graphs is not None and self.graphs.serves(routes):
+                logits, gates = self.graphs.decode(self._last_tokens())
+            else:
+                span = max(s.cached for s in self.active) + 1
+                logits, gates = self.model.decode(self.cache, self._last_tokens(), routes, span)
             self.gate_sums[:running] += gates.transpose(0, 1).float()
             events += self._emit(self.active[:running], logits)
         admitted = self._admit()

@@ -264,6 +264,15 @@ class KVCache:
     def slots(self) -> int:
         return self.lengths.shape[0]
 
+    @property
+    def context(self) -> int:
+        return self.k[0].shape[2]
+
+    def reset(self) -> None:
+        """Every slot empty (what a new cache holds)."""
+        for buf in (*self.k, *self.v, *self.gate_state, self.lengths):
+            buf.zero_()
+
     def move(self, src: int, dst: int) -> None:
         """Copy slot `src` into `dst` (to keep active slots contiguous when one finishes)."""
         for buf in (*self.k, *self.v, *self.gate_state):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from shiftable_lib import model
 from shiftable_lib.generate import Engine, SamplingParams, complete, stream
-from shiftable_lib.model import RouteTable, Routing, decode_attention
+from shiftable_lib.model import SOFT, RouteTable, Routing, decode_attention
 from shiftable_lib.tokenizer import encode
 
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
@@ -201,3 +203,32 @@ def test_sampling_and_batching_work_on_cuda(shiftable, tokenizer):
     greedy_gpu = complete(engine, ["tensor"], GREEDY)[0].output_ids
     greedy_cpu = complete(Engine(model.to("cpu"), tokenizer), ["tensor"], GREEDY)[0].output_ids
     assert greedy_gpu == greedy_cpu
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_decoding_matches_eager_as_requests_join_and_leave(shiftable, tokenizer):
+    model = shiftable.to("cuda")
+    prompts = ["the list of", "numpy array mean", "tensor gradient", "def main", "import os"]
+    lengths = [12, 3, 7, 10, 5]  # rows leave at different steps: the bucket shrinks as they go
+
+    def run(engine: Engine, routing: Routing = SOFT) -> list[list[int]]:
+        seqs = []
+        for i, (prompt, n) in enumerate(zip(prompts, lengths, strict=True)):
+            params = SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True)
+            seqs.append(engine.submit(prompt, replace(params, routing=routing)))
+            if i % 2:
+                engine.step()  # the next one joins a running batch
+        while engine.has_work():
+            engine.step()
+        return [s.output_ids for s in seqs]
+
+    graphed = Engine(model, tokenizer, max_batch=4, cuda_graphs=True)
+    eager = Engine(model, tokenizer, max_batch=4, cuda_graphs=False)
+    assert graphed.graphs is not None and graphed.graphs.buckets == [1, 2, 4]
+    assert run(graphed) == run(eager)
+    assert graphed.graphs.replays > 0
+    replays = graphed.graphs.replays
+    forced = Routing(force=("ds",))  # not captured: decoded eagerly, same cache
+    assert run(graphed, forced) == run(eager, forced)
+    assert graphed.graphs.replays == replays
+    assert run(graphed) == run(eager)  # and the graphs still serve after eager steps
