@@ -13,7 +13,9 @@ arithmetic, is what bounds it.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
+import threading
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,6 +28,10 @@ from shiftable_lib.model import SOFT, KVCache, RouteTable, Routing, ShiftableLM
 from shiftable_lib.tokenizer import StreamDecoder, encode, eos_id
 
 FINISH_REASONS = ("length", "stop", "eos", "cancelled")
+log = logging.getLogger("sma.generate")
+# one CUDA graph capture at a time per process: torch captures on one shared side stream, and
+# the inference worker may build engines in several threads (a hot swap, a failed step)
+_CAPTURE_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -140,6 +146,10 @@ class DecodeGraphs:
     mixing (for the generalist, its one expert). Forcing, excluding or top-k requests in a
     batch send that step down the eager path. Graphs are captured when the engine is made,
     while every slot is free, so the warm-up runs needed before a capture touch no sequence.
+
+    The graphs hold the addresses of the model's weights (and of the experts' joined weights,
+    which they keep alive): an engine serves one model whose weights do not change, and a new
+    version gets a new engine.
     """
 
     def __init__(self, model: ShiftableLM, cache: KVCache, max_batch: int) -> None:
@@ -150,6 +160,15 @@ class DecodeGraphs:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] = {}
         self.single: int | None = None  # the captured routing's one expert, if it has one
         self.replays = 0
+        with _CAPTURE_LOCK:
+            self._capture(model, device, E)
+        # the joined expert weights the graphs read, kept alive even if the model's cache of
+        # them is replaced
+        self.joined = [list(block.attn._joined.values()) for block in model.blocks]
+        cache.reset()  # the warm-ups wrote into free slots; start clean anyway
+
+    def _capture(self, model: ShiftableLM, device: torch.device, E: int) -> None:
+        cache = self.cache
         pool = torch.cuda.graph_pool_handle()
         for bucket in reversed(self.buckets):  # largest first: the smaller reuse its memory
             routes = RouteTable.from_rows([[True] * E] * bucket, [0] * bucket, device)
@@ -166,7 +185,6 @@ class DecodeGraphs:
             with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                 logits, gates = model.decode(cache, tokens, routes, cache.context)
             self.graphs[bucket], self.single = (graph, logits, gates), routes.single
-        cache.reset()  # the warm-ups wrote into free slots; start clean anyway
 
     def serves(self, routes: RouteTable) -> bool:
         """Whether a batch with these routes can replay a graph (else decode eagerly)."""
@@ -202,8 +220,12 @@ class Engine:
         self.cache = model.new_cache(max_batch)
         self.graphs: DecodeGraphs | None = None
         if cuda_graphs and self.device.type == "cuda":
-            with torch.inference_mode():
-                self.graphs = DecodeGraphs(model, self.cache, max_batch)
+            try:
+                with torch.inference_mode():
+                    self.graphs = DecodeGraphs(model, self.cache, max_batch)
+            except Exception:  # only a speed-up: decode eagerly rather than not at all
+                log.exception("capturing CUDA graphs of the decode step failed; decoding eagerly")
+                self.cache.reset()
         cfg = model.cfg
         # per slot, gate weights summed over the output so far; read once, when a sequence ends
         self.gate_sums = torch.zeros(max_batch, cfg.n_layer, len(model.experts), device=self.device)

@@ -570,6 +570,8 @@ class ShiftableLM(nn.Module):
                 weights = block.attn.gate(m, tokens.to(h.dtype) / count, routes)
                 cache.gate_state[i][slots] = torch.cat([prefix[rows, last], tokens[rows, last]], -1)
                 gates.append(weights[rows, last])
+            else:  # no gate ran: whatever the slot held before is not this prompt's prefix
+                cache.gate_state[i][slots] = 0.0
             layer = [block.attn.experts[e] for e in experts]
             q, k, v = block.attn.qkv(h, layer)
             cache.k[i][slots, heads, :T] = k

@@ -232,3 +232,42 @@ def test_cuda_graph_decoding_matches_eager_as_requests_join_and_leave(shiftable,
     assert run(graphed, forced) == run(eager, forced)
     assert graphed.graphs.replays == replays
     assert run(graphed) == run(eager)  # and the graphs still serve after eager steps
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_an_engine_captured_in_a_thread_while_another_decodes(shiftable, tokenizer):
+    """A hot swap in the inference worker: a helper thread makes the new version's engine
+    (capturing its graphs) while the step thread keeps decoding the old one."""
+    import threading
+
+    model = shiftable.to("cuda")
+    old = Engine(model, tokenizer, max_batch=4)
+    seqs = [old.submit(p, GREEDY) for p in ("the list of", "numpy array mean")]
+    made: list[Engine] = []
+    helper = threading.Thread(target=lambda: made.extend(Engine(model, tokenizer, 4) for _ in "ab"))
+    helper.start()
+    while old.has_work() or helper.is_alive():
+        old.step()
+    helper.join()
+    eager = Engine(model, tokenizer, max_batch=4, cuda_graphs=False)
+    alone = complete(eager, ["the list of", "numpy array mean"], GREEDY)
+    assert [s.output_ids for s in seqs] == [s.output_ids for s in alone]
+    assert all(engine.graphs is not None for engine in made)
+    again = complete(made[0], ["the list of", "numpy array mean"], GREEDY)
+    assert [s.output_ids for s in again] == [s.output_ids for s in alone]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_failed_capture_leaves_an_engine_that_decodes_eagerly(shiftable, tokenizer, monkeypatch):
+    from shiftable_lib import generate
+
+    def fail(*args):
+        raise RuntimeError("out of memory during capture")
+
+    monkeypatch.setattr(generate.DecodeGraphs, "_capture", fail)
+    model = shiftable.to("cuda")
+    engine = Engine(model, tokenizer, max_batch=4)
+    assert engine.graphs is None
+    got = complete(engine, ["the list of"], GREEDY)[0].output_ids
+    monkeypatch.undo()
+    assert got == complete(Engine(model, tokenizer, 4), ["the list of"], GREEDY)[0].output_ids
