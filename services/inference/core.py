@@ -31,6 +31,7 @@ closes, so it never outlives the server.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import dataclasses
 import itertools
@@ -41,6 +42,7 @@ import pickle
 import signal
 import threading
 import time
+import weakref
 from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -192,6 +194,9 @@ class InferenceCore:
         self._conn, self._process = self._start_worker(None)
         self._reader = threading.Thread(target=self._read, name="sma-inference-reader", daemon=True)
         self._reader.start()
+        # a process that exits without close() (an unhandled error) would otherwise hang at exit:
+        # multiprocessing joins the worker, which ignores SIGTERM and waits for the pipe to close
+        atexit.register(_close_at_exit, weakref.ref(self))
 
     # ---- asyncio API --------------------------------------------------------------------------
 
@@ -682,6 +687,12 @@ def _merge_pending(first: Chunk | Exception, queue: asyncio.Queue[Chunk | Except
     if isinstance(item, Exception):
         raise item
     return item
+
+
+def _close_at_exit(ref: weakref.ref[InferenceCore]) -> None:
+    core = ref()
+    if core is not None:
+        core.close()
 
 
 def _bind(fn: Callable[..., object], *args: object) -> Callable[[], None]:

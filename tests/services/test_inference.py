@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -437,3 +439,25 @@ def test_a_worker_that_dies_fails_its_streams_and_is_replaced(models):
             assert chunks[-1].version_id == SHIFTABLE
 
     asyncio.run(scenario())
+
+
+def test_a_process_that_never_closes_its_core_still_exits(tmp_path):
+    """An unhandled error in the server process must not leave it hanging at exit, waiting for
+    a worker that waits for it: the core closes itself then."""
+    script = (
+        "import asyncio, contextlib\n"
+        "from pathlib import Path\n"
+        "from services.inference.core import InferenceCore\n"
+        f"core = InferenceCore(Path({str(tmp_path)!r}), 'cpu')\n"
+        "with contextlib.suppress(Exception):  # answered by the worker: it is up and running\n"
+        "    asyncio.run(core.load('v0001'))\n"
+        "raise SystemExit('an error nobody caught')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert done.returncode == 1 and "an error nobody caught" in done.stderr
