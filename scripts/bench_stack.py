@@ -13,7 +13,7 @@ specialist's corpus, then DELETEs them again: the home keeps the new model versi
 deleted corpora move to data/.deleted/ (nothing is destroyed).
 
     .venv/bin/python scripts/bench_stack.py --home sma-home [--profile cpu] [--tokens 128] \
-        [--repeats 3] [--threads N] [--json] [--skip-lifecycle]
+        [--repeats 3] [--threads N] [--device cpu|cuda] [--json] [--skip-lifecycle]
 """
 
 from __future__ import annotations
@@ -45,35 +45,46 @@ from shiftable_lib.generate import Engine, SamplingParams
 from sma.v1 import inference_pb2, inference_pb2_grpc
 
 READY_TIMEOUT_S = 3600.0  # a first start with the cpu profile trains for up to ~10 minutes
+ANSWER_TIMEOUT_S = 120.0  # the gateway answers /health within seconds, training or not
 CONCURRENCY = (1, 8, 32)
 NEW_DOCS = 100  # documents copied into each new specialist corpus (at most half the source)
 # the first whose greedy completion runs to --tokens without EOS is used
 PROMPTS = ("The list of files in the module", "import numpy as np\n", "def main():\n")
 
 
-def start_stack(home: Path, profile: str, port: int, threads: int, log: Path) -> subprocess.Popen:
+def start_stack(
+    home: Path, profile: str, device: str, port: int, threads: int, log: Path
+) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SMA_")}  # no stray ports
     env["SMA_THREADS"] = str(threads)
     command = [sys.executable, "-m", "shiftable_lib.cli", "up", "--home", str(home)]
-    command += ["--profile", profile, "--device", "cpu", "--port", str(port)]
+    command += ["--profile", profile, "--device", device, "--port", str(port)]
     with open(log, "ab") as out:
         return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
 def wait_ready(http: httpx.Client, process: subprocess.Popen, log: Path) -> dict:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
+    """/health once it says ready. A first start may train for minutes, but the gateway answers
+    /health meanwhile: if it has not answered within ANSWER_TIMEOUT_S (e.g. it crashes at
+    start and the supervisor keeps restarting it), give up with the log rather than wait."""
+    start = time.monotonic()
+    answered = False
+    while time.monotonic() - start < READY_TIMEOUT_S:
         if process.poll() is not None:
+            break
+        if not answered and time.monotonic() - start > ANSWER_TIMEOUT_S:
             break
         try:
             health = http.get("/health", timeout=5.0).json()
+            answered = True
             if health.get("ready"):
                 return health
         except (httpx.HTTPError, ValueError):
             pass
         time.sleep(0.5)
     tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
-    raise RuntimeError(f"the stack is not ready (exit code {process.poll()}):\n{tail}")
+    state = "never answered /health" if not answered else "is not ready"
+    raise RuntimeError(f"the stack {state} (exit code {process.poll()}):\n{tail}")
 
 
 def choose_prompt(engine: Engine, tokens: int) -> tuple[str, int]:
@@ -213,6 +224,9 @@ def main() -> None:
         default=0,
         help="torch threads (SMA_THREADS); 0 = the stack's default",
     )
+    parser.add_argument(
+        "--device", default="cpu", help="where the stack and the in-process engine decode"
+    )
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--skip-lifecycle", action="store_true")
     args = parser.parse_args()
@@ -229,7 +243,7 @@ def main() -> None:
     log = Path(tempfile.mkdtemp(prefix="bench-stack-")) / "stack.log"
     http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60.0)
     address = f"127.0.0.1:{port + 3}"  # the inference port the stack derives (Settings.grpc_port)
-    process = start_stack(home, profile, port, args.threads, log)
+    process = start_stack(home, profile, args.device, port, args.threads, log)
     notes: list[str] = [f"stack log: {log}"]
     load_before = os.getloadavg()[0]
     worker = ThreadPoolExecutor(max_workers=1)
@@ -238,7 +252,7 @@ def main() -> None:
         with grpc.insecure_channel(address) as channel:
             stub = inference_pb2_grpc.InferenceStub(channel)
             info = stub.GetModelInfo(inference_pb2.GetModelInfoRequest(), timeout=30)
-        version = jobs.load_current(settings, "cpu")
+        version = jobs.load_current(settings, args.device)
         # as in the server: the engine is built on one thread and stepped on another (`worker`,
         # like its step thread). Which thread first runs torch's parallel regions matters: on a
         # busy machine, stepping on that same thread with 2 threads was ~20x slower (tiny)
@@ -323,6 +337,7 @@ def main() -> None:
     machine = {
         "cpus": os.cpu_count(),
         "cpu": cpu_model(),
+        "device": args.device,
         "loadavg_1m_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "torch": torch.__version__,
         "torch_threads": args.threads,
