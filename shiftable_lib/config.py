@@ -210,6 +210,9 @@ class Settings(BaseSettings):
     inference_port: int = Field(default=0, description="0 = derived from port")
     max_batch: int = Field(default=32, ge=1, description="sequences decoded together")
     max_queue: int = Field(default=64, ge=0, description="requests waiting beyond max_batch")
+    cuda_graphs: bool = Field(
+        default=True, description="replay the decode step from CUDA graphs on a GPU; off = eager"
+    )
     train_threads: int = Field(default=0, description="torch threads in training jobs; 0 = all")
     nproc_per_node: int = Field(default=1, ge=1, description="training processes per host")
 

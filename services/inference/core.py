@@ -170,8 +170,10 @@ class InferenceCore:
         max_batch: int = 32,
         max_queue: int = 64,
         threads: int = 0,
+        cuda_graphs: bool = True,
     ) -> None:
         self.models_dir = models_dir
+        self.cuda_graphs = cuda_graphs  # the worker's engines replay CUDA graphs on a GPU
         self.device = torch.device(device)
         self.max_batch = max_batch
         self.max_queue = max_queue
@@ -336,7 +338,7 @@ class InferenceCore:
         process = context.Process(
             target=_worker_main,
             args=(child, self.models_dir, str(self.device), self.max_batch, self._threads),
-            kwargs={"version_id": version_id},
+            kwargs={"version_id": version_id, "cuda_graphs": self.cuda_graphs},
             name="sma-inference-worker",
             daemon=True,
         )
@@ -433,12 +435,13 @@ def _worker_main(
     max_batch: int,
     threads: int,
     version_id: str | None = None,
+    cuda_graphs: bool = True,
 ) -> None:
     """Entry point of the worker process (see the module docstring)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server process decides when it ends
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     torch.set_num_threads(threads)
-    worker = _Worker(conn, models_dir, torch.device(device), max_batch)
+    worker = _Worker(conn, models_dir, torch.device(device), max_batch, cuda_graphs)
     if version_id is not None:  # a replacement worker: serve what the last one served
         try:
             worker.adopt(*worker.prepare(version_id))
@@ -461,11 +464,19 @@ class _Request:
 class _Worker:
     """Owns the engines and runs the step loop; everything here runs in the worker process."""
 
-    def __init__(self, conn: Connection, models_dir: Path, device: torch.device, max_batch: int):
+    def __init__(
+        self,
+        conn: Connection,
+        models_dir: Path,
+        device: torch.device,
+        max_batch: int,
+        cuda_graphs: bool = True,
+    ):
         self.conn = conn
         self.models_dir = models_dir
         self.device = device
         self.max_batch = max_batch
+        self.cuda_graphs = cuda_graphs
         self.engine: Engine | None = None
         self.engine_version = ""
         self.draining: list[Engine] = []
@@ -531,7 +542,7 @@ class _Worker:
     def prepare(self, version_id: str) -> tuple[Engine, _Loaded]:
         """Reading weights and allocating a KV cache take a while: a helper thread does it."""
         version = checkpoint.load_version(self.models_dir, version_id, self.device)
-        engine = Engine(version.model, version.tokenizer, self.max_batch)
+        engine = Engine(version.model, version.tokenizer, self.max_batch, self.cuda_graphs)
         return engine, _Loaded(version_id, version.model.cfg, version.profile.name)
 
     def load(self, call_id: int, version_id: str) -> None:
@@ -612,7 +623,7 @@ class _Worker:
                 self.forget(request)
                 out.append(("error", request.stream_id, error))
         if engine is self.engine:
-            self.engine = Engine(engine.model, engine.tok, engine.max_batch)
+            self.engine = Engine(engine.model, engine.tok, engine.max_batch, self.cuda_graphs)
         else:
             self.draining.remove(engine)
 

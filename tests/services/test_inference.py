@@ -65,9 +65,9 @@ def reference(models: Path, version: str, prompt: str, params: SamplingParams) -
 
 @contextlib.asynccontextmanager
 async def running_core(
-    models: Path, version: str | None = SHIFTABLE, **limits: int
+    models: Path, version: str | None = SHIFTABLE, device: str = "cpu", **limits: int
 ) -> AsyncIterator[InferenceCore]:
-    core = InferenceCore(models, "cpu", **limits)
+    core = InferenceCore(models, device, **limits)
     try:
         if version is not None:
             await core.load(version)
@@ -461,3 +461,23 @@ def test_a_process_that_never_closes_its_core_still_exits(tmp_path):
         cwd=Path(__file__).resolve().parents[2],
     )
     assert done.returncode == 1 and "an error nobody caught" in done.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("cuda_graphs", [True, False], ids=["graphs", "eager"])
+def test_the_worker_serves_on_cuda_with_or_without_graphs(models, cuda_graphs):
+    async def scenario() -> None:
+        async with running_core(models, device="cuda", cuda_graphs=cuda_graphs) as core:
+            assert core.cuda_graphs is cuda_graphs
+            streams = [collect(core.generate(p, GREEDY)) for p in PROMPTS]
+            for prompt, chunks in zip(PROMPTS, await asyncio.gather(*streams), strict=True):
+                ref = reference(models, SHIFTABLE, prompt, GREEDY)  # the CPU library's
+                assert joined(chunks) == (ref.text, ref.output_ids)
+
+    asyncio.run(scenario())
+
+
+def test_settings_switch_cuda_graphs_off_from_the_environment(monkeypatch):
+    assert Settings().cuda_graphs is True
+    monkeypatch.setenv("SMA_CUDA_GRAPHS", "false")
+    assert Settings().cuda_graphs is False
