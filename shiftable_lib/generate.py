@@ -138,7 +138,8 @@ class DecodeGraphs:
 
     A graph replays fixed shapes and fixed memory, so each bucket's graph decodes `bucket` rows
     over the whole context (positions past a row's length are masked, as in eager decoding),
-    from static token and routing buffers, into static outputs. A batch of n rows runs the
+    from a static token buffer into static outputs (the captured routing reads no per-row
+    routing tensors, so those need no buffers). A batch of n rows runs the
     smallest bucket >= n; the rows past n are free cache slots, reset to position 0 first, so
     they decode a throw-away token there (a slot is prefilled afresh before it is used again).
 
