@@ -67,8 +67,10 @@ def _gpt2(cfg: ModelConfig, device):
     return GPT2LMHeadModel(hf).to(device).eval()
 
 
-def ours_decode(model: ShiftableLM, tok, batch: int, new_tokens: int, prompts) -> Callable:
-    engine = Engine(model, tok, max_batch=batch)
+def ours_decode(
+    model: ShiftableLM, tok, batch: int, new_tokens: int, prompts, cuda_graphs: bool = True
+) -> Callable:
+    engine = Engine(model, tok, max_batch=batch, cuda_graphs=cuda_graphs)
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
 
     def run() -> int:
@@ -119,7 +121,10 @@ def _train_step(params, loss_fn: Callable[[], torch.Tensor], device, steps: int)
     return run
 
 
-def run_bench(profile: str = "cpu", quick: bool = False, device: str = "auto") -> dict:
+def run_bench(
+    profile: str = "cpu", quick: bool = False, device: str = "auto", cuda_graphs: bool = True
+) -> dict:
+    """Ours vs GPT-2, side by side; `cuda_graphs` (on a GPU) as the inference server has it."""
     torch.manual_seed(0)
     dev = pick_device(device)
     p = get_profile(profile)
@@ -148,12 +153,12 @@ def run_bench(profile: str = "cpu", quick: bool = False, device: str = "auto") -
     for batch in (1, 16):
         row(
             f"decode tokens/s, generalist, batch {batch}",
-            ours_decode(ours, tok, batch, new_tokens, prompts),
+            ours_decode(ours, tok, batch, new_tokens, prompts, cuda_graphs),
             gpt2_decode(gpt2, batch, new_tokens, prompts, dev),
         )
     row(
         "decode tokens/s, shiftable 2 specialists, batch 1",
-        ours_decode(shiftable, tok, 1, new_tokens, prompts),
+        ours_decode(shiftable, tok, 1, new_tokens, prompts, cuda_graphs),
         gpt2_decode(gpt2, 1, new_tokens, prompts, dev),
     )
 
@@ -178,10 +183,15 @@ def run_bench(profile: str = "cpu", quick: bool = False, device: str = "auto") -
             train_steps,
         ),
     )
-    return {"machine": _machine(dev), "profile": profile, "new_tokens": new_tokens, "rows": rows}
+    return {
+        "machine": _machine(dev, cuda_graphs),
+        "profile": profile,
+        "new_tokens": new_tokens,
+        "rows": rows,
+    }
 
 
-def _machine(dev: torch.device) -> dict:
+def _machine(dev: torch.device, cuda_graphs: bool) -> dict:
     info = {
         "device": str(dev),
         "cpu": platform.processor() or platform.machine(),
@@ -191,6 +201,7 @@ def _machine(dev: torch.device) -> dict:
     }
     if dev.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(dev)
+        info["decode"] = "CUDA graphs" if cuda_graphs else "eager"
     try:
         import transformers
 
@@ -205,7 +216,8 @@ def print_table(result: dict) -> str:
     lines = [
         f"machine: {m.get('gpu', m['cpu'])}, {m['cores']} cores, {m['torch_threads']} torch "
         f"threads, torch {m['torch']}, transformers {m.get('transformers', '?')}",
-        f"profile {result['profile']}, {result['new_tokens']} new tokens per sequence",
+        f"profile {result['profile']}, {result['new_tokens']} new tokens per sequence"
+        + (f", our decode: {m['decode']}" if "decode" in m else ""),
         "",
         f"| {'benchmark':<52} | {'ours':>10} | {'GPT-2 (HF)':>10} | {'ratio':>6} |",
         f"|{'-' * 54}|{'-' * 12}|{'-' * 12}|{'-' * 8}|",

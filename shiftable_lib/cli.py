@@ -200,7 +200,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from shiftable_lib.bench import print_table, run_bench
 
-    result = run_bench(profile=args.profile, quick=args.quick, device=_settings(args).device)
+    settings = _settings(args)
+    result = run_bench(args.profile, args.quick, settings.device, settings.cuda_graphs)
     print(json.dumps(result, indent=2) if args.json else print_table(result))
     return 0
 
