@@ -72,13 +72,17 @@ class World:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def step_fn(self, model: nn.Module, loss: Callable[[], tuple[Tensor, int]], device):
+    def step_fn(self, model: nn.Module, loss: Callable[[], tuple[Tensor, int]]):
         """`loss` as a callable whose backward averages the trainable parameters' gradients
-        over the ranks (DDP), or `loss` itself in a single process."""
+        over the ranks (DDP), or `loss` itself in a single process.
+
+        No `device_ids`, on a GPU too: the loss takes no inputs (it draws its own batch on the
+        model's device), and DDP given device_ids moves the call's inputs and then indexes
+        them, which fails when there are none (found on two GPUs; gloo on CPUs never takes
+        that path)."""
         if self.size == 1:
             return loss
-        device_ids = [device.index] if torch.device(device).type == "cuda" else None
-        return DistributedDataParallel(_Loss(model, loss), device_ids=device_ids)
+        return DistributedDataParallel(_Loss(model, loss))
 
 
 class _Loss(nn.Module):

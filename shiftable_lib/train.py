@@ -147,7 +147,7 @@ def run_phase(phase: Phase, model: ShiftableLM, profile: Profile, device, progre
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable)
     world = distributed.world()
-    step_loss = world.step_fn(model, phase.loss, device)  # built after requires_grad is set
+    step_loss = world.step_fn(model, phase.loss)  # built after requires_grad is set
     opt = make_optimizer(phase.params, phase.lr, profile.weight_decay, device)
     best, best_state = math.inf, None
     model.train()
