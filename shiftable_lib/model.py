@@ -284,10 +284,9 @@ class KVCache:
         the cache's `heads`: indices into a layer's buffer seen as (slots * E*H * context, hd).
         One `index_copy_` per layer then writes every row's keys: 1.3x faster at 32 slots than
         indexing the buffer by (slot, head, position), which takes a general scatter."""
-        all_heads, context = self.k[0].shape[1], self.k[0].shape[2]
         head = torch.arange(heads.start, heads.stop, device=pos.device)
         slot = torch.arange(pos.shape[0], device=pos.device)
-        return ((slot[:, None] * all_heads + head) * context + pos[:, None]).flatten()
+        return ((slot[:, None] * self.k[0].shape[1] + head) * self.context + pos[:, None]).flatten()
 
     def write(self, layer: int, rows: Tensor, k: Tensor, v: Tensor) -> None:
         """Store one position's keys and values (n, heads, hd) at `rows` (from `rows_at`)."""
