@@ -24,6 +24,7 @@ import torch
 from tokenizers import Tokenizer
 from torch import Tensor
 
+from shiftable_lib import kernels
 from shiftable_lib.model import SOFT, KVCache, RouteTable, Routing, ShiftableLM
 from shiftable_lib.tokenizer import StreamDecoder, encode, eos_id
 
@@ -219,6 +220,8 @@ class Engine:
         self.eos = eos_id(tokenizer)
         self.device = model.wte.weight.device
         self.cache = model.new_cache(max_batch)
+        if kernels.supports(self.cache.k[0], self.cache.k[0]):
+            kernels.warm_up()  # compile the CPU decode attention before the first request
         self.graphs: DecodeGraphs | None = None
         if cuda_graphs and self.device.type == "cuda":
             try:

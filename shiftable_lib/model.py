@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from shiftable_lib import kernels
 from shiftable_lib.corpus import GENERAL, validate_specialist_name
 from shiftable_lib.errors import AlreadyExists, NotFound
 
@@ -252,7 +253,7 @@ class KVCache:
     Slots 0..n-1 are the active sequences of a batch; `lengths[s]` tokens of slot s are cached.
     """
 
-    k: list[Tensor]  # per layer (slots, E*H, context, hd)
+    k: list[Tensor]  # per layer (slots, context, E*H, hd): position-major (kernels.py says why)
     v: list[Tensor]
     # per layer (slots, d + E): sums over the prefix of the layer input (first d) and of the
     # per-token gate scores (last E), kept together so that one update serves both
@@ -266,7 +267,7 @@ class KVCache:
 
     @property
     def context(self) -> int:
-        return self.k[0].shape[2]
+        return self.k[0].shape[1]
 
     def reset(self) -> None:
         """Every slot empty (what a new cache holds)."""
@@ -279,37 +280,33 @@ class KVCache:
             buf[dst] = buf[src]
         self.lengths[dst] = self.lengths[src]
 
-    def rows_at(self, pos: Tensor, heads: slice) -> Tensor:
-        """Where one new position per slot lands, for slots 0..n-1 at positions `pos` (n,) and
-        the cache's `heads`: indices into a layer's buffer seen as (slots * E*H * context, hd).
-        One `index_copy_` per layer then writes every row's keys: 1.3x faster at 32 slots than
-        indexing the buffer by (slot, head, position), which takes a general scatter."""
-        head = torch.arange(heads.start, heads.stop, device=pos.device)
-        slot = torch.arange(pos.shape[0], device=pos.device)
-        return ((slot[:, None] * self.k[0].shape[1] + head) * self.context + pos[:, None]).flatten()
+    def rows_at(self, pos: Tensor) -> Tensor:
+        """Where one new position per slot lands, for slots 0..n-1 at positions `pos` (n,):
+        indices into a layer's buffer seen as (slots * context, E*H, hd). One `index_copy_` per
+        layer then writes every row's keys, rather than a general scatter by (slot, position)."""
+        return torch.arange(pos.shape[0], device=pos.device) * self.context + pos
 
-    def write(self, layer: int, rows: Tensor, k: Tensor, v: Tensor) -> None:
-        """Store one position's keys and values (n, heads, hd) at `rows` (from `rows_at`)."""
-        hd = k.shape[-1]
-        self.k[layer].view(-1, hd).index_copy_(0, rows, k.reshape(-1, hd))
-        self.v[layer].view(-1, hd).index_copy_(0, rows, v.reshape(-1, hd))
+    def write(self, layer: int, rows: Tensor, heads: slice, k: Tensor, v: Tensor) -> None:
+        """Store one position's keys and values (n, H, 1, hd) of the cache's `heads` at `rows`
+        (from `rows_at`)."""
+        n, hd = k.shape[0], k.shape[-1]
+        for buf, new in ((self.k[layer], k), (self.v[layer], v)):
+            buf.view(-1, *buf.shape[2:])[:, heads].index_copy_(0, rows, new.reshape(n, -1, hd))
 
 
-# From this many rows on, decode attention on a CPU runs as two batched matrix products rather
-# than the fused kernel, whose fixed cost per (row, head) dominates with one query per head.
-# Whole decode steps of the `cpu` model (12 heads, spans up to 136), one thread, on the 2-core
-# benchmark machine: 4% faster at 16 rows and 6% at 32, 2.5% slower at 8 (docs/benchmarks.md).
-BATCHED_DECODE_ROWS = 16
+def decode_attention(
+    q: Tensor, cache: KVCache, layer: int, heads: slice, pos: Tensor, keep: Tensor
+) -> Tensor:
+    """Attention of one new query per row (n, H, 1, hd) over the cache's `heads` of slots
+    0..n-1 up to positions `pos`; `keep` (n, 1, 1, span) is True exactly there.
 
-
-def decode_attention(q: Tensor, keys: Tensor, values: Tensor, keep: Tensor) -> Tensor:
-    """Attention of one new query per row (n, H, 1, hd) over its cached keys and values
-    (n, H, span, hd); `keep` (n, 1, 1, span) is False past each row's length."""
-    if q.device.type != "cpu" or q.shape[0] < BATCHED_DECODE_ROWS:
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=keep)
-    scores = torch.matmul(q, keys.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)
-    weights = scores.masked_fill_(~keep, float("-inf")).softmax(-1)
-    return torch.matmul(weights.to(values.dtype), values)
+    On a CPU this is a compiled loop (`kernels.py`); elsewhere SDPA over the cached span."""
+    k, v = cache.k[layer], cache.v[layer]
+    if kernels.supports(q, k):
+        return kernels.decode_attention(q, k, v, heads, pos)
+    n, span = keep.shape[0], keep.shape[-1]
+    keys, values = (buf[:n, :span, heads].transpose(1, 2) for buf in (k, v))
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=keep)
 
 
 def _skip_unused(experts: list[Expert], weights: Tensor) -> tuple[list[Expert], Tensor]:
@@ -533,7 +530,7 @@ class ShiftableLM(nn.Module):
         device, dtype = device or p.device, dtype or p.dtype
         cfg, E = self.cfg, len(self.experts)
         hd = cfg.d_model // cfg.n_head
-        shape = (slots, E * cfg.n_head, cfg.context, hd)
+        shape = (slots, cfg.context, E * cfg.n_head, hd)
         return KVCache(
             k=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)],
             v=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)],
@@ -573,8 +570,8 @@ class ShiftableLM(nn.Module):
                 cache.gate_state[i][slots] = 0.0
             layer = [block.attn.experts[e] for e in experts]
             q, k, v = block.attn.qkv(h, layer)
-            cache.k[i][slots, heads, :T] = k
-            cache.v[i][slots, heads, :T] = v
+            cache.k[i][slots, :T, heads] = k.transpose(1, 2)
+            cache.v[i][slots, :T, heads] = v.transpose(1, 2)
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             x = x + block.attn.mix(out, weights, layer)
             x = x + block.mlp(block.ln_2(x))
@@ -597,7 +594,7 @@ class ShiftableLM(nn.Module):
         x = (self.wte(tokens) + self.wpe(pos)).unsqueeze(1)  # (n, 1, d)
         count, d = (pos + 1).float().view(n, 1), self.cfg.d_model
         heads, experts = self._cached_heads(routes)
-        rows = cache.rows_at(pos, heads)
+        rows = cache.rows_at(pos)
         gates = []
         for i, block in enumerate(self.blocks):
             h = block.ln_1(x)
@@ -611,9 +608,8 @@ class ShiftableLM(nn.Module):
                 gates.append(weights[:, 0])
             layer = [block.attn.experts[e] for e in experts]
             q, k, v = block.attn.qkv(h, layer)
-            cache.write(i, rows, k, v)
-            keys, values = cache.k[i][:n, heads, :span], cache.v[i][:n, heads, :span]
-            out = decode_attention(q, keys, values, keep)
+            cache.write(i, rows, heads, k, v)
+            out = decode_attention(q, cache, i, heads, pos, keep)
             x = x + block.attn.mix(out, weights, layer)
             x = x + block.mlp(block.ln_2(x))
         cache.lengths[:n] += 1

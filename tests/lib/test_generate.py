@@ -7,20 +7,21 @@ from dataclasses import replace
 import pytest
 import torch
 
-from shiftable_lib import model
+from shiftable_lib import kernels
 from shiftable_lib.generate import Engine, SamplingParams, complete, stream
-from shiftable_lib.model import SOFT, RouteTable, Routing, decode_attention
+from shiftable_lib.model import SOFT, RouteTable, Routing
 from shiftable_lib.tokenizer import encode
 
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
 
 
-@pytest.mark.parametrize("batched_from", [1, model.BATCHED_DECODE_ROWS], ids=["batched", "fused"])
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "sdpa"])
 @pytest.mark.parametrize("routing", [Routing(), Routing(mode="top1"), Routing(force=("ds",))])
 def test_kv_cache_decoding_equals_full_recomputation_on_a_ragged_batch(
-    shiftable, routing, batched_from, monkeypatch
+    shiftable, routing, compiled, monkeypatch
 ):
-    monkeypatch.setattr(model, "BATCHED_DECODE_ROWS", batched_from)  # both attention paths
+    if not compiled:  # the path every non-CPU device takes
+        monkeypatch.setattr(kernels, "supports", lambda q, k: False)
     gen = torch.Generator().manual_seed(3)
     full_idx = torch.randint(0, shiftable.cfg.vocab_size, (3, 30), generator=gen)
     with torch.no_grad():
@@ -41,19 +42,6 @@ def test_kv_cache_decoding_equals_full_recomputation_on_a_ragged_batch(
                     torch.testing.assert_close(
                         gates[layer, i], full_gates[layer][i, pos[i]], rtol=0, atol=1e-6
                     )
-
-
-def test_both_decode_attention_paths_agree_and_ignore_positions_past_each_row():
-    gen = torch.Generator().manual_seed(0)
-    rows, heads, span, hd = model.BATCHED_DECODE_ROWS + 1, 4, 13, 8  # the batched path
-    q, keys, values = (torch.randn(rows, heads, t, hd, generator=gen) for t in (1, span, span))
-    lengths = torch.randint(1, span + 1, (rows,), generator=gen)
-    keep = (torch.arange(span) < lengths[:, None]).view(rows, 1, 1, span)
-    batched = decode_attention(q, keys, values, keep)
-    fused = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=keep)
-    torch.testing.assert_close(batched, fused, rtol=0, atol=1e-5)
-    garbage = keys.masked_fill(~keep.transpose(-1, -2), 1e4)  # what lies past a row's length
-    torch.testing.assert_close(decode_attention(q, garbage, values, keep), batched)
 
 
 def test_requests_joining_a_running_batch_get_the_same_tokens_as_alone(shiftable, tokenizer):

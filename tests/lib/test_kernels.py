@@ -1,0 +1,49 @@
+"""The compiled CPU decode attention against PyTorch's SDPA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from shiftable_lib import kernels
+
+
+def position_major_cache(slots: int, context: int, heads: int, hd: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(slots, context, heads, hd, generator=gen) for _ in range(2))
+
+
+@pytest.mark.parametrize("heads", [slice(0, 6), slice(2, 4)], ids=["all", "one-expert"])
+def test_compiled_attention_equals_sdpa_and_ignores_what_lies_past_each_row(heads):
+    slots, context, all_heads, hd = 5, 16, 6, 8
+    k, v = position_major_cache(slots, context, all_heads, hd, seed=0)
+    n, H = 4, heads.stop - heads.start  # slot 4 is free: never read
+    q = torch.randn(n, H, 1, hd, generator=torch.Generator().manual_seed(1))
+    pos = torch.tensor([0, 15, 6, 9])  # each row attends to positions 0..pos
+    span = int(pos.max()) + 1
+    keep = (torch.arange(span) <= pos[:, None]).view(n, 1, 1, span)
+    keys, values = (b[:n, :span, heads].transpose(1, 2) for b in (k, v))
+    expected = F.scaled_dot_product_attention(q, keys, values, attn_mask=keep)
+
+    got = kernels.decode_attention(q, k, v, heads, pos)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+    past = torch.arange(context).view(1, context, 1, 1) > pos.view(n, 1, 1, 1)
+    k[:n].masked_fill_(past, 1e4)  # keys and values past each row's position, and other
+    v[:n].masked_fill_(past, -1e4)  # heads, must not matter
+    k[:, :, [h for h in range(all_heads) if not heads.start <= h < heads.stop]] = float("nan")
+    k[n:] = float("nan")
+    torch.testing.assert_close(kernels.decode_attention(q, k, v, heads, pos), got)
+
+
+def test_compiled_attention_is_only_used_where_it_applies():
+    k = torch.zeros(2, 4, 2, 8)
+    q = torch.zeros(1, 2, 1, 8)
+    assert kernels.supports(q, k)
+    assert not kernels.supports(q.double(), k.double())
+    assert not kernels.supports(q.requires_grad_(), k)
+    with pytest.raises(ValueError, match="do not fit"):
+        kernels.decode_attention(torch.zeros(3, 2, 1, 8), k, k, slice(0, 2), torch.zeros(3))
+    with pytest.raises(ValueError, match="do not fit"):
+        kernels.decode_attention(q.detach(), k, k, slice(1, 3), torch.zeros(1))
