@@ -220,7 +220,7 @@ class Engine:
         self.eos = eos_id(tokenizer)
         self.device = model.wte.weight.device
         self.cache = model.new_cache(max_batch)
-        if kernels.supports(self.cache.k[0], self.cache.k[0]):
+        if self.cache.position_major:
             kernels.warm_up()  # compile the CPU decode attention before the first request
         self.graphs: DecodeGraphs | None = None
         if cuda_graphs and self.device.type == "cuda":

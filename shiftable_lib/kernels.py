@@ -10,6 +10,10 @@ contiguous block, which the hardware prefetchers stream at full speed. On the 2-
 machine, `cpu` model, 32 rows at span 72: 358 vs 1,199 us per layer for the batched products,
 1,386 for SDPA; 15 vs 24 us (SDPA) for one row (docs/benchmarks.md).
 
+The loop runs in the calling thread, so it serves decoding with one torch thread (the
+inference worker's default on machines of up to 2 cores); with more, PyTorch's attention over
+a head-major cache spreads the rows over the threads and wins (`supports`).
+
 numba compiles the loop (LLVM, no C compiler needed) the first time a process calls it, in
 about a second; `warm_up()` does that ahead of the first request.
 """
@@ -74,11 +78,11 @@ def _attend(q, k, v, h0, pos, out):  # pragma: no cover - runs compiled (numba),
 @functools.cache
 def _kernel() -> Callable | None:
     """The compiled loop; None where numba is not installed (it is a dependency, but it can lag
-    a new Python release), and decoding then takes SDPA on the CPU too."""
+    a new Python release), and decoding then takes PyTorch's attention."""
     try:
         import numba  # imported on first use: only CPU decoding needs it
     except ImportError:
-        log.warning("numba is not installed: CPU decode attention runs as SDPA (slower)")
+        log.warning("numba is not installed: CPU decode attention runs in PyTorch (slower)")
         return None
     # no 'nnan'/'ninf' (a max starting from -inf would be undefined); reassociation lets LLVM
     # vectorise the dot products. nogil: the inference worker's other threads keep running.
@@ -86,12 +90,19 @@ def _kernel() -> Callable | None:
     return numba.njit(nogil=True, fastmath=flags, boundscheck=False)(_attend)
 
 
-def supports(q: Tensor, k: Tensor) -> bool:
-    """Whether `decode_attention` can run these: CPU float32 tensors, no autograd, numba."""
+def supports(t: Tensor) -> bool:
+    """Whether the compiled loop serves attention over tensors like `t` (a query, or a cache
+    about to be made): CPU, float32, no autograd, one torch thread, numba installed.
+
+    The loop runs in one thread. With more torch threads, PyTorch's attention spreads the rows
+    over them and is faster: on a 16-core host, 32 rows, 4 threads, 7,565 against 5,076 tok/s
+    for whole decode steps. With one thread the loop is as fast there and 1.35-1.5x faster on
+    the 2-core benchmark machine (docs/benchmarks.md)."""
     return (
-        q.device.type == "cpu"
-        and q.dtype == k.dtype == torch.float32
-        and not (q.requires_grad or k.requires_grad)
+        t.device.type == "cpu"
+        and t.dtype == torch.float32
+        and not t.requires_grad
+        and torch.get_num_threads() == 1
         and _kernel() is not None
     )
 
@@ -103,10 +114,10 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, heads: slice, pos: Tensor)
     n, H, _, hd = q.shape
     if n > k.shape[0] or heads.stop > k.shape[2] or heads.stop - heads.start != H:
         raise ValueError(f"{n} rows and heads {heads} do not fit a cache of {tuple(k.shape)}")
-    out = torch.empty(n, H, hd)
     kernel = _kernel()
     if kernel is None:
         raise RuntimeError("numba is not installed")
+    out = torch.empty(n, H, hd)
     kernel(
         q.reshape(n, H, hd).contiguous().numpy(),
         k.numpy(),
@@ -119,7 +130,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, heads: slice, pos: Tensor)
 
 
 def warm_up() -> None:
-    """Compile the kernel now (about a second, once per process) rather than in the first
-    decode step that needs it. Call only where `supports` holds."""
+    """Compile the loop now (about a second, once per process) rather than in the first decode
+    step that needs it."""
     q, cache = torch.zeros(1, 1, 1, 8), torch.zeros(1, 2, 1, 8)
     decode_attention(q, cache, cache, slice(0, 1), torch.zeros(1, dtype=torch.long))

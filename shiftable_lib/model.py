@@ -251,15 +251,19 @@ class KVCache:
     """Static per-slot generation state: every expert's keys/values and each gate's prefix sum.
 
     Slots 0..n-1 are the active sequences of a batch; `lengths[s]` tokens of slot s are cached.
+    Keys and values are laid out head-major, (slots, E*H, context, hd), for PyTorch's attention;
+    or position-major, (slots, context, E*H, hd), for the compiled single-thread CPU loop
+    (`kernels.py`), which then reads a row's keys for every head as one block.
     """
 
-    k: list[Tensor]  # per layer (slots, context, E*H, hd): position-major (kernels.py says why)
+    k: list[Tensor]  # per layer, in the layout above
     v: list[Tensor]
     # per layer (slots, d + E): sums over the prefix of the layer input (first d) and of the
     # per-token gate scores (last E), kept together so that one update serves both
     gate_state: list[Tensor]
     lengths: Tensor  # (slots,)
     experts: tuple[str, ...] = field(default=())
+    position_major: bool = False
 
     @property
     def slots(self) -> int:
@@ -267,7 +271,7 @@ class KVCache:
 
     @property
     def context(self) -> int:
-        return self.k[0].shape[1]
+        return self.k[0].shape[1 if self.position_major else 2]
 
     def reset(self) -> None:
         """Every slot empty (what a new cache holds)."""
@@ -280,33 +284,68 @@ class KVCache:
             buf[dst] = buf[src]
         self.lengths[dst] = self.lengths[src]
 
-    def rows_at(self, pos: Tensor) -> Tensor:
-        """Where one new position per slot lands, for slots 0..n-1 at positions `pos` (n,):
-        indices into a layer's buffer seen as (slots * context, E*H, hd). One `index_copy_` per
-        layer then writes every row's keys, rather than a general scatter by (slot, position)."""
-        return torch.arange(pos.shape[0], device=pos.device) * self.context + pos
+    def store(self, layer: int, slots: Tensor, heads: slice, k: Tensor, v: Tensor) -> None:
+        """Store whole prompts' keys and values (n, H, T, hd) of the cache's `heads` in `slots`,
+        at positions 0..T-1."""
+        T = k.shape[2]
+        for buf, new in ((self.k[layer], k), (self.v[layer], v)):
+            if self.position_major:
+                buf[slots, :T, heads] = new.transpose(1, 2)
+            else:
+                buf[slots, heads, :T] = new
+
+    def rows_at(self, pos: Tensor, heads: slice) -> Tensor:
+        """Where one new position per slot lands, for slots 0..n-1 at positions `pos` (n,) and
+        the cache's `heads`: indices for `write`. One `index_copy_` per layer then writes every
+        row's keys: 1.3x faster at 32 slots than indexing the buffer by (slot, head, position),
+        which takes a general scatter."""
+        slot = torch.arange(pos.shape[0], device=pos.device)
+        if self.position_major:  # into (slots * context, E*H, hd)
+            return slot * self.context + pos
+        head = torch.arange(heads.start, heads.stop, device=pos.device)  # (slots*E*H*context, hd)
+        return ((slot[:, None] * self.k[0].shape[1] + head) * self.context + pos[:, None]).flatten()
 
     def write(self, layer: int, rows: Tensor, heads: slice, k: Tensor, v: Tensor) -> None:
         """Store one position's keys and values (n, H, 1, hd) of the cache's `heads` at `rows`
         (from `rows_at`)."""
         n, hd = k.shape[0], k.shape[-1]
         for buf, new in ((self.k[layer], k), (self.v[layer], v)):
-            buf.view(-1, *buf.shape[2:])[:, heads].index_copy_(0, rows, new.reshape(n, -1, hd))
+            if self.position_major:
+                rows_of = buf.view(-1, *buf.shape[2:])[:, heads]
+                rows_of.index_copy_(0, rows, new.reshape(n, -1, hd))
+            else:
+                buf.view(-1, hd).index_copy_(0, rows, new.reshape(-1, hd))
+
+    def span(self, layer: int, n: int, span: int, heads: slice) -> tuple[Tensor, Tensor]:
+        """Keys and values of slots 0..n-1, positions 0..span-1: views (n, H, span, hd)."""
+        k, v = self.k[layer], self.v[layer]
+        if self.position_major:
+            return k[:n, :span, heads].transpose(1, 2), v[:n, :span, heads].transpose(1, 2)
+        return k[:n, heads, :span], v[:n, heads, :span]
+
+
+# From this many rows on, PyTorch's decode attention on a CPU runs as two batched matrix
+# products rather than the fused kernel, whose fixed cost per (row, head) dominates with one
+# query per head. Whole decode steps of the `cpu` model (12 heads, spans up to 136), one thread,
+# on the 2-core benchmark machine: 4% faster at 16 rows and 6% at 32, 2.5% slower at 8
+# (docs/benchmarks.md). With one thread the compiled loop (`kernels.py`) replaces both.
+BATCHED_DECODE_ROWS = 16
 
 
 def decode_attention(
     q: Tensor, cache: KVCache, layer: int, heads: slice, pos: Tensor, keep: Tensor
 ) -> Tensor:
     """Attention of one new query per row (n, H, 1, hd) over the cache's `heads` of slots
-    0..n-1 up to positions `pos`; `keep` (n, 1, 1, span) is True exactly there.
-
-    On a CPU this is a compiled loop (`kernels.py`); elsewhere SDPA over the cached span."""
-    k, v = cache.k[layer], cache.v[layer]
-    if kernels.supports(q, k):
-        return kernels.decode_attention(q, k, v, heads, pos)
+    0..n-1 up to positions `pos`; `keep` (n, 1, 1, span) is True exactly there."""
+    if cache.position_major and kernels.supports(q):
+        return kernels.decode_attention(q, cache.k[layer], cache.v[layer], heads, pos)
     n, span = keep.shape[0], keep.shape[-1]
-    keys, values = (buf[:n, :span, heads].transpose(1, 2) for buf in (k, v))
-    return F.scaled_dot_product_attention(q, keys, values, attn_mask=keep)
+    keys, values = cache.span(layer, n, span, heads)
+    if q.device.type != "cpu" or n < BATCHED_DECODE_ROWS:
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=keep)
+    scores = torch.matmul(q, keys.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)
+    weights = scores.masked_fill_(~keep, float("-inf")).softmax(-1)
+    return torch.matmul(weights.to(values.dtype), values)
 
 
 def _skip_unused(experts: list[Expert], weights: Tensor) -> tuple[list[Expert], Tensor]:
@@ -530,7 +569,10 @@ class ShiftableLM(nn.Module):
         device, dtype = device or p.device, dtype or p.dtype
         cfg, E = self.cfg, len(self.experts)
         hd = cfg.d_model // cfg.n_head
-        shape = (slots, cfg.context, E * cfg.n_head, hd)
+        # position-major for the compiled loop: on a CPU, with one torch thread (kernels.py)
+        position_major = kernels.supports(torch.empty(0, device=device, dtype=dtype))
+        heads, context = E * cfg.n_head, cfg.context
+        shape = (slots, context, heads, hd) if position_major else (slots, heads, context, hd)
         return KVCache(
             k=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)],
             v=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)],
@@ -539,6 +581,7 @@ class ShiftableLM(nn.Module):
             ],
             lengths=torch.zeros(slots, dtype=torch.long, device=device),
             experts=self.experts,
+            position_major=position_major,
         )
 
     def prefill(
@@ -570,8 +613,7 @@ class ShiftableLM(nn.Module):
                 cache.gate_state[i][slots] = 0.0
             layer = [block.attn.experts[e] for e in experts]
             q, k, v = block.attn.qkv(h, layer)
-            cache.k[i][slots, :T, heads] = k.transpose(1, 2)
-            cache.v[i][slots, :T, heads] = v.transpose(1, 2)
+            cache.store(i, slots, heads, k, v)
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             x = x + block.attn.mix(out, weights, layer)
             x = x + block.mlp(block.ln_2(x))
@@ -594,7 +636,7 @@ class ShiftableLM(nn.Module):
         x = (self.wte(tokens) + self.wpe(pos)).unsqueeze(1)  # (n, 1, d)
         count, d = (pos + 1).float().view(n, 1), self.cfg.d_model
         heads, experts = self._cached_heads(routes)
-        rows = cache.rows_at(pos)
+        rows = cache.rows_at(pos, heads)
         gates = []
         for i, block in enumerate(self.blocks):
             h = block.ln_1(x)

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from shiftable_lib import kernels
+from shiftable_lib import model
 from shiftable_lib.generate import Engine, SamplingParams, complete, stream
 from shiftable_lib.model import SOFT, RouteTable, Routing
 from shiftable_lib.tokenizer import encode
@@ -15,19 +15,31 @@ from shiftable_lib.tokenizer import encode
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
 
 
-@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "sdpa"])
+# every decode attention path: the compiled loop (position-major cache, one thread), SDPA and
+# the batched products (head-major: several threads, or a GPU for SDPA), and PyTorch's
+# attention over a position-major cache (the thread count changed after the cache was made)
+PATHS = ["compiled", "sdpa", "batched", "position-major-torch"]
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("routing", [Routing(), Routing(mode="top1"), Routing(force=("ds",))])
 def test_kv_cache_decoding_equals_full_recomputation_on_a_ragged_batch(
-    shiftable, routing, compiled, monkeypatch
+    shiftable, routing, path, monkeypatch
 ):
-    if not compiled:  # the path every non-CPU device takes
-        monkeypatch.setattr(kernels, "supports", lambda q, k: False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1 if path == "compiled" else 2)
+    if path == "batched":
+        monkeypatch.setattr(model, "BATCHED_DECODE_ROWS", 1)
+    cache = shiftable.new_cache(slots=3)
+    if path == "position-major-torch":
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+        cache = shiftable.new_cache(slots=3)
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert cache.position_major == path.startswith(("compiled", "position-major"))
     gen = torch.Generator().manual_seed(3)
     full_idx = torch.randint(0, shiftable.cfg.vocab_size, (3, 30), generator=gen)
     with torch.no_grad():
         full, full_gates = shiftable(full_idx, routing, return_gates=True)
     lengths = torch.tensor([4, 11, 7])
-    cache = shiftable.new_cache(slots=3)
     routes = RouteTable.build(shiftable.experts, [routing] * 3, "cpu")
     with torch.no_grad():
         logits, _ = shiftable.prefill(cache, torch.arange(3), full_idx[:, :11], lengths, routes)
@@ -42,6 +54,24 @@ def test_kv_cache_decoding_equals_full_recomputation_on_a_ragged_batch(
                     torch.testing.assert_close(
                         gates[layer, i], full_gates[layer][i, pos[i]], rtol=0, atol=1e-6
                     )
+
+
+def test_batched_decode_attention_equals_sdpa_and_ignores_positions_past_each_row():
+    gen = torch.Generator().manual_seed(0)
+    rows, heads, span, hd = model.BATCHED_DECODE_ROWS + 1, 4, 13, 8  # the batched products
+    q, keys, values = (torch.randn(rows, heads, t, hd, generator=gen) for t in (1, span, span))
+    lengths = torch.randint(1, span + 1, (rows,), generator=gen)
+    keep = (torch.arange(span) < lengths[:, None]).view(rows, 1, 1, span)
+
+    def attend(k: torch.Tensor) -> torch.Tensor:
+        cache = model.KVCache([k], [values], [], lengths)  # head-major
+        return model.decode_attention(q, cache, 0, slice(0, heads), lengths - 1, keep)
+
+    batched = attend(keys)
+    fused = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=keep)
+    torch.testing.assert_close(batched, fused, rtol=0, atol=1e-5)
+    garbage = keys.masked_fill(~keep.transpose(-1, -2), 1e4)  # what lies past a row's length
+    torch.testing.assert_close(attend(garbage), batched)
 
 
 def test_requests_joining_a_running_batch_get_the_same_tokens_as_alone(shiftable, tokenizer):

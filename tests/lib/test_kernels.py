@@ -37,13 +37,16 @@ def test_compiled_attention_equals_sdpa_and_ignores_what_lies_past_each_row(head
     torch.testing.assert_close(kernels.decode_attention(q, k, v, heads, pos), got)
 
 
-def test_compiled_attention_is_only_used_where_it_applies():
+def test_compiled_attention_is_only_used_where_it_applies(monkeypatch):
     k = torch.zeros(2, 4, 2, 8)
     q = torch.zeros(1, 2, 1, 8)
-    assert kernels.supports(q, k)
-    assert not kernels.supports(q.double(), k.double())
-    assert not kernels.supports(q.requires_grad_(), k)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert kernels.supports(q)
+    assert not kernels.supports(q.double())
+    assert not kernels.supports(q.clone().requires_grad_())
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)  # PyTorch spreads rows over them
+    assert not kernels.supports(q)
     with pytest.raises(ValueError, match="do not fit"):
         kernels.decode_attention(torch.zeros(3, 2, 1, 8), k, k, slice(0, 2), torch.zeros(3))
     with pytest.raises(ValueError, match="do not fit"):
-        kernels.decode_attention(q.detach(), k, k, slice(1, 3), torch.zeros(1))
+        kernels.decode_attention(q, k, k, slice(1, 3), torch.zeros(1))
