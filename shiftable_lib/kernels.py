@@ -77,8 +77,8 @@ def _attend(q, k, v, h0, pos, out):  # pragma: no cover - runs compiled (numba),
 
 @functools.cache
 def _kernel() -> Callable | None:
-    """The compiled loop; None where numba is not installed (it is a dependency, but it can lag
-    a new Python release), and decoding then takes PyTorch's attention."""
+    """The compiled loop; None where numba cannot be imported (a broken or partial install),
+    and decoding then takes PyTorch's attention."""
     try:
         import numba  # imported on first use: only CPU decoding needs it
     except ImportError:
@@ -112,12 +112,22 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, heads: slice, pos: Tensor)
     k, v (slots, context, all heads, hd): row s attends to positions 0..pos[s] of slot s, with
     the cache's heads `heads` (H of them). Returns (n, H, 1, hd), as SDPA would."""
     n, H, _, hd = q.shape
-    if n > k.shape[0] or heads.stop > k.shape[2] or heads.stop - heads.start != H:
+    # the loop runs without bounds checks: whatever it is given must fit
+    if not (
+        k.shape == v.shape
+        and n <= k.shape[0]
+        and pos.shape == (n,)
+        and hd == k.shape[3]
+        and heads.step is None
+        and heads.start >= 0
+        and heads.stop - heads.start == H
+        and heads.stop <= k.shape[2]
+    ):
         raise ValueError(f"{n} rows and heads {heads} do not fit a cache of {tuple(k.shape)}")
     kernel = _kernel()
     if kernel is None:
         raise RuntimeError("numba is not installed")
-    out = torch.empty(n, H, hd)
+    out = torch.empty(n, H, hd, dtype=torch.float32)
     kernel(
         q.reshape(n, H, hd).contiguous().numpy(),
         k.numpy(),

@@ -74,13 +74,19 @@ def test_batched_decode_attention_equals_sdpa_and_ignores_positions_past_each_ro
     torch.testing.assert_close(attend(garbage), batched)
 
 
-def test_requests_joining_a_running_batch_get_the_same_tokens_as_alone(shiftable, tokenizer):
+@pytest.mark.parametrize("threads", [1, 2], ids=["compiled", "torch"])
+def test_requests_joining_a_running_batch_get_the_same_tokens_as_alone(
+    shiftable, tokenizer, threads, monkeypatch
+):
     prompts = ["the list of", "numpy array mean", "tensor gradient"]
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # alone: PyTorch's attention
     alone = [
         complete(Engine(shiftable, tokenizer, max_batch=1), [p], GREEDY)[0].output_ids
         for p in prompts
     ]
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     engine = Engine(shiftable, tokenizer, max_batch=4)
+    assert engine.cache.position_major == (threads == 1)
     first = engine.submit(prompts[0], GREEDY)
     for _ in range(3):
         engine.step()  # the first request is mid-generation when the others join

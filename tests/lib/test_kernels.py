@@ -46,7 +46,16 @@ def test_compiled_attention_is_only_used_where_it_applies(monkeypatch):
     assert not kernels.supports(q.clone().requires_grad_())
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4)  # PyTorch spreads rows over them
     assert not kernels.supports(q)
-    with pytest.raises(ValueError, match="do not fit"):
-        kernels.decode_attention(torch.zeros(3, 2, 1, 8), k, k, slice(0, 2), torch.zeros(3))
-    with pytest.raises(ValueError, match="do not fit"):
-        kernels.decode_attention(q, k, k, slice(1, 3), torch.zeros(1))
+    pos = torch.zeros(1, dtype=torch.long)
+    bad = [  # the loop has no bounds checks: each of these would read outside a buffer
+        (torch.zeros(3, 2, 1, 8), k, k, slice(0, 2), torch.zeros(3, dtype=torch.long)),  # rows
+        (q, k, k, slice(1, 3), pos),  # heads past the cache's
+        (q, k, k, slice(-2, None), pos),  # negative
+        (q, k, k, slice(0, 2, 2), pos),  # strided
+        (torch.zeros(1, 2, 1, 16), k, k, slice(0, 2), pos),  # head size
+        (q, k, torch.zeros(2, 3, 2, 8), slice(0, 2), pos),  # values unlike keys
+        (q, k, k, slice(0, 2), torch.zeros(0, dtype=torch.long)),  # no position for the row
+    ]
+    for args in bad:
+        with pytest.raises(ValueError, match="do not fit"):
+            kernels.decode_attention(*args)
