@@ -15,10 +15,11 @@ import grpc
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.backends import error_status, http_status
 from gateway.deps import FRONTEND, Gateway
+from gateway.metrics import Metrics
 from gateway.routes import generate, health, operations, specialists
 from shiftable_lib.config import Settings
 from shiftable_lib.errors import ShiftableError
@@ -44,6 +45,36 @@ class LimitBody:
         await self.app(scope, receive, send)
 
 
+class CountRequests:
+    """Count every HTTP request by method, route template and status.
+
+    A plain ASGI middleware: Starlette's `@app.middleware("http")` (BaseHTTPMiddleware) would
+    pass every chunk of a streamed response, one per SSE event, through an extra task and
+    memory stream."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500  # what the server answers if the app fails before it starts a response
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")  # the router puts the matched route in the scope
+            self.metrics.request(scope["method"], getattr(route, "path", "unmatched"), status)
+
+
 def create_app(settings: Settings) -> FastAPI:
     gw = Gateway(settings)
 
@@ -61,15 +92,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.gateway = gw
     app.add_middleware(LimitBody)
-
-    @app.middleware("http")
-    async def count(request: Request, call_next):
-        response = await call_next(request)
-        route = request.scope.get("route")
-        gw.metrics.request(
-            request.method, getattr(route, "path", "unmatched"), response.status_code
-        )
-        return response
+    app.add_middleware(CountRequests, metrics=gw.metrics)  # added last: outermost
 
     @app.exception_handler(grpc.aio.AioRpcError)
     async def grpc_error(_: Request, exc: grpc.aio.AioRpcError) -> JSONResponse:

@@ -193,6 +193,8 @@ def test_a_client_that_disconnects_frees_its_slot(stack: Stack) -> None:
 
 def test_metrics_expose_serving_and_training_figures(stack: Stack) -> None:
     stack.http.post("/generate", json={"prompt": "the", "max_new_tokens": 4})
+    stack.http.post("/generate/stream", json={"prompt": "the", "max_new_tokens": 4})
+    stack.http.post("/generate", json={"prompt": "the", "max_new_tokens": -1})
     text = stack.http.get("/metrics").text
     for name in (
         "sma_http_requests_total",
@@ -207,6 +209,8 @@ def test_metrics_expose_serving_and_training_figures(stack: Stack) -> None:
     assert "sma_model_loaded 1.0" in text
     # requests are counted by route template, not raw path
     assert 'method="POST",route="/generate",status="200"' in text
+    assert 'method="POST",route="/generate/stream",status="200"' in text  # counted once sent
+    assert 'method="POST",route="/generate",status="422"' in text
 
 
 def test_add_specialist_trains_publishes_and_serves_it(stack: Stack) -> None:
