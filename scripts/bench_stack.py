@@ -196,6 +196,41 @@ def lifecycle(http: httpx.Client, data_dir: Path, served: list[str]) -> dict:
     return {"source": source, "documents": len(docs), "names": names, **seconds}
 
 
+def stack_cpu(root: int) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by the process tree under `root`, by role: each
+    server by its `sma serve` name, the inference worker, everything else as "sma up"; and by
+    this process as "client". Empty where there is no /proc (Linux only)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    procs: dict[int, tuple[int, list[str], float]] = {}  # pid -> (parent, command, seconds)
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            command = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:  # gone meanwhile
+            continue
+        seconds = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+        procs[int(entry.name)] = (int(fields[1]), command, seconds)
+    if root not in procs:
+        return {}
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _, _) in procs.items():
+        children.setdefault(parent, []).append(pid)
+    used: dict[str, float] = {}
+    todo = [(root, "sma up")]
+    while todo:
+        pid, role = todo.pop()
+        command, seconds = procs[pid][1], procs[pid][2]
+        if "serve" in command[:-1]:
+            role = command[command.index("serve") + 1]
+        elif any("spawn_main" in word for word in command):
+            role = f"{role} worker"
+        used[role] = used.get(role, 0.0) + seconds
+        todo += [(child, role) for child in children.get(pid, [])]
+    times = os.times()
+    used["client"] = times.user + times.system
+    return used
+
+
 def cpu_model() -> str:
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
     return (re.findall(r"model name\s*:\s*(.*)", info) or [platform.machine()])[0]
@@ -270,6 +305,7 @@ def main() -> None:
             notes.append(f"max_batch is {info.max_batch}: streams beyond it queue")
         one: dict[str, list[tuple[int, float]]] = {"in-process": [], "gRPC": [], "SSE": []}
         finishes: list[str | None] = []
+        cpu: dict[str, dict[str, float]] = {"gRPC": {}, "SSE": {}}  # CPU seconds by role
         paths = {
             "in-process": lambda: worker.submit(
                 inprocess_once, engine, prompt, args.tokens
@@ -281,7 +317,14 @@ def main() -> None:
             # each round runs the three back to back, in turn forwards and backwards, so that a
             # drift in the VM's speed hits them alike (ratios are taken within a round)
             order = list(paths) if round_ % 2 else list(reversed(paths))
-            got = {name: paths[name]() for name in order}
+            got = {}
+            for name in order:
+                before = stack_cpu(process.pid)
+                got[name] = paths[name]()
+                if round_ and name != "in-process":
+                    after = stack_cpu(process.pid)
+                    for role, seconds in after.items():
+                        cpu[name][role] = cpu[name].get(role, 0.0) + seconds - before.get(role, 0.0)
             ip = got["in-process"]
             gr = got["gRPC"]
             n, seconds, finish = got["SSE"]
@@ -334,6 +377,19 @@ def main() -> None:
             f"lifecycle: {life['documents']} documents of {life['source']!r} as "
             f"{life['names']} (ratio = full / incremental); corpora moved to data/.deleted/"
         )
+    # CPU time per streamed token, by process: what one stream costs each core beyond decoding
+    cpu_per_token = {
+        path: {
+            role: round(seconds / sum(n for n, *_ in one[path]) * 1e6)
+            for role, seconds in sorted(cpu[path].items())
+            if seconds > 0
+        }
+        for path in cpu
+    }
+    for path, roles in cpu_per_token.items():
+        if roles:
+            used = ", ".join(f"{role} {us}" for role, us in roles.items())
+            notes.append(f"CPU us per token, one {path} stream: {used}")
     machine = {
         "cpus": os.cpu_count(),
         "cpu": cpu_model(),
@@ -350,7 +406,8 @@ def main() -> None:
         "sse_ignore_eos": sse_eos,
     }
     if args.json:
-        print(json.dumps({"rows": rows, "machine": machine, "notes": notes}, indent=2))
+        report = {"rows": rows, "machine": machine, "cpu_us_per_token": cpu_per_token}
+        print(json.dumps(report | {"notes": notes}, indent=2))
         return
     print(f"{'row':34} {'value':>10} {'unit':6} {'ratio':>8}  goal")
     for r in rows:
