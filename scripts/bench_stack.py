@@ -319,11 +319,11 @@ def main() -> None:
             order = list(paths) if round_ % 2 else list(reversed(paths))
             got = {}
             for name in order:
-                before = stack_cpu(process.pid)
+                counted = name in cpu and round_ > 0  # the stack's CPU, for the stack's paths
+                before = stack_cpu(process.pid) if counted else {}
                 got[name] = paths[name]()
-                if round_ and name != "in-process":
-                    after = stack_cpu(process.pid)
-                    for role, seconds in after.items():
+                if counted:
+                    for role, seconds in stack_cpu(process.pid).items():
                         cpu[name][role] = cpu[name].get(role, 0.0) + seconds - before.get(role, 0.0)
             ip = got["in-process"]
             gr = got["gRPC"]
