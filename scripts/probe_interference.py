@@ -19,12 +19,12 @@ import time
 from pathlib import Path
 
 import torch
+from ab_decode import steps_per_second  # scripts/, beside this one
 
 from shiftable_lib import jobs
 from shiftable_lib.config import Settings
-from shiftable_lib.generate import Engine, SamplingParams
+from shiftable_lib.generate import Engine
 
-PROMPT = "The list of files in the module"
 # what runs on the other CPU; "{cpu}" is its number
 LOADS = {
     "idle": None,
@@ -34,17 +34,6 @@ LOADS = {
         "a = np.ones(50_000_000)\nwhile True: a.sum()"  # 400 MB, far past any cache
     ),
 }
-
-
-def decode_rate(engine: Engine, tokens: int) -> float:
-    params = SamplingParams(max_new_tokens=tokens, temperature=0.0, ignore_eos=True)
-    engine.submit(PROMPT, params)
-    engine.step()  # the prefill
-    start, steps = time.perf_counter(), 0
-    while engine.has_work():
-        engine.step()
-        steps += 1
-    return steps / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -61,7 +50,7 @@ def main() -> None:
     torch.set_num_threads(1)
     version = jobs.load_current(Settings(home=args.home.resolve()), "cpu")
     engine = Engine(version.model, version.tokenizer, 1)
-    decode_rate(engine, args.tokens)  # warm-up
+    steps_per_second(engine, 1, args.tokens)  # warm-up
     rates: dict[str, list[float]] = {name: [] for name in LOADS}
     for _ in range(args.rounds):
         for name, code in LOADS.items():
@@ -70,7 +59,7 @@ def main() -> None:
                 load = subprocess.Popen([sys.executable, "-c", code.format(cpu=other)])
                 time.sleep(1.0)  # let it allocate and settle
             try:
-                rates[name].append(decode_rate(engine, args.tokens))
+                rates[name].append(steps_per_second(engine, 1, args.tokens))
             finally:
                 if load is not None:
                     load.kill()
