@@ -103,12 +103,18 @@ def choose_prompt(engine: Engine, tokens: int) -> tuple[str, int]:
     return best
 
 
-def inprocess_once(engine: Engine, prompt: str, tokens: int) -> tuple[int, float]:
+def inprocess_once(
+    engine: Engine, prompt: str, tokens: int, steps: list[float]
+) -> tuple[int, float]:
+    """Tokens and wall time of one greedy completion; appends each decode step's time to
+    `steps` (timed as the inference worker times its own: `Info.decode_seconds`)."""
     params = SamplingParams(max_new_tokens=tokens, temperature=0.0, ignore_eos=True)
     start = time.perf_counter()
     seq = engine.submit(prompt, params)
     while seq.finish_reason is None:
+        before = time.perf_counter()
         engine.step()
+        steps.append(time.perf_counter() - before)
     return len(seq.output_ids), time.perf_counter() - start
 
 
@@ -282,11 +288,15 @@ def main() -> None:
     notes: list[str] = [f"stack log: {log}"]
     load_before = os.getloadavg()[0]
     worker = ThreadPoolExecutor(max_workers=1)
+    channel = grpc.insecure_channel(address)  # connects when first used
+    stub = inference_pb2_grpc.InferenceStub(channel)
+
+    def model_info() -> inference_pb2.GetModelInfoResponse:
+        return stub.GetModelInfo(inference_pb2.GetModelInfoRequest(), timeout=30)
+
     try:
         health = wait_ready(http, process, log)
-        with grpc.insecure_channel(address) as channel:
-            stub = inference_pb2_grpc.InferenceStub(channel)
-            info = stub.GetModelInfo(inference_pb2.GetModelInfoRequest(), timeout=30)
+        info = model_info()
         version = jobs.load_current(settings, args.device)
         # as in the server: the engine is built on one thread and stepped on another (`worker`,
         # like its step thread). Which thread first runs torch's parallel regions matters: on a
@@ -306,9 +316,12 @@ def main() -> None:
         one: dict[str, list[tuple[int, float]]] = {"in-process": [], "gRPC": [], "SSE": []}
         finishes: list[str | None] = []
         cpu: dict[str, dict[str, float]] = {"gRPC": {}, "SSE": {}}  # CPU seconds by role
+        # decode steps of the measured rounds: in this process, and in the stack's worker
+        step_times: list[float] = []
+        worker_steps = {"gRPC": [0, 0.0], "SSE": [0, 0.0]}  # steps, seconds
         paths = {
             "in-process": lambda: worker.submit(
-                inprocess_once, engine, prompt, args.tokens
+                inprocess_once, engine, prompt, args.tokens, step_times if round_ else []
             ).result(),
             "gRPC": lambda: grpc_once(address, prompt, args.tokens, 1),
             "SSE": lambda: sse_once(http, prompt, args.tokens, sse_eos),
@@ -320,11 +333,15 @@ def main() -> None:
             got = {}
             for name in order:
                 counted = name in cpu and round_ > 0  # the stack's CPU, for the stack's paths
+                first = model_info() if counted else None
                 before = stack_cpu(process.pid) if counted else {}
                 got[name] = paths[name]()
                 if counted:
                     for role, seconds in stack_cpu(process.pid).items():
                         cpu[name][role] = cpu[name].get(role, 0.0) + seconds - before.get(role, 0.0)
+                    last = model_info()
+                    worker_steps[name][0] += last.decode_steps - first.decode_steps
+                    worker_steps[name][1] += last.decode_seconds - first.decode_seconds
             ip = got["in-process"]
             gr = got["gRPC"]
             n, seconds, finish = got["SSE"]
@@ -346,6 +363,7 @@ def main() -> None:
     finally:
         worker.shutdown()
         http.close()
+        channel.close()
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
             try:
@@ -390,6 +408,21 @@ def main() -> None:
         if roles:
             used = ", ".join(f"{role} {us}" for role, us in roles.items())
             notes.append(f"CPU us per token, one {path} stream: {used}")
+    # the same decode step in this process and in the stack's worker, and what each path spends
+    # per token outside its steps (hand-off, protocol, client)
+    step_us = {"in-process": statistics.fmean(step_times) * 1e6}
+    outside_us = {"in-process": (sum(s for _, s in inproc) - sum(step_times)) / len(step_times)}
+    for path, (n_steps, seconds) in worker_steps.items():
+        if n_steps:
+            step_us[path] = seconds / n_steps * 1e6
+            outside_us[path] = (sum(s for _, s in one[path]) - seconds) / n_steps * 1e6
+    base_step = step_us["in-process"]
+    notes.append(
+        "decode step, one stream (mean us): "
+        + ", ".join(f"{path} {us:.0f} ({us / base_step:.2f}x)" for path, us in step_us.items())
+        + "; per token outside the steps: "
+        + ", ".join(f"{path} {us:.0f}" for path, us in outside_us.items())
+    )
     machine = {
         "cpus": os.cpu_count(),
         "cpu": cpu_model(),
@@ -407,6 +440,7 @@ def main() -> None:
     }
     if args.json:
         report = {"rows": rows, "machine": machine, "cpu_us_per_token": cpu_per_token}
+        report |= {"step_us": step_us, "outside_us_per_token": outside_us}
         print(json.dumps(report | {"notes": notes}, indent=2))
         return
     print(f"{'row':34} {'value':>10} {'unit':6} {'ratio':>8}  goal")

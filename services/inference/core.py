@@ -118,6 +118,7 @@ class Info:
     tokens_generated: int
     requests_total: int
     steps: int  # decode steps run; tokens_generated / steps is the mean batch
+    decode_seconds: float  # wall time spent in those steps; / steps is the mean step time
     swapping: bool
     load_error: str
 
@@ -137,6 +138,7 @@ class _Stats:
     queued: int
     tokens: int
     steps: int
+    seconds: float = 0.0  # in decode steps
 
 
 @dataclass(eq=False)
@@ -283,6 +285,7 @@ class InferenceCore:
             tokens_generated=counted.tokens + stats.tokens,
             requests_total=self._requests_total,
             steps=counted.steps + stats.steps,
+            decode_seconds=counted.seconds + stats.seconds,
             swapping=self._swapping,
             load_error=self._load_error,
         )
@@ -410,8 +413,13 @@ class InferenceCore:
         for loop, fn, *args in lost:
             _notify(loop, fn, *args)
         stats = self._stats
+        counted = self._counted
         self._counted = _Stats(
-            0, 0, self._counted.tokens + stats.tokens, self._counted.steps + stats.steps
+            0,
+            0,
+            counted.tokens + stats.tokens,
+            counted.steps + stats.steps,
+            counted.seconds + stats.seconds,
         )
         self._stats = _Stats(0, 0, 0, 0)
         if closing:
@@ -483,6 +491,7 @@ class _Worker:
         self.requests: dict[int, _Request] = {}  # stream id -> request
         self.by_seq: dict[int, _Request] = {}  # id(seq) -> request
         self.tokens = self.steps = 0
+        self.seconds = 0.0  # in steps
         self.sent = _Stats(0, 0, 0, 0)
         # versions loaded by helper threads, adopted by the step loop; the pipe wakes it up
         self.loaded: deque[tuple[int, bool, object]] = deque()
@@ -511,6 +520,7 @@ class _Worker:
             sum(len(engine.queue) for engine in engines),
             self.tokens,
             self.steps,
+            self.seconds,
         )
         if out or force or stats != self.sent:
             self.conn.send((out, stats))
@@ -597,12 +607,14 @@ class _Worker:
         for engine in self.engines():
             if not engine.has_work():
                 continue
+            start = time.perf_counter()
             try:
                 events = engine.step()
             except Exception as exc:
                 log.exception("a decode step failed; failing the streams it was running")
                 self.fail(engine, exc, out)
                 continue
+            self.seconds += time.perf_counter() - start
             self.tokens += len(events)
             for event in events:
                 request = self.by_seq[id(event.seq)]

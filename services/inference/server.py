@@ -150,6 +150,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             requests_total=info.requests_total,
             swapping=info.swapping,
             load_error=info.load_error,
+            decode_steps=info.steps,
+            decode_seconds=info.decode_seconds,
         )
 
 

@@ -207,6 +207,9 @@ def test_metrics_expose_serving_and_training_figures(stack: Stack) -> None:
     ):
         assert name in text, name
     assert "sma_model_loaded 1.0" in text
+    # the decode steps that served the requests above, and the time they took
+    values = dict(line.split() for line in text.splitlines() if line.startswith("sma_decode_"))
+    assert float(values["sma_decode_steps"]) >= 4 and float(values["sma_decode_seconds"]) > 0
     # requests are counted by route template, not raw path
     assert 'method="POST",route="/generate",status="200"' in text
     assert 'method="POST",route="/generate/stream",status="200"' in text  # counted once sent

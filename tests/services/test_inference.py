@@ -174,6 +174,7 @@ def test_concurrent_streams_advance_together_and_match_requests_run_alone(models
     assert info.tokens_generated == len(PROMPTS) * GREEDY.max_new_tokens
     # one step advances every active stream; requests submitted a moment apart join a step late
     assert info.steps <= GREEDY.max_new_tokens + len(PROMPTS) - 1
+    assert info.steps >= GREEDY.max_new_tokens and info.decode_seconds > 0
 
 
 def test_closing_a_stream_early_cancels_its_sequence_and_frees_the_slot(models):
@@ -346,6 +347,8 @@ def test_generate_streams_deltas_that_concatenate_to_the_completion(models):
 
     assert (info.version_id, list(info.specialists), info.context) == (SHIFTABLE, ["dl", "ds"], 64)
     assert (info.requests_total, info.tokens_generated, info.active_streams) == (2, 24 + 32, 0)
+    # one step per token: the two calls ran one after the other
+    assert info.decode_steps == 24 + 32 and info.decode_seconds > 0
 
 
 def test_errors_map_to_grpc_status_codes(models):

@@ -134,7 +134,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("version_id", "specialists", "device", "profile", "context", "n_layer", "d_model", "vocab_size", "max_batch", "max_queue", "active_streams", "queued", "tokens_generated", "requests_total", "swapping", "load_error")
+    __slots__ = ("version_id", "specialists", "device", "profile", "context", "n_layer", "d_model", "vocab_size", "max_batch", "max_queue", "active_streams", "queued", "tokens_generated", "requests_total", "swapping", "load_error", "decode_steps", "decode_seconds")
     VERSION_ID_FIELD_NUMBER: _ClassVar[int]
     SPECIALISTS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +151,8 @@ class GetModelInfoResponse(_message.Message):
     REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     SWAPPING_FIELD_NUMBER: _ClassVar[int]
     LOAD_ERROR_FIELD_NUMBER: _ClassVar[int]
+    DECODE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     version_id: str
     specialists: _containers.RepeatedScalarFieldContainer[str]
     device: str
@@ -167,4 +169,6 @@ class GetModelInfoResponse(_message.Message):
     requests_total: int
     swapping: bool
     load_error: str
-    def __init__(self, version_id: _Optional[str] = ..., specialists: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., profile: _Optional[str] = ..., context: _Optional[int] = ..., n_layer: _Optional[int] = ..., d_model: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_queue: _Optional[int] = ..., active_streams: _Optional[int] = ..., queued: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., requests_total: _Optional[int] = ..., swapping: _Optional[bool] = ..., load_error: _Optional[str] = ...) -> None: ...
+    decode_steps: int
+    decode_seconds: float
+    def __init__(self, version_id: _Optional[str] = ..., specialists: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., profile: _Optional[str] = ..., context: _Optional[int] = ..., n_layer: _Optional[int] = ..., d_model: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_queue: _Optional[int] = ..., active_streams: _Optional[int] = ..., queued: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., requests_total: _Optional[int] = ..., swapping: _Optional[bool] = ..., load_error: _Optional[str] = ..., decode_steps: _Optional[int] = ..., decode_seconds: _Optional[float] = ...) -> None: ...
