@@ -233,8 +233,9 @@ class Settings(BaseSettings):
 
         The core left over runs the gRPC server, the gateway and their clients while the worker
         decodes, so the per-token hand-offs never preempt a decode step. On the 2-core machine
-        the benchmarks run on, one thread also decodes a single stream faster than two and a
-        batch of 32 as fast (docs/benchmarks.md).
+        the benchmarks run on, one thread also decodes faster than two: a single stream, and a
+        batch of 32 too, since with one thread decode attention is the compiled loop
+        (docs/benchmarks.md).
         """
         return self.threads or max(1, len(os.sched_getaffinity(0)) - 1)
 
