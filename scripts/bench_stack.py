@@ -1,7 +1,10 @@
 """Benchmark a live `sma up` stack: decode tokens/s (in-process, gRPC, SSE) and add times.
 
 Decode speed of one stream in-process vs over gRPC vs over SSE, the batching gain of concurrent
-gRPC streams, and the wall time of an incremental add vs a full retrain, in one run.
+gRPC streams, and the wall time of an incremental add vs a full retrain, in one run. For the
+single-stream rounds it also notes each process's CPU per token, and splits a stream's time into
+the decode steps (the worker's own, from `GetModelInfo.decode_seconds`, against the same steps
+in-process) and what it spends per token outside them.
 
 Starts `sma up` on a free block of loopback ports (log in a temp folder), waits for /health
 `ready`, measures, and stops the stack with SIGTERM. A home without a model gets one trained by
