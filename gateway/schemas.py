@@ -13,6 +13,19 @@ from typing import Literal
 from google.protobuf.timestamp_pb2 import Timestamp
 from pydantic import BaseModel, ConfigDict, Field
 
+from shiftable_lib.sampling import (
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_K,
+    DEFAULT_TOP_K_EXPERTS,
+    DEFAULT_TOP_P,
+    MAX_NEW_TOKENS,
+    MAX_ROUTING_NAMES,
+    MAX_STOP_STRINGS,
+    MAX_TEMPERATURE,
+    MAX_TOP_K,
+    MAX_TOP_K_EXPERTS,
+)
 from sma.v1 import common_pb2, inference_pb2, registry_pb2
 
 MAX_PROMPT_CHARS = 100_000
@@ -22,9 +35,18 @@ class RoutingBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     mode: Literal["soft", "top1", "topk"] = "soft"
-    k: int = Field(default=2, ge=1, le=64, description="experts per position for topk")
-    force: list[str] = Field(default_factory=list, max_length=64, description="only these")
-    exclude: list[str] = Field(default_factory=list, max_length=64, description="never these")
+    k: int = Field(
+        default=DEFAULT_TOP_K_EXPERTS,
+        ge=1,
+        le=MAX_TOP_K_EXPERTS,
+        description="experts per position for topk",
+    )
+    force: list[str] = Field(
+        default_factory=list, max_length=MAX_ROUTING_NAMES, description="only these"
+    )
+    exclude: list[str] = Field(
+        default_factory=list, max_length=MAX_ROUTING_NAMES, description="never these"
+    )
 
     def to_proto(self) -> inference_pb2.Routing:
         return inference_pb2.Routing(
@@ -46,13 +68,20 @@ class GenerateBody(BaseModel):
 
     prompt: str = Field(max_length=MAX_PROMPT_CHARS)
     max_new_tokens: int | None = Field(
-        default=None, ge=1, le=100_000, description="default: 64, or less to fit the context"
+        default=None,
+        ge=1,
+        le=MAX_NEW_TOKENS,
+        description=f"default: {DEFAULT_MAX_NEW_TOKENS}, or half the context if smaller",
     )
-    temperature: float = Field(default=1.0, ge=0.0, le=100.0, description="0 = greedy")
-    top_k: int = Field(default=0, ge=0, le=1_000_000, description="0 = whole vocabulary")
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    temperature: float = Field(
+        default=DEFAULT_TEMPERATURE, ge=0.0, le=MAX_TEMPERATURE, description="0 = greedy"
+    )
+    top_k: int = Field(
+        default=DEFAULT_TOP_K, ge=0, le=MAX_TOP_K, description="0 = whole vocabulary"
+    )
+    top_p: float = Field(default=DEFAULT_TOP_P, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
-    stop: list[str] = Field(default_factory=list, max_length=16)
+    stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
     routing: RoutingBody = Field(default_factory=RoutingBody)
     ignore_eos: bool = Field(default=False, description="exactly max_new_tokens (benchmarks)")
 

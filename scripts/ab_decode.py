@@ -23,7 +23,8 @@ import torch
 
 from shiftable_lib import jobs
 from shiftable_lib.config import Settings
-from shiftable_lib.generate import Engine, SamplingParams
+from shiftable_lib.generate import Engine
+from shiftable_lib.sampling import SamplingParams
 
 PROMPT = "The list of files in the module"
 

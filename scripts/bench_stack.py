@@ -44,7 +44,8 @@ from services.stack import free_port_block
 from shiftable_lib import checkpoint, jobs
 from shiftable_lib.config import Settings
 from shiftable_lib.corpus import DOCUMENT_SEPARATOR, GENERAL, read_documents
-from shiftable_lib.generate import Engine, SamplingParams
+from shiftable_lib.generate import Engine
+from shiftable_lib.sampling import SamplingParams
 from sma.v1 import inference_pb2, inference_pb2_grpc
 
 READY_TIMEOUT_S = 3600.0  # a first start with the cpu profile trains for up to ~10 minutes

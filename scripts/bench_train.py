@@ -23,7 +23,8 @@ import torch
 
 from shiftable_lib import distributed
 from shiftable_lib.config import get_profile
-from shiftable_lib.model import ModelConfig, Routing, ShiftableLM
+from shiftable_lib.model import ModelConfig, ShiftableLM
+from shiftable_lib.sampling import Routing
 from shiftable_lib.train import (
     DomainTokens,
     generalist_params,

@@ -18,8 +18,9 @@ from collections.abc import Callable
 import torch
 
 from shiftable_lib.config import get_profile
-from shiftable_lib.generate import Engine, SamplingParams
+from shiftable_lib.generate import Engine
 from shiftable_lib.model import ModelConfig, ShiftableLM
+from shiftable_lib.sampling import SamplingParams
 from shiftable_lib.tokenizer import train_tokenizer
 from shiftable_lib.train import make_optimizer, pick_device
 

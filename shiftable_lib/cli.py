@@ -11,6 +11,16 @@ from collections.abc import Callable
 
 from shiftable_lib.config import PROFILES, Settings
 from shiftable_lib.errors import ShiftableError
+from shiftable_lib.sampling import (
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_K,
+    DEFAULT_TOP_P,
+    ROUTING_MODES,
+    Routing,
+    SamplingParams,
+    default_max_new_tokens,
+)
 from shiftable_lib.train import Progress
 
 
@@ -133,15 +143,14 @@ def cmd_remove(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from shiftable_lib import jobs
-    from shiftable_lib.generate import Engine, SamplingParams, stream
-    from shiftable_lib.model import Routing
+    from shiftable_lib.generate import Engine, stream
 
     settings = _settings(args)
     current = jobs.load_current(settings, jobs.configure_torch(settings))
     routing = Routing(mode=args.routing, force=tuple(args.force), exclude=tuple(args.exclude))
     context = current.model.cfg.context
     params = SamplingParams(
-        max_new_tokens=min(80, context // 2)
+        max_new_tokens=default_max_new_tokens(context)
         if args.max_new_tokens is None
         else args.max_new_tokens,
         temperature=args.temperature,
@@ -275,14 +284,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--max-new-tokens",
         type=int,
-        help="default 80, or half the context if smaller (the prompt keeps the rest)",
+        help=f"default {DEFAULT_MAX_NEW_TOKENS}, or half the context if smaller "
+        "(the prompt keeps the rest)",
     )
-    g.add_argument("--temperature", type=float, default=0.8)
-    g.add_argument("--top-k", type=int, default=50)
-    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="0 = whole vocabulary")
+    g.add_argument("--top-p", type=float, default=DEFAULT_TOP_P)
     g.add_argument("--seed", type=int)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    g.add_argument("--routing", default="soft", choices=["soft", "top1", "topk"])
+    g.add_argument("--routing", default="soft", choices=ROUTING_MODES)
     g.add_argument("--force", action="append", default=[], help="use only this expert")
     g.add_argument("--exclude", action="append", default=[], help="never use this expert")
     g.set_defaults(func=cmd_generate)

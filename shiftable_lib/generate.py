@@ -25,7 +25,8 @@ from tokenizers import Tokenizer
 from torch import Tensor
 
 from shiftable_lib import kernels
-from shiftable_lib.model import SOFT, KVCache, RouteTable, Routing, ShiftableLM
+from shiftable_lib.model import KVCache, RouteTable, ShiftableLM
+from shiftable_lib.sampling import SamplingParams
 from shiftable_lib.tokenizer import StreamDecoder, encode, eos_id
 
 FINISH_REASONS = ("length", "stop", "eos", "cancelled")
@@ -33,31 +34,6 @@ log = logging.getLogger("sma.generate")
 # one CUDA graph capture at a time per process: torch captures on one shared side stream, and
 # the inference worker may build engines in several threads (a hot swap, a failed step)
 _CAPTURE_LOCK = threading.Lock()
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int = 64
-    temperature: float = 1.0  # 0 = greedy
-    top_k: int = 0  # 0 = whole vocabulary
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    routing: Routing = SOFT
-    ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
-
-    def validate(self, context: int) -> None:
-        """Raise ValueError with a sentence a user can act on if any field is out of range."""
-        if not 1 <= self.max_new_tokens < context:
-            raise ValueError(f"max_new_tokens must be between 1 and {context - 1} (the context)")
-        if not self.temperature >= 0:
-            raise ValueError("temperature must be >= 0 (0 means greedy)")
-        if self.top_k < 0:
-            raise ValueError("top_k must be >= 0 (0 means no limit)")
-        if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
-        if any(not s for s in self.stop):
-            raise ValueError("stop strings must not be empty")
 
 
 @dataclass

@@ -25,10 +25,10 @@ from torch import Tensor, nn
 from shiftable_lib import kernels
 from shiftable_lib.corpus import GENERAL, validate_specialist_name
 from shiftable_lib.errors import AlreadyExists, NotFound
+from shiftable_lib.sampling import SOFT, Routing
 
 # exp(-1e4) underflows to exactly 0 in fp32/bf16, so an expert at this logit has weight 0.
 DORMANT_LOGIT = -1.0e4
-ROUTING_MODES = ("soft", "top1", "topk")
 
 
 @dataclass(frozen=True)
@@ -54,40 +54,6 @@ class ModelConfig:
         fields = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
         fields["specialists"] = tuple(fields.get("specialists", ()))
         return cls(**fields)
-
-
-@dataclass(frozen=True)
-class Routing:
-    """How one sequence may use the experts.
-
-    mode: `soft` mixes all allowed experts; `top1`/`topk` keep the k highest-gated per position
-    and renormalise. force: only these experts are allowed. exclude: these are not.
-    """
-
-    mode: str = "soft"
-    k: int = 2
-    force: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-
-    def top_k(self) -> int:
-        return {"soft": 0, "top1": 1}.get(self.mode, self.k)
-
-    def allowed(self, experts: tuple[str, ...]) -> list[bool]:
-        """Which experts this routing admits; raises if it names unknown ones or admits none."""
-        if self.mode not in ROUTING_MODES:
-            raise ValueError(f"unknown routing mode {self.mode!r}: use one of {ROUTING_MODES}")
-        if self.mode == "topk" and self.k < 1:
-            raise ValueError("topk routing needs k >= 1")
-        for name in (*self.force, *self.exclude):
-            if name not in experts:
-                raise NotFound(f"no expert named {name!r}; the model has {', '.join(experts)}")
-        ok = [(not self.force or e in self.force) and e not in self.exclude for e in experts]
-        if not any(ok):
-            raise ValueError("this routing excludes every expert; leave at least one")
-        return ok
-
-
-SOFT = Routing()
 
 
 @dataclass(frozen=True)

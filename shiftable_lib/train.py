@@ -33,7 +33,8 @@ from torch import Tensor, nn
 from shiftable_lib import distributed
 from shiftable_lib.config import Profile
 from shiftable_lib.corpus import GENERAL, Domain
-from shiftable_lib.model import ModelConfig, Routing, ShiftableLM
+from shiftable_lib.model import ModelConfig, ShiftableLM
+from shiftable_lib.sampling import Routing
 from shiftable_lib.tokenizer import encode_documents, eos_id
 
 

@@ -54,8 +54,9 @@ import torch
 
 from shiftable_lib import checkpoint
 from shiftable_lib.errors import Overloaded, Unavailable
-from shiftable_lib.generate import Engine, SamplingParams, Sequence
-from shiftable_lib.model import ModelConfig, Routing
+from shiftable_lib.generate import Engine, Sequence
+from shiftable_lib.model import ModelConfig
+from shiftable_lib.sampling import Routing, SamplingParams
 
 log = logging.getLogger("sma.inference")
 

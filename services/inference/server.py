@@ -20,15 +20,19 @@ from services.inference.core import Chunk, InferenceCore
 from shiftable_lib import jobs
 from shiftable_lib.config import Settings
 from shiftable_lib.errors import ShiftableError
-from shiftable_lib.generate import SamplingParams
-from shiftable_lib.model import Routing
+from shiftable_lib.sampling import (
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_K_EXPERTS,
+    DEFAULT_TOP_P,
+    Routing,
+    SamplingParams,
+    default_max_new_tokens,
+)
 from sma.v1 import inference_pb2, inference_pb2_grpc, registry_pb2, registry_pb2_grpc
 
 log = logging.getLogger("sma.inference")
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
-DEFAULT_MAX_NEW_TOKENS = 64
-DEFAULT_TOP_K_EXPERTS = 2
 RETRY_FIRST_S = 0.2  # registry reconnect backoff: doubles up to RETRY_MAX_S
 RETRY_MAX_S = 5.0
 
@@ -63,10 +67,10 @@ def sampling_params(request: inference_pb2.GenerateRequest, context: int) -> Sam
     return SamplingParams(
         max_new_tokens=request.max_new_tokens
         if request.HasField("max_new_tokens")
-        else min(DEFAULT_MAX_NEW_TOKENS, context // 2),  # the prompt keeps the rest
-        temperature=request.temperature if request.HasField("temperature") else 1.0,
+        else default_max_new_tokens(context),
+        temperature=request.temperature if request.HasField("temperature") else DEFAULT_TEMPERATURE,
         top_k=request.top_k,
-        top_p=request.top_p if request.HasField("top_p") else 1.0,
+        top_p=request.top_p if request.HasField("top_p") else DEFAULT_TOP_P,
         seed=request.seed if request.HasField("seed") else None,
         stop=tuple(request.stop),
         routing=routing_from_proto(request.routing),

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from shiftable_lib import model
-from shiftable_lib.generate import Engine, SamplingParams, complete, stream
-from shiftable_lib.model import SOFT, RouteTable, Routing
+from shiftable_lib.generate import Engine, complete, stream
+from shiftable_lib.model import RouteTable
+from shiftable_lib.sampling import SOFT, Routing, SamplingParams
 from shiftable_lib.tokenizer import encode
 
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)

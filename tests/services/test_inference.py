@@ -22,8 +22,8 @@ from services.inference.server import SERVICE_NAME, InferenceServicer
 from shiftable_lib import checkpoint, jobs
 from shiftable_lib.config import Settings
 from shiftable_lib.errors import NotFound, Overloaded, Unavailable
-from shiftable_lib.generate import Engine, SamplingParams, Sequence, complete
-from shiftable_lib.model import Routing
+from shiftable_lib.generate import Engine, Sequence, complete
+from shiftable_lib.sampling import Routing, SamplingParams
 from sma.v1 import inference_pb2, inference_pb2_grpc
 from tests.conftest import VOCAB, synthetic_documents, write_domain
 
