@@ -6,8 +6,8 @@ other active sequence by one token (one batched decode). Finished sequences free
 once, so a server can call `step` in a loop and new requests join between steps.
 
 On a CUDA device the decode step is replayed from CUDA graphs (`DecodeGraphs`): a small model's
-step is a few hundred tiny kernels, and launching them one by one from Python, not the GPU's
-arithmetic, is what bounds it.
+step is many tiny kernels, and launching them one by one from Python, not the GPU's arithmetic,
+is what bounds it.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ from tokenizers import Tokenizer
 from torch import Tensor
 
 from shiftable_lib import kernels
-from shiftable_lib.model import KVCache, RouteTable, ShiftableLM
+from shiftable_lib.cache import KVCache
+from shiftable_lib.model import ShiftableLM
+from shiftable_lib.routing import RouteTable
 from shiftable_lib.sampling import SamplingParams
 from shiftable_lib.tokenizer import StreamDecoder, encode, eos_id
 

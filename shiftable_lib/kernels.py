@@ -2,20 +2,18 @@
 
 A decode step attends one new query per row and head over that row's cached keys and values.
 PyTorch runs that as two batched matrix products of (1 x hd) @ (hd x span) matrices, or as the
-fused SDPA kernel: each pays a fixed cost per (row, head) pair (about a microsecond), and on a
-CPU that cost, not the memory traffic, sets the speed. This loop reads each row's keys and
-values once, in cache order, and keeps the scores of all heads in a small buffer: with the
-cache laid out position-major (slots, context, heads, hd), a row's keys for every head are one
-contiguous block, which the hardware prefetchers stream at full speed. On the 2-core benchmark
-machine, `cpu` model, 32 rows at span 72: 358 vs 1,199 us per layer for the batched products,
-1,386 for SDPA; 15 vs 24 us (SDPA) for one row (docs/benchmarks.md).
+fused SDPA kernel: each pays a fixed cost per (row, head) pair, and on a CPU that cost, not the
+memory traffic, sets the speed. This loop reads each row's keys and values once, in cache
+order, and keeps the scores of all heads in a small buffer: with the cache laid out
+position-major (slots, context, heads, hd), a row's keys for every head are one contiguous
+block, which the hardware prefetchers stream at full speed (docs/benchmarks.md).
 
 The loop runs in the calling thread, so it serves decoding with one torch thread (the
 inference worker's default on machines of up to 2 cores); with more, PyTorch's attention over
 a head-major cache spreads the rows over the threads and wins (`supports`).
 
-numba compiles the loop (LLVM, no C compiler needed) the first time a process calls it, in
-about a second; `warm_up()` does that ahead of the first request.
+numba compiles the loop (LLVM, no C compiler needed) the first time a process calls it;
+`warm_up()` does that ahead of the first request.
 """
 
 from __future__ import annotations
@@ -95,9 +93,7 @@ def supports(t: Tensor) -> bool:
     about to be made): CPU, float32, no autograd, one torch thread, numba installed.
 
     The loop runs in one thread. With more torch threads, PyTorch's attention spreads the rows
-    over them and is faster: on a 16-core host, 32 rows, 4 threads, 7,565 against 5,076 tok/s
-    for whole decode steps. With one thread the loop is as fast there and 1.35-1.5x faster on
-    the 2-core benchmark machine (docs/benchmarks.md)."""
+    over them and is faster; with one, the loop is at least as fast (docs/benchmarks.md)."""
     return (
         t.device.type == "cpu"
         and t.dtype == torch.float32
@@ -140,7 +136,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, heads: slice, pos: Tensor)
 
 
 def warm_up() -> None:
-    """Compile the loop now (about a second, once per process) rather than in the first decode
-    step that needs it."""
+    """Compile the loop now (once per process) rather than in the first decode step that
+    needs it."""
     q, cache = torch.zeros(1, 1, 1, 8), torch.zeros(1, 2, 1, 8)
     decode_attention(q, cache, cache, slice(0, 1), torch.zeros(1, dtype=torch.long))

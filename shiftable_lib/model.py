@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, replace
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from shiftable_lib import kernels
+from shiftable_lib.cache import Decode, KVCache, Prefill
 from shiftable_lib.corpus import GENERAL, validate_specialist_name
 from shiftable_lib.errors import AlreadyExists, NotFound
+from shiftable_lib.losses import FusedLinearCrossEntropy
+from shiftable_lib.routing import RouteTable
 from shiftable_lib.sampling import SOFT, Routing
 
 # exp(-1e4) underflows to exactly 0 in fp32/bf16, so an expert at this logit has weight 0.
@@ -56,43 +59,25 @@ class ModelConfig:
         return cls(**fields)
 
 
-@dataclass(frozen=True)
-class RouteTable:
-    """Per-row routing of a batch: allowed experts (B, E) and top-k (B,), 0 = soft.
+class Step(Protocol):
+    """One call of the model, as each layer sees it. The kinds differ only in where a gate's
+    prefix means come from, where keys and values go, and what attention reads: whole
+    sequences (`Sequences`, below), or over a KV cache, prompts (`cache.Prefill`) and one new
+    token per sequence (`cache.Decode`)."""
 
-    What the hot loop branches on (one expert for every row? any top-k row? any expert
-    excluded?) is worked out from the host-side rows before they go to the device, so no step
-    waits on the device to decide.
-    """
+    idx: Tensor  # the tokens whose per-token gate scores enter the prefix means
+    routes: RouteTable
+    dropout: float  # on embeddings and residual branches: 0 unless training
+    skip_unused: bool  # whether experts that no position weighs may go uncomputed
 
-    allowed: Tensor
-    top_k: Tensor
-    single: int | None  # the one expert every row is restricted to
-    any_topk: bool
-    block: Tensor | None  # (B, 1, E): -inf where not allowed; None when every expert is
+    def prefix_means(self, layer: int, h: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
+        """Means over each position's prefix of the layer input and of the token scores."""
 
-    @classmethod
-    def from_rows(cls, allowed: list[list[bool]], top_k: list[int], device) -> RouteTable:
-        first = allowed[0] if allowed else []
-        one = sum(first) == 1 and all(row == first for row in allowed)
-        allowed_t = torch.tensor(allowed, device=device)
-        block = None
-        if not all(all(row) for row in allowed):
-            block = torch.zeros(allowed_t.shape, device=device)
-            block = block.masked_fill(~allowed_t, float("-inf")).unsqueeze(1)
-        return cls(
-            allowed=allowed_t,
-            top_k=torch.tensor(top_k, device=device),
-            single=first.index(True) if one else None,
-            any_topk=any(k > 0 for k in top_k),
-            block=block,
-        )
+    def gated(self, m: Tensor, weights: Tensor) -> None:
+        """Take note of a layer's gate features and weights."""
 
-    @classmethod
-    def build(cls, experts: tuple[str, ...], routes: list[Routing], device) -> RouteTable:
-        return cls.from_rows(
-            [r.allowed(experts) for r in routes], [r.top_k() for r in routes], device
-        )
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Each head's attention output for queries q, given the new positions' k and v."""
 
 
 class Expert(nn.Module):
@@ -120,6 +105,27 @@ class MixedAttention(nn.Module):
         self.experts = nn.ModuleDict({GENERAL: Expert(cfg.d_model, cfg.vocab_size)})
         self._joined: dict[tuple, tuple[tuple, list[Tensor], Tensor]] = {}
 
+    def forward(self, h: Tensor, step: Step, layer: int) -> Tensor:
+        experts = list(self.experts.values())
+        weights = self.weigh(h, step, layer)
+        if weights is None:  # one allowed expert: it alone runs
+            experts = [experts[step.routes.single]]
+        elif step.skip_unused:
+            experts, weights = _skip_unused(experts, weights)
+        q, k, v = self.qkv(h, experts)
+        return self.mix(step.attend(layer, q, k, v), weights, experts)
+
+    def weigh(self, h: Tensor, step: Step, layer: int) -> Tensor | None:
+        """Gate weights (..., T, E) within each row's allowed experts; None where every row is
+        restricted to one expert, as no gate is needed then."""
+        if step.routes.single is not None:
+            return None
+        mean, evidence = step.prefix_means(layer, h, self.token_scores(step.idx))
+        m = F.layer_norm(mean, (mean.shape[-1],))
+        weights = self.gate(m, evidence, step.routes)
+        step.gated(m, weights)
+        return weights
+
     def joined(self, tensors: list[Tensor], dim: int, stack: bool = False) -> Tensor:
         """Experts' weights side by side (one matmul serves them all).
 
@@ -142,12 +148,6 @@ class MixedAttention(nn.Module):
         out = join(tensors, dim)
         self._joined[slot] = (key, tensors, out)  # holding `tensors` keeps their storage alive
         return out
-
-    def gate_features(self, prefix_sum: Tensor, count: Tensor | None = None) -> Tensor:
-        """The gate's input at each position: the normalised mean of the causal prefix
-        (pass the mean itself, without `count`, where it is already divided)."""
-        mean = prefix_sum if count is None else prefix_sum / count
-        return F.layer_norm(mean, (mean.shape[-1],))
 
     def token_scores(self, idx: Tensor) -> Tensor:
         """Every expert's per-token gate score for each token of `idx`: (..., E)."""
@@ -200,7 +200,9 @@ class MLP(nn.Module):
         self.proj = nn.Linear(4 * d_model, d_model, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+        # the weights, not the Linear modules, are called: a small model's decode step is bound
+        # by the cost of each Python-level call, not by its arithmetic
+        return F.linear(F.gelu(F.linear(x, self.fc.weight), approximate="tanh"), self.proj.weight)
 
 
 class Block(nn.Module):
@@ -211,107 +213,13 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.d_model)
         self.mlp = MLP(cfg.d_model)
 
-
-@dataclass
-class KVCache:
-    """Static per-slot generation state: every expert's keys/values and each gate's prefix sum.
-
-    Slots 0..n-1 are the active sequences of a batch; `lengths[s]` tokens of slot s are cached.
-    Keys and values are laid out head-major, (slots, E*H, context, hd), for PyTorch's attention;
-    or position-major, (slots, context, E*H, hd), for the compiled single-thread CPU loop
-    (`kernels.py`), which then reads a row's keys for every head as one block.
-    """
-
-    k: list[Tensor]  # per layer, in the layout above
-    v: list[Tensor]
-    # per layer (slots, d + E): sums over the prefix of the layer input (first d) and of the
-    # per-token gate scores (last E), kept together so that one update serves both
-    gate_state: list[Tensor]
-    lengths: Tensor  # (slots,)
-    experts: tuple[str, ...] = field(default=())
-    position_major: bool = False
-
-    @property
-    def slots(self) -> int:
-        return self.lengths.shape[0]
-
-    @property
-    def context(self) -> int:
-        return self.k[0].shape[1 if self.position_major else 2]
-
-    def reset(self) -> None:
-        """Every slot empty (what a new cache holds)."""
-        for buf in (*self.k, *self.v, *self.gate_state, self.lengths):
-            buf.zero_()
-
-    def move(self, src: int, dst: int) -> None:
-        """Copy slot `src` into `dst` (to keep active slots contiguous when one finishes)."""
-        for buf in (*self.k, *self.v, *self.gate_state):
-            buf[dst] = buf[src]
-        self.lengths[dst] = self.lengths[src]
-
-    def store(self, layer: int, slots: Tensor, heads: slice, k: Tensor, v: Tensor) -> None:
-        """Store whole prompts' keys and values (n, H, T, hd) of the cache's `heads` in `slots`,
-        at positions 0..T-1."""
-        T = k.shape[2]
-        for buf, new in ((self.k[layer], k), (self.v[layer], v)):
-            if self.position_major:
-                buf[slots, :T, heads] = new.transpose(1, 2)
-            else:
-                buf[slots, heads, :T] = new
-
-    def rows_at(self, pos: Tensor, heads: slice) -> Tensor:
-        """Where one new position per slot lands, for slots 0..n-1 at positions `pos` (n,) and
-        the cache's `heads`: indices for `write`. One `index_copy_` per layer then writes every
-        row's keys: 1.3x faster at 32 slots than indexing the buffer by (slot, head, position),
-        which takes a general scatter."""
-        slot = torch.arange(pos.shape[0], device=pos.device)
-        if self.position_major:  # into (slots * context, E*H, hd)
-            return slot * self.context + pos
-        head = torch.arange(heads.start, heads.stop, device=pos.device)  # (slots*E*H*context, hd)
-        return ((slot[:, None] * self.k[0].shape[1] + head) * self.context + pos[:, None]).flatten()
-
-    def write(self, layer: int, rows: Tensor, heads: slice, k: Tensor, v: Tensor) -> None:
-        """Store one position's keys and values (n, H, 1, hd) of the cache's `heads` at `rows`
-        (from `rows_at`)."""
-        n, hd = k.shape[0], k.shape[-1]
-        for buf, new in ((self.k[layer], k), (self.v[layer], v)):
-            if self.position_major:
-                rows_of = buf.view(-1, *buf.shape[2:])[:, heads]
-                rows_of.index_copy_(0, rows, new.reshape(n, -1, hd))
-            else:
-                buf.view(-1, hd).index_copy_(0, rows, new.reshape(-1, hd))
-
-    def span(self, layer: int, n: int, span: int, heads: slice) -> tuple[Tensor, Tensor]:
-        """Keys and values of slots 0..n-1, positions 0..span-1: views (n, H, span, hd)."""
-        k, v = self.k[layer], self.v[layer]
-        if self.position_major:
-            return k[:n, :span, heads].transpose(1, 2), v[:n, :span, heads].transpose(1, 2)
-        return k[:n, heads, :span], v[:n, heads, :span]
+    def forward(self, x: Tensor, step: Step, layer: int) -> Tensor:
+        x = x + _dropout(self.attn(self.ln_1(x), step, layer), step.dropout)
+        return x + _dropout(self.mlp(self.ln_2(x)), step.dropout)
 
 
-# From this many rows on, PyTorch's decode attention on a CPU runs as two batched matrix
-# products rather than the fused kernel, whose fixed cost per (row, head) dominates with one
-# query per head. Whole decode steps of the `cpu` model (12 heads, spans up to 136), one thread,
-# on the 2-core benchmark machine: 4% faster at 16 rows and 6% at 32, 2.5% slower at 8
-# (docs/benchmarks.md). With one thread the compiled loop (`kernels.py`) replaces both.
-BATCHED_DECODE_ROWS = 16
-
-
-def decode_attention(
-    q: Tensor, cache: KVCache, layer: int, heads: slice, pos: Tensor, keep: Tensor
-) -> Tensor:
-    """Attention of one new query per row (n, H, 1, hd) over the cache's `heads` of slots
-    0..n-1 up to positions `pos`; `keep` (n, 1, 1, span) is True exactly there."""
-    if cache.position_major and kernels.supports(q):
-        return kernels.decode_attention(q, cache.k[layer], cache.v[layer], heads, pos)
-    n, span = keep.shape[0], keep.shape[-1]
-    keys, values = cache.span(layer, n, span, heads)
-    if q.device.type != "cpu" or n < BATCHED_DECODE_ROWS:
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=keep)
-    scores = torch.matmul(q, keys.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)
-    weights = scores.masked_fill_(~keep, float("-inf")).softmax(-1)
-    return torch.matmul(weights.to(values.dtype), values)
+def _dropout(x: Tensor, p: float) -> Tensor:
+    return F.dropout(x, p, training=True) if p > 0 else x
 
 
 def _skip_unused(experts: list[Expert], weights: Tensor) -> tuple[list[Expert], Tensor]:
@@ -343,41 +251,27 @@ class Trace:
         return [one] * n_layers
 
 
-class FusedLinearCrossEntropy(torch.autograd.Function):
-    """Tied-head logits and cross-entropy in chunks, the gradient computed in the same pass.
+class Sequences:
+    """Whole sequences from position 0 (training, evaluation, `forward`): prefix means as
+    cumulative sums, causal attention within each sequence, every gate kept in a `Trace`."""
 
-    On a CPU the (tokens x vocab) logits are the largest tensor of a step; a chunk of them
-    stays in cache while it is exponentiated, normalised and multiplied back, and is never
-    written out whole. Same loss and gradients as linear + F.cross_entropy.
-    """
+    skip_unused = True  # nothing is cached, so an expert no position weighs is not needed
 
-    CHUNK = 512
+    def __init__(self, idx: Tensor, routes: RouteTable, dropout: float, dtype: torch.dtype):
+        T = idx.shape[1]
+        self.idx, self.routes, self.dropout = idx, routes, dropout
+        self.count = torch.arange(1, T + 1, device=idx.device, dtype=dtype).view(1, T, 1)
+        self.trace = Trace(only=routes.single)
 
-    @staticmethod
-    def forward(ctx, h: Tensor, w: Tensor, targets: Tensor) -> Tensor:  # type: ignore[override]
-        N = h.shape[0]
-        grad_h, grad_w = torch.empty_like(h), torch.zeros_like(w)
-        total = h.new_zeros((), dtype=torch.float32)
-        for s in range(0, N, FusedLinearCrossEntropy.CHUNK):
-            end = min(N, s + FusedLinearCrossEntropy.CHUNK)
-            hc, tc = h[s:end], targets[s:end]
-            rows = torch.arange(hc.shape[0], device=h.device)
-            p = hc @ w.T
-            p.sub_(p.amax(-1, keepdim=True)).exp_()
-            norm = p.sum(-1, keepdim=True)
-            total += norm.log().sum() - p[rows, tc].log().sum()  # -log softmax at the target
-            p.div_(norm)
-            p[rows, tc] -= 1
-            grad_h[s:end] = p @ w
-            grad_w.addmm_(p.T, hc)
-        ctx.save_for_backward(grad_h, grad_w)
-        return total / N
+    def prefix_means(self, layer: int, h: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
+        return h.cumsum(1) / self.count, scores.cumsum(1) / self.count
 
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        grad_h, grad_w = ctx.saved_tensors
-        scale = grad / grad_h.shape[0]
-        return grad_h * scale, grad_w * scale, None
+    def gated(self, m: Tensor, weights: Tensor) -> None:
+        self.trace.features.append(m)
+        self.trace.gates.append(weights)
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
 class ShiftableLM(nn.Module):
@@ -419,6 +313,8 @@ class ShiftableLM(nn.Module):
         Dormant: its gate weight is exactly 0, and its attention equals the base's, so no output
         changes until it is trained (`wake_specialists` gives it a share of the base's weight).
         """
+        # checked here too: names also arrive from a version's config.json, and `general`
+        # would replace the base's branch
         validate_specialist_name(name)
         if name in self.cfg.specialists:
             raise AlreadyExists(f"specialist {name!r} already exists")
@@ -464,7 +360,7 @@ class ShiftableLM(nn.Module):
                 experts[name].gate.copy_(row)
                 experts[name].gate_tokens.copy_(tokens)
 
-    # ---- forward ------------------------------------------------------------------------------
+    # ---- whole sequences ----------------------------------------------------------------------
 
     def forward(
         self, idx: Tensor, routing: Routing | list[Routing] = SOFT, return_gates: bool = False
@@ -481,10 +377,6 @@ class ShiftableLM(nn.Module):
             return FusedLinearCrossEntropy.apply(hidden, self.wte.weight, targets.flatten())
         return F.cross_entropy(self.head(hidden).float(), targets.flatten())
 
-    def _drop(self, x: Tensor) -> Tensor:
-        p = self.cfg.dropout
-        return F.dropout(x, p, training=True) if self.training and p > 0 else x
-
     def head(self, x: Tensor) -> Tensor:
         return F.linear(x, self.wte.weight)  # tied embeddings
 
@@ -496,95 +388,39 @@ class ShiftableLM(nn.Module):
         With `features_only`, stop once the last layer's gate features are known (no hidden
         states): all that training the gate needs, a layer's worth of work cheaper."""
         B, T = idx.shape
-        routes = self._routes(routing, B, idx.device)
-        only = routes.single
-        x = self._drop(self.wte(idx) + self.wpe(torch.arange(T, device=idx.device)))
-        count = torch.arange(1, T + 1, device=idx.device, dtype=x.dtype).view(1, T, 1)
-        trace = Trace(only=only)
-        for block in self.blocks:
-            h = block.ln_1(x)
-            if only is None:
-                experts = list(block.attn.experts.values())
-                m = block.attn.gate_features(h.cumsum(1), count)
-                weights = block.attn.gate(m, block.attn.token_evidence(idx, count), routes)
-                trace.features.append(m)
-                trace.gates.append(weights)
-                if features_only and len(trace.features) == len(self.blocks):
-                    return trace
-                experts, weights = _skip_unused(experts, weights)
-            else:  # one allowed expert: no gate to run
-                experts, weights = [block.attn.experts[self.experts[only]]], None
-            q, k, v = block.attn.qkv(h, experts)
-            heads = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            x = x + self._drop(block.attn.mix(heads, weights, experts))
-            x = x + self._drop(block.mlp(block.ln_2(x)))
-        trace.hidden = self.ln_f(x)
-        return trace
-
-    def _routes(self, routing: Routing | list[Routing], batch: int, device) -> RouteTable:
-        routes = [routing] * batch if isinstance(routing, Routing) else routing
-        if len(routes) != batch:
-            raise ValueError(f"got {len(routes)} routings for a batch of {batch}")
-        return RouteTable.build(self.experts, routes, device)
+        routes = RouteTable.for_batch(self.experts, routing, B, idx.device)
+        dropout = self.cfg.dropout if self.training else 0.0
+        x = _dropout(self.wte(idx) + self.wpe(torch.arange(T, device=idx.device)), dropout)
+        step = Sequences(idx, routes, dropout, x.dtype)
+        for i, block in enumerate(self.blocks):
+            if features_only and i == len(self.blocks) - 1 and routes.single is None:
+                block.attn.weigh(block.ln_1(x), step, i)
+                return step.trace
+            x = block(x, step, i)
+        step.trace.hidden = self.ln_f(x)
+        return step.trace
 
     # ---- incremental decoding -----------------------------------------------------------------
 
     def new_cache(self, slots: int, device=None, dtype: torch.dtype | None = None) -> KVCache:
         """Preallocate generation state for `slots` sequences of up to `context` tokens."""
-        p = self.wte.weight
-        device, dtype = device or p.device, dtype or p.dtype
-        cfg, E = self.cfg, len(self.experts)
-        hd = cfg.d_model // cfg.n_head
-        # position-major for the compiled loop: on a CPU, with one torch thread (kernels.py)
-        position_major = kernels.supports(torch.empty(0, device=device, dtype=dtype))
-        heads, context = E * cfg.n_head, cfg.context
-        shape = (slots, context, heads, hd) if position_major else (slots, heads, context, hd)
-        return KVCache(
-            k=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)],
-            v=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)],
-            gate_state=[
-                torch.zeros(slots, cfg.d_model + E, device=device) for _ in range(cfg.n_layer)
-            ],
-            lengths=torch.zeros(slots, dtype=torch.long, device=device),
-            experts=self.experts,
-            position_major=position_major,
-        )
+        p, cfg = self.wte.weight, self.cfg
+        dims = (cfg.n_layer, cfg.n_head, cfg.d_model, cfg.context)
+        return KVCache.allocate(slots, self.experts, *dims, device or p.device, dtype or p.dtype)
 
     def prefill(
         self, cache: KVCache, slots: Tensor, idx: Tensor, lengths: Tensor, routes: RouteTable
     ) -> tuple[Tensor, Tensor]:
-        """Run prompts (right-padded to a common length) into `slots` of the cache.
-
-        Returns the logits at each prompt's last real token (n, V) and the gate weights there
-        (L, n, E). Positions past a prompt's length are computed but never attended to.
-        """
+        """Run prompts (right-padded to a common length) into `slots` of the cache. Returns the
+        logits at each prompt's last real token (n, V) and the gate weights there (L, n, E)."""
         self._check_cache(cache)
-        n, T = idx.shape
-        x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))
-        count = torch.arange(1, T + 1, device=idx.device, dtype=x.dtype).view(1, T, 1)
-        rows, last = torch.arange(n, device=idx.device), (lengths - 1).clamp_min(0)
-        heads, experts = self._cached_heads(routes)
-        gates = []
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        step = Prefill(cache, slots, idx, lengths, routes, x.dtype)
         for i, block in enumerate(self.blocks):
-            h = block.ln_1(x)
-            weights = None
-            if routes.single is None:
-                prefix = h.float().cumsum(1)
-                tokens = block.attn.token_scores(idx).float().cumsum(1)
-                m = block.attn.gate_features(prefix.to(h.dtype), count)
-                weights = block.attn.gate(m, tokens.to(h.dtype) / count, routes)
-                cache.gate_state[i][slots] = torch.cat([prefix[rows, last], tokens[rows, last]], -1)
-                gates.append(weights[rows, last])
-            else:  # no gate ran: whatever the slot held before is not this prompt's prefix
-                cache.gate_state[i][slots] = 0.0
-            layer = [block.attn.experts[e] for e in experts]
-            q, k, v = block.attn.qkv(h, layer)
-            cache.store(i, slots, heads, k, v)
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            x = x + block.attn.mix(out, weights, layer)
-            x = x + block.mlp(block.ln_2(x))
+            x = block(x, step, i)
         cache.lengths[slots] = lengths
-        return self.head(self.ln_f(x[rows, last])), self._stack_gates(gates, routes, n)
+        last = self.head(self.ln_f(x[step.rows, step.last]))
+        return last, self._stack_gates(step.gates, routes, idx.shape[0])
 
     def decode(
         self, cache: KVCache, tokens: Tensor, routes: RouteTable, span: int | None = None
@@ -596,44 +432,12 @@ class ShiftableLM(nn.Module):
         """
         self._check_cache(cache)
         n = tokens.shape[0]
-        pos = cache.lengths[:n]
-        span = span or int(pos.max()) + 1
-        keep = (torch.arange(span, device=tokens.device) <= pos[:, None]).view(n, 1, 1, span)
-        x = (self.wte(tokens) + self.wpe(pos)).unsqueeze(1)  # (n, 1, d)
-        count, d = (pos + 1).float().view(n, 1), self.cfg.d_model
-        heads, experts = self._cached_heads(routes)
-        rows = cache.rows_at(pos, heads)
-        gates = []
+        step = Decode(cache, tokens, routes, span)
+        x = (self.wte(tokens) + self.wpe(step.pos)).unsqueeze(1)  # (n, 1, d)
         for i, block in enumerate(self.blocks):
-            h = block.ln_1(x)
-            weights = None
-            if routes.single is None:
-                state = cache.gate_state[i][:n]
-                state += torch.cat([h[:, 0].float(), block.attn.token_scores(tokens).float()], -1)
-                mean = (state / count).to(h.dtype).unsqueeze(1)
-                m = block.attn.gate_features(mean[..., :d])
-                weights = block.attn.gate(m, mean[..., d:], routes)
-                gates.append(weights[:, 0])
-            layer = [block.attn.experts[e] for e in experts]
-            q, k, v = block.attn.qkv(h, layer)
-            cache.write(i, rows, heads, k, v)
-            out = decode_attention(q, cache, i, heads, pos, keep)
-            x = x + block.attn.mix(out, weights, layer)
-            x = x + block.mlp(block.ln_2(x))
+            x = block(x, step, i)
         cache.lengths[:n] += 1
-        return self.head(self.ln_f(x[:, 0])), self._stack_gates(gates, routes, n)
-
-    def _cached_heads(self, routes: RouteTable) -> tuple[slice, list[str]]:
-        """Which heads of the cache this batch computes, and for which experts.
-
-        When every row is restricted to one expert, only that expert's heads are computed and
-        cached: those rows never attend with any other expert, so nothing else is needed.
-        """
-        H = self.cfg.n_head
-        if routes.single is None:
-            return slice(0, H * len(self.experts)), list(self.experts)
-        e = routes.single
-        return slice(e * H, (e + 1) * H), [self.experts[e]]
+        return self.head(self.ln_f(x[:, 0])), self._stack_gates(step.gates, routes, n)
 
     def _stack_gates(self, gates: list[Tensor], routes: RouteTable, n: int) -> Tensor:
         if gates:

@@ -7,9 +7,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from shiftable_lib import model
+from shiftable_lib.cache import BATCHED_DECODE_ROWS, KVCache, decode_attention
 from shiftable_lib.generate import Engine, complete, stream
-from shiftable_lib.model import RouteTable
+from shiftable_lib.routing import RouteTable
 from shiftable_lib.sampling import SOFT, Routing, SamplingParams
 from shiftable_lib.tokenizer import encode
 
@@ -29,7 +29,7 @@ def test_kv_cache_decoding_equals_full_recomputation_on_a_ragged_batch(
 ):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1 if path == "compiled" else 2)
     if path == "batched":
-        monkeypatch.setattr(model, "BATCHED_DECODE_ROWS", 1)
+        monkeypatch.setattr("shiftable_lib.cache.BATCHED_DECODE_ROWS", 1)
     cache = shiftable.new_cache(slots=3)
     if path == "position-major-torch":
         monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
@@ -59,14 +59,14 @@ def test_kv_cache_decoding_equals_full_recomputation_on_a_ragged_batch(
 
 def test_batched_decode_attention_equals_sdpa_and_ignores_positions_past_each_row():
     gen = torch.Generator().manual_seed(0)
-    rows, heads, span, hd = model.BATCHED_DECODE_ROWS + 1, 4, 13, 8  # the batched products
+    rows, heads, span, hd = BATCHED_DECODE_ROWS + 1, 4, 13, 8  # the batched products
     q, keys, values = (torch.randn(rows, heads, t, hd, generator=gen) for t in (1, span, span))
     lengths = torch.randint(1, span + 1, (rows,), generator=gen)
     keep = (torch.arange(span) < lengths[:, None]).view(rows, 1, 1, span)
 
     def attend(k: torch.Tensor) -> torch.Tensor:
-        cache = model.KVCache([k], [values], [], lengths)  # head-major
-        return model.decode_attention(q, cache, 0, slice(0, heads), lengths - 1, keep)
+        cache = KVCache([k], [values], [], lengths)  # head-major
+        return decode_attention(q, cache, 0, slice(0, heads), lengths - 1, keep)
 
     batched = attend(keys)
     fused = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=keep)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from shiftable_lib.errors import Conflict, InvalidName, NotFound
-from shiftable_lib.model import FusedLinearCrossEntropy, ShiftableLM
+from shiftable_lib.losses import FusedLinearCrossEntropy
+from shiftable_lib.model import ShiftableLM
 from shiftable_lib.sampling import Routing
 from tests.conftest import perturbed
 

@@ -1,0 +1,239 @@
+"""Generation state: a static KV cache per slot, and the two passes that fill and read it.
+
+`Prefill` runs whole prompts into free slots; `Decode` advances every active slot by one
+token. Both are `model.Step`s: what `ShiftableLM`'s layers call where a pass over whole
+sequences uses cumulative sums and causal attention. Here the gate's prefix means come from
+each slot's running sums, keys and values go into the cache, and decoding attends over it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from shiftable_lib import kernels
+from shiftable_lib.routing import RouteTable
+
+# From this many rows on, PyTorch's decode attention on a CPU runs as two batched matrix
+# products rather than the fused kernel, whose fixed cost per (row, head) dominates with one
+# query per head; with fewer rows the fused kernel is the faster (docs/benchmarks.md). With
+# one thread the compiled loop (`kernels.py`) replaces both.
+BATCHED_DECODE_ROWS = 16
+
+
+@dataclass
+class KVCache:
+    """Static per-slot generation state: every expert's keys/values and each gate's prefix sum.
+
+    Slots 0..n-1 are the active sequences of a batch; `lengths[s]` tokens of slot s are cached.
+    Keys and values are laid out head-major, (slots, E*H, context, hd), for PyTorch's attention;
+    or position-major, (slots, context, E*H, hd), for the compiled single-thread CPU loop
+    (`kernels.py`), which then reads a row's keys for every head as one block.
+    """
+
+    k: list[Tensor]  # per layer, in the layout above
+    v: list[Tensor]
+    # per layer (slots, d + E): sums over the prefix of the layer input (first d) and of the
+    # per-token gate scores (last E), kept together so that one update serves both
+    gate_state: list[Tensor]
+    lengths: Tensor  # (slots,)
+    experts: tuple[str, ...] = field(default=())
+    position_major: bool = False
+
+    @classmethod
+    def allocate(
+        cls,
+        slots: int,
+        experts: tuple[str, ...],
+        n_layer: int,
+        n_head: int,
+        d_model: int,
+        context: int,
+        device,
+        dtype: torch.dtype,
+    ) -> KVCache:
+        """Every slot empty, in the layout that decoding on `device` in `dtype` reads fastest:
+        position-major for the compiled loop (on a CPU, with one torch thread)."""
+        E, hd = len(experts), d_model // n_head
+        position_major = kernels.supports(torch.empty(0, device=device, dtype=dtype))
+        heads = E * n_head
+        shape = (slots, context, heads, hd) if position_major else (slots, heads, context, hd)
+        return cls(
+            k=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)],
+            v=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)],
+            gate_state=[torch.zeros(slots, d_model + E, device=device) for _ in range(n_layer)],
+            lengths=torch.zeros(slots, dtype=torch.long, device=device),
+            experts=experts,
+            position_major=position_major,
+        )
+
+    @property
+    def slots(self) -> int:
+        return self.lengths.shape[0]
+
+    @property
+    def context(self) -> int:
+        return self.k[0].shape[1 if self.position_major else 2]
+
+    def reset(self) -> None:
+        """Every slot empty (what a new cache holds)."""
+        for buf in (*self.k, *self.v, *self.gate_state, self.lengths):
+            buf.zero_()
+
+    def move(self, src: int, dst: int) -> None:
+        """Copy slot `src` into `dst` (to keep active slots contiguous when one finishes)."""
+        for buf in (*self.k, *self.v, *self.gate_state):
+            buf[dst] = buf[src]
+        self.lengths[dst] = self.lengths[src]
+
+    def heads_for(self, routes: RouteTable) -> slice:
+        """Which heads of the cache a batch computes: every expert's, or, when every row is
+        restricted to one expert, only that expert's. Those rows never attend with any other
+        expert, so nothing else is needed."""
+        all_heads = self.k[0].shape[2 if self.position_major else 1]
+        if routes.single is None:
+            return slice(0, all_heads)
+        H = all_heads // len(self.experts)
+        return slice(routes.single * H, (routes.single + 1) * H)
+
+    def store(self, layer: int, slots: Tensor, heads: slice, k: Tensor, v: Tensor) -> None:
+        """Store whole prompts' keys and values (n, H, T, hd) of the cache's `heads` in `slots`,
+        at positions 0..T-1."""
+        T = k.shape[2]
+        for buf, new in ((self.k[layer], k), (self.v[layer], v)):
+            if self.position_major:
+                buf[slots, :T, heads] = new.transpose(1, 2)
+            else:
+                buf[slots, heads, :T] = new
+
+    def rows_at(self, pos: Tensor, heads: slice) -> Tensor:
+        """Where one new position per slot lands, for slots 0..n-1 at positions `pos` (n,) and
+        the cache's `heads`: indices for `write`. One `index_copy_` per layer then writes every
+        row's keys, where indexing the buffer by (slot, head, position) would take a general
+        scatter."""
+        slot = torch.arange(pos.shape[0], device=pos.device)
+        if self.position_major:  # into (slots * context, E*H, hd)
+            return slot * self.context + pos
+        head = torch.arange(heads.start, heads.stop, device=pos.device)  # (slots*E*H*context, hd)
+        return ((slot[:, None] * self.k[0].shape[1] + head) * self.context + pos[:, None]).flatten()
+
+    def write(self, layer: int, rows: Tensor, heads: slice, k: Tensor, v: Tensor) -> None:
+        """Store one position's keys and values (n, H, 1, hd) of the cache's `heads` at `rows`
+        (from `rows_at`)."""
+        n, hd = k.shape[0], k.shape[-1]
+        for buf, new in ((self.k[layer], k), (self.v[layer], v)):
+            if self.position_major:
+                rows_of = buf.view(-1, *buf.shape[2:])[:, heads]
+                rows_of.index_copy_(0, rows, new.reshape(n, -1, hd))
+            else:
+                buf.view(-1, hd).index_copy_(0, rows, new.reshape(-1, hd))
+
+    def span(self, layer: int, n: int, span: int, heads: slice) -> tuple[Tensor, Tensor]:
+        """Keys and values of slots 0..n-1, positions 0..span-1: views (n, H, span, hd)."""
+        k, v = self.k[layer], self.v[layer]
+        if self.position_major:
+            return k[:n, :span, heads].transpose(1, 2), v[:n, :span, heads].transpose(1, 2)
+        return k[:n, heads, :span], v[:n, heads, :span]
+
+
+def decode_attention(
+    q: Tensor, cache: KVCache, layer: int, heads: slice, pos: Tensor, keep: Tensor
+) -> Tensor:
+    """Attention of one new query per row (n, H, 1, hd) over the cache's `heads` of slots
+    0..n-1 up to positions `pos`; `keep` (n, 1, 1, span) is True exactly there."""
+    if cache.position_major and kernels.supports(q):
+        return kernels.decode_attention(q, cache.k[layer], cache.v[layer], heads, pos)
+    n, span = keep.shape[0], keep.shape[-1]
+    keys, values = cache.span(layer, n, span, heads)
+    if q.device.type != "cpu" or n < BATCHED_DECODE_ROWS:
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=keep)
+    scores = torch.matmul(q, keys.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)
+    weights = scores.masked_fill_(~keep, float("-inf")).softmax(-1)
+    return torch.matmul(weights.to(values.dtype), values)
+
+
+class Prefill:
+    """Prompts, right-padded to a common length T, into `slots` of the cache: keys and values
+    go to positions 0..T-1, and each layer's prefix sums at a prompt's last real token become
+    its slot's gate state. Positions past a prompt's length are computed but never attended to.
+    """
+
+    dropout = 0.0
+    skip_unused = False  # a cache holds every expert's keys: later tokens may weigh any of them
+
+    def __init__(
+        self,
+        cache: KVCache,
+        slots: Tensor,
+        idx: Tensor,
+        lengths: Tensor,
+        routes: RouteTable,
+        dtype: torch.dtype,
+    ) -> None:
+        n, T = idx.shape
+        self.cache, self.slots, self.idx, self.routes = cache, slots, idx, routes
+        self.count = torch.arange(1, T + 1, device=idx.device, dtype=dtype).view(1, T, 1)
+        self.rows, self.last = torch.arange(n, device=idx.device), (lengths - 1).clamp_min(0)
+        self.heads = cache.heads_for(routes)
+        self.gates: list[Tensor] = []  # per layer (n, E), at each prompt's last token
+        if routes.single is not None:  # no gate runs: what the slots held is no prompt's prefix
+            for state in cache.gate_state:
+                state[slots] = 0.0
+
+    def prefix_means(self, layer: int, h: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
+        # summed in float32, as decoding goes on adding to the sums one token at a time
+        prefix, tokens = h.float().cumsum(1), scores.float().cumsum(1)
+        at_last = torch.cat([prefix[self.rows, self.last], tokens[self.rows, self.last]], -1)
+        self.cache.gate_state[layer][self.slots] = at_last
+        return prefix.to(h.dtype) / self.count, tokens.to(h.dtype) / self.count
+
+    def gated(self, m: Tensor, weights: Tensor) -> None:
+        self.gates.append(weights[self.rows, self.last])
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        self.cache.store(layer, self.slots, self.heads, k, v)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+class Decode:
+    """One new token for each of slots 0..n-1: the gate's prefix sums grow by that token,
+    its keys and values are written at the slot's length, and it attends over the cache.
+
+    Nothing here reads a value back from the device, so that the step can be captured in a
+    CUDA graph (`generate.DecodeGraphs`); the one exception is `span` (the longest cached
+    length + 1), read from the cache only when the caller does not pass it.
+    """
+
+    dropout = 0.0
+    skip_unused = False  # a cache holds every expert's keys: later tokens may weigh any of them
+
+    def __init__(
+        self, cache: KVCache, tokens: Tensor, routes: RouteTable, span: int | None
+    ) -> None:
+        n = tokens.shape[0]
+        self.cache, self.idx, self.routes = cache, tokens, routes
+        self.pos = cache.lengths[:n]
+        span = span or int(self.pos.max()) + 1
+        positions = torch.arange(span, device=tokens.device)
+        self.keep = (positions <= self.pos[:, None]).view(n, 1, 1, span)
+        self.count = (self.pos + 1).float().view(n, 1)
+        self.heads = cache.heads_for(routes)
+        self.rows = cache.rows_at(self.pos, self.heads)
+        self.gates: list[Tensor] = []  # per layer (n, E)
+
+    def prefix_means(self, layer: int, h: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
+        state = self.cache.gate_state[layer][: h.shape[0]]
+        state += torch.cat([h[:, 0].float(), scores.float()], -1)
+        mean = (state / self.count).to(h.dtype).unsqueeze(1)
+        d = h.shape[-1]
+        return mean[..., :d], mean[..., d:]
+
+    def gated(self, m: Tensor, weights: Tensor) -> None:
+        self.gates.append(weights[:, 0])
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        self.cache.write(layer, self.rows, self.heads, k, v)
+        return decode_attention(q, self.cache, layer, self.heads, self.pos, self.keep)
