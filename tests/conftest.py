@@ -42,6 +42,18 @@ def write_domain(data_dir: Path, name: str, docs: list[str], file: str = "corpus
     return folder
 
 
+def train_tiny_home(home: Path, documents: int = 30) -> Path:
+    """A home as `sma train --profile tiny` leaves it: v0001 (the generalist), then v0002 (every
+    domain of VOCAB but general as a specialist). Returns its models folder."""
+    from shiftable_lib import jobs
+    from shiftable_lib.config import Settings
+
+    for name in VOCAB:
+        write_domain(home / "data", name, synthetic_documents(name, documents))
+    jobs.train_all(Settings(home=home, profile="tiny", device="cpu"))
+    return home / "artifacts" / "models"
+
+
 def torchrun_ranks(ancestor: int) -> dict[int, int]:
     """RANK -> pid of the training ranks that torchrun started below process `ancestor`."""
     found = {}

@@ -1,5 +1,5 @@
-"""`sma.v1.Inference`: a thin gRPC face over `InferenceCore`, and the registry watch that keeps
-the served version equal to the registry's serving pointer.
+"""`sma.v1.Inference`: a thin gRPC face over `InferenceCore`, and `main`, which serves it and
+follows the registry's serving pointer (`services.inference.follower`).
 
 The servicer only translates messages; the core does the work. Client cancellation and expired
 deadlines both cancel the handler task, which closes the core's stream and so cancels the
@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import AsyncIterator
 
 import grpc
 
 from services.common import Server, Service, rpc, run, serve
-from services.inference.core import Chunk, InferenceCore
+from services.inference.core import InferenceCore
+from services.inference.follower import follow_registry
+from services.inference.messages import Chunk
 from shiftable_lib import jobs
 from shiftable_lib.config import Settings
-from shiftable_lib.errors import ShiftableError
 from shiftable_lib.sampling import (
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_K_EXPERTS,
@@ -28,13 +28,9 @@ from shiftable_lib.sampling import (
     SamplingParams,
     default_max_new_tokens,
 )
-from sma.v1 import inference_pb2, inference_pb2_grpc, registry_pb2, registry_pb2_grpc
-
-log = logging.getLogger("sma.inference")
+from sma.v1 import inference_pb2, inference_pb2_grpc
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
-RETRY_FIRST_S = 0.2  # registry reconnect backoff: doubles up to RETRY_MAX_S
-RETRY_MAX_S = 5.0
 
 _MODES = {
     inference_pb2.ROUTING_MODE_UNSPECIFIED: "soft",
@@ -157,56 +153,6 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             decode_steps=info.steps,
             decode_seconds=info.decode_seconds,
         )
-
-
-async def follow_registry(core: InferenceCore, address: str, server: Server) -> None:
-    """Serve whatever version the registry says, forever.
-
-    Follows `WatchServing`; whenever the serving version differs from the loaded one, loads it
-    (the old one keeps serving meanwhile), marks the server SERVING and reports it loaded. A
-    registry that is down, or a watch that ends, is retried with exponential backoff. A version
-    that fails to load is not retried until the watch reconnects, so a broken artifact does not
-    make every registry update reload it.
-    """
-    delay = RETRY_FIRST_S
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = registry_pb2_grpc.RegistryStub(channel)
-        while True:
-            failed = ""
-            try:
-                async for update in stub.WatchServing(registry_pb2.WatchServingRequest()):
-                    delay = RETRY_FIRST_S
-                    wanted = update.serving.version.id
-                    if not wanted or wanted == failed:
-                        continue
-                    if wanted != core.version_id:
-                        try:
-                            await core.load(wanted)
-                        except Exception as exc:
-                            log.error(
-                                "cannot load version %s (%s); still serving %s",
-                                wanted,
-                                exc,
-                                core.version_id or "nothing",
-                                exc_info=not isinstance(exc, ShiftableError),
-                            )
-                            failed = wanted
-                            continue
-                        log.info("now serving %s", wanted)
-                        await server.ready()
-                    if update.serving.loaded_version_id != wanted:
-                        await stub.ReportLoaded(registry_pb2.ReportLoadedRequest(version_id=wanted))
-                log.warning("the registry ended the serving watch; reconnecting")
-            except grpc.aio.AioRpcError as exc:
-                log.warning(
-                    "registry at %s: %s (%s); retrying in %.1fs",
-                    address,
-                    exc.code().name,
-                    exc.details(),
-                    delay,
-                )
-            await asyncio.sleep(delay)
-            delay = min(2 * delay, RETRY_MAX_S)
 
 
 def main(settings: Settings) -> None:

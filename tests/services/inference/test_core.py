@@ -1,111 +1,33 @@
-"""The inference service: the core (continuous batching, cancellation, back-pressure, hot swap,
-gate inspection) and the gRPC servicer in-process, driven by a real grpc.aio client."""
+"""The inference core in-process: continuous batching, cancellation, back-pressure, hot swap,
+gate inspection, and the worker process behind it."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
-import grpc
 import pytest
 import torch
 
-from services.common import Service, start_server
-from services.inference.core import Chunk, InferenceCore, Usage
-from services.inference.server import SERVICE_NAME, InferenceServicer
-from shiftable_lib import checkpoint, jobs
-from shiftable_lib.config import Settings
+from services.inference.messages import Chunk, Usage
 from shiftable_lib.errors import NotFound, Overloaded, Unavailable
-from shiftable_lib.generate import Engine, Sequence, complete
 from shiftable_lib.sampling import Routing, SamplingParams
-from sma.v1 import inference_pb2, inference_pb2_grpc
-from tests.conftest import VOCAB, synthetic_documents, write_domain
-
-GENERALIST, SHIFTABLE = "v0001", "v0002"  # what train_all publishes: generalist, then specialists
-EXPERTS = ("general", "dl", "ds")
-PROMPTS = ["the list of", "numpy array mean", "tensor gradient"]
-GREEDY = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
-LONG = SamplingParams(max_new_tokens=63, temperature=0, ignore_eos=True)  # the whole context
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from more threads, and the machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    home = tmp_path_factory.mktemp("home")
-    for name in VOCAB:
-        write_domain(home / "data", name, synthetic_documents(name, 30))
-    jobs.train_all(Settings(home=home, profile="tiny", device="cpu"))
-    return home / "artifacts" / "models"
-
-
-@functools.cache
-def _version(models: Path, version: str) -> checkpoint.ModelVersion:
-    return checkpoint.load_version(models, version)
-
-
-def reference(models: Path, version: str, prompt: str, params: SamplingParams) -> Sequence:
-    """The library's own completion, one request alone, to compare the service against."""
-    loaded = _version(models, version)
-    return complete(Engine(loaded.model, loaded.tokenizer, max_batch=1), [prompt], params)[0]
-
-
-@contextlib.asynccontextmanager
-async def running_core(
-    models: Path, version: str | None = SHIFTABLE, device: str = "cpu", **limits: int
-) -> AsyncIterator[InferenceCore]:
-    core = InferenceCore(models, device, **limits)
-    try:
-        if version is not None:
-            await core.load(version)
-        yield core
-    finally:
-        await asyncio.to_thread(core.close)
-
-
-@contextlib.asynccontextmanager
-async def serving(core: InferenceCore) -> AsyncIterator[inference_pb2_grpc.InferenceStub]:
-    """The servicer on a free loopback port, and a client stub connected to it."""
-    service = Service(
-        SERVICE_NAME, inference_pb2_grpc.add_InferenceServicer_to_server, InferenceServicer(core)
-    )
-    server = await start_server("127.0.0.1:0", [service])
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            yield inference_pb2_grpc.InferenceStub(channel)
-    finally:
-        await server.grpc_server.stop(None)
-
-
-async def collect(stream: AsyncIterator[Chunk]) -> list[Chunk]:
-    return [chunk async for chunk in stream]
-
-
-async def eventually(condition: Callable[[], object], timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "the condition did not come true in time"
-        await asyncio.sleep(0.005)
-
-
-def joined(chunks: list[Chunk]) -> tuple[str, list[int]]:
-    return "".join(c.text for c in chunks), [i for c in chunks for i in c.token_ids]
-
-
-# ---- the core --------------------------------------------------------------------------------
+from tests.services.inference.conftest import (
+    EXPERTS,
+    GENERALIST,
+    GREEDY,
+    LONG,
+    PROMPTS,
+    SHIFTABLE,
+    collect,
+    eventually,
+    joined,
+    reference,
+    running_core,
+)
 
 
 def test_a_greedy_stream_equals_the_library_completion_and_ends_with_a_summary(models):
@@ -308,118 +230,6 @@ def test_inspect_gates_reports_weights_per_layer_position_and_expert(models):
     assert len(long.tokens) == 64 and long.truncated_prompt_tokens > 0
 
 
-# ---- the servicer over gRPC ------------------------------------------------------------------
-
-
-def test_generate_streams_deltas_that_concatenate_to_the_completion(models):
-    request = inference_pb2.GenerateRequest(
-        prompt=PROMPTS[0], max_new_tokens=24, temperature=0, ignore_eos=True
-    )
-
-    async def scenario() -> tuple:
-        async with running_core(models) as core, serving(core) as stub:
-            messages = [m async for m in stub.Generate(request)]
-            defaults = [
-                m
-                async for m in stub.Generate(
-                    inference_pb2.GenerateRequest(prompt=PROMPTS[1], ignore_eos=True)
-                )
-            ]
-            gates = await stub.InspectGates(inference_pb2.InspectGatesRequest(prompt=PROMPTS[1]))
-            info = await stub.GetModelInfo(inference_pb2.GetModelInfoRequest())
-            return messages, defaults, gates, info
-
-    messages, defaults, gates, info = asyncio.run(scenario())
-    ref = reference(models, SHIFTABLE, PROMPTS[0], GREEDY)
-    assert "".join(m.text for m in messages) == ref.text
-    assert [i for m in messages for i in m.token_ids] == ref.output_ids
-    assert all(not m.HasField("usage") and not m.finish_reason for m in messages[:-1])
-    last = messages[-1]
-    assert last.finish_reason == inference_pb2.FINISH_REASON_LENGTH
-    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (len(ref.prompt_ids), 24)
-    assert [g.expert for g in last.gate_means] == list(EXPERTS)
-    assert {m.version_id for m in messages} == {SHIFTABLE}
-    # unset fields take the defaults: 64 new tokens, capped at half the context
-    assert defaults[-1].usage.completion_tokens == 32
-
-    assert list(gates.experts) == list(EXPERTS) and len(gates.layers) == 2
-    assert all(len(layer.per_position) == len(gates.tokens) * 3 for layer in gates.layers)
-
-    assert (info.version_id, list(info.specialists), info.context) == (SHIFTABLE, ["dl", "ds"], 64)
-    assert (info.requests_total, info.tokens_generated, info.active_streams) == (2, 24 + 32, 0)
-    # one step per token: the two calls ran one after the other
-    assert info.decode_steps == 24 + 32 and info.decode_seconds > 0
-
-
-def test_errors_map_to_grpc_status_codes(models):
-    def generate(**fields: object) -> inference_pb2.GenerateRequest:
-        return inference_pb2.GenerateRequest(prompt="the", **fields)
-
-    async def code(call: object) -> grpc.StatusCode:
-        with pytest.raises(grpc.aio.AioRpcError) as err:
-            if isinstance(call, grpc.aio.UnaryStreamCall):
-                async for _ in call:
-                    pass
-            else:
-                await call
-        return err.value.code()
-
-    async def scenario() -> None:
-        limits = {"max_batch": 1, "max_queue": 0}
-        async with running_core(models, None, **limits) as core, serving(core) as stub:
-            assert await code(stub.Generate(generate())) == grpc.StatusCode.UNAVAILABLE
-            unloaded = await stub.GetModelInfo(inference_pb2.GetModelInfoRequest())
-            assert unloaded.version_id == "" and unloaded.max_batch == 1
-            await core.load(SHIFTABLE)
-            for fields, expected in [
-                ({"top_p": 2.0}, grpc.StatusCode.INVALID_ARGUMENT),
-                ({"max_new_tokens": 500}, grpc.StatusCode.INVALID_ARGUMENT),
-                ({"routing": {"mode": 9}}, grpc.StatusCode.INVALID_ARGUMENT),
-                ({"routing": {"force": ["nope"]}}, grpc.StatusCode.NOT_FOUND),
-            ]:
-                assert await code(stub.Generate(generate(**fields))) == expected
-            busy = stub.Generate(generate(max_new_tokens=63, ignore_eos=True))
-            await busy.read()
-            assert await code(stub.Generate(generate())) == grpc.StatusCode.RESOURCE_EXHAUSTED
-            busy.cancel()
-
-    asyncio.run(scenario())
-
-
-def test_client_cancellation_and_deadlines_stop_the_sequence(models):
-    long = inference_pb2.GenerateRequest(
-        prompt=PROMPTS[0], max_new_tokens=63, temperature=0, ignore_eos=True
-    )
-
-    async def scenario() -> None:
-        async with running_core(models, max_batch=1, max_queue=1) as core, serving(core) as stub:
-
-            async def info() -> inference_pb2.GetModelInfoResponse:
-                return await stub.GetModelInfo(inference_pb2.GetModelInfoRequest())
-
-            call = stub.Generate(long)
-            await call.read()
-            call.cancel()
-            await eventually(lambda: core.info().active_streams == 0)
-            cancelled = await info()
-            assert cancelled.active_streams == 0 and cancelled.tokens_generated < 63
-
-            blocker = stub.Generate(long)  # holds the only slot, so the next one waits
-            await blocker.read()
-            with pytest.raises(grpc.aio.AioRpcError) as err:
-                async for _ in stub.Generate(long, timeout=0.01):
-                    pass
-            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            while await blocker.read() != grpc.aio.EOF:
-                pass
-            await asyncio.sleep(0.2)  # time enough for an expired request that ran on to show
-            after = await info()
-            assert after.tokens_generated == cancelled.tokens_generated + 63
-            assert after.active_streams == after.queued == 0
-
-    asyncio.run(scenario())
-
-
 def test_a_worker_that_dies_fails_its_streams_and_is_replaced(models):
     async def scenario() -> None:
         async with running_core(models) as core:
@@ -461,7 +271,7 @@ def test_a_process_that_never_closes_its_core_still_exits(tmp_path):
         capture_output=True,
         text=True,
         timeout=60,
-        cwd=Path(__file__).resolve().parents[2],
+        cwd=Path(__file__).resolve().parents[3],  # the repository root
     )
     assert done.returncode == 1 and "an error nobody caught" in done.stderr
 
@@ -478,9 +288,3 @@ def test_the_worker_serves_on_cuda_with_or_without_graphs(models, cuda_graphs):
                 assert joined(chunks) == (ref.text, ref.output_ids)
 
     asyncio.run(scenario())
-
-
-def test_settings_switch_cuda_graphs_off_from_the_environment(monkeypatch):
-    assert Settings().cuda_graphs is True
-    monkeypatch.setenv("SMA_CUDA_GRAPHS", "false")
-    assert Settings().cuda_graphs is False

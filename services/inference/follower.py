@@ -1,0 +1,115 @@
+"""The version follower: keeps the served version equal to the registry's serving pointer.
+
+The stack starts its servers together, so the registry is often not listening yet when the
+inference server starts following it. Until the registry has answered once, failing to reach
+it is expected and retried quietly (debug level) for up to `STARTUP_GRACE_S`; a registry that
+stays unreachable longer than that, or that was reachable and goes away, is a warning on every
+retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+
+from services.common import Server
+from services.inference.core import InferenceCore
+from shiftable_lib.errors import ShiftableError
+from sma.v1 import registry_pb2, registry_pb2_grpc
+
+log = logging.getLogger("sma.inference")
+
+RETRY_FIRST_S = 0.2  # registry reconnect backoff: doubles up to RETRY_MAX_S
+RETRY_MAX_S = 5.0
+STARTUP_GRACE_S = 30.0  # a registry not up by then is worth telling someone about
+
+
+async def follow_registry(core: InferenceCore, address: str, server: Server) -> None:
+    """Serve whatever version the registry says, forever.
+
+    Follows `WatchServing`; whenever the serving version differs from the loaded one, loads it
+    (the old one keeps serving meanwhile), marks the server SERVING and reports it loaded. A
+    registry that is down, or a watch that ends, is retried with exponential backoff. A version
+    that fails to load is not retried until the watch reconnects, so a broken artifact does not
+    make every registry update reload it.
+    """
+    follower = _Follower(core, server, address)
+    async with grpc.aio.insecure_channel(address) as channel:
+        await follower.run(registry_pb2_grpc.RegistryStub(channel))
+
+
+class _Follower:
+    def __init__(self, core: InferenceCore, server: Server, address: str) -> None:
+        self.core = core
+        self.server = server
+        self.address = address
+        self.started = time.monotonic()
+        self.reached = False  # whether the registry has answered since the server started
+        self.delay = RETRY_FIRST_S
+
+    async def run(self, stub: registry_pb2_grpc.RegistryStub) -> None:
+        while True:
+            try:
+                await self.watch(stub)
+                log.warning("the registry ended the serving watch; reconnecting")
+            except grpc.aio.AioRpcError as exc:
+                self.log_retry(exc)
+            await asyncio.sleep(self.delay)
+            self.delay = min(2 * self.delay, RETRY_MAX_S)
+
+    async def watch(self, stub: registry_pb2_grpc.RegistryStub) -> None:
+        """One `WatchServing` call, until the registry ends it or it fails."""
+        failed = ""
+        async for update in stub.WatchServing(registry_pb2.WatchServingRequest()):
+            self.reached = True
+            self.delay = RETRY_FIRST_S
+            wanted = update.serving.version.id
+            if not wanted or wanted == failed:
+                continue
+            if wanted != self.core.version_id and not await self.load(wanted):
+                failed = wanted
+                continue
+            if update.serving.loaded_version_id != wanted:
+                await stub.ReportLoaded(registry_pb2.ReportLoadedRequest(version_id=wanted))
+
+    async def load(self, version_id: str) -> bool:
+        """Serve `version_id`; False (logged) when it cannot be loaded."""
+        try:
+            await self.core.load(version_id)
+        except Exception as exc:
+            log.error(
+                "cannot load version %s (%s); still serving %s",
+                version_id,
+                exc,
+                self.core.version_id or "nothing",
+                exc_info=not isinstance(exc, ShiftableError),
+            )
+            return False
+        log.info("now serving %s", version_id)
+        await self.server.ready()
+        return True
+
+    def log_retry(self, exc: grpc.aio.AioRpcError) -> None:
+        if self.reached:
+            log.warning(
+                "registry at %s: %s (%s); retrying in %.1fs",
+                self.address,
+                exc.code().name,
+                exc.details(),
+                self.delay,
+            )
+            return
+        waited = time.monotonic() - self.started
+        starting = exc.code() == grpc.StatusCode.UNAVAILABLE and waited < STARTUP_GRACE_S
+        log.log(
+            logging.DEBUG if starting else logging.WARNING,
+            "registry at %s not reached yet, %.1f s after start: %s (%s); retrying in %.1fs",
+            self.address,
+            waited,
+            exc.code().name,
+            exc.details(),
+            self.delay,
+        )

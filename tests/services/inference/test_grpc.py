@@ -1,0 +1,164 @@
+"""The inference servicer over gRPC, driven by a real grpc.aio client, and the registry
+follower."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+
+import grpc
+import pytest
+
+from services.inference import follower
+from shiftable_lib.config import Settings
+from sma.v1 import inference_pb2
+from tests.services.inference.conftest import (
+    EXPERTS,
+    GREEDY,
+    PROMPTS,
+    SHIFTABLE,
+    eventually,
+    reference,
+    running_core,
+    serving,
+)
+
+
+def test_generate_streams_deltas_that_concatenate_to_the_completion(models):
+    request = inference_pb2.GenerateRequest(
+        prompt=PROMPTS[0], max_new_tokens=24, temperature=0, ignore_eos=True
+    )
+
+    async def scenario() -> tuple:
+        async with running_core(models) as core, serving(core) as stub:
+            messages = [m async for m in stub.Generate(request)]
+            defaults = [
+                m
+                async for m in stub.Generate(
+                    inference_pb2.GenerateRequest(prompt=PROMPTS[1], ignore_eos=True)
+                )
+            ]
+            gates = await stub.InspectGates(inference_pb2.InspectGatesRequest(prompt=PROMPTS[1]))
+            info = await stub.GetModelInfo(inference_pb2.GetModelInfoRequest())
+            return messages, defaults, gates, info
+
+    messages, defaults, gates, info = asyncio.run(scenario())
+    ref = reference(models, SHIFTABLE, PROMPTS[0], GREEDY)
+    assert "".join(m.text for m in messages) == ref.text
+    assert [i for m in messages for i in m.token_ids] == ref.output_ids
+    assert all(not m.HasField("usage") and not m.finish_reason for m in messages[:-1])
+    last = messages[-1]
+    assert last.finish_reason == inference_pb2.FINISH_REASON_LENGTH
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (len(ref.prompt_ids), 24)
+    assert [g.expert for g in last.gate_means] == list(EXPERTS)
+    assert {m.version_id for m in messages} == {SHIFTABLE}
+    # unset fields take the defaults: 64 new tokens, capped at half the context
+    assert defaults[-1].usage.completion_tokens == 32
+
+    assert list(gates.experts) == list(EXPERTS) and len(gates.layers) == 2
+    assert all(len(layer.per_position) == len(gates.tokens) * 3 for layer in gates.layers)
+
+    assert (info.version_id, list(info.specialists), info.context) == (SHIFTABLE, ["dl", "ds"], 64)
+    assert (info.requests_total, info.tokens_generated, info.active_streams) == (2, 24 + 32, 0)
+    # one step per token: the two calls ran one after the other
+    assert info.decode_steps == 24 + 32 and info.decode_seconds > 0
+
+
+def test_errors_map_to_grpc_status_codes(models):
+    def generate(**fields: object) -> inference_pb2.GenerateRequest:
+        return inference_pb2.GenerateRequest(prompt="the", **fields)
+
+    async def code(call: object) -> grpc.StatusCode:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            if isinstance(call, grpc.aio.UnaryStreamCall):
+                async for _ in call:
+                    pass
+            else:
+                await call
+        return err.value.code()
+
+    async def scenario() -> None:
+        limits = {"max_batch": 1, "max_queue": 0}
+        async with running_core(models, None, **limits) as core, serving(core) as stub:
+            assert await code(stub.Generate(generate())) == grpc.StatusCode.UNAVAILABLE
+            unloaded = await stub.GetModelInfo(inference_pb2.GetModelInfoRequest())
+            assert unloaded.version_id == "" and unloaded.max_batch == 1
+            await core.load(SHIFTABLE)
+            for fields, expected in [
+                ({"top_p": 2.0}, grpc.StatusCode.INVALID_ARGUMENT),
+                ({"max_new_tokens": 500}, grpc.StatusCode.INVALID_ARGUMENT),
+                ({"routing": {"mode": 9}}, grpc.StatusCode.INVALID_ARGUMENT),
+                ({"routing": {"force": ["nope"]}}, grpc.StatusCode.NOT_FOUND),
+            ]:
+                assert await code(stub.Generate(generate(**fields))) == expected
+            busy = stub.Generate(generate(max_new_tokens=63, ignore_eos=True))
+            await busy.read()
+            assert await code(stub.Generate(generate())) == grpc.StatusCode.RESOURCE_EXHAUSTED
+            busy.cancel()
+
+    asyncio.run(scenario())
+
+
+def test_client_cancellation_and_deadlines_stop_the_sequence(models):
+    long = inference_pb2.GenerateRequest(
+        prompt=PROMPTS[0], max_new_tokens=63, temperature=0, ignore_eos=True
+    )
+
+    async def scenario() -> None:
+        async with running_core(models, max_batch=1, max_queue=1) as core, serving(core) as stub:
+
+            async def info() -> inference_pb2.GetModelInfoResponse:
+                return await stub.GetModelInfo(inference_pb2.GetModelInfoRequest())
+
+            call = stub.Generate(long)
+            await call.read()
+            call.cancel()
+            await eventually(lambda: core.info().active_streams == 0)
+            cancelled = await info()
+            assert cancelled.active_streams == 0 and cancelled.tokens_generated < 63
+
+            blocker = stub.Generate(long)  # holds the only slot, so the next one waits
+            await blocker.read()
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async for _ in stub.Generate(long, timeout=0.01):
+                    pass
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            while await blocker.read() != grpc.aio.EOF:
+                pass
+            await asyncio.sleep(0.2)  # time enough for an expired request that ran on to show
+            after = await info()
+            assert after.tokens_generated == cancelled.tokens_generated + 63
+            assert after.active_streams == after.queued == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_registry_not_up_yet_is_retried_quietly_until_start_up_takes_too_long(
+    caplog, monkeypatch
+):
+    """The stack starts its servers together: a registry still coming up is no news."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"  # nothing listens there once it is closed
+
+    def retries() -> list[logging.LogRecord]:
+        caplog.clear()
+        with contextlib.suppress(TimeoutError):
+            # no update ever arrives, so the core and server are never touched
+            asyncio.run(asyncio.wait_for(follower.follow_registry(None, address, None), 1.0))
+        return [r for r in caplog.records if "not reached yet" in r.getMessage()]
+
+    caplog.set_level(logging.DEBUG, logger="sma.inference")
+    quiet = retries()
+    assert len(quiet) >= 2 and {r.levelno for r in quiet} == {logging.DEBUG}
+    assert "UNAVAILABLE" in quiet[0].getMessage()
+    monkeypatch.setattr(follower, "STARTUP_GRACE_S", 0.0)
+    assert {r.levelno for r in retries()} == {logging.WARNING}
+
+
+def test_settings_switch_cuda_graphs_off_from_the_environment(monkeypatch):
+    assert Settings().cuda_graphs is True
+    monkeypatch.setenv("SMA_CUDA_GRAPHS", "false")
+    assert Settings().cuda_graphs is False
