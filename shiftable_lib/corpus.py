@@ -81,6 +81,40 @@ def domain_dir(data_dir: Path, name: str) -> Path:
     return data_dir / name
 
 
+@dataclass(frozen=True)
+class Corpus:
+    """A domain's corpus as it lies on disk: its folder, and its non-empty .txt files."""
+
+    name: str
+    dir: Path
+    files: int
+    bytes: int
+
+
+def require_corpus(data_dir: Path, name: str) -> Path:
+    """The folder of domain `name`; CorpusMissing, saying what to create, when it holds no
+    non-empty .txt file. Every "no corpus" the stack reports is one of these two messages."""
+    folder = domain_dir(data_dir, name)
+    if not folder.is_dir():
+        raise CorpusMissing(
+            f"no corpus folder for {name!r}: create {folder} and put .txt files in it"
+        )
+    if not text_files(folder):
+        raise _no_text(folder)
+    return folder
+
+
+def _no_text(folder: Path) -> CorpusMissing:
+    return CorpusMissing(f"{folder} holds no text: add one or more non-empty .txt files")
+
+
+def describe_corpus(data_dir: Path, name: str) -> Corpus:
+    """Domain `name`'s corpus, from file sizes alone (nothing is read); raises as
+    `require_corpus` does."""
+    files = text_files(require_corpus(data_dir, name))
+    return Corpus(name, data_dir / name, len(files), sum(p.stat().st_size for p in files))
+
+
 def split_documents(text: str) -> list[str]:
     docs = (d.strip() for d in DOCUMENT_BREAK.split(text.replace("\r\n", "\n")))
     return [d for d in docs if d]
@@ -109,14 +143,10 @@ def read_documents(folder: Path) -> list[str]:
 
 def load_domain(data_dir: Path, name: str) -> Domain:
     """Read domain `name` and split it deterministically into train and held-out documents."""
-    folder = domain_dir(data_dir, name)
-    if not folder.is_dir():
-        raise CorpusMissing(
-            f"no corpus folder for {name!r}: create {folder} and put .txt files in it"
-        )
+    folder = require_corpus(data_dir, name)
     docs = read_documents(folder)
-    if not docs:
-        raise CorpusMissing(f"{folder} holds no text: add one or more non-empty .txt files")
+    if not docs:  # only blank lines in its files
+        raise _no_text(folder)
     heldout = [d for d in docs if _is_heldout(d)]
     train = [d for d in docs if not _is_heldout(d)]
     if len(docs) == 1:

@@ -20,18 +20,17 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from shiftable_lib import checkpoint, distributed, train
+from shiftable_lib import checkpoint, distributed, evaluate, plan, train
 from shiftable_lib.config import Profile, Settings, get_profile
 from shiftable_lib.corpus import (
     GENERAL,
     corpus_digest,
-    discover_specialists,
     domain_dir,
     load_domain,
-    text_files,
+    require_corpus,
     validate_specialist_name,
 )
-from shiftable_lib.errors import AlreadyExists, Conflict, CorpusMissing, NotFound
+from shiftable_lib.errors import AlreadyExists, Conflict, NotFound
 from shiftable_lib.model import ShiftableLM
 from shiftable_lib.tokenizer import train_tokenizer
 from shiftable_lib.train import DomainTokens, ProgressFn, tokenize_domain
@@ -63,6 +62,17 @@ def _digests(settings: Settings, names: list[str]) -> dict[str, str]:
     return {n: corpus_digest(settings.data_dir / n) for n in names}
 
 
+def _version_digests(settings: Settings, names: list[str], known: dict[str, str]) -> dict[str, str]:
+    """The corpus digest of each domain in `names`: from `known` (hashed earlier in this job,
+    or recorded when a kept branch was trained), else, for a specialist whose corpus is there,
+    hashed now. The generalist's stays the one it was trained on, or absent."""
+    missing = [
+        n for n in names if n != GENERAL and n not in known and (settings.data_dir / n).is_dir()
+    ]
+    digests = {**known, **_digests(settings, missing)}
+    return {n: digests[n] for n in names if n in digests}
+
+
 def _publish(
     settings: Settings,
     model: ShiftableLM,
@@ -92,26 +102,25 @@ def train_all(
     profile_name: str | None = None,
     progress: ProgressFn = _quiet,
     demo_if_empty: bool = False,
+    on_plan: plan.PlanFn = plan.ignore_plan,
 ) -> list[JobResult]:
     """The generalist if there is none, then every specialist found under data/ (full).
 
     With `demo_if_empty` (a first start of the stack), an empty `data/general/` gets the demo
-    corpus first.
+    corpus first. `on_plan` gets the phases to run before the first, and the phases left once
+    the demo corpus is in place (see plan.decide_train_all, which makes every decision here).
     """
     device = configure_torch(settings)
-    if checkpoint.current_version(settings.models_dir) is None:  # a generalist to train first
-        _check_batches(get_profile(profile_name or settings.profile))
+    decision = plan.decide_train_all(settings, profile_name, demo_if_empty)
+    on_plan(decision.phases)
+    if decision.generalist:
+        _check_batches(decision.profile)
     results = []
-    if demo_if_empty and not text_files(settings.data_dir / GENERAL):
-        from shiftable_lib.demo_corpus import build_demo_corpus
-
-        progress(train.Progress("demo corpus", 0, 1, float("nan"), 0.0, 0.0))
-        if distributed.world().main:
-            settings.data_dir.mkdir(parents=True, exist_ok=True)
-            build_demo_corpus(settings.data_dir)
-        distributed.world().barrier()
-        progress(train.Progress("demo corpus", 1, 1, float("nan"), 0.0, 0.0))
-    if checkpoint.current_version(settings.models_dir) is None:
+    if decision.demo_corpus:
+        _build_demo_corpus(settings, progress)
+        decision = plan.decide_train_all(settings, profile_name)
+        on_plan(decision.phases)
+    if decision.generalist:
         results.append(
             train_generalist(settings, profile_name or settings.profile, device, progress)
         )
@@ -122,19 +131,26 @@ def train_all(
             f"the model here was trained with profile {current.profile.name!r}, not "
             f"{profile_name!r}: use another --home to train with a different profile"
         )
-    specialists = discover_specialists(settings.data_dir)
-    digests = _digests(settings, specialists)
-    stored = current.meta.get("corpus_digests", {})
-    if list(current.model.cfg.specialists) == specialists and all(
-        stored.get(n) == digests[n] for n in specialists
-    ):
-        results.append(JobResult(None, "specialists are up to date", current.metrics))
+    if decision.reason:
+        results.append(JobResult(None, decision.reason, current.metrics))
         return results
-    if not specialists:
-        results.append(JobResult(None, "no specialist corpora under data/", current.metrics))
-        return results
-    results.append(_train_specialists(settings, current, specialists, device, progress))
+    results.append(
+        _train_specialists(
+            settings, current, decision.specialists, decision.digests, device, progress
+        )
+    )
     return results
+
+
+def _build_demo_corpus(settings: Settings, progress: ProgressFn) -> None:
+    from shiftable_lib.demo_corpus import build_demo_corpus
+
+    progress(train.Progress(plan.DEMO_CORPUS, 0, 1, float("nan"), 0.0, 0.0))
+    if distributed.world().main:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        build_demo_corpus(settings.data_dir)
+    distributed.world().barrier()
+    progress(train.Progress(plan.DEMO_CORPUS, 1, 1, float("nan"), 0.0, 0.0))
 
 
 def _check_batches(profile: Profile) -> None:
@@ -149,14 +165,14 @@ def train_generalist(
     profile = get_profile(profile_name)
     started = time.perf_counter()
     general = load_domain(settings.data_dir, GENERAL)
-    progress(train.Progress("tokenizer", 0, 1, float("nan"), 0.0, 0.0))
+    progress(train.Progress(plan.TOKENIZER, 0, 1, float("nan"), 0.0, 0.0))
     world = distributed.world()
     tok = train_tokenizer(general.train, profile.vocab_size) if world.main else None
     if world.size > 1:  # every rank tokenizes with rank 0's tokenizer
         tok = Tokenizer.from_str(str(world.broadcast(tok.to_str() if tok else None)))
     data = tokenize_domain(tok, general)
     model, report = train.train_generalist(data, tok, profile, device, progress)
-    metrics = train.evaluate(model, {GENERAL: data}, profile, device)
+    metrics = evaluate.evaluate(model, {GENERAL: data}, profile, device)
     metrics["training"] = {"generalist": report, "seconds": round(time.perf_counter() - started, 1)}
     version = _publish(
         settings,
@@ -177,13 +193,16 @@ def _train_specialists(
     settings: Settings,
     current: checkpoint.ModelVersion,
     specialists: list[str],
+    digests: dict[str, str],
     device: torch.device,
     progress: ProgressFn,
 ) -> JobResult:
+    """Every branch anew; `digests` are those of `specialists` hashed already, if any."""
     started = time.perf_counter()
     names = [GENERAL, *specialists]
     data = _tokenize(settings, current.tokenizer, names)
     model, report = train.train_specialists(current.model, data, current.profile, device, progress)
+    general = {k: v for k, v in current.meta.get("corpus_digests", {}).items() if k == GENERAL}
     return _finish(
         settings,
         current,
@@ -191,6 +210,7 @@ def _train_specialists(
         data,
         report,
         started,
+        _version_digests(settings, names, {**general, **digests}),
         "train-specialists",
         f"trained specialists {', '.join(specialists)}",
     )
@@ -203,35 +223,42 @@ def _finish(
     data: dict[str, DomainTokens],
     report: dict,
     started: float,
+    digests: dict[str, str],
     kind: str,
     message: str,
 ) -> JobResult:
-    metrics = train.evaluate(model, data, current.profile, device=model.wte.weight.device)
+    """Evaluate and publish `model`; `digests` are its experts' corpora as it was trained."""
+    metrics = evaluate.evaluate(model, data, current.profile, device=model.wte.weight.device)
     metrics["training"] = {**report, "seconds": round(time.perf_counter() - started, 1)}
-    names = list(model.experts)
-    digests = {**current.meta.get("corpus_digests", {}), **_digests(settings, names[1:])}
     meta = {
         "kind": kind,
         "parent": current.id,
-        "corpus_digests": {n: digests[n] for n in names if n in digests},
+        "corpus_digests": digests,
         "corpus_tokens": {n: int(d.train.numel()) for n, d in data.items()},
     }
     version = _publish(settings, model, current.tokenizer, current.profile, metrics, meta)
     return JobResult(version, f"{message}: {version}", metrics)
 
 
-def add_specialist(settings: Settings, name: str, progress: ProgressFn = _quiet) -> JobResult:
-    """Incremental: train only the new branch and its gate rows, replaying the other domains."""
+def add_specialist(
+    settings: Settings,
+    name: str,
+    progress: ProgressFn = _quiet,
+    on_plan: plan.PlanFn = plan.ignore_plan,
+) -> JobResult:
+    """Incremental: train only the new branch and its gate rows, replaying the other domains.
+
+    Only the new corpus is hashed: the kept branches keep the digests they were trained on."""
     validate_specialist_name(name)
     device = configure_torch(settings)
     current = load_current(settings, device)
     _check_batches(current.profile)
     if name in current.model.cfg.specialists:
         raise AlreadyExists(f"specialist {name!r} already exists")
-    folder = domain_dir(settings.data_dir, name)
-    if not folder.is_dir():
-        raise CorpusMissing(f"no corpus folder for {name!r}: create {folder} with .txt files first")
+    folder = require_corpus(settings.data_dir, name)
+    on_plan(plan.plan_add_specialist(settings, name, current.meta))
     started = time.perf_counter()
+    digest = corpus_digest(folder)
     new = tokenize_domain(current.tokenizer, load_domain(settings.data_dir, name))
     replay_names = [GENERAL, *current.model.cfg.specialists]
     replay = _tokenize(
@@ -240,6 +267,7 @@ def add_specialist(settings: Settings, name: str, progress: ProgressFn = _quiet)
     model, report = train.add_specialist(
         current.model, new, replay, current.profile, device, progress
     )
+    stored = current.meta.get("corpus_digests", {})
     return _finish(
         settings,
         current,
@@ -247,15 +275,22 @@ def add_specialist(settings: Settings, name: str, progress: ProgressFn = _quiet)
         {**replay, name: new},
         report,
         started,
+        _version_digests(settings, list(model.experts), {**stored, name: digest}),
         "add-specialist",
         f"specialist {name!r} added",
     )
 
 
 def remove_specialist(
-    settings: Settings, name: str, recalibrate_steps: int = 0, progress: ProgressFn = _quiet
+    settings: Settings,
+    name: str,
+    recalibrate_steps: int = 0,
+    progress: ProgressFn = _quiet,
+    on_plan: plan.PlanFn = plan.ignore_plan,
 ) -> JobResult:
-    """Drop a specialist from the model and move its corpus to data/.deleted/ (never deleted)."""
+    """Drop a specialist from the model and move its corpus to data/.deleted/ (never deleted).
+
+    Nothing is hashed: the kept branches keep the digests they were trained on."""
     validate_specialist_name(name)
     device = configure_torch(settings)
     current = load_current(settings, device)
@@ -265,12 +300,15 @@ def remove_specialist(
         raise Conflict(f"{name!r} is the last specialist and cannot be removed")
     started = time.perf_counter()
     remaining = [GENERAL, *(s for s in current.model.cfg.specialists if s != name)]
-    data = _tokenize(
-        settings, current.tokenizer, [n for n in remaining if (settings.data_dir / n).is_dir()]
-    )
+    replay = [n for n in remaining if (settings.data_dir / n).is_dir()]
+    if not replay:  # nothing to recalibrate on
+        recalibrate_steps = 0
+    on_plan(plan.plan_remove_specialist(recalibrate_steps))
+    data = _tokenize(settings, current.tokenizer, replay)
     model, report = train.remove_specialist(
         current.model, name, data, current.profile, device, recalibrate_steps, progress
     )
+    stored = current.meta.get("corpus_digests", {})
     result = _finish(
         settings,
         current,
@@ -278,6 +316,7 @@ def remove_specialist(
         data,
         report,
         started,
+        _version_digests(settings, remaining, stored),
         "remove-specialist",
         f"specialist {name!r} removed",
     )
@@ -307,7 +346,7 @@ def evaluate_current(settings: Settings) -> dict:
     current = load_current(settings, device)
     names = [n for n in current.model.experts if (settings.data_dir / n).is_dir()]
     data = _tokenize(settings, current.tokenizer, names)
-    result = train.evaluate(current.model, data, current.profile, device)
+    result = evaluate.evaluate(current.model, data, current.profile, device)
     result["version"] = current.id
     result["profile"] = current.profile.name
     return result

@@ -6,7 +6,7 @@
    and nothing else, and its cost is that of its own corpus.
 3. Gate: only gate rows train, on batches mixing every domain, to predict at every layer and
    position the domain of the document (cross-entropy on the gate's softmax). Unsupervised, a
-   gate does not align branch i with domain i (see DESIGN §4); supervised, deleting
+   gate does not align branch i with domain i (docs/model.md); supervised, deleting
    `datascience` deletes what the name says. The branches were trained to be used alone, so a
    confident gate is also what the LM loss wants. The trunk runs without gradients here: the
    features each gate sees come from a no-grad forward, which makes this phase cheap.
@@ -21,8 +21,7 @@ from __future__ import annotations
 import math
 import time
 import zlib
-from collections.abc import Callable, Iterable
-from contextlib import nullcontext
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -33,7 +32,9 @@ from torch import Tensor, nn
 from shiftable_lib import distributed
 from shiftable_lib.config import Profile
 from shiftable_lib.corpus import GENERAL, Domain
+from shiftable_lib.evaluate import autocast, perplexity
 from shiftable_lib.model import ModelConfig, ShiftableLM
+from shiftable_lib.plan import GATE, GENERALIST, specialist_phase, specialist_steps
 from shiftable_lib.sampling import Routing
 from shiftable_lib.tokenizer import encode_documents, eos_id
 
@@ -83,12 +84,6 @@ def pick_device(requested: str = "auto") -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(requested)
-
-
-def _autocast(device: torch.device | str):
-    if torch.device(device).type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
 
 
 class WindowSampler:
@@ -157,7 +152,7 @@ def run_phase(phase: Phase, model: ShiftableLM, profile: Profile, device, progre
     for step in range(phase.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, phase.steps, phase.lr, profile.warmup_fraction)
-        with _autocast(device):
+        with autocast(device):
             loss, n_tokens = step_loss()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(phase.params, profile.grad_clip)
@@ -196,90 +191,6 @@ def run_phase(phase: Phase, model: ShiftableLM, profile: Profile, device, progre
     }
 
 
-# ---- evaluation ------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def perplexity(
-    model: ShiftableLM, tokens: Tensor, context: int, windows: int, routing: Routing, device
-) -> float:
-    """Perplexity on up to `windows` evenly spaced, non-overlapping windows of `tokens`."""
-    model.eval()
-    T = min(context, tokens.numel() - 1)
-    n = (tokens.numel() - 1) // T
-    if n == 0:
-        return float("nan")
-    picks = torch.linspace(0, n - 1, min(windows, n)).round().long().unique()
-    rows = torch.stack([tokens[i * T : i * T + T + 1] for i in picks.tolist()]).to(device)
-    total = 0.0
-    for chunk in rows.split(16):
-        with _autocast(device):
-            logits, _ = model(chunk[:, :-1], routing)
-        total += F.cross_entropy(
-            logits.flatten(0, 1).float(), chunk[:, 1:].flatten(), reduction="sum"
-        ).item()
-    return math.exp(total / (rows.shape[0] * T))
-
-
-@torch.no_grad()
-def routing_accuracy(
-    model: ShiftableLM, docs: dict[str, list[Tensor]], context: int, limit: int, device
-) -> dict[str, float]:
-    """Per domain: share of held-out documents whose mean gate weight (over layers and the
-    document's first `context` tokens) is highest for the domain's own expert."""
-    model.eval()
-    experts = model.experts
-    result = {}
-    for name, doc_list in docs.items():
-        if name not in experts:
-            continue
-        own, hits, total = experts.index(name), 0, 0
-        for batch in _batched(doc_list[:limit], 16):
-            docs_t = [d[:context] for d in batch]
-            lengths = torch.tensor([len(d) for d in docs_t], device=device)
-            idx = torch.nn.utils.rnn.pad_sequence(docs_t, batch_first=True).to(device)
-            with _autocast(device):
-                _, gates = model(idx, return_gates=True)
-            valid = (torch.arange(idx.shape[1], device=device) < lengths[:, None]).float()
-            g = torch.stack(gates).float().mean(0)  # (n, T, E), averaged over layers
-            mean = (g * valid[..., None]).sum(1) / lengths[:, None]
-            hits += int((mean.argmax(-1) == own).sum())
-            total += len(batch)
-        result[name] = hits / total if total else float("nan")
-    return result
-
-
-def _batched(items: list, n: int) -> Iterable[list]:
-    for i in range(0, len(items), n):
-        yield items[i : i + n]
-
-
-def evaluate(model: ShiftableLM, data: dict[str, DomainTokens], profile: Profile, device) -> dict:
-    """Held-out perplexity of the generalist (base expert alone) and of the model, per domain,
-    and gate routing accuracy on held-out documents."""
-    base = Routing(force=(GENERAL,))
-    domains = {}
-    for name, d in data.items():
-        gen_ppl = perplexity(model, d.heldout, profile.context, profile.eval_windows, base, device)
-        ppl = perplexity(model, d.heldout, profile.context, profile.eval_windows, Routing(), device)
-        domains[name] = {"generalist_ppl": gen_ppl, "model_ppl": ppl, "ratio": ppl / gen_ppl}
-    routing = routing_accuracy(
-        model,
-        {n: d.heldout_docs for n, d in data.items()},
-        profile.context,
-        profile.routing_documents,
-        device,
-    )
-    for name, acc in routing.items():
-        domains[name]["routing"] = acc
-    scored = [v for v in routing.values() if not math.isnan(v)]
-    return {
-        "domains": domains,
-        "routing_accuracy": sum(scored) / len(scored) if scored else None,
-        "routing_min": min(scored) if scored else None,
-    }
-
-
 # ---- the three kinds of phase -----------------------------------------------------------------
 
 
@@ -298,7 +209,7 @@ def train_generalist(
     )
     model = ShiftableLM(cfg).to(device)
     phase = language_model_phase(
-        "generalist", model, data, generalist_params(model), profile.generalist_steps,
+        GENERALIST, model, data, generalist_params(model), profile.generalist_steps,
         profile.generalist_lr, Routing(), profile.seed, profile, device,
     )  # fmt: skip
     return model, run_phase(phase, model, profile, device, progress)
@@ -338,13 +249,6 @@ def language_model_phase(
     return Phase(name, params, steps, lr, loss, held_out)
 
 
-def specialist_steps(tokens: int, profile: Profile) -> int:
-    """Steps for one branch: `specialist_epochs` over its corpus, clamped to the profile."""
-    per_step = profile.batch_size * profile.context
-    steps = round(profile.specialist_epochs * tokens / per_step)
-    return max(profile.specialist_min_steps, min(profile.specialist_max_steps, steps))
-
-
 def train_branch(
     model: ShiftableLM, data: DomainTokens, profile: Profile, device, progress: ProgressFn
 ) -> dict:
@@ -352,7 +256,7 @@ def train_branch(
     name = data.name
     params = [p for b in model.blocks for p in b.attn.experts[name].parameters() if p.dim() == 2]
     phase = language_model_phase(
-        f"specialist:{name}", model, data, params, specialist_steps(data.train.numel(), profile),
+        specialist_phase(name), model, data, params, specialist_steps(data.train.numel(), profile),
         profile.specialist_lr, Routing(force=(name,)), profile.seed + zlib.crc32(name.encode()),
         profile, device,
     )  # fmt: skip
@@ -434,7 +338,7 @@ def train_gate(
         )
         return ce / len(features), batch.numel()
 
-    phase = Phase("gate", params, steps or profile.gate_steps, profile.gate_lr, loss)
+    phase = Phase(GATE, params, steps or profile.gate_steps, profile.gate_lr, loss)
     return run_phase(phase, model, profile, device, progress)
 
 

@@ -338,7 +338,7 @@ def _operation_pb(operation: Operation) -> registry_pb2.Operation:
     )
 
 
-def _version(message: registry_pb2.ModelVersion) -> ModelVersion:
+def _version(message: common_pb2.ModelVersion) -> ModelVersion:
     """The store's record of a published version; stamped now unless the publisher did."""
     version = ModelVersion(
         id=message.id,
@@ -352,8 +352,8 @@ def _version(message: registry_pb2.ModelVersion) -> ModelVersion:
     return version
 
 
-def _version_pb(version: ModelVersion) -> registry_pb2.ModelVersion:
-    return registry_pb2.ModelVersion(
+def _version_pb(version: ModelVersion) -> common_pb2.ModelVersion:
+    return common_pb2.ModelVersion(
         id=version.id,
         specialists=version.specialists,
         artifact_dir=version.artifact_dir,

@@ -1,6 +1,6 @@
 """A training job spread over data-parallel processes (`SMA_NPROC_PER_NODE` > 1).
 
-The job's child process (core._child_main) does not train itself. It starts
+The job's child process (child.main) does not train itself. It starts
 `python -m torch.distributed.run --standalone --nproc-per-node N -m services.training.ranks TASK`,
 PyTorch's own launcher. Every rank runs the same job through `shiftable_lib.jobs`, which splits
 each global batch over the ranks and lets rank 0 alone write (shiftable_lib/distributed.py).
@@ -25,32 +25,24 @@ import tempfile
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from services.training.core import (
-    JobKind,
-    JobProgress,
-    _die_with_parent,
-    _Failed,
-    _Published,
-    _run_job,
-    _Task,
-)
-from shiftable_lib import distributed
+from services.training.child import Sender, die_with_parent, run_job
+from services.training.job import Failed, JobKind, JobProgress, Outcome, Published, Task
 
 log = logging.getLogger("sma.training.ranks")
 MARK = "@sma-job "
-KINDS = {cls.__name__: cls for cls in (JobProgress, _Published, _Failed)}
+KINDS = {cls.__name__: cls for cls in (JobProgress, Published, Failed)}
 
 
-def encode_task(task: _Task) -> str:
+def encode_task(task: Task) -> str:
     data = asdict(task)
     data["kind"], data["home"] = task.kind.name, str(task.home)
     return json.dumps(data)
 
 
-def decode_task(text: str) -> _Task:
+def decode_task(text: str) -> Task:
     data = json.loads(text)
     data["kind"], data["home"] = JobKind[data["kind"]], Path(data["home"])
-    return _Task(**data)
+    return Task(**data)
 
 
 class _Lines:
@@ -72,9 +64,11 @@ def _message(line: str) -> object:
     return cls(**{f.name: record[f.name] for f in fields(cls)})
 
 
-def relay(task: _Task, conn) -> _Published | _Failed:
+def relay(conn: Sender, task: Task) -> Outcome:
     """In the job's child: run the ranks under torchrun, pass rank 0's reports on to `conn`,
     and return the job's outcome."""
+    from shiftable_lib import distributed  # PyTorch: the server itself never imports it
+
     with tempfile.NamedTemporaryFile("w", prefix="sma-task-", suffix=".json") as spec:
         spec.write(encode_task(task))
         spec.flush()
@@ -84,10 +78,10 @@ def relay(task: _Task, conn) -> _Published | _Failed:
             stderr=subprocess.STDOUT,
             text=True,
             # torchrun stops its ranks on SIGTERM: when this child dies, and when it is cancelled
-            preexec_fn=lambda: _die_with_parent(os.getppid(), signal.SIGTERM),
+            preexec_fn=lambda: die_with_parent(os.getppid(), signal.SIGTERM),
         )
         signal.signal(signal.SIGTERM, lambda *_: launcher.terminate())
-        outcome: _Published | _Failed | None = None
+        outcome: Outcome | None = None
         tail: collections.deque[str] = collections.deque(maxlen=200)
         assert launcher.stdout is not None
         for line in launcher.stdout:
@@ -101,14 +95,14 @@ def relay(task: _Task, conn) -> _Published | _Failed:
                 tail.append(line.rstrip())
                 log.info("%s", line.rstrip())
         code = launcher.wait()
-    if isinstance(outcome, _Published):
+    if isinstance(outcome, Published):
         return outcome
     cause = f"training processes failed (torchrun exit {code}): {root_cause(tail)}"
     if outcome is None:
-        return _Failed(cause)
+        return Failed(cause)
     if code != 0 and re.search(r"exit code -\d|Signal \d", cause):
         # a rank was killed; rank 0 then failed on the broken connection: the kill comes first
-        return _Failed(f"{cause}; then rank 0: {outcome.error.splitlines()[0][:300]}")
+        return Failed(f"{cause}; then rank 0: {outcome.error.splitlines()[0][:300]}")
     return outcome  # the job's own failure (a bad corpus...), the same on every rank
 
 
@@ -132,15 +126,17 @@ def root_cause(lines: collections.abc.Iterable[str]) -> str:
 
 def main(argv: list[str]) -> int:
     """One rank (torchrun runs this once per process): the job, reported by rank 0."""
-    _die_with_parent(os.getppid())  # torchrun's agent gone: nothing left to coordinate with
+    from shiftable_lib import distributed
+
+    die_with_parent(os.getppid())  # torchrun's agent gone: nothing left to coordinate with
     task = decode_task(Path(argv[0]).read_text())
     main_rank = int(os.environ.get("RANK", "0")) == 0
     conn = _Lines() if main_rank else _Nowhere()
-    outcome = _run_job(conn, task)
+    outcome = run_job(conn, task)
     if main_rank:
         conn.send(outcome)
-    distributed.shutdown(completed=isinstance(outcome, _Published))
-    return 0 if isinstance(outcome, _Published) else 1
+    distributed.shutdown(completed=isinstance(outcome, Published))
+    return 0 if isinstance(outcome, Published) else 1
 
 
 if __name__ == "__main__":

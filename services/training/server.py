@@ -1,19 +1,25 @@
-"""`sma.v1.Training`: a thin gRPC servicer over `JobManager` (services/training/core.py).
+"""`sma.v1.Training`: a thin gRPC servicer over `JobManager` (services/training/core.py) and
+the home it trains in (corpora and versions on disk, services/training/home.py).
 
 Everything here is translation between protobuf messages and the core's dataclasses; the core
 decides what is valid and raises the library's typed errors, which `@rpc` maps to status codes.
+Reading the disk runs in a worker thread, so that a slow volume never stalls the watch streams.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import asdict
 
 import grpc
 
 from services.common import EnumMap, Server, Service, rpc, run, serve, timestamp
-from services.training.core import Job, JobKind, JobManager, JobState
+from services.training.core import JobManager
+from services.training.home import VersionRecord, describe_version
+from services.training.job import Job, JobKind, JobState
 from shiftable_lib.config import Settings
+from shiftable_lib.corpus import Corpus, describe_corpus
 from sma.v1 import common_pb2, training_pb2, training_pb2_grpc
 
 SERVICE_NAME = "sma.v1.Training"
@@ -32,10 +38,29 @@ def job_to_proto(job: Job) -> training_pb2.Job:
         error=job.error,
         version_id=job.version_id,
         message=job.message,
-        metrics_json=job.metrics_json,
         created_at=timestamp(job.created_at),
         started_at=timestamp(job.started_at),
         finished_at=timestamp(job.finished_at),
+    )
+
+
+def corpus_to_proto(corpus: Corpus) -> training_pb2.Corpus:
+    return training_pb2.Corpus(
+        name=corpus.name, dir=str(corpus.dir), files=corpus.files, bytes=corpus.bytes
+    )
+
+
+def version_to_proto(version: VersionRecord) -> training_pb2.GetVersionResponse:
+    return training_pb2.GetVersionResponse(
+        version=common_pb2.ModelVersion(
+            id=version.id,
+            specialists=version.specialists,
+            artifact_dir=str(version.artifact_dir),
+            metrics_json=version.metrics_json,
+            profile=version.profile,
+            created_at=timestamp(version.created_at),
+        ),
+        corpus_digests=version.corpus_digests,
     )
 
 
@@ -83,6 +108,21 @@ class TrainingServicer(training_pb2_grpc.TrainingServicer):
         # a client that cancels cancels this task: the wait inside watch() raises and we stop
         async for job in self.manager.watch(request.id):
             yield training_pb2.WatchJobResponse(job=job_to_proto(job))
+
+    @rpc
+    async def DescribeCorpus(
+        self, request: training_pb2.DescribeCorpusRequest, context: grpc.aio.ServicerContext
+    ) -> training_pb2.DescribeCorpusResponse:
+        data_dir = self.manager.settings.data_dir
+        corpus = await asyncio.to_thread(describe_corpus, data_dir, request.name)
+        return training_pb2.DescribeCorpusResponse(corpus=corpus_to_proto(corpus))
+
+    @rpc
+    async def GetVersion(
+        self, request: training_pb2.GetVersionRequest, context: grpc.aio.ServicerContext
+    ) -> training_pb2.GetVersionResponse:
+        models_dir = self.manager.settings.models_dir
+        return version_to_proto(await asyncio.to_thread(describe_version, models_dir, request.id))
 
 
 def training_service(manager: JobManager) -> Service:

@@ -7,9 +7,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from shiftable_lib import train
+from shiftable_lib import evaluate, train
 from shiftable_lib.config import get_profile
 from shiftable_lib.corpus import load_domain
+from shiftable_lib.sampling import Routing
 from shiftable_lib.tokenizer import train_tokenizer
 
 PROFILE = get_profile("tiny", generalist_steps=20, specialist_max_steps=12, gate_steps=10)
@@ -83,7 +84,7 @@ def test_the_generalist_learns_and_the_best_checkpoint_is_kept(home):
     untrained, _ = train.train_generalist(data["general"], tok, cfg_untrained, "cpu")
     trained, report = train.train_generalist(data["general"], tok, PROFILE, "cpu")
     ppl = [
-        train.perplexity(m, data["general"].heldout, 64, 8, train.Routing(), "cpu")
+        evaluate.perplexity(m, data["general"].heldout, 64, 8, Routing(), "cpu")
         for m in (untrained, trained)
     ]
     assert ppl[1] < ppl[0] * 0.5
@@ -99,7 +100,7 @@ def test_gate_training_routes_documents_to_their_own_specialist(home, window):
     tok, data = _data(home)
     generalist, _ = train.train_generalist(data["general"], tok, profile, "cpu")
     model, _ = train.train_specialists(generalist, data, profile, "cpu")
-    routing = train.routing_accuracy(
+    routing = evaluate.routing_accuracy(
         model, {n: d.heldout_docs for n, d in data.items()}, 64, 8, "cpu"
     )
     assert min(routing.values()) >= 0.75, routing

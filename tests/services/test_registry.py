@@ -7,12 +7,9 @@ ordinary blocking stubs, as any client of the stack would.
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,16 +20,6 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from services.common import start_server
 from services.registry.server import OPERATION_ID_KEY, RegistryServicer
-from services.registry.store import (
-    ModelVersion,
-    Operation,
-    OperationBusy,
-    OperationKind,
-    OperationState,
-    Progress,
-    RegistryStore,
-)
-from shiftable_lib.errors import AlreadyExists, Conflict, InvalidName, NotFound
 from sma.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 
 T = TypeVar("T")
@@ -125,7 +112,7 @@ def update(stub: registry_pb2_grpc.RegistryStub, **fields: Any) -> registry_pb2.
 
 
 def publish(stub: registry_pb2_grpc.RegistryStub, version_id: str) -> registry_pb2.ServingState:
-    version = pb.ModelVersion(
+    version = common_pb2.ModelVersion(
         id=version_id,
         specialists=["ds"],
         artifact_dir=f"artifacts/models/{version_id}",
@@ -365,7 +352,7 @@ def test_publish_watch_serving_and_report_loaded(registry: Registry) -> None:
     assert error.code() == grpc.StatusCode.NOT_FOUND
     error = failure(stub.PublishVersion, pb.PublishVersionRequest())
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    changed = pb.ModelVersion(id="v1", specialists=["ds", "dl"])
+    changed = common_pb2.ModelVersion(id="v1", specialists=["ds", "dl"])
     error = failure(stub.PublishVersion, pb.PublishVersionRequest(version=changed))
     assert error.code() == grpc.StatusCode.ALREADY_EXISTS
     assert stub.GetServing(pb.GetServingRequest()).serving.version.id == "v2"
@@ -423,73 +410,3 @@ def test_health_and_reflection(registry: Registry) -> None:
     (response,) = reflection.ServerReflectionInfo(iter([request]), timeout=TIMEOUT)
     names = {s.name for s in response.list_services_response.service}
     assert {"sma.v1.Registry", "grpc.health.v1.Health"} <= names
-
-
-# the store on its own
-
-
-def test_store_rules(db: Path) -> None:
-    with RegistryStore(db) as store:
-        with pytest.raises(ValueError, match="not a valid OperationKind"):
-            store.create_operation("retrain_everything")
-        with pytest.raises(InvalidName):
-            store.add_specialist("Data Science")
-        op = store.create_operation(OperationKind.INITIALIZE)
-        with pytest.raises(OperationBusy) as busy:
-            store.create_operation(OperationKind.ADD_SPECIALIST, "ds")
-        assert busy.value.operation_id == op.id
-        assert (
-            str(busy.value) == f"operation {op.id} is pending (initialize); wait for it to finish"
-        )
-        store.update_operation(op.id, state=OperationState.CANCELLED)  # PENDING -> finished
-        with pytest.raises(Conflict):
-            store.update_operation(op.id, progress=Progress(step=1))
-        second = store.create_operation(OperationKind.INITIALIZE)
-        store.update_operation(second.id, state=OperationState.FAILED, error="no corpus")
-        assert [o.id for o in store.list_operations(limit=1)] == [second.id]
-        assert store.get_operation(second.id).error == "no corpus"
-        assert store.list_operations(unfinished_only=True) == []
-        with pytest.raises(ValueError):
-            store.list_operations(limit=0)
-
-        v1 = ModelVersion("v1", ["ds"], "artifacts/models/v1", "{}", "tiny")
-        store.publish_version(v1)
-        store.publish_version(ModelVersion("v2", [], "artifacts/models/v2", "{}", "tiny"))
-        assert store.publish_version(v1).version == v1  # rolling back only moves the pointer
-        with pytest.raises(AlreadyExists):
-            store.publish_version(ModelVersion("v1", ["dl"], "elsewhere", "{}", "tiny"))
-        with pytest.raises(ValueError):
-            store.publish_version(ModelVersion("v3", [], "x", "not json", "tiny"))
-        with pytest.raises(NotFound):
-            store.report_loaded("v3")
-
-
-def test_store_creates_one_operation_when_writers_race(db: Path) -> None:
-    """Separate connections (as separate processes would have): the check for an unfinished
-    operation and the insert are one transaction, so exactly one writer wins."""
-    stores = [RegistryStore(db) for _ in range(4)]
-    start = threading.Barrier(len(stores))
-
-    def create(store: RegistryStore) -> Operation | OperationBusy:
-        start.wait()
-        try:
-            return store.create_operation(OperationKind.ADD_SPECIALIST, "ds")
-        except OperationBusy as busy:
-            return busy
-
-    with ThreadPoolExecutor(len(stores)) as pool:
-        results = list(pool.map(create, stores))
-    for store in stores:
-        store.close()
-    (created,) = [r for r in results if isinstance(r, Operation)]
-    assert [r.operation_id for r in results if isinstance(r, OperationBusy)] == [created.id] * 3
-
-
-def test_store_schema_is_versioned(db: Path) -> None:
-    RegistryStore(db).close()
-    with closing(sqlite3.connect(db)) as raw:
-        assert raw.execute("PRAGMA user_version").fetchone()[0] == 1
-        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        raw.execute("PRAGMA user_version = 99")
-    with pytest.raises(RuntimeError, match="newer"):
-        RegistryStore(db)

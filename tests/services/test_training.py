@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -20,10 +21,16 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common import Server, start_server
-from services.training.core import FractionEstimate, Job, JobManager, PlannedPhase
+from services.training.child import Reporter
+from services.training.core import JobManager
+from services.training.job import Job
+from services.training.progress import FractionEstimate
 from services.training.server import SERVICE_NAME, training_service
-from shiftable_lib import versions
+from shiftable_lib import plan, versions
 from shiftable_lib.config import Settings
+from shiftable_lib.corpus import corpus_digest
+from shiftable_lib.plan import PlannedPhase
+from shiftable_lib.train import Progress
 from sma.v1 import training_pb2 as T
 from sma.v1 import training_pb2_grpc
 from tests.conftest import synthetic_documents, torchrun_ranks, write_domain
@@ -73,6 +80,9 @@ class Harness:
 
     def get(self, job_id: str) -> T.Job:
         return self.stub.GetJob(T.GetJobRequest(id=job_id), timeout=10).job
+
+    def version(self, version_id: str = "") -> T.GetVersionResponse:
+        return self.stub.GetVersion(T.GetVersionRequest(id=version_id), timeout=10)
 
     def wait(self, job_id: str, until: Callable[[T.Job], bool], timeout: float = 60) -> T.Job:
         deadline = time.monotonic() + timeout
@@ -149,8 +159,9 @@ def test_train_all_publishes_a_version_and_streams_rising_progress(trained: Trai
     assert store(models) == (["v0001", "v0002"], "v0002", [])
     config = versions.version_config(models, "v0002")
     assert config["model"]["specialists"] == ["dl", "ds"]
-    assert job.metrics_json == (models / "v0002" / "metrics.json").read_text()
-    assert set(json.loads(job.metrics_json)["domains"]) == {"general", "ds", "dl"}
+    version = trained.harness.version(job.version_id).version
+    assert version.metrics_json == (models / "v0002" / "metrics.json").read_text()
+    assert set(json.loads(version.metrics_json)["domains"]) == {"general", "ds", "dl"}
     assert job.created_at.ToDatetime() <= job.started_at.ToDatetime()
     assert job.started_at.ToDatetime() <= job.finished_at.ToDatetime()
 
@@ -179,7 +190,7 @@ def test_health_is_serving(trained: Trained):
         ({"kind": 99}, "kind"),
         ({"kind": T.JOB_KIND_ADD_SPECIALIST, "specialist": "../etc"}, "invalid specialist"),
         ({"kind": T.JOB_KIND_REMOVE_SPECIALIST, "specialist": ""}, "invalid specialist"),
-        ({"kind": T.JOB_KIND_ADD_SPECIALIST, "specialist": "nothere"}, "create"),
+        ({"kind": T.JOB_KIND_ADD_SPECIALIST, "specialist": "nothere"}, "no corpus folder"),
         ({"kind": T.JOB_KIND_TRAIN_ALL, "profile": "huge"}, "unknown profile"),
         ({"kind": T.JOB_KIND_REMOVE_SPECIALIST, "specialist": "ds", "recalibrate_steps": -1}, ">="),
     ],
@@ -199,23 +210,79 @@ def test_unknown_and_finished_jobs(trained: Trained):
     with pytest.raises(grpc.RpcError) as caught:
         stub.GetJob(T.GetJobRequest(id="job-000000000000"), timeout=5)
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.CancelJob(T.CancelJobRequest(id="job-000000000000"), timeout=5)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     cancelled = stub.CancelJob(T.CancelJobRequest(id=trained.job.id), timeout=5).job
     assert cancelled == trained.job  # a finished job is left as it is
+
+
+def test_get_version_reads_the_current_or_a_named_version_from_disk(trained: Trained):
+    harness, models = trained.harness, trained.home / "artifacts" / "models"
+    current = harness.version()
+    assert current == harness.version("v0002")
+    version = current.version
+    assert (version.id, version.profile) == ("v0002", "tiny")
+    assert list(version.specialists) == ["dl", "ds"]
+    assert Path(version.artifact_dir) == models / "v0002"
+    assert version.metrics_json == (models / "v0002" / "metrics.json").read_text()
+    assert version.created_at.ToDatetime() <= trained.job.finished_at.ToDatetime()
+    data = trained.home / "data"
+    assert current.corpus_digests == {n: corpus_digest(data / n) for n in ("general", "dl", "ds")}
+    generalist = harness.version("v0001")
+    assert list(generalist.version.specialists) == []
+    assert generalist.corpus_digests == {"general": corpus_digest(data / "general")}
+    for unknown in ("v0099", "../v0001", "latest"):
+        with pytest.raises(grpc.RpcError) as caught:
+            harness.version(unknown)
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_describe_corpus_and_get_version_on_a_home_with_no_model(tmp_path: Path):
+    folder = write_domain(tmp_path / "data", "ds", synthetic_documents("ds", 5))
+    (folder / "notes.md").write_text("not a corpus file")
+    (folder / "empty.txt").write_text("")
+    (tmp_path / "data" / "emptyone").mkdir()
+    with serving(tmp_path) as harness:
+        corpus = harness.stub.DescribeCorpus(T.DescribeCorpusRequest(name="ds"), timeout=5).corpus
+        assert (corpus.name, Path(corpus.dir), corpus.files) == ("ds", folder, 1)
+        assert corpus.bytes == (folder / "corpus.txt").stat().st_size
+        for name, says in [
+            ("../etc", "invalid specialist name"),
+            ("nothere", "no corpus folder for 'nothere': create"),
+            ("emptyone", "holds no text"),
+        ]:
+            with pytest.raises(grpc.RpcError) as caught:
+                harness.stub.DescribeCorpus(T.DescribeCorpusRequest(name=name), timeout=5)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert says in caught.value.details()
+        with pytest.raises(grpc.RpcError) as caught:
+            harness.version()
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "no model version yet" in caught.value.details()
 
 
 def test_add_specialist_publishes_a_version_with_it(trained: Trained, tmp_path: Path):
     home = copy_home(trained.home, tmp_path)
     write_domain(home / "data", "extra", synthetic_documents("dl", 40, seed=1))
+    # the kept branches were trained on their corpora as they were: the add hashes only its own
+    (home / "data" / "ds" / "later.txt").write_text("written after ds was trained\n")
     with serving(home) as harness:
+        parent = harness.version()
         job = harness.start(T.JOB_KIND_ADD_SPECIALIST, specialist="extra")
         assert job.specialist == "extra"
         job = harness.wait_finished(job.id)
+        added = harness.version()
     assert job.state == T.JOB_STATE_SUCCEEDED, job.error
     assert job.version_id == "v0003" and job.progress.fraction == 1.0
     assert "'extra' added" in job.message
-    config = versions.version_config(harness.models, "v0003")
-    assert config["model"]["specialists"] == ["dl", "ds", "extra"]
+    assert added.version.id == "v0003" and added.version.specialists == ["dl", "ds", "extra"]
     assert store(harness.models) == (["v0001", "v0002", "v0003"], "v0003", [])
+    assert added.corpus_digests == {
+        **parent.corpus_digests,
+        "extra": corpus_digest(home / "data" / "extra"),
+    }
+    assert set(parent.corpus_digests) == {"general", "dl", "ds"}
 
 
 def test_jobs_queue_in_order_and_cancel_changes_nothing(trained: Trained, tmp_path: Path):
@@ -294,7 +361,7 @@ def test_fraction_is_monotonic_when_an_estimate_is_corrected():
         [
             PlannedPhase("specialist:a", 10),
             PlannedPhase("gate", 10),
-            PlannedPhase("evaluate", 2, by_steps=False, reported=False),
+            PlannedPhase("evaluate", reported=False),  # a tenth of its stage's steps
         ]
     )
     seen = [estimate.update("specialist:a", 5, 10)]  # 5 of 22
@@ -307,6 +374,31 @@ def test_fraction_is_monotonic_when_an_estimate_is_corrected():
     assert seen == sorted(seen) and seen[0] == pytest.approx(5 / 22)
     assert seen[-1] == pytest.approx(110 / 112)
     assert estimate.update("unplanned", 1, 1) == seen[-1]
+
+
+class Pipe(list):
+    def send(self, message: object) -> None:
+        self.append(message)
+
+
+def test_the_reporter_follows_the_plans_the_job_makes_between_phases():
+    sent = Pipe()
+    Reporter(sent).plan(plan.plan_remove_specialist(recalibrate_steps=0))
+    assert [(p.phase, p.fraction) for p in sent] == [("evaluate", 0.0)]  # nothing reports first
+
+    sent = Pipe()
+    reporter = Reporter(sent)
+    generalist = [PlannedPhase(plan.TOKENIZER), PlannedPhase(plan.GENERALIST, 40)]
+    reporter.plan([PlannedPhase(plan.DEMO_CORPUS), *generalist])
+    for step in (0, 1):
+        reporter(Progress(plan.DEMO_CORPUS, step, 1, math.nan, 0.0, 0.0))
+    branch, gate = PlannedPhase("specialist:ds", 10), PlannedPhase(plan.GATE, 10)
+    evaluate = PlannedPhase(plan.EVALUATE, reported=False)
+    reporter.plan([*generalist, evaluate, branch, gate, evaluate])  # the demo brought "ds"
+    reporter(Progress(plan.GENERALIST, 40, 40, 2.0, 1.0, 0.0))
+    assert [p.phase for p in sent] == [plan.DEMO_CORPUS] * 2 + [plan.GENERALIST, plan.EVALUATE]
+    fractions = [p.fraction for p in sent]
+    assert fractions == sorted(fractions) and fractions[-1] < 0.9
 
 
 def test_a_job_over_two_processes_publishes_and_streams_progress(tmp_path: Path):
@@ -323,7 +415,8 @@ def test_a_job_over_two_processes_publishes_and_streams_progress(tmp_path: Path)
         assert fractions == sorted(fractions) and fractions[-1] == 1.0
         phases = {e.progress.phase for e in events if e.state == T.JOB_STATE_RUNNING}
         assert {"tokenizer", "generalist", "specialist:ds", "specialist:dl", "gate"} <= phases
-        assert json.loads(job.metrics_json)["domains"].keys() == {"general", "ds", "dl"}
+        metrics = json.loads(harness.version(job.version_id).version.metrics_json)
+        assert metrics["domains"].keys() == {"general", "ds", "dl"}
 
 
 def test_a_rank_that_dies_fails_the_job_with_the_reason(trained: Trained, tmp_path: Path):

@@ -96,29 +96,13 @@ class Operation(_message.Message):
     full_retrain: bool
     def __init__(self, id: _Optional[str] = ..., kind: _Optional[_Union[OperationKind, str]] = ..., target: _Optional[str] = ..., state: _Optional[_Union[OperationState, str]] = ..., progress: _Optional[_Union[_common_pb2.TrainingProgress, _Mapping]] = ..., error: _Optional[str] = ..., job_id: _Optional[str] = ..., version_id: _Optional[str] = ..., message: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., full_retrain: _Optional[bool] = ...) -> None: ...
 
-class ModelVersion(_message.Message):
-    __slots__ = ("id", "specialists", "artifact_dir", "metrics_json", "profile", "created_at")
-    ID_FIELD_NUMBER: _ClassVar[int]
-    SPECIALISTS_FIELD_NUMBER: _ClassVar[int]
-    ARTIFACT_DIR_FIELD_NUMBER: _ClassVar[int]
-    METRICS_JSON_FIELD_NUMBER: _ClassVar[int]
-    PROFILE_FIELD_NUMBER: _ClassVar[int]
-    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
-    id: str
-    specialists: _containers.RepeatedScalarFieldContainer[str]
-    artifact_dir: str
-    metrics_json: str
-    profile: str
-    created_at: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[str] = ..., specialists: _Optional[_Iterable[str]] = ..., artifact_dir: _Optional[str] = ..., metrics_json: _Optional[str] = ..., profile: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
-
 class ServingState(_message.Message):
     __slots__ = ("version", "loaded_version_id")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     LOADED_VERSION_ID_FIELD_NUMBER: _ClassVar[int]
-    version: ModelVersion
+    version: _common_pb2.ModelVersion
     loaded_version_id: str
-    def __init__(self, version: _Optional[_Union[ModelVersion, _Mapping]] = ..., loaded_version_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, version: _Optional[_Union[_common_pb2.ModelVersion, _Mapping]] = ..., loaded_version_id: _Optional[str] = ...) -> None: ...
 
 class ListSpecialistsRequest(_message.Message):
     __slots__ = ()
@@ -271,8 +255,8 @@ class WatchOperationResponse(_message.Message):
 class PublishVersionRequest(_message.Message):
     __slots__ = ("version",)
     VERSION_FIELD_NUMBER: _ClassVar[int]
-    version: ModelVersion
-    def __init__(self, version: _Optional[_Union[ModelVersion, _Mapping]] = ...) -> None: ...
+    version: _common_pb2.ModelVersion
+    def __init__(self, version: _Optional[_Union[_common_pb2.ModelVersion, _Mapping]] = ...) -> None: ...
 
 class PublishVersionResponse(_message.Message):
     __slots__ = ("serving",)
@@ -287,8 +271,8 @@ class ListVersionsRequest(_message.Message):
 class ListVersionsResponse(_message.Message):
     __slots__ = ("versions",)
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
-    versions: _containers.RepeatedCompositeFieldContainer[ModelVersion]
-    def __init__(self, versions: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ...) -> None: ...
+    versions: _containers.RepeatedCompositeFieldContainer[_common_pb2.ModelVersion]
+    def __init__(self, versions: _Optional[_Iterable[_Union[_common_pb2.ModelVersion, _Mapping]]] = ...) -> None: ...
 
 class GetServingRequest(_message.Message):
     __slots__ = ()

@@ -62,6 +62,16 @@ class TrainingStub:
                 request_serializer=sma_dot_v1_dot_training__pb2.WatchJobRequest.SerializeToString,
                 response_deserializer=sma_dot_v1_dot_training__pb2.WatchJobResponse.FromString,
                 _registered_method=True)
+        self.DescribeCorpus = channel.unary_unary(
+                '/sma.v1.Training/DescribeCorpus',
+                request_serializer=sma_dot_v1_dot_training__pb2.DescribeCorpusRequest.SerializeToString,
+                response_deserializer=sma_dot_v1_dot_training__pb2.DescribeCorpusResponse.FromString,
+                _registered_method=True)
+        self.GetVersion = channel.unary_unary(
+                '/sma.v1.Training/GetVersion',
+                request_serializer=sma_dot_v1_dot_training__pb2.GetVersionRequest.SerializeToString,
+                response_deserializer=sma_dot_v1_dot_training__pb2.GetVersionResponse.FromString,
+                _registered_method=True)
 
 
 class TrainingServicer:
@@ -104,6 +114,22 @@ class TrainingServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DescribeCorpus(self, request, context):
+        """A corpus folder under data/, from file sizes (nothing is read or hashed). INVALID_ARGUMENT
+        for a bad name, or a folder that is missing or holds no non-empty .txt file.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetVersion(self, request, context):
+        """A complete model version on disk, with the digests of the corpora it was trained on.
+        NOT_FOUND for an unknown id, or (empty id) when there is no version yet.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainingServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -131,6 +157,16 @@ def add_TrainingServicer_to_server(servicer, server):
                     servicer.WatchJob,
                     request_deserializer=sma_dot_v1_dot_training__pb2.WatchJobRequest.FromString,
                     response_serializer=sma_dot_v1_dot_training__pb2.WatchJobResponse.SerializeToString,
+            ),
+            'DescribeCorpus': grpc.unary_unary_rpc_method_handler(
+                    servicer.DescribeCorpus,
+                    request_deserializer=sma_dot_v1_dot_training__pb2.DescribeCorpusRequest.FromString,
+                    response_serializer=sma_dot_v1_dot_training__pb2.DescribeCorpusResponse.SerializeToString,
+            ),
+            'GetVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetVersion,
+                    request_deserializer=sma_dot_v1_dot_training__pb2.GetVersionRequest.FromString,
+                    response_serializer=sma_dot_v1_dot_training__pb2.GetVersionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -271,6 +307,60 @@ class Training:
             '/sma.v1.Training/WatchJob',
             sma_dot_v1_dot_training__pb2.WatchJobRequest.SerializeToString,
             sma_dot_v1_dot_training__pb2.WatchJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DescribeCorpus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sma.v1.Training/DescribeCorpus',
+            sma_dot_v1_dot_training__pb2.DescribeCorpusRequest.SerializeToString,
+            sma_dot_v1_dot_training__pb2.DescribeCorpusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sma.v1.Training/GetVersion',
+            sma_dot_v1_dot_training__pb2.GetVersionRequest.SerializeToString,
+            sma_dot_v1_dot_training__pb2.GetVersionResponse.FromString,
             options,
             channel_credentials,
             insecure,

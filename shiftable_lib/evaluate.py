@@ -1,0 +1,113 @@
+"""Evaluation: held-out perplexity, with the base expert alone and with the gated mixture, and
+how often the gate routes a held-out document to its own domain's expert."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from contextlib import nullcontext
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from shiftable_lib.config import Profile
+from shiftable_lib.corpus import GENERAL
+from shiftable_lib.model import ShiftableLM
+from shiftable_lib.sampling import Routing
+
+
+class HeldOut(Protocol):
+    """A domain's held-out split as token ids (`train.DomainTokens` is one)."""
+
+    heldout: Tensor  # 1-D, documents each followed by EOS
+    heldout_docs: list[Tensor]
+
+
+def autocast(device: torch.device | str):
+    """bf16 autocast on CUDA; nothing on a CPU."""
+    if torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@torch.no_grad()
+def perplexity(
+    model: ShiftableLM, tokens: Tensor, context: int, windows: int, routing: Routing, device
+) -> float:
+    """Perplexity on up to `windows` evenly spaced, non-overlapping windows of `tokens`."""
+    model.eval()
+    T = min(context, tokens.numel() - 1)
+    n = (tokens.numel() - 1) // T
+    if n == 0:
+        return float("nan")
+    picks = torch.linspace(0, n - 1, min(windows, n)).round().long().unique()
+    rows = torch.stack([tokens[i * T : i * T + T + 1] for i in picks.tolist()]).to(device)
+    total = 0.0
+    for chunk in rows.split(16):
+        with autocast(device):
+            logits, _ = model(chunk[:, :-1], routing)
+        total += F.cross_entropy(
+            logits.flatten(0, 1).float(), chunk[:, 1:].flatten(), reduction="sum"
+        ).item()
+    return math.exp(total / (rows.shape[0] * T))
+
+
+@torch.no_grad()
+def routing_accuracy(
+    model: ShiftableLM, docs: dict[str, list[Tensor]], context: int, limit: int, device
+) -> dict[str, float]:
+    """Per domain: share of held-out documents whose mean gate weight (over layers and the
+    document's first `context` tokens) is highest for the domain's own expert."""
+    model.eval()
+    experts = model.experts
+    result = {}
+    for name, doc_list in docs.items():
+        if name not in experts:
+            continue
+        own, hits, total = experts.index(name), 0, 0
+        for batch in _batched(doc_list[:limit], 16):
+            docs_t = [d[:context] for d in batch]
+            lengths = torch.tensor([len(d) for d in docs_t], device=device)
+            idx = torch.nn.utils.rnn.pad_sequence(docs_t, batch_first=True).to(device)
+            with autocast(device):
+                _, gates = model(idx, return_gates=True)
+            valid = (torch.arange(idx.shape[1], device=device) < lengths[:, None]).float()
+            g = torch.stack(gates).float().mean(0)  # (n, T, E), averaged over layers
+            mean = (g * valid[..., None]).sum(1) / lengths[:, None]
+            hits += int((mean.argmax(-1) == own).sum())
+            total += len(batch)
+        result[name] = hits / total if total else float("nan")
+    return result
+
+
+def _batched(items: list, n: int) -> Iterable[list]:
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
+
+
+def evaluate(model: ShiftableLM, data: dict[str, HeldOut], profile: Profile, device) -> dict:
+    """Held-out perplexity of the generalist (base expert alone) and of the model, per domain,
+    and gate routing accuracy on held-out documents."""
+    base = Routing(force=(GENERAL,))
+    domains = {}
+    for name, d in data.items():
+        gen_ppl = perplexity(model, d.heldout, profile.context, profile.eval_windows, base, device)
+        ppl = perplexity(model, d.heldout, profile.context, profile.eval_windows, Routing(), device)
+        domains[name] = {"generalist_ppl": gen_ppl, "model_ppl": ppl, "ratio": ppl / gen_ppl}
+    routing = routing_accuracy(
+        model,
+        {n: d.heldout_docs for n, d in data.items()},
+        profile.context,
+        profile.routing_documents,
+        device,
+    )
+    for name, acc in routing.items():
+        domains[name]["routing"] = acc
+    scored = [v for v in routing.values() if not math.isnan(v)]
+    return {
+        "domains": domains,
+        "routing_accuracy": sum(scored) / len(scored) if scored else None,
+        "routing_min": min(scored) if scored else None,
+    }

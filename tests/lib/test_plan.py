@@ -1,0 +1,92 @@
+"""Job plans: a job runs the phases it plans, and records the corpora it was trained on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shiftable_lib import jobs, plan, train, versions
+from shiftable_lib.config import Settings
+from shiftable_lib.corpus import corpus_digest
+from tests.conftest import synthetic_documents, write_domain
+
+
+def _settings(home: Path) -> Settings:
+    return Settings(home=home, profile="tiny", device="cpu", threads=1)
+
+
+class Recorder:
+    """The `progress` and `on_plan` callbacks of a job, remembered."""
+
+    def __init__(self) -> None:
+        self.plans: list[list[plan.PlannedPhase]] = []
+        self.reports: list[train.Progress] = []
+
+    def planned(self) -> list[plan.PlannedPhase]:
+        return [p for phases in self.plans for p in phases]
+
+    def reported_phases(self) -> list[str]:
+        return list(dict.fromkeys(r.phase for r in self.reports))
+
+    def totals(self) -> dict[str, int]:
+        return {r.phase: r.total for r in self.reports}
+
+
+def _digests(settings: Settings) -> dict[str, str]:
+    current = versions.current_version(settings.models_dir)
+    assert current is not None
+    return versions.version_config(settings.models_dir, current)["corpus_digests"]
+
+
+def test_the_first_start_plans_the_demo_corpus_then_the_generalist(tmp_path: Path):
+    names = [p.name for p in plan.plan_train_all(_settings(tmp_path), demo_if_empty=True)]
+    assert names == [plan.DEMO_CORPUS, plan.TOKENIZER, plan.GENERALIST, plan.EVALUATE]
+
+
+def test_train_all_runs_the_phases_it_plans(home: Path):
+    settings = _settings(home)
+    assert plan.plan_train_all(settings) == plan.decide_train_all(settings).phases
+    seen = Recorder()
+    jobs.train_all(settings, progress=seen.reports.append, on_plan=seen.plans.append)
+    planned = seen.planned()
+    assert [p.name for p in planned if p.reported] == seen.reported_phases()
+    assert [p.name for p in planned if not p.reported] == [plan.EVALUATE, plan.EVALUATE]
+    stepped = {p.name: p.steps for p in planned if p.steps and "specialist:" not in p.name}
+    assert stepped == {n: t for n, t in seen.totals().items() if n in stepped}
+    assert _digests(settings) == {
+        n: corpus_digest(home / "data" / n) for n in ("general", "ds", "dl")
+    }
+
+    decision = plan.decide_train_all(settings)
+    assert (decision.reason, decision.phases) == (plan.UP_TO_DATE, [])
+    (home / "data" / "ds" / "more.txt").write_text("the same domain, changed\n")
+    changed = plan.decide_train_all(settings)
+    assert changed.reason == "" and plan.specialist_phase("ds") in [p.name for p in changed.phases]
+    assert changed.digests["ds"] == corpus_digest(home / "data" / "ds")
+
+
+@pytest.mark.parametrize("recalibrate_steps", [0, 5])
+def test_add_and_remove_run_their_plans_and_keep_every_digest(home: Path, recalibrate_steps):
+    settings = _settings(home)
+    jobs.train_all(settings)
+    trained = _digests(settings)
+    write_domain(home / "data", "extra", synthetic_documents("dl", 20, seed=1))
+    (home / "data" / "ds" / "later.txt").write_text("written after ds was trained\n")
+
+    added = Recorder()
+    expected = plan.plan_add_specialist(settings, "extra")
+    jobs.add_specialist(settings, "extra", added.reports.append, added.plans.append)
+    assert added.plans == [expected]
+    assert [p.name for p in expected] == ["specialist:extra", plan.GATE, plan.EVALUATE]
+    assert [p.name for p in expected if p.reported] == added.reported_phases()
+    assert _digests(settings) == {**trained, "extra": corpus_digest(home / "data" / "extra")}
+
+    removed = Recorder()
+    jobs.remove_specialist(
+        settings, "dl", recalibrate_steps, removed.reports.append, removed.plans.append
+    )
+    assert removed.plans == [plan.plan_remove_specialist(recalibrate_steps)]
+    assert removed.reported_phases() == ([plan.GATE] if recalibrate_steps else [])
+    kept = {n: d for n, d in trained.items() if n != "dl"}
+    assert _digests(settings) == {**kept, "extra": corpus_digest(home / "data" / "extra")}
