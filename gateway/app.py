@@ -1,4 +1,4 @@
-"""The FastAPI gateway: the seed's REST surface, SSE streams, metrics and the web UI, over gRPC.
+"""The FastAPI gateway: the original REST surface, SSE streams, metrics and the web UI, over gRPC.
 
 Routes (gateway/routes/, one module per resource) stay thin: they validate the body, call one
 service (or the lifecycle coordinator) and translate the answer. gRPC status codes become HTTP
@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway.backends import error_status, http_status
 from gateway.deps import FRONTEND, Gateway
 from gateway.metrics import Metrics
-from gateway.routes import generate, health, operations, specialists
+from gateway.routes import generate, health, operations, specialists, versions
 from shiftable_lib.config import Settings
 from shiftable_lib.errors import ShiftableError
 
@@ -106,7 +106,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def value_error(_: Request, exc: ValueError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=400)
 
-    for module in (health, specialists, generate, operations):
+    for module in (health, specialists, generate, operations, versions):
         app.include_router(module.router)
     if FRONTEND.is_dir():
         app.mount("/static", StaticFiles(directory=FRONTEND), name="static")

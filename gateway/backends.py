@@ -1,6 +1,6 @@
 """The gateway's gRPC clients: one channel per service, its stub, and its health.
 
-gRPC status codes become HTTP statuses in one place (`http_status`), as DESIGN §2 lists them.
+gRPC status codes become HTTP statuses in one place (`http_status`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from shiftable_lib.config import GRPC_SERVICES, Settings
 from shiftable_lib.errors import Busy, Conflict, NotFound, Overloaded, ShiftableError, Unavailable
 from sma.v1 import inference_pb2_grpc, registry_pb2_grpc, training_pb2_grpc
+
+RPC_TIMEOUT = 15.0  # seconds for a unary call to another service
 
 HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,

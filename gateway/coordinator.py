@@ -1,4 +1,4 @@
-"""The specialist lifecycle, coordinated across the services (DESIGN §2-§3).
+"""The specialist lifecycle, coordinated across the services.
 
     add / delete / first start
       -> registry: an operation (one at a time; a second request gets FAILED_PRECONDITION)
@@ -16,19 +16,16 @@ publishes a version that was trained but not yet served. What cannot go on fails
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-from pathlib import Path
 
 import grpc
 
-from gateway.backends import Backends
+from gateway.backends import RPC_TIMEOUT, Backends
+from gateway.records import Records
 from gateway.schemas import enum_name
-from shiftable_lib import versions
 from shiftable_lib.config import Settings
-from shiftable_lib.corpus import corpus_digest, domain_dir, text_files
-from shiftable_lib.errors import AlreadyExists, Conflict, CorpusMissing, NotFound, Unavailable
+from shiftable_lib.errors import AlreadyExists, Conflict, NotFound
 from sma.v1 import common_pb2, inference_pb2, registry_pb2, training_pb2
 
 log = logging.getLogger("sma.gateway.lifecycle")
@@ -37,12 +34,15 @@ R = registry_pb2
 T = training_pb2
 UNFINISHED = (R.OPERATION_STATE_PENDING, R.OPERATION_STATE_RUNNING)
 TERMINAL_JOB = (T.JOB_STATE_SUCCEEDED, T.JOB_STATE_FAILED, T.JOB_STATE_CANCELLED)
-RPC_TIMEOUT = 15.0
 LOAD_TIMEOUT = 600.0  # seconds for inference to load a published version
 
 
 class OperationFailed(Exception):
     """A step of an operation failed; the message says why, for the operation's `error`."""
+
+
+class OperationCancelled(Exception):
+    """The user cancelled the operation before its version was published."""
 
 
 class Coordinator:
@@ -51,32 +51,27 @@ class Coordinator:
     def __init__(self, settings: Settings, backends: Backends) -> None:
         self.settings = settings
         self.backends = backends
+        self.records = Records(backends.registry)
         self.tasks: dict[str, asyncio.Task] = {}
+        self.cancelling: set[str] = set()  # operations whose cancel was asked for
         self.boot_error: str | None = None
 
     # ---- requests ----------------------------------------------------------------------------
 
     async def add(self, name: str, full_retrain: bool = False) -> R.Operation:
         """Validate, record the operation and the specialist, and start training it."""
-        folder = domain_dir(self.settings.data_dir, name)  # InvalidName for bad names
-        if not text_files(folder):
-            raise CorpusMissing(
-                f"no corpus for {name!r}: put one or more non-empty .txt files in {folder}/ first"
-            )
-        await self._require_serving()
+        corpus = await self._corpus(name)  # INVALID_ARGUMENT: a bad name, or no corpus
+        await self.records.require_serving()
         registry = self.backends.registry
-        existing = await self._specialist(name)
+        existing = await self.records.specialist(name)
         if existing is not None and existing.state != R.SPECIALIST_STATE_FAILED:
             raise AlreadyExists(f"specialist {name!r} already exists")
-        op = await self._create(R.OPERATION_KIND_ADD_SPECIALIST, name, full_retrain)
+        op = await self.records.create(R.OPERATION_KIND_ADD_SPECIALIST, name, full_retrain)
         if existing is not None:  # a failed earlier attempt: this one replaces it
             await registry.DeleteSpecialist(R.DeleteSpecialistRequest(name=name))
         await registry.AddSpecialist(
             R.AddSpecialistRequest(
-                name=name,
-                corpus_dir=str(folder),
-                corpus_digest=corpus_digest(folder),
-                state=R.SPECIALIST_STATE_TRAINING,
+                name=name, corpus_dir=corpus.dir, state=R.SPECIALIST_STATE_TRAINING
             ),
             timeout=RPC_TIMEOUT,
         )
@@ -85,16 +80,39 @@ class Coordinator:
 
     async def delete(self, name: str) -> R.Operation:
         """Validate (known, not the last one), record the operation, start the removal."""
-        domain_dir(self.settings.data_dir, name)  # InvalidName for bad names
-        serving = await self._require_serving()
-        existing = await self._specialist(name)
+        serving = await self.records.require_serving()
+        existing = await self.records.specialist(name)  # INVALID_ARGUMENT for a bad name
         if existing is None or name not in serving.specialists:
             raise NotFound(f"no specialist named {name!r}")
         if list(serving.specialists) == [name]:
             raise Conflict(f"{name!r} is the last specialist and cannot be deleted")
-        op = await self._create(R.OPERATION_KIND_DELETE_SPECIALIST, name)
-        await self._set_specialist(name, R.SPECIALIST_STATE_DELETING)
+        op = await self.records.create(R.OPERATION_KIND_DELETE_SPECIALIST, name)
+        await self.records.set_specialist(name, R.SPECIALIST_STATE_DELETING)
         self._spawn(op)
+        return op
+
+    async def cancel(self, op_id: str) -> R.Operation:
+        """Stop an add while it trains: its job is cancelled, and the specialist is forgotten
+        as if it had never been asked for. Too late once training has published a version.
+        """
+        op = await self.records.operation(op_id)
+        if op.state not in UNFINISHED:
+            state = enum_name(R.OperationState, op.state)
+            raise Conflict(f"operation {op_id} has already ended ({state})")
+        if op.kind != R.OPERATION_KIND_ADD_SPECIALIST:
+            kind = enum_name(R.OperationKind, op.kind)
+            raise Conflict(f"only an add can be cancelled, not {kind}")
+        if op.version_id or op_id not in self.tasks:
+            raise Conflict(f"operation {op_id} is past training; it cannot be cancelled now")
+        self.cancelling.add(op_id)
+        if op.job_id:  # else _start_job cancels the job as soon as it exists
+            await self.backends.training.CancelJob(
+                T.CancelJobRequest(id=op.job_id), timeout=RPC_TIMEOUT
+            )
+        op = await self.wait(op_id)
+        if op.state != R.OPERATION_STATE_CANCELLED:
+            state = enum_name(R.OperationState, op.state)
+            raise Conflict(f"operation {op_id} finished training first and {state}")
         return op
 
     async def wait(self, op_id: str) -> R.Operation:
@@ -102,7 +120,7 @@ class Coordinator:
         task = self.tasks.get(op_id)
         if task is not None:
             await asyncio.shield(task)
-        return await self._get_operation(op_id)
+        return await self.records.operation(op_id)
 
     # ---- start-up ----------------------------------------------------------------------------
 
@@ -129,14 +147,14 @@ class Coordinator:
         serving = (await registry.GetServing(R.GetServingRequest(), **wait)).serving
         if serving.version.id or any(op.kind == R.OPERATION_KIND_INITIALIZE for op in unfinished):
             return
-        on_disk = versions.current_version(self.settings.models_dir)
+        on_disk = await self._version("")
         if on_disk is not None:  # trained before (by `sma train`, or a lost registry)
-            log.info("serving the model found on disk, %s", on_disk)
-            await self._publish(on_disk)
+            log.info("serving the model found on disk, %s", on_disk.version.id)
+            await self._publish(on_disk.version)
             await self._sync_specialists(on_disk)
             return
         log.info("first start: no model yet, training one")
-        self._spawn(await self._create(R.OPERATION_KIND_INITIALIZE, ""))
+        self._spawn(await self.records.create(R.OPERATION_KIND_INITIALIZE, ""))
 
     async def close(self) -> None:
         for task in self.tasks.values():
@@ -151,24 +169,37 @@ class Coordinator:
 
     async def _drive(self, op: R.Operation) -> None:
         try:
-            op = await self._update(op.id, state=R.OPERATION_STATE_RUNNING)
-            version = op.version_id
-            if not version:
+            op = await self.records.update(op.id, state=R.OPERATION_STATE_RUNNING)
+            version_id = op.version_id
+            if not version_id:
                 job = await self._run_job(op)
-                version = job.version_id or versions.current_version(self.settings.models_dir)
-                if not version:
+                version_id = job.version_id
+                if not version_id:  # nothing needed doing: what is on disk stays current
+                    current = await self._version("")
+                    version_id = current.version.id if current else ""
+                if not version_id:
                     raise OperationFailed("training finished but published no model")
-                op = await self._update(op.id, version_id=version, message=job.message)
-            await self._update(op.id, message=f"publishing {version}")
-            await self._publish(version)
-            await self._wait_loaded(version)
+                op = await self.records.update(op.id, version_id=version_id, message=job.message)
+            version = await self._version(version_id)
+            if version is None:
+                raise OperationFailed(f"training reports no model version {version_id!r}")
+            await self.records.update(op.id, message=f"publishing {version_id}")
+            await self._publish(version.version)
+            await self._wait_loaded(version_id)
             await self._finish(op, version)
         except asyncio.CancelledError:  # gateway shutdown: the operation resumes at next start
             raise
+        except OperationCancelled:
+            await self.records.forget_specialist(op.target)
+            await self.records.update(
+                op.id, state=R.OPERATION_STATE_CANCELLED, message="cancelled on request"
+            )
         except Exception as exc:
             reason = _reason(exc)
             log.warning("operation %s failed: %s", op.id, reason)
             await self._fail(op, reason)
+        finally:
+            self.cancelling.discard(op.id)
 
     async def _run_job(self, op: R.Operation) -> training_pb2.Job:
         """Follow the operation's training job to its end, starting one when there is none.
@@ -193,6 +224,8 @@ class Coordinator:
                     raise
                 log.info("training service unavailable while following %s; retrying", job_id)
                 await asyncio.sleep(1.0)
+        if job.state == T.JOB_STATE_CANCELLED and op.id in self.cancelling:
+            raise OperationCancelled
         if job.state != T.JOB_STATE_SUCCEEDED:
             state = enum_name(T.JobState, job.state)
             raise OperationFailed(f"training job {job.id} {state}: {job.error or 'no reason'}")
@@ -227,7 +260,13 @@ class Coordinator:
         reply = await self.backends.training.StartJob(
             self._job_request(op), wait_for_ready=True, timeout=RPC_TIMEOUT
         )
-        await self._update(op.id, job_id=reply.job.id, message=f"training job {reply.job.id}")
+        await self.records.update(
+            op.id, job_id=reply.job.id, message=f"training job {reply.job.id}"
+        )
+        if op.id in self.cancelling:  # asked for while the job was being started
+            await self.backends.training.CancelJob(
+                T.CancelJobRequest(id=reply.job.id), timeout=RPC_TIMEOUT
+            )
         return reply.job
 
     async def _follow(self, op: R.Operation, job: training_pb2.Job) -> training_pb2.Job:
@@ -239,7 +278,7 @@ class Coordinator:
             now = time.monotonic()
             if job.state in TERMINAL_JOB or now - last_update > 0.25:
                 last_update = now
-                await self._update(op.id, progress=job.progress)
+                await self.records.update(op.id, progress=job.progress)
         return job
 
     def _job_request(self, op: R.Operation) -> T.StartJobRequest:
@@ -251,21 +290,12 @@ class Coordinator:
             return T.StartJobRequest(kind=T.JOB_KIND_ADD_SPECIALIST, specialist=op.target)
         return T.StartJobRequest(kind=T.JOB_KIND_REMOVE_SPECIALIST, specialist=op.target)
 
-    async def _publish(self, version: str) -> None:
-        path = self.settings.models_dir / version
-        config = versions.version_config(self.settings.models_dir, version)
-        metrics = path / "metrics.json"
+    async def _publish(self, version: common_pb2.ModelVersion) -> None:
+        published = common_pb2.ModelVersion()
+        published.CopyFrom(version)
+        published.ClearField("created_at")  # the registry stamps when it was published
         await self.backends.registry.PublishVersion(
-            R.PublishVersionRequest(
-                version=R.ModelVersion(
-                    id=version,
-                    specialists=config["model"].get("specialists", []),
-                    artifact_dir=str(path),
-                    metrics_json=metrics.read_text() if metrics.is_file() else "{}",
-                    profile=config.get("profile", {}).get("name", ""),
-                )
-            ),
-            timeout=RPC_TIMEOUT,
+            R.PublishVersionRequest(version=published), timeout=RPC_TIMEOUT
         )
 
     async def _wait_loaded(self, version: str) -> None:
@@ -302,114 +332,82 @@ class Coordinator:
                 f"inference did not load {version} within {LOAD_TIMEOUT:.0f} s"
             ) from None
 
-    async def _finish(self, op: R.Operation, version: str) -> None:
+    async def _finish(self, op: R.Operation, version: T.GetVersionResponse) -> None:
         if op.kind == R.OPERATION_KIND_INITIALIZE:
             await self._sync_specialists(version)
-            message = f"model {version} trained and serving"
+            message = f"model {version.version.id} trained and serving"
         elif op.kind == R.OPERATION_KIND_ADD_SPECIALIST:
-            digest = corpus_digest(self.settings.data_dir / op.target)
-            await self._set_specialist(op.target, R.SPECIALIST_STATE_READY, digest=digest)
+            digest = version.corpus_digests.get(op.target, "")
+            await self.records.set_specialist(op.target, R.SPECIALIST_STATE_READY, digest=digest)
             message = f"Specialist '{op.target}' is now configured."
         else:
-            await self._forget_specialist(op.target)
+            await self.records.forget_specialist(op.target)
             message = f"Specialist '{op.target}' has been deleted."
-        await self._update(op.id, state=R.OPERATION_STATE_SUCCEEDED, message=message)
+        await self.records.update(op.id, state=R.OPERATION_STATE_SUCCEEDED, message=message)
 
     async def _fail(self, op: R.Operation, reason: str) -> None:
         try:
             if op.kind == R.OPERATION_KIND_ADD_SPECIALIST:
-                await self._set_specialist(op.target, R.SPECIALIST_STATE_FAILED, error=reason)
+                await self.records.set_specialist(
+                    op.target, R.SPECIALIST_STATE_FAILED, error=reason
+                )
             elif op.kind == R.OPERATION_KIND_DELETE_SPECIALIST:
-                await self._set_specialist(op.target, R.SPECIALIST_STATE_READY, error=reason)
-            await self._update(op.id, state=R.OPERATION_STATE_FAILED, error=reason)
+                await self.records.set_specialist(op.target, R.SPECIALIST_STATE_READY, error=reason)
+            await self.records.update(op.id, state=R.OPERATION_STATE_FAILED, error=reason)
         except grpc.aio.AioRpcError as exc:  # registry down: resume() fails it at next start
             log.error("could not record the failure of %s: %s", op.id, exc.details())
 
-    async def _sync_specialists(self, version: str) -> None:
+    async def _sync_specialists(self, version: T.GetVersionResponse) -> None:
         """Make the registry's specialists those of `version` (first start, adopted model)."""
-        config = versions.version_config(self.settings.models_dir, version)
-        names = config["model"].get("specialists", [])
+        names = list(version.version.specialists)
         listed = await self.backends.registry.ListSpecialists(
             R.ListSpecialistsRequest(), timeout=RPC_TIMEOUT
         )
         known = {s.name for s in listed.specialists}
         for name in names:
-            folder = self.settings.data_dir / name
-            digest = corpus_digest(folder) if folder.is_dir() else ""
+            digest = version.corpus_digests.get(name, "")
             if name in known:
-                await self._set_specialist(name, R.SPECIALIST_STATE_READY, digest=digest)
+                await self.records.set_specialist(name, R.SPECIALIST_STATE_READY, digest=digest)
             else:
+                corpus = await self._corpus(name, missing_ok=True)
                 await self.backends.registry.AddSpecialist(
                     R.AddSpecialistRequest(
                         name=name,
-                        corpus_dir=str(folder),
+                        corpus_dir=corpus.dir if corpus else "",
                         corpus_digest=digest,
                         state=R.SPECIALIST_STATE_READY,
                     ),
                     timeout=RPC_TIMEOUT,
                 )
         for name in known - set(names):
-            await self._forget_specialist(name)
+            await self.records.forget_specialist(name)
 
-    # ---- registry helpers --------------------------------------------------------------------
+    # ---- training helpers: what is on the data volume ----------------------------------------
 
-    async def _require_serving(self) -> R.ModelVersion:
-        serving = (
-            await self.backends.registry.GetServing(R.GetServingRequest(), timeout=RPC_TIMEOUT)
-        ).serving
-        if not serving.version.id:
-            raise Unavailable("the model is still training; try again when it serves")
-        return serving.version
-
-    async def _create(self, kind: int, target: str, full_retrain: bool = False) -> R.Operation:
-        request = R.CreateOperationRequest(kind=kind, target=target, full_retrain=full_retrain)
-        reply = await self.backends.registry.CreateOperation(request, timeout=RPC_TIMEOUT)
-        return reply.operation
-
-    async def _get_operation(self, op_id: str) -> R.Operation:
-        reply = await self.backends.registry.GetOperation(
-            R.GetOperationRequest(id=op_id), timeout=RPC_TIMEOUT
-        )
-        return reply.operation
-
-    async def _update(
-        self,
-        op_id: str,
-        state: int = R.OPERATION_STATE_UNSPECIFIED,
-        progress: common_pb2.TrainingProgress | None = None,
-        **fields: str,
-    ) -> R.Operation:
-        request = R.UpdateOperationRequest(id=op_id, state=state, progress=progress, **fields)
-        reply = await self.backends.registry.UpdateOperation(request, timeout=RPC_TIMEOUT)
-        return reply.operation
-
-    async def _specialist(self, name: str) -> R.Specialist | None:
+    async def _corpus(self, name: str, missing_ok: bool = False) -> T.Corpus | None:
+        """The specialist's corpus as the training service sees it; INVALID_ARGUMENT for a bad
+        name or a missing corpus (None instead, with `missing_ok`)."""
         try:
-            reply = await self.backends.registry.GetSpecialist(
-                R.GetSpecialistRequest(name=name), timeout=RPC_TIMEOUT
+            reply = await self.backends.training.DescribeCorpus(
+                T.DescribeCorpusRequest(name=name), wait_for_ready=True, timeout=RPC_TIMEOUT
+            )
+        except grpc.aio.AioRpcError as exc:
+            if missing_ok and exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                return None
+            raise
+        return reply.corpus
+
+    async def _version(self, version_id: str) -> T.GetVersionResponse | None:
+        """A model version on disk and its corpus digests ("" = the current one); None when
+        there is none."""
+        try:
+            return await self.backends.training.GetVersion(
+                T.GetVersionRequest(id=version_id), wait_for_ready=True, timeout=RPC_TIMEOUT
             )
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 return None
             raise
-        return reply.specialist
-
-    async def _set_specialist(
-        self, name: str, state: int, error: str = "", digest: str = ""
-    ) -> None:
-        await self.backends.registry.UpdateSpecialist(
-            R.UpdateSpecialistRequest(name=name, state=state, error=error, corpus_digest=digest),
-            timeout=RPC_TIMEOUT,
-        )
-
-    async def _forget_specialist(self, name: str) -> None:
-        try:
-            await self.backends.registry.DeleteSpecialist(
-                R.DeleteSpecialistRequest(name=name), timeout=RPC_TIMEOUT
-            )
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.NOT_FOUND:
-                raise
 
 
 async def _first_of(*coroutines) -> None:
@@ -427,17 +425,4 @@ async def _first_of(*coroutines) -> None:
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, grpc.aio.AioRpcError):
         return f"{exc.code().name.lower()}: {exc.details()}"
-    if isinstance(exc, FileNotFoundError | json.JSONDecodeError | KeyError):
-        return f"the published version is incomplete: {exc}"
     return str(exc) or type(exc).__name__
-
-
-def artifact_paths(artifact_dir: str) -> dict[str, str]:
-    """The seed's /health path fields, pointing at our single-file version layout."""
-    base = Path(artifact_dir)
-    model = str(base / "model.safetensors") if artifact_dir else ""
-    return {
-        "tokenizer_path": str(base / "tokenizer.json") if artifact_dir else "",
-        "generalist_ckpt_path": model,
-        "shiftable_ckpt_path": model,
-    }

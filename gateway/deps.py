@@ -11,7 +11,7 @@ from typing import Annotated
 import grpc
 from fastapi import Depends, Request
 
-from gateway.backends import Backends
+from gateway.backends import RPC_TIMEOUT, Backends
 from gateway.coordinator import Coordinator
 from gateway.metrics import Metrics
 from gateway.schemas import operation_dict
@@ -22,7 +22,6 @@ from sma.v1 import inference_pb2, registry_pb2
 log = logging.getLogger("sma.gateway")
 R = registry_pb2
 FRONTEND = Path(__file__).resolve().parent.parent / "frontend"
-RPC_TIMEOUT = 15.0
 SERVED = (R.SPECIALIST_STATE_READY, R.SPECIALIST_STATE_DELETING)
 
 

@@ -1,13 +1,14 @@
 """REST bodies (pydantic) and their translation to and from the gRPC messages.
 
-The seed's four request fields keep their names and meaning; everything else is an optional
-extra with a default, so the seed's own page and scripts keep working unchanged.
+The original API's four request fields keep their names and meaning; everything else is an optional
+extra with a default, so the original proof of concept's page and scripts keep working unchanged.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from typing import Literal
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -62,7 +63,7 @@ class RoutingBody(BaseModel):
 
 
 class GenerateBody(BaseModel):
-    """POST /generate and /generate/stream. The first four fields are the seed's."""
+    """POST /generate and /generate/stream. The first four fields are the original API's."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -111,7 +112,7 @@ class InspectBody(BaseModel):
 
 
 class SpecialistBody(BaseModel):
-    """POST /specialists. `name` is the seed's; `full_retrain` retrains every specialist."""
+    """POST /specialists. `name` is the original API's; `full_retrain` retrains every specialist."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -206,3 +207,30 @@ def specialist_dict(s: registry_pb2.Specialist) -> dict:
 def sse(event: str, data: dict) -> str:
     """One Server-Sent Event."""
     return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def version_dict(v, serving: bool) -> dict:
+    """A model version of the REST API (`v` is the wire's ModelVersion)."""
+    try:
+        metrics = json.loads(v.metrics_json) if v.metrics_json else {}
+    except json.JSONDecodeError:
+        metrics = {}
+    return {
+        "id": v.id,
+        "specialists": list(v.specialists),
+        "profile": v.profile or None,
+        "metrics": metrics,
+        "created_at": _time(v.created_at),
+        "serving": serving,
+    }
+
+
+def artifact_paths(artifact_dir: str) -> dict[str, str]:
+    """The original API's /health path fields, pointing at our single-file version layout."""
+    base = Path(artifact_dir)
+    model = str(base / "model.safetensors") if artifact_dir else ""
+    return {
+        "tokenizer_path": str(base / "tokenizer.json") if artifact_dir else "",
+        "generalist_ckpt_path": model,
+        "shiftable_ckpt_path": model,
+    }

@@ -156,6 +156,7 @@ export class Specialists {
     el.className = "operation";
     el.dataset.op = op.id;
     el.innerHTML = `<p class="op-title"></p><progress max="100"></progress><p class="op-detail note"></p>`;
+    if (op.kind === "add_specialist") el.append(this.cancelButton(op, el));
     operations.append(el);
     this.followed.set(op.id, el);
     this.show(el, op);
@@ -179,9 +180,9 @@ export class Specialists {
       return;
     }
     const title = titleOf(last);
-    if (last.state === "succeeded") {
+    if (last.state === "succeeded" || last.state === "cancelled") {
       el.remove();
-      announce(`${title}: done.`);
+      announce(`${title}: ${last.state === "succeeded" ? "done" : "cancelled"}.`);
     } else {
       this.showFailure(el, last);
       announce(`${title}: ${last.state}. ${last.error ?? ""}`);
@@ -203,9 +204,29 @@ export class Specialists {
     if (training && p.eta_s >= 1) detail.push(`ETA ${duration(p.eta_s)}`);
     if (op.message && op.state === "running" && p.percent >= 100) detail.push(op.message);
     el.querySelector(".op-detail").textContent = detail.join(" · ");
+    if (op.version || FINISHED.has(op.state)) el.querySelector(".op-cancel")?.remove(); // trained
+  }
+
+  // An add can be stopped while it trains; the server says when it is too late.
+  cancelButton(op, el) {
+    const cancel = document.createElement("button");
+    cancel.type = "button";
+    cancel.className = "ghost op-cancel";
+    cancel.textContent = "Cancel";
+    cancel.setAttribute("aria-label", `Cancel ${titleOf(op)}`);
+    cancel.addEventListener("click", async () => {
+      cancel.disabled = true;
+      try {
+        await api(`/operations/${encodeURIComponent(op.id)}/cancel`, { method: "POST" });
+      } catch (err) {
+        el.querySelector(".op-detail").textContent = err.message;
+      }
+    });
+    return cancel;
   }
 
   showFailure(el, op) {
+    el.querySelector(".op-cancel")?.remove();
     el.classList.add("failed");
     el.querySelector("progress").remove();
     el.querySelector(".op-detail").textContent = op.error ?? "It did not finish.";

@@ -1,4 +1,4 @@
-"""Generation: the seed's `/generate`, its SSE twin `/generate/stream`, and `/inspect_gates`."""
+"""Generation: `/generate` (the original API), its SSE twin `/generate/stream`, `/inspect_gates`."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import grpc
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
-from gateway.backends import http_status
-from gateway.deps import RPC_TIMEOUT, Gateway, GatewayDep
+from gateway.backends import RPC_TIMEOUT, http_status
+from gateway.deps import Gateway, GatewayDep
 from gateway.schemas import FINISH, GenerateBody, InspectBody, gate_summary, sse, usage
 from sma.v1 import inference_pb2
 
@@ -18,7 +18,7 @@ router = APIRouter()
 
 @router.post("/generate")
 async def generate(gw: GatewayDep, body: GenerateBody) -> dict:
-    """The whole completion at once (the seed's shape, plus usage and gate weights)."""
+    """The whole completion at once (the original API's shape, plus usage and gate weights)."""
     await gw.require_model()
     parts: list[str] = []
     last = None

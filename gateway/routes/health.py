@@ -8,8 +8,8 @@ import grpc
 from fastapi import APIRouter
 from fastapi.responses import FileResponse, HTMLResponse, Response
 
-from gateway.coordinator import artifact_paths
 from gateway.deps import FRONTEND, GatewayDep, R
+from gateway.schemas import artifact_paths
 from sma.v1 import inference_pb2
 
 router = APIRouter()
@@ -28,7 +28,7 @@ async def index(gw: GatewayDep) -> Response:
 
 @router.get("/health")
 async def health(gw: GatewayDep) -> dict:
-    """The seed's fields, plus readiness, serving version, first-start progress and the
+    """The original API's fields, plus readiness, serving version, first-start progress and the
     health of each gRPC service."""
     services, info = await asyncio.gather(gw.backends.health(), gw.model_info())
     version = gw.serving.version

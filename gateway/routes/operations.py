@@ -8,8 +8,8 @@ import grpc
 from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 
-from gateway.backends import http_status
-from gateway.deps import RPC_TIMEOUT, GatewayDep, R
+from gateway.backends import RPC_TIMEOUT, http_status
+from gateway.deps import GatewayDep, R
 from gateway.schemas import operation_dict, sse
 from shiftable_lib.errors import Unavailable
 
@@ -56,3 +56,10 @@ async def operation_events(gw: GatewayDep, op_id: str) -> StreamingResponse:
     return StreamingResponse(
         events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
     )
+
+
+@router.post("/operations/{op_id}/cancel")
+async def cancel_operation(gw: GatewayDep, op_id: str) -> dict:
+    """Stop an add while it trains; the specialist is then as if never asked for. 409 once the
+    operation has ended, is not an add, or has already published its version."""
+    return operation_dict(await gw.coordinator.cancel(op_id))

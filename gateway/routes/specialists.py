@@ -1,11 +1,12 @@
-"""The specialists: the seed's `/specialists` (list, add, delete) and `/v1/specialists`."""
+"""The specialists: the original API's `/specialists` (list, add, delete) and `/v1/specialists`."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse, Response
 
-from gateway.deps import RPC_TIMEOUT, Gateway, GatewayDep, R
+from gateway.backends import RPC_TIMEOUT
+from gateway.deps import Gateway, GatewayDep, R
 from gateway.schemas import SpecialistBody, operation_dict, specialist_dict
 
 router = APIRouter()
@@ -13,7 +14,7 @@ router = APIRouter()
 
 @router.get("/specialists")
 async def list_specialists(gw: GatewayDep) -> list[str]:
-    """Names of the specialists the model serves (the seed's shape)."""
+    """Names of the specialists the model serves (the original API's shape)."""
     return await gw.specialists()
 
 
@@ -21,7 +22,7 @@ async def list_specialists(gw: GatewayDep) -> list[str]:
 async def add_specialist(
     gw: GatewayDep,
     body: SpecialistBody,
-    wait: bool = Query(True, description="block until the specialist serves, as the seed"),
+    wait: bool = Query(True, description="block until it serves (as the original API)"),
 ) -> Response:
     """Add a specialist whose corpus is in data/<name>/: train (incremental unless
     `full_retrain`), publish, hot-swap. 400 without a corpus, 409 while another operation
@@ -41,6 +42,9 @@ async def _finish(gw: Gateway, op: R.Operation, wait: bool) -> Response:
     if not wait:
         return JSONResponse(operation_dict(op), status_code=202)
     op = await gw.coordinator.wait(op.id)
+    if op.state == R.OPERATION_STATE_CANCELLED:
+        detail = f"operation {op.id} was cancelled"
+        return JSONResponse({"detail": detail, **operation_dict(op)}, status_code=409)
     if op.state != R.OPERATION_STATE_SUCCEEDED:
         return JSONResponse(
             {"detail": op.error or "the operation did not succeed", **operation_dict(op)},

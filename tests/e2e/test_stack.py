@@ -71,7 +71,7 @@ def test_every_grpc_server_reports_serving(stack: Stack) -> None:
             assert reply.status == health_pb2.HealthCheckResponse.SERVING, service
 
 
-def test_generate_keeps_the_seed_contract(stack: Stack) -> None:
+def test_generate_keeps_the_original_contract(stack: Stack) -> None:
     body = {"prompt": "the list", "max_new_tokens": 12, "temperature": 0, "top_k": 0}
     reply = stack.http.post("/generate", json=body)
     assert reply.status_code == 200, reply.text
@@ -265,6 +265,32 @@ def test_add_without_waiting_returns_the_operation(stack: Stack) -> None:
     final = stack.http.get(f"/operations/{op['id']}").json()
     assert final["state"] == "succeeded" and final["progress"]["fraction"] == 1.0
     assert set(stack.http.get("/specialists").json()) == present | {name}
+
+
+def test_an_add_cancelled_while_it_trains_changes_nothing(stack: Stack) -> None:
+    write_domain(stack.home / "data", "later", synthetic_documents("dl", 20, seed=11))
+    before = state_snapshot(stack)
+    reply = stack.http.post("/specialists?wait=false", json={"name": "later"})
+    assert reply.status_code == 202, reply.text
+    op_id = reply.json()["id"]
+    reply = stack.http.post(f"/operations/{op_id}/cancel")
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["state"] == "cancelled"
+    after = state_snapshot(stack)
+    assert after.pop("operations") == [op_id, *before.pop("operations")]
+    assert after == before  # no specialist record, no version, the corpus left where it was
+    again = stack.http.post(f"/operations/{op_id}/cancel")
+    assert again.status_code == 409 and "ended" in again.json()["detail"]
+    assert stack.http.post("/operations/op-nope/cancel").status_code == 404
+
+
+def test_versions_list_what_was_published_and_mark_the_serving_one(stack: Stack) -> None:
+    versions = stack.http.get("/versions").json()
+    serving = [v for v in versions if v["serving"]]
+    assert len(serving) == 1 and serving[0]["id"] == stack.health()["serving_version"]
+    assert sorted(serving[0]["specialists"]) == sorted(stack.http.get("/specialists").json())
+    assert serving[0]["profile"] == "tiny" and serving[0]["metrics"]
+    assert [v["id"] for v in versions] == sorted((v["id"] for v in versions), reverse=True)
 
 
 def test_delete_moves_the_corpus_and_serves_a_model_without_it(stack: Stack) -> None:

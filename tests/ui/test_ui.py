@@ -311,6 +311,20 @@ def test_adding_a_specialist_shows_a_progress_bar_then_the_entry(
     page.screenshot(path=shots / "06-added.png")
 
 
+def test_an_add_can_be_cancelled_while_it_trains(page: Page, ui_stack: Stack) -> None:
+    write_domain(ui_stack.home / "data", "halted", synthetic_documents("ds", 20, seed=13))
+    open_ui(page, ui_stack)
+    page.get_by_label("Add a specialist").fill("halted")
+    page.get_by_role("button", name="Add specialist").click()
+    expect(page.locator(".operation .op-title")).to_contain_text("Adding halted")
+    page.get_by_role("button", name="Cancel Adding halted").click()
+    expect(page.locator(".operation")).to_have_count(0, timeout=SLOW)
+    expect(page.locator('.specialist[data-name="halted"]')).to_have_count(0)
+    expect(page.get_by_role("button", name="Add specialist")).to_be_enabled()
+    assert "halted" not in ui_stack.http.get("/specialists").json()
+    assert list((ui_stack.home / "data" / "halted").glob("*.txt"))  # the corpus stays
+
+
 def test_a_failed_training_shows_its_reason_and_can_be_retried(
     page: Page, ui_stack: Stack, shots: Path
 ) -> None:
