@@ -49,8 +49,8 @@ class Profile:
     # general (the standard library's docs) is the most varied domain (docs/benchmarks.md)
     gate_base_weight: float = 2.0
     # gate windows in tokens (0 = context): batch_size * context tokens a step, in shorter
-    # windows, train the gate more often where it routes worst, at a window's start; a quarter
-    # of the context is what the sweep in docs/benchmarks.md settled on for cpu and gpu
+    # windows, train the gate more often where it routes worst, at a window's start; the
+    # profiles' windows are what the sweep in docs/benchmarks.md settled on for cpu and gpu
     gate_window: int = 0
     # the incremental add trains only the new row: its errors on the other domains' text cost
     # their perplexity, so those positions weigh `gate_replay_weight` more, and it takes
@@ -83,7 +83,7 @@ class Profile:
 
 
 PROFILES: dict[str, Profile] = {
-    # seconds on a laptop core: for tests
+    # the smallest model that still trains every phase: for tests
     "tiny": Profile(
         name="tiny",
         vocab_size=384,
@@ -104,7 +104,7 @@ PROFILES: dict[str, Profile] = {
         eval_windows=4,
         routing_documents=8,
     ),
-    # the whole demo in at most 10 minutes on 2 CPU cores
+    # the whole demo (corpus, training, serving) on a machine with only a few CPU cores
     "cpu": Profile(
         name="cpu",
         vocab_size=4096,
@@ -153,8 +153,8 @@ PROFILES: dict[str, Profile] = {
         routing_documents=200,
         dropout=0.1,
     ),
-    # GPT-2 small's shape (124M-class): for corpora that outgrow `gpu`, and the
-    # multi-GPU training benchmark (scripts/bench_train.py)
+    # GPT-2 small's shape: for corpora that outgrow `gpu`, and the multi-GPU training
+    # benchmark (`python -m bench.train`)
     "gpt2-small": Profile(
         name="gpt2-small",
         vocab_size=16384,
@@ -232,10 +232,9 @@ class Settings(BaseSettings):
         """Torch threads of the inference worker: `threads`, else every core but one.
 
         The core left over runs the gRPC server, the gateway and their clients while the worker
-        decodes, so the per-token hand-offs never preempt a decode step. On the 2-core machine
-        the benchmarks run on, one thread also decodes faster than two: a single stream, and a
-        batch of 32 too, since with one thread decode attention is the compiled loop
-        (docs/benchmarks.md).
+        decodes, so the per-token hand-offs never preempt a decode step. Where cores are few,
+        one thread also decodes faster than more, a single stream and a full batch alike, since
+        with one thread decode attention is the compiled loop (docs/benchmarks.md).
         """
         return self.threads or max(1, len(os.sched_getaffinity(0)) - 1)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from shiftable_lib.demo_corpus import (
     DEMO_DOMAINS,
     DemoDomainStats,
     DocGroup,
+    MissingExtra,
     build_demo_corpus,
     chunk_entries,
     clean_text,
@@ -150,3 +152,16 @@ def test_zero_cap_writes_nothing(tmp_path: Path) -> None:
     stats = build_demo_corpus(tmp_path, domains=("general",), max_bytes={"general": 0})
     assert stats == [DemoDomainStats("general", 0, 0, (), False)]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_scipy_names_the_extra_before_any_work(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "scipy", None)  # as if not installed: find_spec is None
+    with pytest.raises(MissingExtra, match=r"pip install 'shiftable\[demo\]'"):
+        build_demo_corpus(tmp_path / "data", max_bytes=CAPS)
+    assert not (tmp_path / "data").exists()
+    # a datascience folder that already holds text needs no scipy: it is left alone
+    write = tmp_path / "data" / "datascience"
+    write.mkdir(parents=True)
+    (write / "mine.txt").write_text("my own numbers\n")
+    stats = build_demo_corpus(tmp_path / "data", domains=("datascience",), max_bytes=CAPS)
+    assert stats[0].skipped

@@ -8,7 +8,7 @@ of A and B), this builds a second home beside it that shares the generalist, tra
 - A's held-out perplexity before and after adding B (goal: within 0.5%);
 - wall time of the add vs the full retrain (goal: the add costs what B's corpus costs).
 
-    python scripts/incremental_vs_full.py --home sma-home --new deeplearning [--json]
+    python -m bench.incremental_vs_full --home sma-home --new deeplearning [--json]
 """
 
 from __future__ import annotations
@@ -29,36 +29,32 @@ def ppl(metrics: dict, name: str) -> float:
     return metrics["domains"][name]["model_ppl"]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--home", type=Path, required=True)
-    parser.add_argument("--new", required=True, help="the specialist to add incrementally")
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
-
-    full = checkpoint.load_version(args.home / "artifacts" / "models", "v0002")
-    others = [s for s in full.model.cfg.specialists if s != args.new]
+def compare(home: Path, new: str) -> dict:
+    """Train A alone and add `new` incrementally in a throwaway home beside `home`; compare
+    with `home`'s full retrain (v0002). `home` itself is only read."""
+    full = checkpoint.load_version(home / "artifacts" / "models", "v0002")
+    others = [s for s in full.model.cfg.specialists if s != new]
     work = Path(tempfile.mkdtemp(prefix="incremental-"))
     try:
         for name in (GENERAL, *others):
-            shutil.copytree(args.home / "data" / name, work / "data" / name)
+            shutil.copytree(home / "data" / name, work / "data" / name)
         models = work / "artifacts" / "models"
-        shutil.copytree(args.home / "artifacts" / "models" / "v0001", models / "v0001")
+        shutil.copytree(home / "artifacts" / "models" / "v0001", models / "v0001")
         settings = Settings(home=work)
         start = time.perf_counter()
         before = jobs.train_all(settings)[-1]
         without_seconds = time.perf_counter() - start
-        shutil.copytree(args.home / "data" / args.new, work / "data" / args.new)
+        shutil.copytree(home / "data" / new, work / "data" / new)
         start = time.perf_counter()
-        added = jobs.add_specialist(settings, args.new)
+        added = jobs.add_specialist(settings, new)
         add_seconds = time.perf_counter() - start
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     result = {
-        "new": args.new,
-        "new_ppl_incremental": ppl(added.metrics, args.new),
-        "new_ppl_full": ppl(full.metrics, args.new),
+        "new": new,
+        "new_ppl_incremental": ppl(added.metrics, new),
+        "new_ppl_full": ppl(full.metrics, new),
         "others_ppl_before": {n: ppl(before.metrics, n) for n in (GENERAL, *others)},
         "others_ppl_after": {n: ppl(added.metrics, n) for n in (GENERAL, *others)},
         "routing_after": {n: d.get("routing") for n, d in added.metrics["domains"].items()},
@@ -71,6 +67,17 @@ def main() -> None:
         n: result["others_ppl_after"][n] / result["others_ppl_before"][n] - 1
         for n in result["others_ppl_before"]
     }
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--home", type=Path, required=True)
+    parser.add_argument("--new", required=True, help="the specialist to add incrementally")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+
+    result = compare(args.home, args.new)
     if args.json:
         print(json.dumps(result, indent=2))
         return

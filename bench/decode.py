@@ -1,14 +1,20 @@
 """`sma bench`: our decode and training speed against Hugging Face GPT-2 of the same size.
 
+    sma bench [--profile cpu] [--quick] [--json]        # or: python -m bench.decode
+
 Both models get the profile's dimensions and random weights (speed does not depend on what
 they learned), run on the same device in the same process, one after the other, with the same
 thread count. Reported as tokens/s and the ratio ours / reference. Our decode goes through the
 serving engine (continuous-batching step, sampling, streaming detokenisation); GPT-2's through
 `generate` with its KV cache, which returns ids only — so the comparison favours the reference.
+The reference needs `transformers` (`pip install 'shiftable[bench]'`); `reference=False`
+(`--no-reference`) runs our half alone, so that it can be checked where transformers is not.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import platform
 import statistics
@@ -17,7 +23,8 @@ from collections.abc import Callable
 
 import torch
 
-from shiftable_lib.config import get_profile
+from shiftable_lib.config import PROFILES, get_profile
+from shiftable_lib.errors import ShiftableError
 from shiftable_lib.generate import Engine
 from shiftable_lib.model import ModelConfig, ShiftableLM
 from shiftable_lib.sampling import SamplingParams
@@ -27,19 +34,22 @@ from shiftable_lib.train import make_optimizer, pick_device
 PROMPT_TOKENS = 32
 
 
-def _timed_pair(ours: Callable[[], int], reference: Callable[[], int], repeats: int):
-    """Median tokens/s of each, after a warm-up of each; the two alternate, so that whatever
-    else the machine does in the meantime falls on both alike."""
-    ours(), reference()
-    rates: tuple[list[float], list[float]] = ([], [])
+def _timed_pair(ours: Callable[[], int], reference: Callable[[], int] | None, repeats: int):
+    """Median tokens/s of each (None for an absent reference), after a warm-up of each; the two
+    alternate, so that whatever else the machine does in the meantime falls on both alike."""
+    fns = [ours] if reference is None else [ours, reference]
+    for fn in fns:
+        fn()
+    rates: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        for fn, out in ((ours, rates[0]), (reference, rates[1])):
+        for fn, out in zip(fns, rates, strict=True):
             start = time.perf_counter()
             tokens = fn()
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             out.append(tokens / (time.perf_counter() - start))
-    return statistics.median(rates[0]), statistics.median(rates[1])
+    medians = [statistics.median(r) for r in rates]
+    return medians[0], (medians[1] if reference is not None else None)
 
 
 def _bench_tokenizer(vocab_size: int):
@@ -49,7 +59,12 @@ def _bench_tokenizer(vocab_size: int):
 
 
 def _gpt2(cfg: ModelConfig, device):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except ImportError:  # an optional extra: say which, not a traceback
+        raise ShiftableError(
+            "the GPT-2 reference needs transformers: pip install 'shiftable[bench]'"
+        ) from None
 
     hf = GPT2Config(
         vocab_size=cfg.vocab_size,
@@ -123,9 +138,17 @@ def _train_step(params, loss_fn: Callable[[], torch.Tensor], device, steps: int)
 
 
 def run_bench(
-    profile: str = "cpu", quick: bool = False, device: str = "auto", cuda_graphs: bool = True
+    profile: str = "cpu",
+    quick: bool = False,
+    device: str = "auto",
+    cuda_graphs: bool = True,
+    reference: bool = True,
 ) -> dict:
-    """Ours vs GPT-2, side by side; `cuda_graphs` (on a GPU) as the inference server has it."""
+    """Ours vs GPT-2, side by side; `cuda_graphs` (on a GPU) as the inference server has it.
+
+    Without `reference`, GPT-2 is neither built nor timed: each row's `reference` and `ratio`
+    are None.
+    """
     torch.manual_seed(0)
     dev = pick_device(device)
     p = get_profile(profile)
@@ -141,31 +164,44 @@ def run_bench(
     shiftable.add_specialist("a")
     shiftable.add_specialist("b")
     shiftable.wake_specialists(["a", "b"])  # live gate: every branch is computed
-    gpt2 = _gpt2(cfg, dev)
+    gpt2 = _gpt2(cfg, dev) if reference else None
 
     rows = []
 
-    def row(name: str, ours_fn: Callable, ref_fn: Callable) -> None:
+    def reference_decode(batch: int) -> Callable | None:
+        return None if gpt2 is None else gpt2_decode(gpt2, batch, new_tokens, prompts, dev)
+
+    def row(name: str, ours_fn: Callable, ref_fn: Callable | None) -> None:
         ours_rate, ref_rate = _timed_pair(ours_fn, ref_fn, repeats)
-        rows.append(
-            {"name": name, "ours": ours_rate, "reference": ref_rate, "ratio": ours_rate / ref_rate}
-        )
+        ratio = None if ref_rate is None else ours_rate / ref_rate
+        rows.append({"name": name, "ours": ours_rate, "reference": ref_rate, "ratio": ratio})
 
     for batch in (1, 16):
         row(
             f"decode tokens/s, generalist, batch {batch}",
             ours_decode(ours, tok, batch, new_tokens, prompts, cuda_graphs),
-            gpt2_decode(gpt2, batch, new_tokens, prompts, dev),
+            reference_decode(batch),
         )
     row(
         "decode tokens/s, shiftable 2 specialists, batch 1",
         ours_decode(shiftable, tok, 1, new_tokens, prompts, cuda_graphs),
-        gpt2_decode(gpt2, 1, new_tokens, prompts, dev),
+        reference_decode(1),
     )
 
     batch = torch.randint(0, cfg.vocab_size, (p.batch_size, p.context + 1), generator=gen).to(dev)
     ours.train()
-    gpt2.train()
+    gpt2_train = None
+    if gpt2 is not None:
+        gpt2.train()
+        gpt2_train = _train_step(
+            list(gpt2.parameters()),
+            lambda: (
+                gpt2(input_ids=batch[:, :-1], labels=batch[:, :-1]).loss,
+                batch[:, 1:].numel(),
+            ),
+            dev,
+            train_steps,
+        )
     row(
         f"training tokens/s, generalist, batch {p.batch_size}x{p.context}",
         _train_step(
@@ -174,15 +210,7 @@ def run_bench(
             dev,
             train_steps,
         ),
-        _train_step(
-            list(gpt2.parameters()),
-            lambda: (
-                gpt2(input_ids=batch[:, :-1], labels=batch[:, :-1]).loss,
-                batch[:, 1:].numel(),
-            ),
-            dev,
-            train_steps,
-        ),
+        gpt2_train,
     )
     return {
         "machine": _machine(dev, cuda_graphs),
@@ -224,8 +252,23 @@ def print_table(result: dict) -> str:
         f"|{'-' * 54}|{'-' * 12}|{'-' * 12}|{'-' * 8}|",
     ]
     for r in result["rows"]:
-        lines.append(
-            f"| {r['name']:<52} | {r['ours']:>10,.0f} | {r['reference']:>10,.0f} | "
-            f"{r['ratio']:>5.2f}x |"
-        )
+        ref = "-" if r["reference"] is None else f"{r['reference']:,.0f}"
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}x"
+        lines.append(f"| {r['name']:<52} | {r['ours']:>10,.0f} | {ref:>10} | {ratio:>6} |")
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="cpu", choices=list(PROFILES))
+    parser.add_argument("--quick", action="store_true", help="fewer tokens (smoke test)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--no-reference", action="store_true", help="ours only, no GPT-2")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    result = run_bench(args.profile, args.quick, args.device, reference=not args.no_reference)
+    print(json.dumps(result, indent=2) if args.json else print_table(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -15,19 +15,19 @@ The lifecycle part adds specialists `benchnew*` built from the first documents o
 specialist's corpus, then DELETEs them again: the home keeps the new model versions, and the
 deleted corpora move to data/.deleted/ (nothing is destroyed).
 
-    .venv/bin/python scripts/bench_stack.py --home sma-home [--profile cpu] [--tokens 128] \
-        [--repeats 3] [--threads N] [--device cpu|cuda] [--json] [--skip-lifecycle]
+    python -m bench.stack --home sma-home [--profile cpu] [--tokens 128] [--repeats 3] \\
+        [--concurrency 1,8,32] [--threads N] [--train-threads N] [--device cpu|cuda] \\
+        [--json] [--skip-lifecycle]
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
-import platform
-import re
+import random
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -40,35 +40,74 @@ import grpc
 import httpx
 import torch
 
-from services.stack import free_port_block
-from shiftable_lib import checkpoint, jobs
+from bench.stack_paths import (
+    choose_prompt,
+    cpu_model,
+    grpc_once,
+    inprocess_once,
+    sse_once,
+    stack_cpu,
+)
+from shiftable_lib import checkpoint
 from shiftable_lib.config import Settings
 from shiftable_lib.corpus import DOCUMENT_SEPARATOR, GENERAL, read_documents
 from shiftable_lib.generate import Engine
-from shiftable_lib.sampling import SamplingParams
 from sma.v1 import inference_pb2, inference_pb2_grpc
 
-READY_TIMEOUT_S = 3600.0  # a first start with the cpu profile trains for up to ~10 minutes
-ANSWER_TIMEOUT_S = 120.0  # the gateway answers /health within seconds, training or not
+READY_TIMEOUT_S = 3600.0  # a first start trains the model before it is ready: allow a long one
+ANSWER_TIMEOUT_S = 120.0  # the gateway answers /health early, whether it is training or not
 CONCURRENCY = (1, 8, 32)
 NEW_DOCS = 100  # documents copied into each new specialist corpus (at most half the source)
-# the first whose greedy completion runs to --tokens without EOS is used
-PROMPTS = ("The list of files in the module", "import numpy as np\n", "def main():\n")
+
+Samples = list[tuple[int, float]]  # (tokens, seconds) of each round
+
+
+def free_port_block(n: int = 4, host: str = "127.0.0.1") -> int:
+    """A port P with P .. P+n-1 all free: a gateway port whose derived gRPC ports are free too
+    (the benchmarks and the tests start stacks side by side with it)."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20_000, 60_000)
+        try:
+            for port in range(base, base + n):
+                with socket.socket() as s:
+                    s.bind((host, port))
+        except OSError:
+            continue
+        return base
+    raise OSError("no free block of ports")
 
 
 def start_stack(
-    home: Path, profile: str, device: str, port: int, threads: int, log: Path
+    home: Path,
+    profile: str,
+    device: str,
+    port: int,
+    threads: int,
+    log: Path,
+    train_threads: int = 0,
 ) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SMA_")}  # no stray ports
     env["SMA_THREADS"] = str(threads)
-    command = [sys.executable, "-m", "shiftable_lib.cli", "up", "--home", str(home)]
+    env["SMA_TRAIN_THREADS"] = str(train_threads)
+    command = [sys.executable, "-m", "shiftable.cli", "up", "--home", str(home)]
     command += ["--profile", profile, "--device", device, "--port", str(port)]
     with open(log, "ab") as out:
         return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
+def stop_stack(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 def wait_ready(http: httpx.Client, process: subprocess.Popen, log: Path) -> dict:
-    """/health once it says ready. A first start may train for minutes, but the gateway answers
+    """/health once it says ready. A first start trains a model first, but the gateway answers
     /health meanwhile: if it has not answered within ANSWER_TIMEOUT_S (e.g. it crashes at
     start and the supervisor keeps restarting it), give up with the log rather than wait."""
     start = time.monotonic()
@@ -91,89 +130,6 @@ def wait_ready(http: httpx.Client, process: subprocess.Popen, log: Path) -> dict
     raise RuntimeError(f"the stack {state} (exit code {process.poll()}):\n{tail}")
 
 
-def choose_prompt(engine: Engine, tokens: int) -> tuple[str, int]:
-    """The first prompt whose greedy completion (EOS allowed) is `tokens` long, else the one
-    that runs longest; and that length (greedy is deterministic, so the gateway's matches)."""
-    params = SamplingParams(max_new_tokens=tokens, temperature=0.0)
-    best = ("", -1)
-    for prompt in PROMPTS:
-        seq = engine.submit(prompt, params)
-        while engine.has_work():
-            engine.step()
-        if len(seq.output_ids) > best[1]:
-            best = (prompt, len(seq.output_ids))
-        if best[1] >= tokens:
-            break
-    return best
-
-
-def inprocess_once(
-    engine: Engine, prompt: str, tokens: int, steps: list[float]
-) -> tuple[int, float]:
-    """Tokens and wall time of one greedy completion; appends each decode step's time to
-    `steps` (timed as the inference worker times its own: `Info.decode_seconds`)."""
-    params = SamplingParams(max_new_tokens=tokens, temperature=0.0, ignore_eos=True)
-    start = time.perf_counter()
-    seq = engine.submit(prompt, params)
-    while seq.finish_reason is None:
-        before = time.perf_counter()
-        engine.step()
-        steps.append(time.perf_counter() - before)
-    return len(seq.output_ids), time.perf_counter() - start
-
-
-def grpc_once(address: str, prompt: str, tokens: int, streams: int) -> tuple[int, float]:
-    """Total completion tokens of `streams` concurrent Generate calls, and the wall time from
-    starting the first to the last message of the last (connection set up beforehand)."""
-    request = inference_pb2.GenerateRequest(
-        prompt=prompt, max_new_tokens=tokens, temperature=0.0, top_k=0, top_p=1.0, seed=0
-    )
-    request.ignore_eos = True
-
-    async def run() -> tuple[int, float]:
-        async with grpc.aio.insecure_channel(address) as channel:
-            await channel.channel_ready()
-            stub = inference_pb2_grpc.InferenceStub(channel)
-
-            async def one() -> int:
-                usage = 0
-                async for message in stub.Generate(request):
-                    usage = message.usage.completion_tokens or usage
-                return usage
-
-            start = time.perf_counter()
-            counts = await asyncio.gather(*(one() for _ in range(streams)))
-            return sum(counts), time.perf_counter() - start
-
-    return asyncio.run(run())
-
-
-def sse_once(
-    http: httpx.Client, prompt: str, tokens: int, ignore_eos: bool
-) -> tuple[int, float, str | None]:
-    """Tokens streamed (sum of token_ids), wall time to the `done` event, finish reason.
-    `ignore_eos` only where the gateway's GenerateBody has it (else it would answer 422)."""
-    body = {"prompt": prompt, "max_new_tokens": tokens, "temperature": 0.0, "seed": 0}
-    body |= {"ignore_eos": True} if ignore_eos else {}
-    count, finish, event = 0, None, ""
-    start = time.perf_counter()
-    with http.stream("POST", "/generate/stream", json=body, timeout=None) as response:
-        response.raise_for_status()
-        for line in response.iter_lines():
-            if line.startswith("event: "):
-                event = line.removeprefix("event: ")
-            elif line.startswith("data: "):
-                data = json.loads(line.removeprefix("data: "))
-                if event == "token":
-                    count += len(data["token_ids"])
-                elif event == "done":
-                    finish = data.get("finish_reason")
-                    break
-                else:
-                    raise RuntimeError(f"SSE {event}: {data}")
-    return count, time.perf_counter() - start, finish
-
-
 def fresh_name(base: str, data_dir: Path, taken: list[str]) -> str:
     name, i = base, 1
     while name in taken or (data_dir / name).exists():
@@ -182,9 +138,10 @@ def fresh_name(base: str, data_dir: Path, taken: list[str]) -> str:
     return name
 
 
-def lifecycle(http: httpx.Client, data_dir: Path, served: list[str]) -> dict:
+def lifecycle(http: httpx.Client, data_dir: Path) -> dict:
     """Seconds from POST /specialists to its 200 (the new specialist serves): an incremental
     add of one new corpus, then (after deleting it) a full retrain with a copy of it."""
+    served = http.get("/specialists").raise_for_status().json()
     source = next(s for s in served if s != GENERAL and (data_dir / s).is_dir())
     docs = read_documents(data_dir / source)
     docs = docs[: min(NEW_DOCS, max(1, len(docs) // 2))]
@@ -206,91 +163,29 @@ def lifecycle(http: httpx.Client, data_dir: Path, served: list[str]) -> dict:
     return {"source": source, "documents": len(docs), "names": names, **seconds}
 
 
-def stack_cpu(root: int) -> dict[str, float]:
-    """CPU seconds (user + system) used so far by the process tree under `root`, by role: each
-    server by its `sma serve` name, the inference worker, everything else as "sma up"; and by
-    this process as "client". Empty where there is no /proc (Linux only)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    procs: dict[int, tuple[int, list[str], float]] = {}  # pid -> (parent, command, seconds)
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            command = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
-        except OSError:  # gone meanwhile
-            continue
-        seconds = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
-        procs[int(entry.name)] = (int(fields[1]), command, seconds)
-    if root not in procs:
-        return {}
-    children: dict[int, list[int]] = {}
-    for pid, (parent, _, _) in procs.items():
-        children.setdefault(parent, []).append(pid)
-    used: dict[str, float] = {}
-    todo = [(root, "sma up")]
-    while todo:
-        pid, role = todo.pop()
-        command, seconds = procs[pid][1], procs[pid][2]
-        if "serve" in command[:-1]:
-            role = command[command.index("serve") + 1]
-        elif any("spawn_main" in word for word in command):
-            role = f"{role} worker"
-        used[role] = used.get(role, 0.0) + seconds
-        todo += [(child, role) for child in children.get(pid, [])]
-    times = os.times()
-    used["client"] = times.user + times.system
-    return used
-
-
-def cpu_model() -> str:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    return (re.findall(r"model name\s*:\s*(.*)", info) or [platform.machine()])[0]
-
-
-def rate(samples: list[tuple[int, float]]) -> float:
+def rate(samples: Samples) -> float:
     return statistics.median(n / s for n, s in samples)
 
 
-def paired(samples: list[tuple[int, float]], base: list[tuple[int, float]]) -> float:
-    """Median over rounds of the round's ratio: a slow or fast spell of the VM cancels out."""
+def paired(samples: Samples, base: Samples) -> float:
+    """Median over rounds of the round's ratio: a slow or fast spell of the machine cancels."""
     return statistics.median(
         (n / s) / (m / t) for (n, s), (m, t) in zip(samples, base, strict=True)
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--home", type=Path, required=True)
-    parser.add_argument("--profile", default="cpu", help="for a first training only")
-    parser.add_argument("--tokens", type=int, default=128, help="new tokens per stream")
-    parser.add_argument("--repeats", type=int, default=3, help="rounds; medians are reported")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=0,
-        help="torch threads (SMA_THREADS); 0 = the stack's default",
-    )
-    parser.add_argument(
-        "--device", default="cpu", help="where the stack and the in-process engine decode"
-    )
-    parser.add_argument("--json", action="store_true")
-    parser.add_argument("--skip-lifecycle", action="store_true")
-    args = parser.parse_args()
-
-    home = args.home.resolve()
-    args.threads = args.threads or Settings(home=home).decode_threads()  # as the worker's
-    settings = Settings(home=home, threads=args.threads)
-    profile = args.profile
-    if (current := checkpoint.current_version(settings.models_dir)) is not None:
-        config = json.loads((settings.models_dir / current / "config.json").read_text())
-        profile = config["profile"]["name"]  # the stack must not disagree with the model
-    torch.set_num_threads(args.threads)
+def measure(args: argparse.Namespace, settings: Settings, profile: str) -> dict:
+    """Start the stack, take every sample, stop it: the raw material of `summarize`."""
     port = free_port_block()
     log = Path(tempfile.mkdtemp(prefix="bench-stack-")) / "stack.log"
     http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60.0)
-    address = f"127.0.0.1:{port + 3}"  # the inference port the stack derives (Settings.grpc_port)
-    process = start_stack(home, profile, args.device, port, args.threads, log)
-    notes: list[str] = [f"stack log: {log}"]
-    load_before = os.getloadavg()[0]
+    # the inference port the stack derives from the gateway's (Settings.grpc_port)
+    address = Settings(home=settings.home, host="127.0.0.1", port=port, inference_port=0)
+    address = address.grpc_address("inference")
+    process = start_stack(
+        settings.home, profile, args.device, port, args.threads, log, args.train_threads
+    )
+    raw: dict = {"notes": [f"stack log: {log}"], "load_before": os.getloadavg()[0]}
     worker = ThreadPoolExecutor(max_workers=1)
     channel = grpc.insecure_channel(address)  # connects when first used
     stub = inference_pb2_grpc.InferenceStub(channel)
@@ -299,25 +194,28 @@ def main() -> None:
         return stub.GetModelInfo(inference_pb2.GetModelInfoRequest(), timeout=30)
 
     try:
-        health = wait_ready(http, process, log)
-        info = model_info()
-        version = jobs.load_current(settings, args.device)
+        wait_ready(http, process, log)
+        raw["info"] = info = model_info()
+        version = checkpoint.load_version(settings.models_dir, info.version_id, args.device)
         # as in the server: the engine is built on one thread and stepped on another (`worker`,
         # like its step thread). Which thread first runs torch's parallel regions matters: on a
-        # busy machine, stepping on that same thread with 2 threads was ~20x slower (tiny)
+        # busy machine, stepping on that same thread with several threads was far slower
         engine = Engine(version.model, version.tokenizer, info.max_batch)
         prompt, reach = worker.submit(choose_prompt, engine, args.tokens).result()
+        raw["prompt"] = prompt
         schemas = http.get("/openapi.json").json().get("components", {}).get("schemas", {})
-        sse_eos = "ignore_eos" in schemas.get("GenerateBody", {}).get("properties", {})
+        raw["sse_eos"] = sse_eos = "ignore_eos" in schemas.get("GenerateBody", {}).get(
+            "properties", {}
+        )
         if not sse_eos and reach < args.tokens:
-            notes.append(
+            raw["notes"].append(
                 f"every prompt hits EOS before {args.tokens} tokens (best {reach}) and the "
                 "gateway has no ignore_eos: the SSE row is over shorter streams (more prefill "
                 "and overhead per token), not strictly comparable"
             )
-        if info.max_batch < max(CONCURRENCY):
-            notes.append(f"max_batch is {info.max_batch}: streams beyond it queue")
-        one: dict[str, list[tuple[int, float]]] = {"in-process": [], "gRPC": [], "SSE": []}
+        if info.max_batch < max(args.concurrency):
+            raw["notes"].append(f"max_batch is {info.max_batch}: streams beyond it queue")
+        one: dict[str, Samples] = {"in-process": [], "gRPC": [], "SSE": []}
         finishes: list[str | None] = []
         cpu: dict[str, dict[str, float]] = {"gRPC": {}, "SSE": {}}  # CPU seconds by role
         # decode steps of the measured rounds: in this process, and in the stack's worker
@@ -332,7 +230,7 @@ def main() -> None:
         }
         for round_ in range(args.repeats + 1):  # round 0 warms every path up
             # each round runs the three back to back, in turn forwards and backwards, so that a
-            # drift in the VM's speed hits them alike (ratios are taken within a round)
+            # drift in the machine's speed hits them alike (ratios are taken within a round)
             order = list(paths) if round_ % 2 else list(reversed(paths))
             got = {}
             for name in order:
@@ -346,36 +244,36 @@ def main() -> None:
                     last = model_info()
                     worker_steps[name][0] += last.decode_steps - first.decode_steps
                     worker_steps[name][1] += last.decode_seconds - first.decode_seconds
-            ip = got["in-process"]
-            gr = got["gRPC"]
-            n, seconds, finish = got["SSE"]
             if round_:
-                one["in-process"].append(ip)
-                one["gRPC"].append(gr)
+                one["in-process"].append(got["in-process"])
+                one["gRPC"].append(got["gRPC"])
+                n, seconds, finish = got["SSE"]
                 one["SSE"].append((n, seconds))
                 finishes.append(finish)
         if min(n for n, _ in one["SSE"]) < args.tokens:
-            notes.append(f"SSE streams ended early: {one['SSE']} (tokens, s), finish {finishes}")
-        conc: dict[int, list[tuple[int, float]]] = {n: [] for n in CONCURRENCY}
-        grpc_once(address, prompt, args.tokens, max(CONCURRENCY))  # warm the batched shapes
+            raw["notes"].append(
+                f"SSE streams ended early: {one['SSE']} (tokens, s), finish {finishes}"
+            )
+        conc: dict[int, Samples] = {n: [] for n in args.concurrency}
+        grpc_once(address, prompt, args.tokens, max(args.concurrency))  # warm the batched shapes
         for _ in range(args.repeats):
-            for n in CONCURRENCY:
+            for n in args.concurrency:
                 conc[n].append(grpc_once(address, prompt, args.tokens, n))
         life = None
         if not args.skip_lifecycle:
-            life = lifecycle(http, settings.data_dir, health["specialists"])
+            life = lifecycle(http, settings.data_dir)
     finally:
         worker.shutdown()
         http.close()
         channel.close()
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_stack(process)
+    raw |= {"one": one, "cpu": cpu, "step_times": step_times, "worker_steps": worker_steps}
+    return raw | {"conc": conc, "life": life}
 
+
+def summarize(raw: dict, args: argparse.Namespace) -> dict:
+    """Rows (value, unit, ratio, goal), the machine, notes, and the per-token splits."""
+    one, notes, info = raw["one"], raw["notes"], raw["info"]
     single = {k: rate(v) for k, v in one.items()}
     base = single["in-process"]
     rows: list[dict] = []
@@ -389,10 +287,13 @@ def main() -> None:
     row("gRPC Generate, 1 stream", single["gRPC"], "tok/s", paired(one["gRPC"], inproc), ">=0.9x")
     sse = paired(one["SSE"], inproc)
     row("SSE /generate/stream, 1 stream", single["SSE"], "tok/s", sse, ">=0.85x")
-    for n in CONCURRENCY:
+    conc = raw["conc"]
+    for n in args.concurrency:
         row(f"gRPC, {n} concurrent (aggregate)", rate(conc[n]), "tok/s", rate(conc[n]) / base)
-    row("gRPC 32 vs 1 stream", paired(conc[32], conc[1]), "x", None, ">=8x")
-    if life is not None:
+    most, fewest = max(args.concurrency), min(args.concurrency)
+    goal = ">=8x" if (most, fewest) == (32, 1) else ""
+    row(f"gRPC {most} vs {fewest} stream", paired(conc[most], conc[fewest]), "x", None, goal)
+    if (life := raw["life"]) is not None:
         row("POST /specialists incremental", life["incremental"], "s", None)
         row("POST /specialists full_retrain", life["full"], "s", life["full"] / life["incremental"])
         notes.append(
@@ -403,10 +304,10 @@ def main() -> None:
     cpu_per_token = {
         path: {
             role: round(seconds / sum(n for n, *_ in one[path]) * 1e6)
-            for role, seconds in sorted(cpu[path].items())
+            for role, seconds in sorted(raw["cpu"][path].items())
             if seconds > 0
         }
-        for path in cpu
+        for path in raw["cpu"]
     }
     for path, roles in cpu_per_token.items():
         if roles:
@@ -414,9 +315,12 @@ def main() -> None:
             notes.append(f"CPU us per token, one {path} stream: {used}")
     # the same decode step in this process and in the stack's worker, and what each path spends
     # per token outside its steps (hand-off, protocol, client)
+    step_times = raw["step_times"]
     step_us = {"in-process": statistics.fmean(step_times) * 1e6}
-    outside_us = {"in-process": (sum(s for _, s in inproc) - sum(step_times)) / len(step_times)}
-    for path, (n_steps, seconds) in worker_steps.items():
+    outside_us = {
+        "in-process": (sum(s for _, s in inproc) - sum(step_times)) / len(step_times) * 1e6
+    }
+    for path, (n_steps, seconds) in raw["worker_steps"].items():
         if n_steps:
             step_us[path] = seconds / n_steps * 1e6
             outside_us[path] = (sum(s for _, s in one[path]) - seconds) / n_steps * 1e6
@@ -431,7 +335,7 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "cpu": cpu_model(),
         "device": args.device,
-        "loadavg_1m_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "loadavg_1m_before_after": [round(raw["load_before"], 2), round(os.getloadavg()[0], 2)],
         "torch": torch.__version__,
         "torch_threads": args.threads,
         "profile": info.profile,
@@ -439,23 +343,82 @@ def main() -> None:
         "max_batch": info.max_batch,
         "tokens": args.tokens,
         "repeats": args.repeats,
-        "prompt": prompt,
-        "sse_ignore_eos": sse_eos,
+        "prompt": raw["prompt"],
+        "sse_ignore_eos": raw["sse_eos"],
     }
-    if args.json:
-        report = {"rows": rows, "machine": machine, "cpu_us_per_token": cpu_per_token}
-        report |= {"step_us": step_us, "outside_us_per_token": outside_us}
-        print(json.dumps(report | {"notes": notes}, indent=2))
-        return
+    return {
+        "rows": rows,
+        "machine": machine,
+        "cpu_us_per_token": cpu_per_token,
+        "step_us": step_us,
+        "outside_us_per_token": outside_us,
+        "notes": notes,
+    }
+
+
+def print_report(report: dict) -> None:
     print(f"{'row':34} {'value':>10} {'unit':6} {'ratio':>8}  goal")
-    for r in rows:
+    for r in report["rows"]:
         ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}x"
         print(f"{r['row']:34} {r['value']:>10.2f} {r['unit']:6} {ratio:>8}  {r['goal']}")
     print("ratio: vs in-process for tok/s rows (1 stream: the median of each round's ratio);")
-    print("       full retrain / incremental for the last; 32 vs 1: median of each round's ratio")
-    print("machine: " + ", ".join(f"{k} {v!r}" for k, v in machine.items()))
-    for note in notes:
+    print("       full retrain / incremental for the last; N vs 1: median of each round's ratio")
+    print("machine: " + ", ".join(f"{k} {v!r}" for k, v in report["machine"].items()))
+    for note in report["notes"]:
         print(f"note: {note}")
+
+
+def concurrency(text: str) -> tuple[int, ...]:
+    levels = tuple(sorted({int(n) for n in text.split(",")}))
+    if len(levels) < 2 or levels[0] < 1:
+        raise argparse.ArgumentTypeError("two or more stream counts >= 1, e.g. 1,8,32")
+    return levels
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--home", type=Path, required=True)
+    parser.add_argument("--profile", default="cpu", help="for a first training only")
+    parser.add_argument("--tokens", type=int, default=128, help="new tokens per stream")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds; medians are reported")
+    parser.add_argument(
+        "--concurrency",
+        type=concurrency,
+        default=CONCURRENCY,
+        help="concurrent gRPC streams to compare, comma-separated (default 1,8,32)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads (SMA_THREADS); 0 = the stack's default",
+    )
+    parser.add_argument(
+        "--train-threads",
+        type=int,
+        default=0,
+        help="torch threads of the stack's training jobs (SMA_TRAIN_THREADS); 0 = all cores",
+    )
+    parser.add_argument(
+        "--device", default="cpu", help="where the stack and the in-process engine decode"
+    )
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--skip-lifecycle", action="store_true")
+    args = parser.parse_args(argv)
+
+    home = args.home.resolve()
+    args.threads = args.threads or Settings(home=home).decode_threads()  # as the worker's
+    settings = Settings(home=home, threads=args.threads)
+    profile = args.profile
+    if (current := checkpoint.current_version(settings.models_dir)) is not None:
+        # the stack must not disagree with the model
+        profile = checkpoint.load_version(settings.models_dir, current).profile.name
+    torch.set_num_threads(args.threads)
+    report = summarize(measure(args, settings, profile), args)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_report(report)
 
 
 if __name__ == "__main__":
