@@ -13,12 +13,15 @@ PROFILE  ?= cpu
 
 install: $(STAMP) $(NPM_STAMP)
 
-# torch is pinned first: a looser requirement would pull a multi-GB CUDA build.
+# torch is pinned first: a looser requirement would pull a multi-GB CUDA build. setuptools says
+# at length that an editable install of a two-root layout (., protos/) uses an import hook:
+# known and intended, so that note is silenced and real warnings still show.
+PIP_INSTALL := PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip install -q
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(PIP_INSTALL) -e '.[dev,demo]'
 	touch $(STAMP)
 
 # npm tools (buf, for `buf lint` of protos/) go into ./node_modules, never globally.
@@ -33,7 +36,7 @@ $(CHROMIUM):
 	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 
 $(VENV)/.bench-installed: $(STAMP)
-	$(BIN)/python -m pip install -q -e '.[dev,bench]'
+	$(PIP_INSTALL) -e '.[dev,demo,bench]'
 	touch $@
 
 # The whole stack: registry, training, inference and gateway on loopback. A first start builds
@@ -44,11 +47,13 @@ run: install
 test: install browser
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 	$(BIN)/pytest -q
 
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 bench: $(VENV)/.bench-installed
 	$(BIN)/sma bench --profile $(PROFILE)

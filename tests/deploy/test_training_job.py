@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 from torch.distributed.run import get_args_parser
 
-from services.stack import free_port_block
+from bench.stack import free_port_block
+from shiftable.cli import build_parser
 from shiftable_lib import checkpoint
-from shiftable_lib.cli import build_parser
 from shiftable_lib.config import get_profile
 from tests.deploy.manifests import DEPLOY, ManifestError, render, validate
 from tests.e2e.conftest import tiny_home
@@ -144,7 +144,7 @@ def test_each_host_runs_sma_train_under_torchrun(rendered: dict[str, dict]) -> N
     nodes = sum(r["replicas"] for r in roles.values())
     assert (int(launch.nnodes), launch.nproc_per_node) == (nodes, job["spec"]["nprocPerNode"])
     assert (launch.master_addr, launch.master_port) == ("127.0.0.1", 29500)
-    assert launch.module and launch.training_script == "shiftable_lib.cli"
+    assert launch.module and launch.training_script == "shiftable.cli"
     sma = build_parser().parse_args(launch.training_script_args)
     assert sma.command == "train"
     profile = get_profile(sma.profile)

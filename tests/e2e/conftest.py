@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.stack import free_port_block
+from bench.stack import free_port_block
 from tests.conftest import VOCAB, synthetic_documents, write_domain
 
 READY_TIMEOUT = 240.0
@@ -42,7 +42,7 @@ class Stack:
     def start(self) -> Stack:
         env = {**os.environ, "SMA_THREADS": "1", "SMA_TRAIN_THREADS": "1", "SMA_MAX_BATCH": "8"}
         env.pop("SMA_HOME", None)
-        command = [sys.executable, "-m", "shiftable_lib.cli", "up", "--home", str(self.home)]
+        command = [sys.executable, "-m", "shiftable.cli", "up", "--home", str(self.home)]
         command += ["--profile", "tiny", "--device", "cpu", "--port", str(self.port)]
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)

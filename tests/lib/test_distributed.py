@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 def sma_train(home: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "SMA_THREADS": "1"}
     env.pop("SMA_HOME", None)
-    command = [sys.executable, "-m", "shiftable_lib.cli", "train", "--home", str(home)]
+    command = [sys.executable, "-m", "shiftable.cli", "train", "--home", str(home)]
     command += ["--profile", "tiny", "--device", "cpu", *extra]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 

@@ -115,7 +115,7 @@ def torchrun(nproc: int, argv: list[str]) -> int:
     own launcher; its exit status is the job's (one rank failing fails and stops them all)."""
     from shiftable_lib.distributed import torchrun_command
 
-    command = torchrun_command(nproc, "shiftable_lib.cli", argv)
+    command = torchrun_command(nproc, "shiftable.cli", argv)
     return subprocess.run(command, check=False).returncode
 
 
@@ -207,7 +207,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from shiftable_lib.bench import print_table, run_bench
+    from bench.decode import print_table, run_bench
 
     settings = _settings(args)
     result = run_bench(args.profile, args.quick, settings.device, settings.cuda_graphs)
@@ -230,7 +230,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from services.stack import up
+    from shiftable.stack import up
 
     return up(_settings(args))
 

@@ -16,7 +16,7 @@ from tests.conftest import synthetic_documents, write_domain
 def sma(home: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "SMA_HOME": str(home), "SMA_PROFILE": "tiny", "SMA_THREADS": "2"}
     done = subprocess.run(
-        [sys.executable, "-m", "shiftable_lib.cli", *args],
+        [sys.executable, "-m", "shiftable.cli", *args],
         capture_output=True,
         text=True,
         env=env,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import socket
 import subprocess
@@ -90,22 +89,6 @@ def check_ports(settings: Settings) -> None:
                 ) from None
 
 
-def free_port_block(n: int = 4, host: str = "127.0.0.1") -> int:
-    """A port P with P .. P+n-1 all free: a gateway port whose derived gRPC ports are free too
-    (tests and benchmarks start stacks side by side with it)."""
-    rng = random.Random()
-    for _ in range(200):
-        base = rng.randrange(20_000, 60_000)
-        try:
-            for port in range(base, base + n):
-                with socket.socket() as s:
-                    s.bind((host, port))
-        except OSError:
-            continue
-        return base
-    raise OSError("no free block of ports")
-
-
 def up(settings: Settings) -> int:
     """Run the stack until Ctrl-C/SIGTERM. Returns the process exit code."""
     try:
@@ -116,8 +99,7 @@ def up(settings: Settings) -> int:
     settings.home.mkdir(parents=True, exist_ok=True)
     env = stack_env(settings)
     children = [
-        Child(name, [sys.executable, "-m", "shiftable_lib.cli", "serve", name], env)
-        for name in ORDER
+        Child(name, [sys.executable, "-m", "shiftable.cli", "serve", name], env) for name in ORDER
     ]
     stopping = False
 
