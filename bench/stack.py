@@ -180,8 +180,9 @@ def measure(args: argparse.Namespace, settings: Settings, profile: str) -> dict:
     log = Path(tempfile.mkdtemp(prefix="bench-stack-")) / "stack.log"
     http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60.0)
     # the inference port the stack derives from the gateway's (Settings.grpc_port)
-    address = Settings(home=settings.home, host="127.0.0.1", port=port, inference_port=0)
-    address = address.grpc_address("inference")
+    address = Settings(
+        home=settings.home, host="127.0.0.1", port=port, inference_port=0, inference_addr=""
+    ).grpc_target("inference")
     process = start_stack(
         settings.home, profile, args.device, port, args.threads, log, args.train_threads
     )

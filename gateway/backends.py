@@ -6,6 +6,7 @@ gRPC status codes become HTTP statuses in one place (`http_status`).
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass
 
 import grpc
@@ -16,6 +17,7 @@ from shiftable_lib.errors import Busy, Conflict, NotFound, Overloaded, Shiftable
 from sma.v1 import inference_pb2_grpc, registry_pb2_grpc, training_pb2_grpc
 
 RPC_TIMEOUT = 15.0  # seconds for a unary call to another service
+ROUND_ROBIN = {"round_robin": {}}
 
 HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
@@ -70,14 +72,20 @@ class Backends:
 
     @classmethod
     def connect(cls, settings: Settings) -> Backends:
-        addresses = {name: settings.grpc_address(name) for name in GRPC_SERVICES}
+        addresses = {name: settings.grpc_target(name) for name in GRPC_SERVICES}
         options = [
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
             ("grpc.keepalive_time_ms", 30_000),
             ("grpc.initial_reconnect_backoff_ms", 200),
             ("grpc.max_reconnect_backoff_ms", 2_000),
         ]
-        channels = {n: grpc.aio.insecure_channel(a, options=options) for n, a in addresses.items()}
+        # inference may be several replicas behind one name (a headless Service): spread the
+        # calls over every address the name resolves to, not just the first
+        spread = [("grpc.service_config", json.dumps({"loadBalancingConfig": [ROUND_ROBIN]}))]
+        channels = {
+            n: grpc.aio.insecure_channel(a, options=options + (spread if n == "inference" else []))
+            for n, a in addresses.items()
+        }
         return cls(
             addresses=addresses,
             channels=channels,

@@ -67,6 +67,7 @@ def stack_env(settings: Settings) -> dict[str, str]:
     )
     for name in GRPC_SERVICES:
         env[f"SMA_{name.upper()}_PORT"] = str(settings.grpc_port(name))
+        env[f"SMA_{name.upper()}_ADDR"] = ""  # the stack's own servers, whatever the shell says
     return env
 
 

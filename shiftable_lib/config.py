@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -208,6 +209,10 @@ class Settings(BaseSettings):
     registry_port: int = Field(default=0, description="0 = derived from port (see grpc_port)")
     training_port: int = Field(default=0, description="0 = derived from port")
     inference_port: int = Field(default=0, description="0 = derived from port")
+    # where the others are: each server binds `host`, but in a cluster it dials another pod
+    registry_addr: str = Field(default="", description="registry to dial; '' = host:port here")
+    training_addr: str = Field(default="", description="training to dial; '' = host:port here")
+    inference_addr: str = Field(default="", description="inference to dial; '' = host:port here")
     max_batch: int = Field(default=32, ge=1, description="sequences decoded together")
     max_queue: int = Field(default=64, ge=0, description="requests waiting beyond max_batch")
     cuda_graphs: bool = Field(
@@ -251,8 +256,40 @@ class Settings(BaseSettings):
             return explicit
         return (50051 if self.port == 8000 else self.port + 1) + offset
 
-    def grpc_address(self, service: str) -> str:
-        return f"{self.host}:{self.grpc_port(service)}"
+    def grpc_bind(self, service: str) -> str:
+        """Where the `service` server listens: `host` and its gRPC port."""
+        return _host_port(self.host, self.grpc_port(service))
+
+    def grpc_target(self, service: str) -> str:
+        """Where clients dial `service`: `SMA_<SERVICE>_ADDR` (`host:port`, or a gRPC target
+        URI such as `dns:///inference-headless:50053`), else this host's own server. A wildcard
+        bind address (0.0.0.0, ::) is dialled on loopback."""
+        explicit = getattr(self, f"{service}_addr")
+        if explicit:
+            return explicit
+        host = "127.0.0.1" if self.host in WILDCARD_HOSTS else self.host
+        return _host_port(host, self.grpc_port(service))
+
+    @field_validator("registry_addr", "training_addr", "inference_addr")
+    @classmethod
+    def _check_target(cls, value: str, info: ValidationInfo) -> str:
+        value = value.strip()
+        if value and not (TARGET_URI.match(value) or HOST_PORT.match(value)):
+            raise ValueError(
+                f"SMA_{info.field_name.upper()}={value!r} is not a gRPC address: give host:port "
+                "(inference:50053, [::1]:50053) or a target URI (dns:///inference-headless:50053)"
+            )
+        return value
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+# gRPC's target URIs (scheme:[//authority/]endpoint) of the schemes grpcio resolves
+TARGET_URI = re.compile(r"^(dns|ipv4|ipv6|unix|unix-abstract|vsock|xds):\S+$")
+HOST_PORT = re.compile(r"^([A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\]):\d{1,5}$")
 
 
 GRPC_SERVICES = ("registry", "training", "inference")

@@ -171,9 +171,9 @@ def main(settings: Settings) -> None:
     )
 
     async def start(server: Server) -> None:
-        await follow_registry(core, settings.grpc_address("registry"), server)
+        await follow_registry(core, settings.grpc_target("registry"), server)
 
     async def stop() -> None:
         await asyncio.to_thread(core.close)
 
-    run(serve(settings.grpc_address("inference"), [service], start=start, stop=stop))
+    run(serve(settings.grpc_bind("inference"), [service], start=start, stop=stop))

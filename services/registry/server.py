@@ -375,7 +375,7 @@ def main(settings: Settings) -> None:
     servicer = RegistryServicer(settings.state_dir / "registry.db")
     run(
         serve(
-            settings.grpc_address("registry"),
+            settings.grpc_bind("registry"),
             [servicer.service()],
             start=servicer.start,
             stop=servicer.stop,

@@ -141,7 +141,7 @@ def main(settings: Settings) -> None:
 
     run(
         serve(
-            settings.grpc_address("training"),
+            settings.grpc_bind("training"),
             [training_service(manager)],
             start=start,
             stop=manager.close,

@@ -1,0 +1,94 @@
+"""Each server on an address of its own, as pods are: they bind `SMA_HOST` and find each other
+only through the dial settings (`SMA_REGISTRY_ADDR`, ... as host:port and as target URIs)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from bench.stack import free_port_block
+from tests.conftest import train_tiny_home
+from tests.e2e.conftest import wait_for
+
+pytestmark = pytest.mark.slow
+
+HOSTS = {"registry": "127.0.0.2", "training": "127.0.0.3", "inference": "127.0.0.4"}
+GATEWAY = "127.0.0.5"
+
+
+def refused(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex((host, port)) != 0
+
+
+def test_servers_on_their_own_addresses_reach_each_other_by_the_dial_settings(
+    tmp_path: Path,
+) -> None:
+    home = tmp_path / "home"
+    train_tiny_home(home)  # a model on the shared volume: the gateway adopts it at boot
+    port = free_port_block(1)  # one port number for all: each server has an address of its own
+    env = {
+        **os.environ,
+        "SMA_HOME": str(home),
+        "SMA_PROFILE": "tiny",
+        "SMA_DEVICE": "cpu",
+        "SMA_THREADS": "1",
+        "SMA_PORT": str(port),
+        **{f"SMA_{name.upper()}_PORT": str(port) for name in HOSTS},
+        "SMA_REGISTRY_ADDR": f"{HOSTS['registry']}:{port}",
+        "SMA_TRAINING_ADDR": f"ipv4:{HOSTS['training']}:{port}",
+        "SMA_INFERENCE_ADDR": f"dns:///{HOSTS['inference']}:{port}",
+    }
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    processes = []
+    try:
+        for name, host in [*HOSTS.items(), ("gateway", GATEWAY)]:
+            with open(logs / f"{name}.log", "wb") as log:
+                processes.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "shiftable", "serve", name],
+                        env={**env, "SMA_HOST": host},
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
+        with httpx.Client(base_url=f"http://{GATEWAY}:{port}", timeout=30) as http:
+
+            def ready() -> bool:
+                assert all(p.poll() is None for p in processes), _tails(logs)
+                try:
+                    return http.get("/readyz").status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            wait_for(ready, timeout=120)
+            health = http.get("/health").json()
+            assert health["initialized"] and health["ready"], health
+            assert {n: s["address"] for n, s in health["services"].items()} == {
+                n: env[f"SMA_{n.upper()}_ADDR"] for n in HOSTS
+            }
+            reply = http.post("/generate", json={"prompt": "the list", "max_new_tokens": 4})
+            assert reply.status_code == 200, reply.text
+            assert sorted(reply.json()["specialists"]) == ["dl", "ds"]
+        # each bound its own address and only that: none took 127.0.0.1 (nor 0.0.0.0)
+        assert all(not refused(host, port) for host in (*HOSTS.values(), GATEWAY))
+        assert refused("127.0.0.1", port)
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def _tails(logs: Path) -> str:
+    return "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted(logs.iterdir()))

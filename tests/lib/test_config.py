@@ -1,0 +1,71 @@
+"""Settings: where each server binds, and where its clients dial it."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from shiftable_lib.config import GRPC_SERVICES, Settings
+
+
+@pytest.fixture(autouse=True)
+def no_stack_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in (
+        "HOST",
+        "PORT",
+        *(f"{s.upper()}_{k}" for s in GRPC_SERVICES for k in "PORT ADDR".split()),
+    ):
+        monkeypatch.delenv(f"SMA_{name}", raising=False)
+
+
+def test_one_machine_binds_and_dials_the_same_ports() -> None:
+    settings = Settings()
+    for offset, service in enumerate(GRPC_SERVICES):
+        assert settings.grpc_bind(service) == f"127.0.0.1:{50051 + offset}"
+        assert settings.grpc_target(service) == settings.grpc_bind(service)
+    moved = Settings(port=9000)
+    assert [moved.grpc_target(s) for s in GRPC_SERVICES] == [
+        "127.0.0.1:9001",
+        "127.0.0.1:9002",
+        "127.0.0.1:9003",
+    ]
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::"])
+def test_a_wildcard_bind_is_dialled_on_loopback(host: str) -> None:
+    settings = Settings(host=host)
+    bind = "0.0.0.0:50051" if host == "0.0.0.0" else "[::]:50051"
+    assert settings.grpc_bind("registry") == bind
+    assert settings.grpc_target("registry") == "127.0.0.1:50051"
+
+
+def test_an_ipv6_host_gets_brackets() -> None:
+    settings = Settings(host="::1", port=9000)
+    assert settings.grpc_bind("inference") == settings.grpc_target("inference") == "[::1]:9003"
+
+
+def test_dial_addresses_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SMA_HOST", "0.0.0.0")
+    monkeypatch.setenv("SMA_REGISTRY_ADDR", "registry:50051")
+    monkeypatch.setenv("SMA_INFERENCE_ADDR", "dns:///inference-headless:50053")
+    settings = Settings()
+    assert settings.grpc_bind("inference") == "0.0.0.0:50053"  # binding is unchanged
+    assert settings.grpc_target("registry") == "registry:50051"
+    assert settings.grpc_target("inference") == "dns:///inference-headless:50053"
+    assert settings.grpc_target("training") == "127.0.0.1:50052"  # not set: this host's own
+
+
+@pytest.mark.parametrize(
+    "target", ["10.0.0.7:50051", "[fd00::7]:50051", "ipv4:10.0.0.7:50051", "unix:/run/sma.sock"]
+)
+def test_host_port_and_target_uris_are_accepted(target: str) -> None:
+    assert Settings(training_addr=target).grpc_target("training") == target
+
+
+@pytest.mark.parametrize("target", ["registry", "registry:port", "http://registry:50051", "a b:1"])
+def test_a_bad_dial_address_is_refused_with_the_variable_named(
+    monkeypatch: pytest.MonkeyPatch, target: str
+) -> None:
+    monkeypatch.setenv("SMA_REGISTRY_ADDR", target)
+    with pytest.raises(ValidationError, match=r"SMA_REGISTRY_ADDR=.* is not a gRPC address"):
+        Settings()
