@@ -91,6 +91,21 @@ class Gateway:
             raise Unavailable(f"model is training ({first['progress']['percent']:.0f}%)")
         raise Unavailable("no model is serving yet")
 
+    def generates(self, info: inference_pb2.GetModelInfoResponse | None) -> bool:
+        """Whether /generate answers now: the registry says a version is loaded and the inference
+        server (`info`, from `model_info`) has a model (not so while a restarted one loads)."""
+        return self.initialized and info is not None and bool(info.version_id)
+
+    async def require_generation(self) -> inference_pb2.GetModelInfoResponse:
+        """Inference's model info, or Unavailable saying why /generate would answer 503."""
+        await self.require_model()
+        info = await self.model_info()
+        if info is None:
+            raise Unavailable("the inference server does not answer")
+        if not info.version_id:
+            raise Unavailable(info.load_error or "no model is loaded yet")
+        return info
+
     async def specialists(self) -> list[str]:
         reply = await self.backends.registry.ListSpecialists(
             R.ListSpecialistsRequest(), timeout=RPC_TIMEOUT

@@ -32,18 +32,19 @@ async def health(gw: GatewayDep) -> dict:
     health of each gRPC service."""
     services, info = await asyncio.gather(gw.backends.health(), gw.model_info())
     version = gw.serving.version
-    ready = gw.initialized and all(s["status"] == "SERVING" for s in services.values())
+    initialized = gw.generates(info)
+    ready = initialized and all(s["status"] == "SERVING" for s in services.values())
     try:
         specialists = await gw.specialists()
     except grpc.aio.AioRpcError:
         specialists = list(version.specialists)
     return {
-        "initialized": gw.initialized,
+        "initialized": initialized,
         "device": info.device if info is not None and info.device else None,
         **artifact_paths(version.artifact_dir),
         "specialists": specialists,
         "ready": ready,
-        "status": "ok" if ready else ("degraded" if gw.initialized else "initializing"),
+        "status": "ok" if ready else ("degraded" if initialized else "initializing"),
         "serving_version": version.id or None,
         "loaded_version": gw.serving.loaded_version_id or None,
         "profile": version.profile or None,
@@ -52,6 +53,19 @@ async def health(gw: GatewayDep) -> dict:
         "boot": gw.coordinator.boot_error,
         "services": services,
     }
+
+
+@router.get("/livez")
+async def livez() -> dict:
+    """200 while the gateway's process answers at all (a liveness probe)."""
+    return {"alive": True}
+
+
+@router.get("/readyz")
+async def readyz(gw: GatewayDep) -> dict:
+    """200 once this gateway can serve generation, else 503 saying why (a readiness probe)."""
+    info = await gw.require_generation()
+    return {"ready": True, "version": info.version_id}
 
 
 def _model(info: inference_pb2.GetModelInfoResponse | None) -> dict | None:

@@ -64,6 +64,25 @@ def test_a_killed_server_is_restarted_and_the_stack_recovers(stack: Stack) -> No
     assert sorted(stack.http.get("/specialists").json()) == ["dl", "ds"]  # state survived
 
 
+def test_health_says_initialized_only_when_generate_answers(stack: Stack) -> None:
+    """A restarted inference server takes a moment to load its model: until it has, /health is
+    not initialized and /readyz answers 503, while /livez answers all along."""
+    os.kill(stack.pids()["inference"], signal.SIGKILL)
+    seen: list[tuple[bool, int, int]] = []  # (initialized, /readyz, /generate), in order
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (seen and seen[-1][0]):
+        health = stack.http.get("/health", timeout=5).json()
+        ready = stack.http.get("/readyz", timeout=5).status_code
+        reply = stack.http.post("/generate", json={"prompt": "the", "max_new_tokens": 2})
+        assert stack.http.get("/livez", timeout=5).status_code == 200
+        seen.append((health["initialized"], ready, reply.status_code))
+        time.sleep(0.05)
+    assert seen[-1] == (True, 200, 200), seen[-3:]
+    assert (False, 503, 503) in seen, seen[:3]  # the model went with the process
+    # the state only moves forward here, so an answer after /health's can only be readier
+    assert all((ready, code) == (200, 200) for initialized, ready, code in seen if initialized)
+
+
 def test_a_gateway_killed_mid_operation_resumes_it(stack: Stack) -> None:
     write_domain(stack.home / "data", "resumed", synthetic_documents("dl", 30, seed=11))
     op = stack.http.post("/specialists?wait=false", json={"name": "resumed"}).json()
