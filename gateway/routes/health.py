@@ -30,10 +30,15 @@ async def index(gw: GatewayDep) -> Response:
 async def health(gw: GatewayDep) -> dict:
     """The original API's fields, plus readiness, serving version, first-start progress and the
     health of each gRPC service."""
-    services, info = await asyncio.gather(gw.backends.health(), gw.model_info())
+    services, info, first_start = await asyncio.gather(
+        gw.backends.health(), gw.model_info(), gw.first_start()
+    )
     version = gw.serving.version
     initialized = gw.generates(info)
-    ready = initialized and all(s["status"] == "SERVING" for s in services.values())
+    # a first start is over once its operation has recorded the specialists, a moment after
+    # the model serves: until then the stack is not ready, though /generate already answers
+    up = all(s["status"] == "SERVING" for s in services.values())
+    ready = initialized and up and first_start is None
     try:
         specialists = await gw.specialists()
     except grpc.aio.AioRpcError:
@@ -44,12 +49,12 @@ async def health(gw: GatewayDep) -> dict:
         **artifact_paths(version.artifact_dir),
         "specialists": specialists,
         "ready": ready,
-        "status": "ok" if ready else ("degraded" if initialized else "initializing"),
+        "status": "ok" if ready else ("degraded" if initialized and not up else "initializing"),
         "serving_version": version.id or None,
         "loaded_version": gw.serving.loaded_version_id or None,
         "profile": version.profile or None,
         "model": _model(info),
-        "first_start": await gw.first_start(),
+        "first_start": first_start,
         "boot": gw.coordinator.boot_error,
         "services": services,
     }
