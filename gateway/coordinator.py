@@ -26,7 +26,7 @@ from gateway.records import Records
 from gateway.schemas import enum_name
 from shiftable_lib.config import Settings
 from shiftable_lib.errors import AlreadyExists, Conflict, NotFound
-from sma.v1 import common_pb2, inference_pb2, registry_pb2, training_pb2
+from sma.v1 import common_pb2, registry_pb2, training_pb2
 
 log = logging.getLogger("sma.gateway.lifecycle")
 
@@ -299,34 +299,24 @@ class Coordinator:
         )
 
     async def _wait_loaded(self, version: str) -> None:
-        """Until inference reports `version` loaded (it follows the registry's serving pointer)."""
+        """Until every live inference replica serves `version` (each follows the registry's
+        serving pointer and reports to it); fails naming the replicas that cannot load it."""
 
         async def watch() -> None:
             stream = self.backends.registry.WatchServing(R.WatchServingRequest())
             async for reply in stream:
-                if reply.serving.loaded_version_id == version:
-                    return
-                if reply.serving.version.id != version:
+                serving = reply.serving
+                if serving.version.id != version:
                     raise OperationFailed(
-                        f"version {reply.serving.version.id} was published while waiting for "
+                        f"version {serving.version.id} was published while waiting for "
                         f"{version} to load"
                     )
+                if loaded_everywhere(serving, version):
+                    return
             raise OperationFailed("the registry ended the serving stream")
 
-        async def load_failure() -> None:  # inference says why, in its model info
-            while True:
-                await asyncio.sleep(1.0)
-                try:
-                    info = await self.backends.inference.GetModelInfo(
-                        inference_pb2.GetModelInfoRequest(), timeout=RPC_TIMEOUT
-                    )
-                except grpc.aio.AioRpcError:
-                    continue
-                if info.load_error and version in info.load_error:
-                    raise OperationFailed(info.load_error)
-
         try:
-            await _first_of(asyncio.wait_for(watch(), LOAD_TIMEOUT), load_failure())
+            await asyncio.wait_for(watch(), LOAD_TIMEOUT)
         except TimeoutError:
             raise OperationFailed(
                 f"inference did not load {version} within {LOAD_TIMEOUT:.0f} s"
@@ -410,16 +400,15 @@ class Coordinator:
             raise
 
 
-async def _first_of(*coroutines) -> None:
-    """Await whichever coroutine ends first (its exception included); cancel the others."""
-    tasks = [asyncio.ensure_future(c) for c in coroutines]
-    try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
-            task.result()
-    finally:
-        for task in tasks:
-            task.cancel()
+def loaded_everywhere(serving: R.ServingState, version: str) -> bool:
+    """Whether every live replica serves `version`; OperationFailed naming those that cannot
+    load it. Without replica reports, the last report (`loaded_version_id`) decides."""
+    if not serving.replicas:
+        return serving.loaded_version_id == version
+    broken = [f"{r.id}: {r.load_error}" for r in serving.replicas if version in r.load_error]
+    if broken:
+        raise OperationFailed(f"{version} did not load on every replica: {'; '.join(broken)}")
+    return all(r.version_id == version for r in serving.replicas)
 
 
 def _reason(exc: BaseException) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -213,6 +214,9 @@ class Settings(BaseSettings):
     registry_addr: str = Field(default="", description="registry to dial; '' = host:port here")
     training_addr: str = Field(default="", description="training to dial; '' = host:port here")
     inference_addr: str = Field(default="", description="inference to dial; '' = host:port here")
+    replica_id: str = Field(
+        default="", description="an inference server's id in the registry; '' = the host name"
+    )
     max_batch: int = Field(default=32, ge=1, description="sequences decoded together")
     max_queue: int = Field(default=64, ge=0, description="requests waiting beyond max_batch")
     cuda_graphs: bool = Field(
@@ -242,6 +246,10 @@ class Settings(BaseSettings):
         with one thread decode attention is the compiled loop (docs/benchmarks.md).
         """
         return self.threads or max(1, len(os.sched_getaffinity(0)) - 1)
+
+    def inference_replica(self) -> str:
+        """This inference server's id among the replicas the registry lists (a pod's name)."""
+        return self.replica_id or socket.gethostname()
 
     def grpc_port(self, service: str) -> int:
         """The gRPC port of `registry`, `training` or `inference`.

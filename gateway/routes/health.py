@@ -57,6 +57,10 @@ async def health(gw: GatewayDep) -> dict:
         "first_start": first_start,
         "boot": gw.coordinator.boot_error,
         "services": services,
+        "replicas": [
+            {"id": r.id, "version": r.version_id or None, "load_error": r.load_error or None}
+            for r in gw.serving.replicas
+        ],
     }
 
 

@@ -25,27 +25,34 @@ log = logging.getLogger("sma.inference")
 RETRY_FIRST_S = 0.2  # registry reconnect backoff: doubles up to RETRY_MAX_S
 RETRY_MAX_S = 5.0
 STARTUP_GRACE_S = 30.0  # a registry not up by then is worth telling someone about
+HEARTBEAT_S = 5.0  # well inside the registry's replica lease
 
 
-async def follow_registry(core: InferenceCore, address: str, server: Server) -> None:
+async def follow_registry(
+    core: InferenceCore, address: str, server: Server, replica_id: str = ""
+) -> None:
     """Serve whatever version the registry says, forever.
 
     Follows `WatchServing`; whenever the serving version differs from the loaded one, loads it
     (the old one keeps serving meanwhile), marks the server SERVING and reports it loaded. A
     registry that is down, or a watch that ends, is retried with exponential backoff. A version
     that fails to load is not retried until the watch reconnects, so a broken artifact does not
-    make every registry update reload it.
+    make every registry update reload it. As replica `replica_id` it reports what it serves
+    (or why it cannot load the serving version) on every change and every `HEARTBEAT_S`, which
+    keeps it in the registry's list of live replicas.
     """
-    follower = _Follower(core, server, address)
+    follower = _Follower(core, server, address, replica_id)
     async with grpc.aio.insecure_channel(address) as channel:
         await follower.run(registry_pb2_grpc.RegistryStub(channel))
 
 
 class _Follower:
-    def __init__(self, core: InferenceCore, server: Server, address: str) -> None:
+    def __init__(self, core: InferenceCore, server: Server, address: str, replica: str) -> None:
         self.core = core
         self.server = server
         self.address = address
+        self.replica = replica
+        self.load_error = ""  # why the serving version could not be loaded, naming it
         self.started = time.monotonic()
         self.reached = False  # whether the registry has answered since the server started
         self.delay = RETRY_FIRST_S
@@ -63,23 +70,55 @@ class _Follower:
     async def watch(self, stub: registry_pb2_grpc.RegistryStub) -> None:
         """One `WatchServing` call, until the registry ends it or it fails."""
         failed = ""
-        async for update in stub.WatchServing(registry_pb2.WatchServingRequest()):
-            self.reached = True
-            self.delay = RETRY_FIRST_S
-            wanted = update.serving.version.id
-            if not wanted or wanted == failed:
-                continue
-            if wanted != self.core.version_id and not await self.load(wanted):
-                failed = wanted
-                continue
-            if update.serving.loaded_version_id != wanted:
-                await stub.ReportLoaded(registry_pb2.ReportLoadedRequest(version_id=wanted))
+        heartbeat = asyncio.create_task(self.heartbeat(stub))
+        try:
+            async for update in stub.WatchServing(registry_pb2.WatchServingRequest()):
+                self.reached = True
+                self.delay = RETRY_FIRST_S
+                wanted = update.serving.version.id
+                if not wanted:
+                    continue
+                if wanted not in (failed, self.core.version_id) and not await self.load(wanted):
+                    failed = wanted
+                if self.reported(update.serving) != self.state():
+                    await self.report(stub)
+        finally:
+            heartbeat.cancel()
+
+    def state(self) -> tuple[str, str]:
+        return self.core.version_id or "", self.load_error
+
+    def reported(self, serving: registry_pb2.ServingState) -> tuple[str, str] | None:
+        """What the registry holds for this replica (its last report), if anything."""
+        if not self.replica:
+            return (serving.loaded_version_id, "")
+        mine = next((r for r in serving.replicas if r.id == self.replica), None)
+        return None if mine is None else (mine.version_id, mine.load_error)
+
+    async def report(self, stub: registry_pb2_grpc.RegistryStub) -> None:
+        version_id, load_error = self.state()
+        if version_id or load_error:
+            request = registry_pb2.ReportLoadedRequest(
+                version_id=version_id, replica_id=self.replica, load_error=load_error
+            )
+            await stub.ReportLoaded(request, timeout=HEARTBEAT_S)
+
+    async def heartbeat(self, stub: registry_pb2_grpc.RegistryStub) -> None:
+        """Renew this replica's lease in the registry; a missed beat is the next one's job."""
+        while self.replica:
+            await asyncio.sleep(HEARTBEAT_S)
+            try:
+                await self.report(stub)
+            except grpc.aio.AioRpcError as exc:
+                log.debug("heartbeat to the registry failed: %s", exc.details())
 
     async def load(self, version_id: str) -> bool:
-        """Serve `version_id`; False (logged) when it cannot be loaded."""
+        """Serve `version_id`; False (logged, and kept for the next report) when it cannot be
+        loaded."""
         try:
             await self.core.load(version_id)
         except Exception as exc:
+            self.load_error = f"cannot load {version_id}: {exc}"
             log.error(
                 "cannot load version %s (%s); still serving %s",
                 version_id,
@@ -88,6 +127,7 @@ class _Follower:
                 exc_info=not isinstance(exc, ShiftableError),
             )
             return False
+        self.load_error = ""
         log.info("now serving %s", version_id)
         await self.server.ready()
         return True

@@ -171,7 +171,9 @@ def main(settings: Settings) -> None:
     )
 
     async def start(server: Server) -> None:
-        await follow_registry(core, settings.grpc_target("registry"), server)
+        await follow_registry(
+            core, settings.grpc_target("registry"), server, settings.inference_replica()
+        )
 
     async def stop() -> None:
         await asyncio.to_thread(core.close)

@@ -20,6 +20,7 @@ from google.protobuf.message import Message
 
 from services.common import EnumMap, Server, Service, rpc, run, serve, timestamp
 from services.registry.store import (
+    REPLICA_LEASE_S,
     ModelVersion,
     Operation,
     OperationBusy,
@@ -105,11 +106,20 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         so that clients watch again) rather than hold the server for its whole grace period."""
         self._store = await asyncio.to_thread(RegistryStore, self.path)
         await server.ready()
+        leases = asyncio.create_task(self._expire_replicas())
         try:
             await server.stopping.wait()
         finally:
+            leases.cancel()
             self._operations.close()
             self._serving.close()
+
+    async def _expire_replicas(self) -> None:
+        """Wake the serving watchers now and then: a replica whose lease ran out has left the
+        serving state without any write (a watch skips a state that did not change)."""
+        while True:
+            await asyncio.sleep(REPLICA_LEASE_S / 3)
+            self._serving.bump()
 
     async def stop(self) -> None:
         store, self._store = self._store, None
@@ -282,8 +292,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     async def ReportLoaded(
         self, request: registry_pb2.ReportLoadedRequest, context: Context
     ) -> registry_pb2.ReportLoadedResponse:
-        version_id = _required(request.version_id, "version_id")
-        serving = await self._serving.write(self.store.report_loaded, version_id)
+        serving = await self._serving.write(
+            self.store.report_loaded, request.version_id, request.replica_id, request.load_error
+        )
         return registry_pb2.ReportLoadedResponse(serving=_serving_pb(serving))
 
 
@@ -367,6 +378,7 @@ def _serving_pb(serving: ServingState) -> registry_pb2.ServingState:
     return registry_pb2.ServingState(
         version=_version_pb(serving.version) if serving.version else None,
         loaded_version_id=serving.loaded_version_id,
+        replicas=[registry_pb2.InferenceReplica(**asdict(r)) for r in serving.replicas],
     )
 
 

@@ -13,6 +13,7 @@ import json
 import secrets
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -106,10 +107,20 @@ class ModelVersion:
     created_at: datetime = field(default_factory=_now)
 
 
+@dataclass(frozen=True)
+class Replica:
+    """One inference replica as it last reported."""
+
+    id: str
+    version_id: str  # "" before its first load
+    load_error: str  # why it cannot load the serving version; "" when it can
+
+
 @dataclass
 class ServingState:
     version: ModelVersion | None  # None before the first version is published
     loaded_version_id: str  # "" before an inference server reports
+    replicas: list[Replica] = field(default_factory=list)  # the live ones, by id
 
 
 class OperationBusy(Busy):
@@ -143,7 +154,14 @@ _MIGRATIONS = [
         loaded_version_id TEXT NOT NULL);
     INSERT INTO serving VALUES (1, NULL, '');
     """,
+    """
+    CREATE TABLE replicas (
+        id TEXT PRIMARY KEY, version_id TEXT NOT NULL, load_error TEXT NOT NULL,
+        reported_at REAL NOT NULL);
+    """,
 ]
+# a replica that has not reported for this long is gone (it reports every few seconds)
+REPLICA_LEASE_S = 15.0
 SCHEMA_VERSION = len(_MIGRATIONS)
 _UNFINISHED = "state IN ('pending', 'running')"
 
@@ -357,11 +375,26 @@ class RegistryStore:
         with self._tx() as db:
             return _serving(db)
 
-    def report_loaded(self, version_id: str) -> ServingState:
-        """Record the version an inference server now serves."""
+    def report_loaded(
+        self, version_id: str, replica_id: str = "", load_error: str = ""
+    ) -> ServingState:
+        """Record what an inference replica serves now, and why it cannot load the serving
+        version if it cannot; each report renews the replica's lease."""
+        if not version_id and not load_error:
+            raise ValueError("a report names the version served, or why none could be loaded")
+        now = time.time()
         with self._tx() as db:
-            _get(db, ModelVersion, version_id)
-            db.execute("UPDATE serving SET loaded_version_id = ?", (version_id,))
+            if version_id:
+                _get(db, ModelVersion, version_id)
+                db.execute("UPDATE serving SET loaded_version_id = ?", (version_id,))
+            if replica_id:
+                db.execute(
+                    "INSERT INTO replicas VALUES (?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET"
+                    " version_id = excluded.version_id, load_error = excluded.load_error,"
+                    " reported_at = excluded.reported_at",
+                    (replica_id, version_id, load_error, now),
+                )
+            db.execute("DELETE FROM replicas WHERE reported_at < ?", (now - REPLICA_LEASE_S,))
             return _serving(db)
 
 
@@ -419,4 +452,8 @@ def _content(version: ModelVersion) -> tuple:
 def _serving(db: sqlite3.Connection) -> ServingState:
     version_id, loaded = db.execute("SELECT version_id, loaded_version_id FROM serving").fetchone()
     version = _get(db, ModelVersion, version_id) if version_id else None
-    return ServingState(version, loaded)
+    live = db.execute(
+        "SELECT id, version_id, load_error FROM replicas WHERE reported_at >= ? ORDER BY id",
+        (time.time() - REPLICA_LEASE_S,),
+    ).fetchall()
+    return ServingState(version, loaded, [Replica(*row) for row in live])

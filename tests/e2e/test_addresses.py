@@ -1,5 +1,6 @@
 """Each server on an address of its own, as pods are: they bind `SMA_HOST` and find each other
-only through the dial settings (`SMA_REGISTRY_ADDR`, ... as host:port and as target URIs)."""
+only through the dial settings (`SMA_REGISTRY_ADDR`, ... as host:port and as target URIs), with
+two inference replicas behind one dial address."""
 
 from __future__ import annotations
 
@@ -9,16 +10,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
 
 from bench.stack import free_port_block
-from tests.conftest import train_tiny_home
+from sma.v1 import inference_pb2, inference_pb2_grpc
+from tests.conftest import synthetic_documents, train_tiny_home, write_domain
 from tests.e2e.conftest import wait_for
 
 pytestmark = pytest.mark.slow
 
 HOSTS = {"registry": "127.0.0.2", "training": "127.0.0.3", "inference": "127.0.0.4"}
+REPLICAS = {"infer-a": "127.0.0.4", "infer-b": "127.0.0.6"}
 GATEWAY = "127.0.0.5"
 
 
@@ -43,18 +47,24 @@ def test_servers_on_their_own_addresses_reach_each_other_by_the_dial_settings(
         **{f"SMA_{name.upper()}_PORT": str(port) for name in HOSTS},
         "SMA_REGISTRY_ADDR": f"{HOSTS['registry']}:{port}",
         "SMA_TRAINING_ADDR": f"ipv4:{HOSTS['training']}:{port}",
-        "SMA_INFERENCE_ADDR": f"dns:///{HOSTS['inference']}:{port}",
+        "SMA_INFERENCE_ADDR": "ipv4:" + ",".join(f"{h}:{port}" for h in REPLICAS.values()),
     }
     logs = tmp_path / "logs"
     logs.mkdir()
     processes = []
     try:
-        for name, host in [*HOSTS.items(), ("gateway", GATEWAY)]:
-            with open(logs / f"{name}.log", "wb") as log:
+        servers = [
+            ("registry", HOSTS["registry"], ""),
+            ("training", HOSTS["training"], ""),
+            *(("inference", host, replica) for replica, host in REPLICAS.items()),
+            ("gateway", GATEWAY, ""),
+        ]
+        for name, host, replica in servers:
+            with open(logs / f"{name}{replica}.log", "wb") as log:
                 processes.append(
                     subprocess.Popen(
                         [sys.executable, "-m", "shiftable", "serve", name],
-                        env={**env, "SMA_HOST": host},
+                        env={**env, "SMA_HOST": host, "SMA_REPLICA_ID": replica},
                         stdout=log,
                         stderr=subprocess.STDOUT,
                     )
@@ -74,12 +84,26 @@ def test_servers_on_their_own_addresses_reach_each_other_by_the_dial_settings(
             assert {n: s["address"] for n, s in health["services"].items()} == {
                 n: env[f"SMA_{n.upper()}_ADDR"] for n in HOSTS
             }
-            reply = http.post("/generate", json={"prompt": "the list", "max_new_tokens": 4})
+            wait_for(lambda: len(http.get("/health").json()["replicas"]) == 2, timeout=30)
+            before = {r: info(h, port) for r, h in REPLICAS.items()}
+            assert {i.version_id for i in before.values()} == {health["serving_version"]}
+            for _ in range(6):  # the gateway spreads calls over both replicas
+                reply = http.post("/generate", json={"prompt": "the list", "max_new_tokens": 4})
+                assert reply.status_code == 200, reply.text
+                assert sorted(reply.json()["specialists"]) == ["dl", "ds"]
+            after = {r: info(h, port) for r, h in REPLICAS.items()}
+            assert all(after[r].requests_total > before[r].requests_total for r in REPLICAS)
+
+            # an add succeeds once both replicas serve its version, not when the first does
+            write_domain(home / "data", "web", synthetic_documents("dl", 20, seed=3))
+            reply = http.post("/specialists", json={"name": "web"}, timeout=240)
             assert reply.status_code == 200, reply.text
-            assert sorted(reply.json()["specialists"]) == ["dl", "ds"]
+            version = http.get("/health").json()["serving_version"]
+            assert version != health["serving_version"]
+            assert {info(h, port).version_id for h in REPLICAS.values()} == {version}
         # each bound its own address and only that: none took 127.0.0.1 (nor 0.0.0.0)
-        assert all(not refused(host, port) for host in (*HOSTS.values(), GATEWAY))
-        assert refused("127.0.0.1", port)
+        assert all(not refused(host, port) for host in (*HOSTS.values(), *REPLICAS.values()))
+        assert not refused(GATEWAY, port) and refused("127.0.0.1", port)
     finally:
         for process in processes:
             process.terminate()
@@ -88,6 +112,13 @@ def test_servers_on_their_own_addresses_reach_each_other_by_the_dial_settings(
                 process.wait(20)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+def info(host: str, port: int) -> inference_pb2.GetModelInfoResponse:
+    """One replica's own account of itself, asked directly."""
+    with grpc.insecure_channel(f"{host}:{port}") as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        return stub.GetModelInfo(inference_pb2.GetModelInfoRequest(), timeout=10)
 
 
 def _tails(logs: Path) -> str:

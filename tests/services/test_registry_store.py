@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from services.registry.store import (
+    REPLICA_LEASE_S,
     ModelVersion,
     Operation,
     OperationBusy,
@@ -19,6 +21,7 @@ from services.registry.store import (
     OperationState,
     Progress,
     RegistryStore,
+    Replica,
 )
 from shiftable_lib.errors import AlreadyExists, Conflict, InvalidName, NotFound
 
@@ -88,8 +91,30 @@ def test_store_creates_one_operation_when_writers_race(db: Path) -> None:
 def test_store_schema_is_versioned(db: Path) -> None:
     RegistryStore(db).close()
     with closing(sqlite3.connect(db)) as raw:
-        assert raw.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == 2
         assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         raw.execute("PRAGMA user_version = 99")
     with pytest.raises(RuntimeError, match="newer"):
         RegistryStore(db)
+
+
+def test_replicas_report_what_they_serve_and_drop_out_when_their_lease_runs_out(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with RegistryStore(db) as store:
+        store.publish_version(ModelVersion("v1", ["ds"], "artifacts/models/v1", "{}", "tiny"))
+        with pytest.raises(ValueError, match="names the version served"):
+            store.report_loaded("", "pod-a")
+        with pytest.raises(NotFound):
+            store.report_loaded("v9", "pod-a")
+        store.report_loaded("v1", "pod-b")
+        serving = store.report_loaded("", "pod-a", "cannot load v1: truncated file")
+        assert serving.loaded_version_id == "v1"
+        assert serving.replicas == [
+            Replica("pod-a", "", "cannot load v1: truncated file"),
+            Replica("pod-b", "v1", ""),
+        ]
+        later = time.time() + REPLICA_LEASE_S + 1
+        monkeypatch.setattr(time, "time", lambda: later)
+        assert store.get_serving().replicas == []  # neither has reported since
+        assert store.report_loaded("v1", "pod-a").replicas == [Replica("pod-a", "v1", "")]

@@ -97,12 +97,24 @@ class Operation(_message.Message):
     def __init__(self, id: _Optional[str] = ..., kind: _Optional[_Union[OperationKind, str]] = ..., target: _Optional[str] = ..., state: _Optional[_Union[OperationState, str]] = ..., progress: _Optional[_Union[_common_pb2.TrainingProgress, _Mapping]] = ..., error: _Optional[str] = ..., job_id: _Optional[str] = ..., version_id: _Optional[str] = ..., message: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., full_retrain: _Optional[bool] = ...) -> None: ...
 
 class ServingState(_message.Message):
-    __slots__ = ("version", "loaded_version_id")
+    __slots__ = ("version", "loaded_version_id", "replicas")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     LOADED_VERSION_ID_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
     version: _common_pb2.ModelVersion
     loaded_version_id: str
-    def __init__(self, version: _Optional[_Union[_common_pb2.ModelVersion, _Mapping]] = ..., loaded_version_id: _Optional[str] = ...) -> None: ...
+    replicas: _containers.RepeatedCompositeFieldContainer[InferenceReplica]
+    def __init__(self, version: _Optional[_Union[_common_pb2.ModelVersion, _Mapping]] = ..., loaded_version_id: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[InferenceReplica, _Mapping]]] = ...) -> None: ...
+
+class InferenceReplica(_message.Message):
+    __slots__ = ("id", "version_id", "load_error")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_ID_FIELD_NUMBER: _ClassVar[int]
+    LOAD_ERROR_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    version_id: str
+    load_error: str
+    def __init__(self, id: _Optional[str] = ..., version_id: _Optional[str] = ..., load_error: _Optional[str] = ...) -> None: ...
 
 class ListSpecialistsRequest(_message.Message):
     __slots__ = ()
@@ -295,10 +307,14 @@ class WatchServingResponse(_message.Message):
     def __init__(self, serving: _Optional[_Union[ServingState, _Mapping]] = ...) -> None: ...
 
 class ReportLoadedRequest(_message.Message):
-    __slots__ = ("version_id",)
+    __slots__ = ("version_id", "replica_id", "load_error")
     VERSION_ID_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    LOAD_ERROR_FIELD_NUMBER: _ClassVar[int]
     version_id: str
-    def __init__(self, version_id: _Optional[str] = ...) -> None: ...
+    replica_id: str
+    load_error: str
+    def __init__(self, version_id: _Optional[str] = ..., replica_id: _Optional[str] = ..., load_error: _Optional[str] = ...) -> None: ...
 
 class ReportLoadedResponse(_message.Message):
     __slots__ = ("serving",)
