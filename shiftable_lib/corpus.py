@@ -111,8 +111,9 @@ def _no_text(folder: Path) -> CorpusMissing:
 def describe_corpus(data_dir: Path, name: str) -> Corpus:
     """Domain `name`'s corpus, from file sizes alone (nothing is read); raises as
     `require_corpus` does."""
-    files = text_files(require_corpus(data_dir, name))
-    return Corpus(name, data_dir / name, len(files), sum(p.stat().st_size for p in files))
+    folder = require_corpus(data_dir, name)
+    files = text_files(folder)
+    return Corpus(name, folder, len(files), sum(p.stat().st_size for p in files))
 
 
 def split_documents(text: str) -> list[str]:

@@ -29,7 +29,7 @@ HEARTBEAT_S = 5.0  # well inside the registry's replica lease
 
 
 async def follow_registry(
-    core: InferenceCore, address: str, server: Server, replica_id: str = ""
+    core: InferenceCore, address: str, server: Server, replica_id: str
 ) -> None:
     """Serve whatever version the registry says, forever.
 
@@ -90,8 +90,6 @@ class _Follower:
 
     def reported(self, serving: registry_pb2.ServingState) -> tuple[str, str] | None:
         """What the registry holds for this replica (its last report), if anything."""
-        if not self.replica:
-            return (serving.loaded_version_id, "")
         mine = next((r for r in serving.replicas if r.id == self.replica), None)
         return None if mine is None else (mine.version_id, mine.load_error)
 
@@ -105,7 +103,7 @@ class _Follower:
 
     async def heartbeat(self, stub: registry_pb2_grpc.RegistryStub) -> None:
         """Renew this replica's lease in the registry; a missed beat is the next one's job."""
-        while self.replica:
+        while True:
             await asyncio.sleep(HEARTBEAT_S)
             try:
                 await self.report(stub)

@@ -74,11 +74,6 @@ class Registry:
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Path:
-    return tmp_path / "state" / "registry.db"
-
-
-@pytest.fixture
 def registry(db: Path) -> Iterator[Registry]:
     running = Registry(db)
     yield running

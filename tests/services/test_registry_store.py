@@ -26,11 +26,6 @@ from services.registry.store import (
 from shiftable_lib.errors import AlreadyExists, Conflict, InvalidName, NotFound
 
 
-@pytest.fixture
-def db(tmp_path: Path) -> Path:
-    return tmp_path / "state" / "registry.db"
-
-
 def test_store_rules(db: Path) -> None:
     with RegistryStore(db) as store:
         with pytest.raises(ValueError, match="not a valid OperationKind"):

@@ -147,7 +147,7 @@ def test_a_registry_not_up_yet_is_retried_quietly_until_start_up_takes_too_long(
         caplog.clear()
         with contextlib.suppress(TimeoutError):
             # no update ever arrives, so the core and server are never touched
-            asyncio.run(asyncio.wait_for(follower.follow_registry(None, address, None), 1.0))
+            asyncio.run(asyncio.wait_for(follower.follow_registry(None, address, None, "r1"), 1.0))
         return [r for r in caplog.records if "not reached yet" in r.getMessage()]
 
     caplog.set_level(logging.DEBUG, logger="sma.inference")
