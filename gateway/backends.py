@@ -17,7 +17,22 @@ from shiftable_lib.errors import Busy, Conflict, NotFound, Overloaded, Shiftable
 from sma.v1 import inference_pb2_grpc, registry_pb2_grpc, training_pb2_grpc
 
 RPC_TIMEOUT = 15.0  # seconds for a unary call to another service
-ROUND_ROBIN = {"round_robin": {}}
+INFERENCE_SERVICE_CONFIG = {
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "methodConfig": [
+        {
+            "name": [{"service": "sma.v1.Inference"}],
+            # gRPC retries only until the first reply arrives: no token is ever sent twice
+            "retryPolicy": {
+                "maxAttempts": 3,
+                "initialBackoff": "0.1s",
+                "maxBackoff": "1s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }
+    ],
+}
 
 HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
@@ -80,8 +95,9 @@ class Backends:
             ("grpc.max_reconnect_backoff_ms", 2_000),
         ]
         # inference may be several replicas behind one name (a headless Service): spread the
-        # calls over every address the name resolves to, not just the first
-        spread = [("grpc.service_config", json.dumps({"loadBalancingConfig": [ROUND_ROBIN]}))]
+        # calls over every address the name resolves to, not just the first, and retry a call
+        # that a replica going away refuses on another one
+        spread = [("grpc.service_config", json.dumps(INFERENCE_SERVICE_CONFIG))]
         channels = {
             n: grpc.aio.insecure_channel(a, options=options + (spread if n == "inference" else []))
             for n, a in addresses.items()

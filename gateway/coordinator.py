@@ -8,9 +8,15 @@
       -> registry: specialists updated, operation SUCCEEDED
 
 Every step's outcome is recorded in the registry before the next starts, so after a restart of
-any component `resume()` picks each unfinished operation up where the record says it was: it
-re-attaches to its training job, restarts a job the training service no longer knows, or
-publishes a version that was trained but not yet served. What cannot go on fails with a reason.
+any component the operation is picked up where the record says it was: it re-attaches to its
+training job, restarts a job the training service no longer knows, or publishes a version that
+was trained but not yet served. What cannot go on fails with a reason.
+
+Any number of gateways may run. Exactly one drives each operation: the one holding its lease in
+the registry, renewed every few seconds. Every gateway looks for unfinished operations whose
+lease has run out (their gateway died or was cut off) and takes them over. The registry refuses
+an operation's writes from a gateway that no longer holds it, and the training service starts
+one job per operation however often it is asked, so a takeover never runs anything twice.
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ import time
 import grpc
 
 from gateway.backends import RPC_TIMEOUT, Backends
-from gateway.records import Records
+from gateway.jobs import OperationCancelled, OperationFailed, TrainingRun
+from gateway.records import LeaseLost, Records
 from gateway.schemas import enum_name
 from shiftable_lib.config import Settings
 from shiftable_lib.errors import AlreadyExists, Conflict, NotFound
@@ -33,16 +40,11 @@ log = logging.getLogger("sma.gateway.lifecycle")
 R = registry_pb2
 T = training_pb2
 UNFINISHED = (R.OPERATION_STATE_PENDING, R.OPERATION_STATE_RUNNING)
-TERMINAL_JOB = (T.JOB_STATE_SUCCEEDED, T.JOB_STATE_FAILED, T.JOB_STATE_CANCELLED)
 LOAD_TIMEOUT = 600.0  # seconds for inference to load a published version
-
-
-class OperationFailed(Exception):
-    """A step of an operation failed; the message says why, for the operation's `error`."""
-
-
-class OperationCancelled(Exception):
-    """The user cancelled the operation before its version was published."""
+# a gateway drives an operation this long past its last renewal; then another may take it over
+LEASE_S = 10.0
+RENEW_S = LEASE_S / 4  # how often the driver renews, and the others look for orphans
+MIN_LEASE_S = 0.1  # the shortest lease the registry grants: a hand-over
 
 
 class Coordinator:
@@ -52,9 +54,13 @@ class Coordinator:
         self.settings = settings
         self.backends = backends
         self.records = Records(backends.registry)
-        self.tasks: dict[str, asyncio.Task] = {}
-        self.cancelling: set[str] = set()  # operations whose cancel was asked for
+        self.tasks: dict[str, asyncio.Task] = {}  # the operations this gateway drives
+        self.preparing: set[str] = set()  # created here, driven once their records are written
         self.boot_error: str | None = None
+        # unique among live gateways (no two bind one address), and the same again after a
+        # restart, which so resumes its own operations at once rather than when the lease ends
+        self.owner = f"{settings.replica()}@{settings.host}:{settings.port}"
+        self.jobs = TrainingRun(backends.training, self.records, self.owner, settings.profile)
 
     # ---- requests ----------------------------------------------------------------------------
 
@@ -66,16 +72,18 @@ class Coordinator:
         existing = await self.records.specialist(name)
         if existing is not None and existing.state != R.SPECIALIST_STATE_FAILED:
             raise AlreadyExists(f"specialist {name!r} already exists")
-        op = await self.records.create(R.OPERATION_KIND_ADD_SPECIALIST, name, full_retrain)
-        if existing is not None:  # a failed earlier attempt: this one replaces it
-            await registry.DeleteSpecialist(R.DeleteSpecialistRequest(name=name))
-        await registry.AddSpecialist(
-            R.AddSpecialistRequest(
-                name=name, corpus_dir=corpus.dir, state=R.SPECIALIST_STATE_TRAINING
-            ),
-            timeout=RPC_TIMEOUT,
-        )
-        self._spawn(op)
+        op = await self._create(R.OPERATION_KIND_ADD_SPECIALIST, name, full_retrain)
+        try:
+            if existing is not None:  # a failed earlier attempt: this one replaces it
+                await registry.DeleteSpecialist(R.DeleteSpecialistRequest(name=name))
+            await registry.AddSpecialist(
+                R.AddSpecialistRequest(
+                    name=name, corpus_dir=corpus.dir, state=R.SPECIALIST_STATE_TRAINING
+                ),
+                timeout=RPC_TIMEOUT,
+            )
+        finally:  # driven from here on, whatever happened: a failure is its to record
+            self._spawn(op)
         return op
 
     async def delete(self, name: str) -> R.Operation:
@@ -86,14 +94,17 @@ class Coordinator:
             raise NotFound(f"no specialist named {name!r}")
         if list(serving.specialists) == [name]:
             raise Conflict(f"{name!r} is the last specialist and cannot be deleted")
-        op = await self.records.create(R.OPERATION_KIND_DELETE_SPECIALIST, name)
-        await self.records.set_specialist(name, R.SPECIALIST_STATE_DELETING)
-        self._spawn(op)
+        op = await self._create(R.OPERATION_KIND_DELETE_SPECIALIST, name)
+        try:
+            await self.records.set_specialist(name, R.SPECIALIST_STATE_DELETING)
+        finally:
+            self._spawn(op)
         return op
 
     async def cancel(self, op_id: str) -> R.Operation:
         """Stop an add while it trains: its job is cancelled, and the specialist is forgotten
         as if it had never been asked for. Too late once training has published a version.
+        Any gateway may ask; the one driving the operation sees the request in the registry.
         """
         op = await self.records.operation(op_id)
         if op.state not in UNFINISHED:
@@ -102,10 +113,10 @@ class Coordinator:
         if op.kind != R.OPERATION_KIND_ADD_SPECIALIST:
             kind = enum_name(R.OperationKind, op.kind)
             raise Conflict(f"only an add can be cancelled, not {kind}")
-        if op.version_id or op_id not in self.tasks:
+        if op.version_id:
             raise Conflict(f"operation {op_id} is past training; it cannot be cancelled now")
-        self.cancelling.add(op_id)
-        if op.job_id:  # else _start_job cancels the job as soon as it exists
+        op = await self.records.update(op_id, cancel_requested=True)
+        if op.job_id:  # else the driver cancels the job as soon as it has started it
             await self.backends.training.CancelJob(
                 T.CancelJobRequest(id=op.job_id), timeout=RPC_TIMEOUT
             )
@@ -116,24 +127,34 @@ class Coordinator:
         return op
 
     async def wait(self, op_id: str) -> R.Operation:
-        """Block until the operation ends; return its final record."""
-        task = self.tasks.get(op_id)
-        if task is not None:
-            await asyncio.shield(task)
-        return await self.records.operation(op_id)
+        """Block until the operation ends, whichever gateway drives it; return its final record."""
+        while True:
+            try:
+                stream = self.backends.registry.WatchOperation(
+                    R.WatchOperationRequest(id=op_id), wait_for_ready=True
+                )
+                async for reply in stream:
+                    if reply.operation.state not in UNFINISHED:
+                        return reply.operation
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+            await asyncio.sleep(0.5)  # the registry restarted: watch again
 
     # ---- start-up ----------------------------------------------------------------------------
 
     async def boot(self) -> None:
-        """Resume unfinished operations; on a first start, serve what is on disk or train."""
+        """Serve what is on disk or train on a first start; then, for as long as the gateway
+        runs, drive every unfinished operation that no live gateway drives."""
         while True:
             try:
                 await self._boot_once()
                 self.boot_error = None
-                return
+                break
             except grpc.aio.AioRpcError as exc:  # a service not up yet: try again shortly
                 self.boot_error = f"waiting for services: {exc.details()}"
                 await asyncio.sleep(0.5)
+        await self._adopt_orphans()
 
     async def _boot_once(self) -> None:
         registry = self.backends.registry
@@ -141,11 +162,8 @@ class Coordinator:
         unfinished = (
             await registry.ListOperations(R.ListOperationsRequest(unfinished_only=True), **wait)
         ).operations
-        for op in unfinished:
-            log.info("resuming operation %s (%s)", op.id, R.OperationKind.Name(op.kind))
-            self._spawn(op)
         serving = (await registry.GetServing(R.GetServingRequest(), **wait)).serving
-        if serving.version.id or any(op.kind == R.OPERATION_KIND_INITIALIZE for op in unfinished):
+        if serving.version.id or unfinished:
             return
         on_disk = await self._version("")
         if on_disk is not None:  # trained before (by `sma train`, or a lost registry)
@@ -153,142 +171,142 @@ class Coordinator:
             await self._publish(on_disk.version)
             await self._sync_specialists(on_disk)
             return
+        try:
+            op = await self._create(R.OPERATION_KIND_INITIALIZE, "")
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                raise
+            log.info("another gateway has started the first training")
+            return
         log.info("first start: no model yet, training one")
-        self._spawn(await self.records.create(R.OPERATION_KIND_INITIALIZE, ""))
+        self._spawn(op)
+
+    async def _adopt_orphans(self) -> None:
+        """Every RENEW_S, claim each unfinished operation this gateway does not drive; the
+        registry grants it only when no other gateway holds a live lease on it."""
+        while True:
+            try:
+                listed = await self.backends.registry.ListOperations(
+                    R.ListOperationsRequest(unfinished_only=True), timeout=RPC_TIMEOUT
+                )
+                for op in listed.operations:
+                    if op.id in self.tasks or op.id in self.preparing:
+                        continue
+                    claimed = await self.records.claim(op.id, self.owner, LEASE_S)
+                    if claimed.owner == self.owner:
+                        since = f" (its lease by {op.owner} ran out)" if op.owner else ""
+                        log.info("driving operation %s%s", op.id, since)
+                        self._spawn(claimed)
+            except grpc.aio.AioRpcError as exc:
+                log.debug("looking for unfinished operations: %s", exc.details())
+            await asyncio.sleep(RENEW_S)
 
     async def close(self) -> None:
+        """Stop driving, and hand each operation on: its lease is cut to a moment, so another
+        gateway takes it over at its next look rather than when the lease would have ended."""
+        driven = list(self.tasks)
         for task in self.tasks.values():
             task.cancel()
         await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        for op_id in driven:
+            try:
+                await self.records.claim(op_id, self.owner, MIN_LEASE_S)
+            except grpc.aio.AioRpcError as exc:
+                log.debug("could not hand %s on: %s", op_id, exc.details())
 
     # ---- driving an operation ----------------------------------------------------------------
 
+    async def _create(self, kind: int, target: str, full_retrain: bool = False) -> R.Operation:
+        """Record an operation that this gateway holds the lease on from the start; the caller
+        writes what else it needs, then `_spawn`s it."""
+        op = await self.records.create(kind, target, full_retrain, self.owner, LEASE_S)
+        self.preparing.add(op.id)
+        return op
+
     def _spawn(self, op: R.Operation) -> None:
-        if op.id not in self.tasks or self.tasks[op.id].done():
-            self.tasks[op.id] = asyncio.create_task(self._drive(op), name=f"operation {op.id}")
+        self.preparing.discard(op.id)
+        if op.id in self.tasks:
+            return
+        task = asyncio.create_task(self._drive(op), name=f"operation {op.id}")
+        self.tasks[op.id] = task
+        task.add_done_callback(lambda _: self.tasks.pop(op.id, None))
 
     async def _drive(self, op: R.Operation) -> None:
+        """Drive `op` to its end while holding its lease; stop, writing nothing, once lost."""
+        holding = asyncio.create_task(self._hold(op.id, asyncio.current_task()))
         try:
-            op = await self.records.update(op.id, state=R.OPERATION_STATE_RUNNING)
+            await self._steps(op)
+        except asyncio.CancelledError:  # gateway shutdown, or the lease lost (see _hold)
+            raise
+        except LeaseLost as exc:
+            log.warning("stopped driving operation %s: %s", op.id, exc)
+        finally:
+            holding.cancel()
+
+    async def _hold(self, op_id: str, driver: asyncio.Task | None) -> None:
+        """Renew the lease on `op_id` every RENEW_S; cancel `driver` once another gateway holds
+        it, or once it may have run out unrenewed (the registry unreachable)."""
+        renewed = time.monotonic()
+        while True:
+            await asyncio.sleep(RENEW_S)
+            try:
+                op = await self.records.claim(op_id, self.owner, LEASE_S)
+            except grpc.aio.AioRpcError as exc:
+                if time.monotonic() - renewed < LEASE_S - RENEW_S:
+                    continue
+                reason = f"its lease could not be renewed ({exc.details()})"
+            else:
+                if op.owner in (self.owner, ""):  # "" = finished meanwhile
+                    renewed = time.monotonic()
+                    continue
+                reason = f"{op.owner} holds its lease now"
+            log.warning("stopped driving operation %s: %s", op_id, reason)
+            if driver is not None:
+                driver.cancel()
+            return
+
+    async def _claim(self, op_id: str) -> None:
+        """Renew the lease now, before writes that are not fenced (LeaseLost if it is gone)."""
+        op = await self.records.claim(op_id, self.owner, LEASE_S)
+        if op.owner != self.owner:
+            raise LeaseLost(f"{op.owner or 'nobody'} holds its lease now")
+
+    async def _steps(self, op: R.Operation) -> None:
+        mine = {"owner": self.owner}
+        try:
+            op = await self.records.update(op.id, state=R.OPERATION_STATE_RUNNING, **mine)
             version_id = op.version_id
             if not version_id:
-                job = await self._run_job(op)
+                job = await self.jobs.run(op)
                 version_id = job.version_id
                 if not version_id:  # nothing needed doing: what is on disk stays current
                     current = await self._version("")
                     version_id = current.version.id if current else ""
                 if not version_id:
                     raise OperationFailed("training finished but published no model")
-                op = await self.records.update(op.id, version_id=version_id, message=job.message)
+                op = await self.records.update(
+                    op.id, version_id=version_id, message=job.message, **mine
+                )
             version = await self._version(version_id)
             if version is None:
                 raise OperationFailed(f"training reports no model version {version_id!r}")
-            await self.records.update(op.id, message=f"publishing {version_id}")
+            await self.records.update(op.id, message=f"publishing {version_id}", **mine)
             await self._publish(version.version)
             await self._wait_loaded(version_id)
+            await self._claim(op.id)
             await self._finish(op, version)
-        except asyncio.CancelledError:  # gateway shutdown: the operation resumes at next start
+        except (asyncio.CancelledError, LeaseLost):
             raise
         except OperationCancelled:
+            await self._claim(op.id)
             await self.records.forget_specialist(op.target)
             await self.records.update(
-                op.id, state=R.OPERATION_STATE_CANCELLED, message="cancelled on request"
+                op.id, state=R.OPERATION_STATE_CANCELLED, message="cancelled on request", **mine
             )
         except Exception as exc:
             reason = _reason(exc)
             log.warning("operation %s failed: %s", op.id, reason)
             await self._fail(op, reason)
-        finally:
-            self.cancelling.discard(op.id)
-
-    async def _run_job(self, op: R.Operation) -> training_pb2.Job:
-        """Follow the operation's training job to its end, starting one when there is none.
-
-        The training service keeps jobs in memory and its child dies with it: when it
-        restarts mid-job the job is gone, and the operation starts it again (a job writes its
-        version atomically and publishes nothing when it dies, so a rerun is safe).
-        """
-        job_id = op.job_id or await self._matching_job(op)
-        while True:
-            try:
-                job = await self._attach(job_id) if job_id else None
-                if job is None:
-                    job = await self._start_job(op)
-                    job_id = job.id
-                job = await self._follow(op, job)
-                if job.state in TERMINAL_JOB:
-                    break
-                await asyncio.sleep(1.0)  # the stream ended early (training stopping): re-attach
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise
-                log.info("training service unavailable while following %s; retrying", job_id)
-                await asyncio.sleep(1.0)
-        if job.state == T.JOB_STATE_CANCELLED and op.id in self.cancelling:
-            raise OperationCancelled
-        if job.state != T.JOB_STATE_SUCCEEDED:
-            state = enum_name(T.JobState, job.state)
-            raise OperationFailed(f"training job {job.id} {state}: {job.error or 'no reason'}")
-        return job
-
-    async def _attach(self, job_id: str) -> training_pb2.Job | None:
-        try:
-            reply = await self.backends.training.GetJob(
-                T.GetJobRequest(id=job_id), wait_for_ready=True, timeout=RPC_TIMEOUT
-            )
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.NOT_FOUND:
-                raise
-            log.info("job %s is gone (training restarted): starting it again", job_id)
-            return None
-        return reply.job
-
-    async def _matching_job(self, op: R.Operation) -> str:
-        """A job that a gateway which died before recording it started for this operation."""
-        wanted = self._job_request(op)
-        reply = await self.backends.training.ListJobs(
-            T.ListJobsRequest(), wait_for_ready=True, timeout=RPC_TIMEOUT
-        )
-        started = op.created_at.ToDatetime()
-        for job in reversed(reply.jobs):
-            same = job.kind == wanted.kind and job.specialist == wanted.specialist
-            if same and job.created_at.ToDatetime() >= started:
-                return job.id
-        return ""
-
-    async def _start_job(self, op: R.Operation) -> training_pb2.Job:
-        reply = await self.backends.training.StartJob(
-            self._job_request(op), wait_for_ready=True, timeout=RPC_TIMEOUT
-        )
-        await self.records.update(
-            op.id, job_id=reply.job.id, message=f"training job {reply.job.id}"
-        )
-        if op.id in self.cancelling:  # asked for while the job was being started
-            await self.backends.training.CancelJob(
-                T.CancelJobRequest(id=reply.job.id), timeout=RPC_TIMEOUT
-            )
-        return reply.job
-
-    async def _follow(self, op: R.Operation, job: training_pb2.Job) -> training_pb2.Job:
-        """Mirror the job's progress onto the operation (at most ~4 writes a second)."""
-        last_update = 0.0
-        stream = self.backends.training.WatchJob(T.WatchJobRequest(id=job.id), wait_for_ready=True)
-        async for reply in stream:
-            job = reply.job
-            now = time.monotonic()
-            if job.state in TERMINAL_JOB or now - last_update > 0.25:
-                last_update = now
-                await self.records.update(op.id, progress=job.progress)
-        return job
-
-    def _job_request(self, op: R.Operation) -> T.StartJobRequest:
-        if op.kind == R.OPERATION_KIND_INITIALIZE:
-            return T.StartJobRequest(kind=T.JOB_KIND_TRAIN_ALL, profile=self.settings.profile)
-        if op.kind == R.OPERATION_KIND_ADD_SPECIALIST:
-            if op.full_retrain:  # every specialist under data/, the new one included
-                return T.StartJobRequest(kind=T.JOB_KIND_TRAIN_SPECIALISTS)
-            return T.StartJobRequest(kind=T.JOB_KIND_ADD_SPECIALIST, specialist=op.target)
-        return T.StartJobRequest(kind=T.JOB_KIND_REMOVE_SPECIALIST, specialist=op.target)
 
     async def _publish(self, version: common_pb2.ModelVersion) -> None:
         published = common_pb2.ModelVersion()
@@ -333,18 +351,23 @@ class Coordinator:
         else:
             await self.records.forget_specialist(op.target)
             message = f"Specialist '{op.target}' has been deleted."
-        await self.records.update(op.id, state=R.OPERATION_STATE_SUCCEEDED, message=message)
+        await self.records.update(
+            op.id, state=R.OPERATION_STATE_SUCCEEDED, message=message, owner=self.owner
+        )
 
     async def _fail(self, op: R.Operation, reason: str) -> None:
         try:
+            await self._claim(op.id)
             if op.kind == R.OPERATION_KIND_ADD_SPECIALIST:
                 await self.records.set_specialist(
                     op.target, R.SPECIALIST_STATE_FAILED, error=reason
                 )
             elif op.kind == R.OPERATION_KIND_DELETE_SPECIALIST:
                 await self.records.set_specialist(op.target, R.SPECIALIST_STATE_READY, error=reason)
-            await self.records.update(op.id, state=R.OPERATION_STATE_FAILED, error=reason)
-        except grpc.aio.AioRpcError as exc:  # registry down: resume() fails it at next start
+            await self.records.update(
+                op.id, state=R.OPERATION_STATE_FAILED, error=reason, owner=self.owner
+            )
+        except grpc.aio.AioRpcError as exc:  # registry down: the operation is driven again
             log.error("could not record the failure of %s: %s", op.id, exc.details())
 
     async def _sync_specialists(self, version: T.GetVersionResponse) -> None:
@@ -360,15 +383,20 @@ class Coordinator:
                 await self.records.set_specialist(name, R.SPECIALIST_STATE_READY, digest=digest)
             else:
                 corpus = await self._corpus(name, missing_ok=True)
-                await self.backends.registry.AddSpecialist(
-                    R.AddSpecialistRequest(
-                        name=name,
-                        corpus_dir=corpus.dir if corpus else "",
-                        corpus_digest=digest,
-                        state=R.SPECIALIST_STATE_READY,
-                    ),
-                    timeout=RPC_TIMEOUT,
-                )
+                try:
+                    await self.backends.registry.AddSpecialist(
+                        R.AddSpecialistRequest(
+                            name=name,
+                            corpus_dir=corpus.dir if corpus else "",
+                            corpus_digest=digest,
+                            state=R.SPECIALIST_STATE_READY,
+                        ),
+                        timeout=RPC_TIMEOUT,
+                    )
+                except grpc.aio.AioRpcError as exc:  # another gateway booting at the same time
+                    if exc.code() != grpc.StatusCode.ALREADY_EXISTS:
+                        raise
+                    await self.records.set_specialist(name, R.SPECIALIST_STATE_READY, digest=digest)
         for name in known - set(names):
             await self.records.forget_specialist(name)
 

@@ -12,7 +12,14 @@ from sma.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 R = registry_pb2
 
 
+class LeaseLost(Exception):
+    """Another gateway drives the operation now (this one's lease ran out): stop, write nothing."""
+
+
 class Records:
+    """Typed registry calls. Operation writes that pass an `owner` are fenced: the registry
+    refuses them unless that owner holds the operation's lease (LeaseLost)."""
+
     def __init__(self, registry: registry_pb2_grpc.RegistryStub) -> None:
         self.registry = registry
 
@@ -24,9 +31,21 @@ class Records:
             raise Unavailable("the model is still training; try again when it serves")
         return serving.version
 
-    async def create(self, kind: int, target: str, full_retrain: bool = False) -> R.Operation:
-        request = R.CreateOperationRequest(kind=kind, target=target, full_retrain=full_retrain)
+    async def create(
+        self, kind: int, target: str, full_retrain: bool, owner: str, lease_s: float
+    ) -> R.Operation:
+        request = R.CreateOperationRequest(
+            kind=kind, target=target, full_retrain=full_retrain, owner=owner, lease_seconds=lease_s
+        )
         reply = await self.registry.CreateOperation(request, timeout=RPC_TIMEOUT)
+        return reply.operation
+
+    async def claim(self, op_id: str, owner: str, lease_s: float) -> R.Operation:
+        """Take or renew the lease on driving `op_id`; its `owner` says who holds it now."""
+        reply = await self.registry.ClaimOperation(
+            R.ClaimOperationRequest(id=op_id, owner=owner, lease_seconds=lease_s),
+            timeout=RPC_TIMEOUT,
+        )
         return reply.operation
 
     async def operation(self, op_id: str) -> R.Operation:
@@ -40,10 +59,18 @@ class Records:
         op_id: str,
         state: int = R.OPERATION_STATE_UNSPECIFIED,
         progress: common_pb2.TrainingProgress | None = None,
-        **fields: str,
+        owner: str = "",
+        **fields: str | bool,
     ) -> R.Operation:
-        request = R.UpdateOperationRequest(id=op_id, state=state, progress=progress, **fields)
-        reply = await self.registry.UpdateOperation(request, timeout=RPC_TIMEOUT)
+        request = R.UpdateOperationRequest(
+            id=op_id, state=state, progress=progress, owner=owner, **fields
+        )
+        try:
+            reply = await self.registry.UpdateOperation(request, timeout=RPC_TIMEOUT)
+        except grpc.aio.AioRpcError as exc:
+            if owner and exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                raise LeaseLost(exc.details()) from None
+            raise
         return reply.operation
 
     async def specialist(self, name: str) -> R.Specialist | None:

@@ -188,6 +188,8 @@ def operation_dict(op: registry_pb2.Operation) -> dict:
         "job_id": op.job_id or None,
         "version": op.version_id or None,
         "full_retrain": op.full_retrain,
+        "cancel_requested": op.cancel_requested,
+        "driven_by": op.owner or None,  # the gateway holding its lease while unfinished
         "created_at": _time(op.created_at),
         "updated_at": _time(op.updated_at),
     }

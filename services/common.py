@@ -18,11 +18,11 @@ import functools
 import inspect
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -144,13 +144,17 @@ class Server:
             await self.health.set(name, status)
 
 
-async def start_server(address: str, services: list[Service]) -> Server:
-    """Bind and start a server with health (NOT_SERVING) and reflection for `services`."""
+async def start_server(
+    address: str, services: list[Service], options: Sequence[tuple[str, Any]] = ()
+) -> Server:
+    """Bind and start a server with health (NOT_SERVING) and reflection for `services`;
+    `options` adds to or overrides the gRPC server's channel arguments."""
     server = grpc.aio.server(
         options=[
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
             ("grpc.max_receive_message_length", 16 * 1024 * 1024),
             ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share it
+            *options,
         ]
     )
     for service in services:
@@ -175,12 +179,13 @@ async def serve(
     start: Callable[[Server], Awaitable[None]] | None = None,
     stop: Callable[[], Awaitable[None]] | None = None,
     grace_s: float = 5.0,
+    options: Sequence[tuple[str, Any]] = (),
 ) -> None:
     """Run until SIGTERM/SIGINT: start the server, await `start(server)` (which calls
     `server.ready()` when the service can answer), then on a signal report NOT_SERVING, stop
     taking RPCs, give in-flight ones `grace_s` seconds and await `stop()`. A `start` that
     raises stops the server the same way and exits non-zero, so a supervisor restarts it."""
-    server = await start_server(address, services)
+    server = await start_server(address, services, options)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.stopping.set)

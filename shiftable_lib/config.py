@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import socket
@@ -215,7 +216,8 @@ class Settings(BaseSettings):
     training_addr: str = Field(default="", description="training to dial; '' = host:port here")
     inference_addr: str = Field(default="", description="inference to dial; '' = host:port here")
     replica_id: str = Field(
-        default="", description="an inference server's id in the registry; '' = the host name"
+        default="",
+        description="this server's id among its replicas (a pod's name); '' = the host name",
     )
     max_batch: int = Field(default=32, ge=1, description="sequences decoded together")
     max_queue: int = Field(default=64, ge=0, description="requests waiting beyond max_batch")
@@ -245,10 +247,11 @@ class Settings(BaseSettings):
         one thread also decodes faster than more, a single stream and a full batch alike, since
         with one thread decode attention is the compiled loop (docs/benchmarks.md).
         """
-        return self.threads or max(1, len(os.sched_getaffinity(0)) - 1)
+        return self.threads or max(1, available_cpus() - 1)
 
-    def inference_replica(self) -> str:
-        """This inference server's id among the replicas the registry lists (a pod's name)."""
+    def replica(self) -> str:
+        """This server's id among its replicas: what an inference replica reports to the
+        registry under, and what a gateway's operation leases are held in the name of."""
         return self.replica_id or socket.gethostname()
 
     def grpc_port(self, service: str) -> int:
@@ -301,3 +304,19 @@ HOST_PORT = re.compile(r"^([A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\]):\d{1,5}$")
 
 
 GRPC_SERVICES = ("registry", "training", "inference")
+
+
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def available_cpus(cpu_max: Path = CGROUP_CPU_MAX) -> int:
+    """CPUs this process may use: those it may run on, capped by its cgroup's CPU quota (a
+    container's CPU limit, which torch's own count, the machine's cores, does not see)."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = cpu_max.read_text().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 limit to read
+    return cpus

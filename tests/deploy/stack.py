@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from unittest import mock
 
+from bench.loopback import ManifestError, render
 from shiftable.cli import build_parser
 from shiftable_lib.config import Settings
-from tests.deploy.manifests import DEPLOY, ManifestError, render
+from tests.deploy.manifests import DEPLOY
 
 STACK = DEPLOY / "stack"
 VARIANTS = [STACK / "base", *sorted(p for p in (STACK / "overlays").iterdir() if p.is_dir())]

@@ -18,13 +18,14 @@ import pytest
 from kubernetes.utils import parse_quantity
 from starlette.routing import Match
 
+from bench.loopback import ManifestError, render
 from gateway.app import MAX_BODY, create_app
 from gateway.routes import health
 from services.inference.server import SERVICE_NAME as INFERENCE
 from services.registry.server import SERVICE_NAME as REGISTRY
 from services.training.server import SERVICE_NAME as TRAINING
 from shiftable_lib.config import GRPC_SERVICES, WILDCARD_HOSTS, Settings, get_profile
-from tests.deploy.manifests import DEPLOY, ManifestError, render, validate
+from tests.deploy.manifests import DEPLOY, validate
 from tests.deploy.stack import (
     SERVICES,
     VARIANTS,
@@ -319,15 +320,20 @@ def test_replicas_and_updates_fit_what_the_code_can_share(stack: Stack) -> None:
     assert workloads["training"]["spec"]["strategy"] == {"type": "Recreate"}
     assert workloads["inference"]["spec"]["replicas"] >= 2
     gateway = workloads["gateway"]
-    # one gateway, never two at once, until a lease keeps gateways from driving one operation
-    assert gateway["spec"]["replicas"] == 1 and gateway["spec"]["strategy"] == {"type": "Recreate"}
+    # gateways share operations through leases in the registry: two or more, rolled one by one
+    assert gateway["spec"]["replicas"] >= 2
+    assert gateway["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
     (hpa,) = stack.all("HorizontalPodAutoscaler")
     assert hpa["spec"]["scaleTargetRef"] == {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "name": "gateway",
     }
-    assert hpa["spec"]["minReplicas"] == hpa["spec"]["maxReplicas"] == 1
+    assert 2 <= hpa["spec"]["minReplicas"] <= gateway["spec"]["replicas"]
+    assert hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"]
     assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["cpu"]
     assert "cpu" in container(gateway)["resources"]["requests"]  # utilization is of the request
     budgets = {

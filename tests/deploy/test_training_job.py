@@ -19,11 +19,12 @@ from pathlib import Path
 import pytest
 from torch.distributed.run import get_args_parser
 
+from bench.loopback import ManifestError, render
 from bench.stack import free_port_block
 from shiftable.cli import build_parser
 from shiftable_lib import checkpoint
 from shiftable_lib.config import get_profile
-from tests.deploy.manifests import DEPLOY, ManifestError, render, validate
+from tests.deploy.manifests import DEPLOY, validate
 from tests.e2e.conftest import tiny_home
 
 JOB = DEPLOY / "training-job"

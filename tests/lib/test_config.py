@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
-from shiftable_lib.config import GRPC_SERVICES, Settings
+from shiftable_lib.config import GRPC_SERVICES, Settings, available_cpus
 
 
 @pytest.fixture(autouse=True)
@@ -69,3 +72,18 @@ def test_a_bad_dial_address_is_refused_with_the_variable_named(
     monkeypatch.setenv("SMA_REGISTRY_ADDR", target)
     with pytest.raises(ValidationError, match=r"SMA_REGISTRY_ADDR=.* is not a gRPC address"):
         Settings()
+
+
+@pytest.mark.parametrize(
+    ("cpu_max", "cap"),
+    [("max 100000\n", None), ("200000 100000\n", 2), ("150000 100000\n", 2), ("1000 100000", 1)],
+)
+def test_available_cpus_honours_a_cgroup_cpu_limit(
+    tmp_path: Path, cpu_max: str, cap: int | None
+) -> None:
+    """A container's CPU limit (cgroup v2 cpu.max: quota and period), rounded up; none
+    without a quota or without the file."""
+    (tmp_path / "cpu.max").write_text(cpu_max)
+    cores = len(os.sched_getaffinity(0))
+    assert available_cpus(tmp_path / "cpu.max") == (min(cores, cap) if cap else cores)
+    assert available_cpus(tmp_path / "missing") == cores

@@ -281,6 +281,49 @@ def test_operation_updates_and_finished_operations_are_immutable(registry: Regis
     assert error.code() == grpc.StatusCode.NOT_FOUND
 
 
+def test_claim_operation_leases_and_fences_over_grpc(registry: Registry) -> None:
+    stub = registry.stub
+    request = pb.CreateOperationRequest(
+        kind=pb.OPERATION_KIND_ADD_SPECIALIST, target="ds", owner="gw-a", lease_seconds=30
+    )
+    op = stub.CreateOperation(request, timeout=TIMEOUT).operation
+    assert op.owner == "gw-a" and op.lease_expires_at.seconds > time.time() + 25
+    watch = stub.WatchOperation(pb.WatchOperationRequest(id=op.id), timeout=TIMEOUT)
+    assert next(watch).operation.owner == "gw-a"
+
+    claim = pb.ClaimOperationRequest(id=op.id, owner="gw-b", lease_seconds=30)
+    assert stub.ClaimOperation(claim, timeout=TIMEOUT).operation.owner == "gw-a"
+    error = failure(stub.UpdateOperation, pb.UpdateOperationRequest(id=op.id, owner="gw-b"))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "driven by gw-a" in error.details()
+    assert update(stub, id=op.id, cancel_requested=True).cancel_requested
+    assert next(watch).operation.cancel_requested
+
+    # gw-a lets its lease lapse by renewing it for the shortest time there is
+    short = pb.ClaimOperationRequest(id=op.id, owner="gw-a", lease_seconds=0.1)
+    assert stub.ClaimOperation(short, timeout=TIMEOUT).operation.owner == "gw-a"
+    time.sleep(0.2)
+    assert stub.ClaimOperation(claim, timeout=TIMEOUT).operation.owner == "gw-b"
+    assert next(watch).operation.owner == "gw-b"  # a takeover wakes the watchers
+    done = update(stub, id=op.id, state=pb.OPERATION_STATE_FAILED, error="x", owner="gw-b")
+    assert not done.owner and not done.HasField("lease_expires_at")
+
+    for bad in [
+        pb.ClaimOperationRequest(id=op.id, owner="", lease_seconds=30),
+        pb.ClaimOperationRequest(id=op.id, owner="gw-a", lease_seconds=0),
+        pb.ClaimOperationRequest(id="", owner="gw-a", lease_seconds=30),
+        pb.CreateOperationRequest(kind=pb.OPERATION_KIND_INITIALIZE, owner="gw-a"),
+    ]:
+        method = stub.ClaimOperation if isinstance(bad, pb.ClaimOperationRequest) else None
+        error = failure(method or stub.CreateOperation, bad)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, bad
+    error = failure(
+        stub.ClaimOperation, pb.ClaimOperationRequest(id="op-x", owner="a", lease_seconds=1)
+    )
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert stub.ListOperations(pb.ListOperationsRequest(unfinished_only=True)).operations == []
+
+
 def test_watch_operation_streams_progress_then_ends(registry: Registry) -> None:
     stub = registry.stub
     op = add_ds(stub)

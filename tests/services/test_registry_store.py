@@ -12,17 +12,19 @@ from pathlib import Path
 
 import pytest
 
-from services.registry.store import (
+from services.registry.schema import (
+    MIGRATIONS,
     REPLICA_LEASE_S,
+    SCHEMA_VERSION,
     ModelVersion,
     Operation,
     OperationBusy,
     OperationKind,
     OperationState,
     Progress,
-    RegistryStore,
     Replica,
 )
+from services.registry.store import RegistryStore
 from shiftable_lib.errors import AlreadyExists, Conflict, InvalidName, NotFound
 
 
@@ -86,7 +88,7 @@ def test_store_creates_one_operation_when_writers_race(db: Path) -> None:
 def test_store_schema_is_versioned(db: Path) -> None:
     RegistryStore(db).close()
     with closing(sqlite3.connect(db)) as raw:
-        assert raw.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
         assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         raw.execute("PRAGMA user_version = 99")
     with pytest.raises(RuntimeError, match="newer"):
@@ -113,3 +115,72 @@ def test_replicas_report_what_they_serve_and_drop_out_when_their_lease_runs_out(
         monkeypatch.setattr(time, "time", lambda: later)
         assert store.get_serving().replicas == []  # neither has reported since
         assert store.report_loaded("v1", "pod-a").replicas == [Replica("pod-a", "v1", "")]
+
+
+def test_one_gateway_drives_an_operation_until_its_lease_runs_out(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with RegistryStore(db) as store:
+        op = store.create_operation(OperationKind.ADD_SPECIALIST, "ds", owner="gw-a", lease_s=10)
+        assert op.owner == "gw-a" and op.lease_expires > time.time() + 9
+        assert store.claim_operation(op.id, "gw-b", 10).owner == "gw-a"  # refused: a live lease
+        renewed = store.claim_operation(op.id, "gw-a", 10)
+        assert renewed.owner == "gw-a" and renewed.updated_at == op.updated_at  # not a change
+        with pytest.raises(Conflict, match="driven by gw-a, not gw-b"):
+            store.update_operation(op.id, message="b was here", owner="gw-b")
+        # a cancel request comes from any gateway, unfenced
+        assert store.update_operation(op.id, cancel_requested=True).cancel_requested
+        store.update_operation(op.id, state=OperationState.RUNNING, owner="gw-a")
+
+        later = time.time() + 11
+        monkeypatch.setattr(time, "time", lambda: later)  # gw-a stopped renewing
+        assert store.claim_operation(op.id, "gw-b", 10).owner == "gw-b"  # taken over
+        with pytest.raises(Conflict, match="driven by gw-b, not gw-a"):
+            store.update_operation(op.id, progress=Progress("gate", 1, 2), owner="gw-a")
+        done = store.update_operation(op.id, state=OperationState.SUCCEEDED, owner="gw-b")
+        assert (done.owner, done.lease_expires, done.cancel_requested) == ("", 0.0, True)
+        assert store.claim_operation(op.id, "gw-a", 10) == done  # finished: left as it is
+
+        with pytest.raises(ValueError, match="owner is required"):
+            store.claim_operation(op.id, "", 10)
+        for lease in (0, -1, 1e9, float("nan")):
+            with pytest.raises(ValueError, match="lease lasts"):
+                store.claim_operation(op.id, "gw-a", lease)
+        with pytest.raises(NotFound):
+            store.claim_operation("op-nope", "gw-a", 10)
+
+
+def test_store_grants_an_expired_lease_to_exactly_one_claimant(db: Path) -> None:
+    with RegistryStore(db) as store:
+        op_id = store.create_operation(OperationKind.INITIALIZE).id  # nobody holds it
+    stores = [RegistryStore(db) for _ in range(4)]
+    start = threading.Barrier(len(stores))
+
+    def claim(index: int) -> str:
+        start.wait()
+        return stores[index].claim_operation(op_id, f"gw-{index}", 10).owner
+
+    with ThreadPoolExecutor(len(stores)) as pool:
+        owners = list(pool.map(claim, range(len(stores))))
+    for store in stores:
+        store.close()
+    assert len(set(owners)) == 1 and owners[0].startswith("gw-")
+
+
+def test_an_older_registry_is_migrated_and_its_unfinished_operation_is_free(db: Path) -> None:
+    """A database written before leases existed: its unfinished operation has no owner, so the
+    first gateway to claim it drives it."""
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with closing(sqlite3.connect(db, isolation_level=None)) as raw:
+        for script in MIGRATIONS[:2]:
+            raw.executescript(script)
+        raw.execute("PRAGMA user_version = 2")
+        raw.execute(
+            "INSERT INTO operations VALUES ('op-1', 'initialize', '', 'running', ?, '', 'job-1',"
+            " '', '', 0, '2026-01-01T00:00:00+00:00', '2026-01-01T00:00:00+00:00')",
+            ('{"phase": "gate"}',),
+        )
+    with RegistryStore(db) as store:
+        op = store.get_operation("op-1")
+        assert (op.owner, op.cancel_requested, op.job_id) == ("", False, "job-1")
+        assert store.claim_operation("op-1", "gw-a", 10).owner == "gw-a"

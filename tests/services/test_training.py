@@ -292,15 +292,23 @@ def test_jobs_queue_in_order_and_cancel_changes_nothing(trained: Trained, tmp_pa
         first = harness.start(
             T.JOB_KIND_REMOVE_SPECIALIST, specialist="ds", recalibrate_steps=LONG_RECALIBRATION
         )
-        second = harness.start(T.JOB_KIND_ADD_SPECIALIST, specialist="dl")
+        second = harness.start(T.JOB_KIND_ADD_SPECIALIST, specialist="dl", request_id="op-2")
         third = harness.start(T.JOB_KIND_TRAIN_SPECIALISTS)
         assert first.state == T.JOB_STATE_RUNNING
         assert second.state == third.state == T.JOB_STATE_QUEUED
+        # a repeated start with the same request id (a gateway taking over) starts nothing
+        again = harness.start(T.JOB_KIND_ADD_SPECIALIST, specialist="dl", request_id="op-2")
+        assert (again.id, again.request_id) == (second.id, "op-2")
+        with pytest.raises(grpc.RpcError) as other:
+            harness.start(T.JOB_KIND_REMOVE_SPECIALIST, specialist="dl", request_id="op-2")
+        assert other.value.code() == grpc.StatusCode.ALREADY_EXISTS
         listed = harness.stub.ListJobs(T.ListJobsRequest(), timeout=5).jobs
         assert [j.id for j in listed] == [first.id, second.id, third.id]
 
         dropped = harness.stub.CancelJob(T.CancelJobRequest(id=second.id), timeout=5).job
         assert dropped.state == T.JOB_STATE_CANCELLED and not dropped.HasField("started_at")
+        again = harness.start(T.JOB_KIND_ADD_SPECIALIST, specialist="dl", request_id="op-2")
+        assert (again.id, again.state) == (second.id, T.JOB_STATE_CANCELLED)
 
         harness.wait(first.id, lambda j: j.progress.phase == "gate")
         stopped = harness.stub.CancelJob(T.CancelJobRequest(id=first.id), timeout=15).job

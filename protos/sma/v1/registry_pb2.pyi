@@ -69,7 +69,7 @@ class Specialist(_message.Message):
     def __init__(self, name: _Optional[str] = ..., corpus_dir: _Optional[str] = ..., corpus_digest: _Optional[str] = ..., state: _Optional[_Union[SpecialistState, str]] = ..., error: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Operation(_message.Message):
-    __slots__ = ("id", "kind", "target", "state", "progress", "error", "job_id", "version_id", "message", "created_at", "updated_at", "full_retrain")
+    __slots__ = ("id", "kind", "target", "state", "progress", "error", "job_id", "version_id", "message", "created_at", "updated_at", "full_retrain", "owner", "lease_expires_at", "cancel_requested")
     ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +82,9 @@ class Operation(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
     FULL_RETRAIN_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    LEASE_EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_REQUESTED_FIELD_NUMBER: _ClassVar[int]
     id: str
     kind: OperationKind
     target: str
@@ -94,7 +97,10 @@ class Operation(_message.Message):
     created_at: _timestamp_pb2.Timestamp
     updated_at: _timestamp_pb2.Timestamp
     full_retrain: bool
-    def __init__(self, id: _Optional[str] = ..., kind: _Optional[_Union[OperationKind, str]] = ..., target: _Optional[str] = ..., state: _Optional[_Union[OperationState, str]] = ..., progress: _Optional[_Union[_common_pb2.TrainingProgress, _Mapping]] = ..., error: _Optional[str] = ..., job_id: _Optional[str] = ..., version_id: _Optional[str] = ..., message: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., full_retrain: _Optional[bool] = ...) -> None: ...
+    owner: str
+    lease_expires_at: _timestamp_pb2.Timestamp
+    cancel_requested: bool
+    def __init__(self, id: _Optional[str] = ..., kind: _Optional[_Union[OperationKind, str]] = ..., target: _Optional[str] = ..., state: _Optional[_Union[OperationState, str]] = ..., progress: _Optional[_Union[_common_pb2.TrainingProgress, _Mapping]] = ..., error: _Optional[str] = ..., job_id: _Optional[str] = ..., version_id: _Optional[str] = ..., message: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., full_retrain: _Optional[bool] = ..., owner: _Optional[str] = ..., lease_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cancel_requested: _Optional[bool] = ...) -> None: ...
 
 class ServingState(_message.Message):
     __slots__ = ("version", "loaded_version_id", "replicas")
@@ -187,14 +193,18 @@ class DeleteSpecialistResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class CreateOperationRequest(_message.Message):
-    __slots__ = ("kind", "target", "full_retrain")
+    __slots__ = ("kind", "target", "full_retrain", "owner", "lease_seconds")
     KIND_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     FULL_RETRAIN_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     kind: OperationKind
     target: str
     full_retrain: bool
-    def __init__(self, kind: _Optional[_Union[OperationKind, str]] = ..., target: _Optional[str] = ..., full_retrain: _Optional[bool] = ...) -> None: ...
+    owner: str
+    lease_seconds: float
+    def __init__(self, kind: _Optional[_Union[OperationKind, str]] = ..., target: _Optional[str] = ..., full_retrain: _Optional[bool] = ..., owner: _Optional[str] = ..., lease_seconds: _Optional[float] = ...) -> None: ...
 
 class CreateOperationResponse(_message.Message):
     __slots__ = ("operation",)
@@ -229,7 +239,7 @@ class ListOperationsResponse(_message.Message):
     def __init__(self, operations: _Optional[_Iterable[_Union[Operation, _Mapping]]] = ...) -> None: ...
 
 class UpdateOperationRequest(_message.Message):
-    __slots__ = ("id", "state", "progress", "error", "job_id", "version_id", "message")
+    __slots__ = ("id", "state", "progress", "error", "job_id", "version_id", "message", "owner", "cancel_requested")
     ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
@@ -237,6 +247,8 @@ class UpdateOperationRequest(_message.Message):
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_ID_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_REQUESTED_FIELD_NUMBER: _ClassVar[int]
     id: str
     state: OperationState
     progress: _common_pb2.TrainingProgress
@@ -244,9 +256,27 @@ class UpdateOperationRequest(_message.Message):
     job_id: str
     version_id: str
     message: str
-    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[OperationState, str]] = ..., progress: _Optional[_Union[_common_pb2.TrainingProgress, _Mapping]] = ..., error: _Optional[str] = ..., job_id: _Optional[str] = ..., version_id: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+    owner: str
+    cancel_requested: bool
+    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[OperationState, str]] = ..., progress: _Optional[_Union[_common_pb2.TrainingProgress, _Mapping]] = ..., error: _Optional[str] = ..., job_id: _Optional[str] = ..., version_id: _Optional[str] = ..., message: _Optional[str] = ..., owner: _Optional[str] = ..., cancel_requested: _Optional[bool] = ...) -> None: ...
 
 class UpdateOperationResponse(_message.Message):
+    __slots__ = ("operation",)
+    OPERATION_FIELD_NUMBER: _ClassVar[int]
+    operation: Operation
+    def __init__(self, operation: _Optional[_Union[Operation, _Mapping]] = ...) -> None: ...
+
+class ClaimOperationRequest(_message.Message):
+    __slots__ = ("id", "owner", "lease_seconds")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    owner: str
+    lease_seconds: float
+    def __init__(self, id: _Optional[str] = ..., owner: _Optional[str] = ..., lease_seconds: _Optional[float] = ...) -> None: ...
+
+class ClaimOperationResponse(_message.Message):
     __slots__ = ("operation",)
     OPERATION_FIELD_NUMBER: _ClassVar[int]
     operation: Operation

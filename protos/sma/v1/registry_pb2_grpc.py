@@ -82,6 +82,11 @@ class RegistryStub:
                 request_serializer=sma_dot_v1_dot_registry__pb2.UpdateOperationRequest.SerializeToString,
                 response_deserializer=sma_dot_v1_dot_registry__pb2.UpdateOperationResponse.FromString,
                 _registered_method=True)
+        self.ClaimOperation = channel.unary_unary(
+                '/sma.v1.Registry/ClaimOperation',
+                request_serializer=sma_dot_v1_dot_registry__pb2.ClaimOperationRequest.SerializeToString,
+                response_deserializer=sma_dot_v1_dot_registry__pb2.ClaimOperationResponse.FromString,
+                _registered_method=True)
         self.WatchOperation = channel.unary_stream(
                 '/sma.v1.Registry/WatchOperation',
                 request_serializer=sma_dot_v1_dot_registry__pb2.WatchOperationRequest.SerializeToString,
@@ -179,6 +184,15 @@ class RegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ClaimOperation(self, request, context):
+        """Takes or renews the lease on driving an unfinished operation: granted when nobody holds
+        it, when its lease has run out, or when the caller already holds it. Returns the operation
+        either way; its `owner` says who drives it now. A finished operation is returned unchanged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WatchOperation(self, request, context):
         """The operation now, then on every change, until it ends.
         """
@@ -266,6 +280,11 @@ def add_RegistryServicer_to_server(servicer, server):
                     servicer.UpdateOperation,
                     request_deserializer=sma_dot_v1_dot_registry__pb2.UpdateOperationRequest.FromString,
                     response_serializer=sma_dot_v1_dot_registry__pb2.UpdateOperationResponse.SerializeToString,
+            ),
+            'ClaimOperation': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClaimOperation,
+                    request_deserializer=sma_dot_v1_dot_registry__pb2.ClaimOperationRequest.FromString,
+                    response_serializer=sma_dot_v1_dot_registry__pb2.ClaimOperationResponse.SerializeToString,
             ),
             'WatchOperation': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchOperation,
@@ -544,6 +563,33 @@ class Registry:
             '/sma.v1.Registry/UpdateOperation',
             sma_dot_v1_dot_registry__pb2.UpdateOperationRequest.SerializeToString,
             sma_dot_v1_dot_registry__pb2.UpdateOperationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClaimOperation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sma.v1.Registry/ClaimOperation',
+            sma_dot_v1_dot_registry__pb2.ClaimOperationRequest.SerializeToString,
+            sma_dot_v1_dot_registry__pb2.ClaimOperationResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -40,7 +40,7 @@ JOB_STATE_FAILED: JobState
 JOB_STATE_CANCELLED: JobState
 
 class Job(_message.Message):
-    __slots__ = ("id", "kind", "specialist", "state", "progress", "error", "version_id", "message", "created_at", "started_at", "finished_at")
+    __slots__ = ("id", "kind", "specialist", "state", "progress", "error", "version_id", "message", "created_at", "started_at", "finished_at", "request_id")
     ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     SPECIALIST_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,7 @@ class Job(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     id: str
     kind: JobKind
     specialist: str
@@ -63,19 +64,22 @@ class Job(_message.Message):
     created_at: _timestamp_pb2.Timestamp
     started_at: _timestamp_pb2.Timestamp
     finished_at: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[str] = ..., kind: _Optional[_Union[JobKind, str]] = ..., specialist: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., progress: _Optional[_Union[_common_pb2.TrainingProgress, _Mapping]] = ..., error: _Optional[str] = ..., version_id: _Optional[str] = ..., message: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    request_id: str
+    def __init__(self, id: _Optional[str] = ..., kind: _Optional[_Union[JobKind, str]] = ..., specialist: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., progress: _Optional[_Union[_common_pb2.TrainingProgress, _Mapping]] = ..., error: _Optional[str] = ..., version_id: _Optional[str] = ..., message: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class StartJobRequest(_message.Message):
-    __slots__ = ("kind", "specialist", "profile", "recalibrate_steps")
+    __slots__ = ("kind", "specialist", "profile", "recalibrate_steps", "request_id")
     KIND_FIELD_NUMBER: _ClassVar[int]
     SPECIALIST_FIELD_NUMBER: _ClassVar[int]
     PROFILE_FIELD_NUMBER: _ClassVar[int]
     RECALIBRATE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     kind: JobKind
     specialist: str
     profile: str
     recalibrate_steps: int
-    def __init__(self, kind: _Optional[_Union[JobKind, str]] = ..., specialist: _Optional[str] = ..., profile: _Optional[str] = ..., recalibrate_steps: _Optional[int] = ...) -> None: ...
+    request_id: str
+    def __init__(self, kind: _Optional[_Union[JobKind, str]] = ..., specialist: _Optional[str] = ..., profile: _Optional[str] = ..., recalibrate_steps: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class StartJobResponse(_message.Message):
     __slots__ = ("job",)

@@ -81,7 +81,8 @@ class TrainingServicer:
     """
 
     def StartJob(self, request, context):
-        """Queues a job. INVALID_ARGUMENT for a bad kind, name or profile.
+        """Queues a job. INVALID_ARGUMENT for a bad kind, name or profile. Idempotent per
+        request_id: a second request with a known one returns the job it started.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
