@@ -12,7 +12,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import grpc
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -25,24 +27,38 @@ from shiftable_lib.config import Settings
 from shiftable_lib.errors import ShiftableError
 
 MAX_BODY = 1024 * 1024
+TOO_LARGE = f"request body over {MAX_BODY} bytes"
 
 
 class LimitBody:
-    """Answer 413 to a body over MAX_BODY bytes before any route reads it."""
+    """413 for a body over MAX_BODY bytes, whatever its framing: a declared Content-Length over
+    the limit is refused before anything is read, and any other body (chunked) is counted as
+    it arrives and refused the moment it passes the limit, so it is never read whole."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            length = dict(scope["headers"]).get(b"content-length")
-            if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
-                response = JSONResponse(
-                    {"detail": f"request body over {MAX_BODY} bytes"}, status_code=413
-                )
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
+            response = JSONResponse({"detail": TOO_LARGE}, status_code=413)
+            await response(scope, receive, send)
+            return
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > MAX_BODY:  # the route reading the body answers it, as a 413
+                    raise HTTPException(status_code=413, detail=TOO_LARGE)
+            return message
+
+        await self.app(scope, counted, send)
 
 
 class CountRequests:
@@ -93,6 +109,13 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.gateway = gw
     app.add_middleware(LimitBody)
     app.add_middleware(CountRequests, metrics=gw.metrics)  # added last: outermost
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
+        """FastAPI's 422, without the `input` each error would echo: a reply never repeats
+        what was sent (a megabyte of prompt, or a secret pasted in the wrong field)."""
+        errors = [{k: v for k, v in e.items() if k not in ("input", "ctx")} for e in exc.errors()]
+        return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
 
     @app.exception_handler(grpc.aio.AioRpcError)
     async def grpc_error(_: Request, exc: grpc.aio.AioRpcError) -> JSONResponse:

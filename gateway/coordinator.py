@@ -291,8 +291,16 @@ class Coordinator:
             if version is None:
                 raise OperationFailed(f"training reports no model version {version_id!r}")
             await self.records.update(op.id, message=f"publishing {version_id}", **mine)
+            before = (
+                await self.backends.registry.GetServing(R.GetServingRequest(), timeout=RPC_TIMEOUT)
+            ).serving.version
             await self._publish(version.version)
-            await self._wait_loaded(version_id)
+            try:
+                await self._wait_loaded(version_id)
+            except OperationFailed:
+                if before.id and before.id != version_id:  # what served before serves on
+                    await self._publish(before)
+                raise
             await self._claim(op.id)
             await self._finish(op, version)
         except (asyncio.CancelledError, LeaseLost):

@@ -113,12 +113,20 @@ class Gateway:
         return [s.name for s in reply.specialists if s.state in SERVED]
 
     async def model_info(self) -> inference_pb2.GetModelInfoResponse | None:
-        try:
-            return await self.backends.inference.GetModelInfo(
-                inference_pb2.GetModelInfoRequest(), timeout=1.0
-            )
-        except grpc.aio.AioRpcError:
-            return None
+        """Inference's model info, from a replica that has a model if any has: each call goes
+        to the next replica (round robin), and /generate reaches a loaded one the same way (a
+        replica with no model refuses it, and the call is retried on another)."""
+        info = None
+        for _ in range(max(1, len(self.serving.replicas))):
+            try:
+                info = await self.backends.inference.GetModelInfo(
+                    inference_pb2.GetModelInfoRequest(), timeout=1.0
+                )
+            except grpc.aio.AioRpcError:
+                continue
+            if info.version_id:
+                break
+        return info
 
 
 def gateway(request: Request) -> Gateway:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from pydantic import BaseModel, ConfigDict, Field
@@ -20,8 +20,11 @@ from shiftable_lib.sampling import (
     DEFAULT_TOP_K,
     DEFAULT_TOP_K_EXPERTS,
     DEFAULT_TOP_P,
+    MAX_NAME_CHARS,
     MAX_NEW_TOKENS,
+    MAX_PROMPT_CHARS,
     MAX_ROUTING_NAMES,
+    MAX_STOP_CHARS,
     MAX_STOP_STRINGS,
     MAX_TEMPERATURE,
     MAX_TOP_K,
@@ -29,7 +32,8 @@ from shiftable_lib.sampling import (
 )
 from sma.v1 import common_pb2, inference_pb2, registry_pb2
 
-MAX_PROMPT_CHARS = 100_000
+ExpertName = Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)]
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
 class RoutingBody(BaseModel):
@@ -42,10 +46,10 @@ class RoutingBody(BaseModel):
         le=MAX_TOP_K_EXPERTS,
         description="experts per position for topk",
     )
-    force: list[str] = Field(
+    force: list[ExpertName] = Field(
         default_factory=list, max_length=MAX_ROUTING_NAMES, description="only these"
     )
-    exclude: list[str] = Field(
+    exclude: list[ExpertName] = Field(
         default_factory=list, max_length=MAX_ROUTING_NAMES, description="never these"
     )
 
@@ -82,7 +86,7 @@ class GenerateBody(BaseModel):
     )
     top_p: float = Field(default=DEFAULT_TOP_P, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
-    stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
+    stop: list[StopString] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
     routing: RoutingBody = Field(default_factory=RoutingBody)
     ignore_eos: bool = Field(default=False, description="exactly max_new_tokens (benchmarks)")
 
@@ -224,6 +228,7 @@ def version_dict(v, serving: bool) -> dict:
         "metrics": metrics,
         "created_at": _time(v.created_at),
         "serving": serving,
+        "invalid_reason": v.invalid_reason or None,  # failed its check on loading
     }
 
 

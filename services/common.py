@@ -40,7 +40,9 @@ from shiftable_lib.errors import (
     NotFound,
     Overloaded,
     Unavailable,
+    VersionInvalid,
 )
+from shiftable_lib.sampling import MAX_PROMPT_CHARS
 
 if TYPE_CHECKING:
     from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
@@ -59,6 +61,7 @@ _CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (Busy, grpc.StatusCode.FAILED_PRECONDITION),
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (VersionInvalid, grpc.StatusCode.DATA_LOSS),
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
 ]
 
@@ -144,6 +147,11 @@ class Server:
             await self.health.set(name, status)
 
 
+# The largest request any service takes is a Generate of MAX_PROMPT_CHARS characters (at most 4
+# bytes each in UTF-8) with its parameters: anything larger is refused before it is read whole.
+MAX_REQUEST_BYTES = 4 * MAX_PROMPT_CHARS + 64 * 1024
+
+
 async def start_server(
     address: str, services: list[Service], options: Sequence[tuple[str, Any]] = ()
 ) -> Server:
@@ -152,7 +160,7 @@ async def start_server(
     server = grpc.aio.server(
         options=[
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
-            ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+            ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
             ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share it
             *options,
         ]

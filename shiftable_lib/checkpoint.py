@@ -1,10 +1,16 @@
 """Model versions on disk: `<models>/<version>/{model.safetensors,config.json,tokenizer.json,
 metrics.json}`. A version directory appears only when complete (written to a temporary folder,
 fsynced, then renamed). Loading reads safetensors and JSON only: nothing is ever unpickled.
+
+config.json records the size and SHA-256 of the model and tokenizer files, and loading checks
+them (and the tensors' names and shapes against the config) before anything serves: a
+truncated or altered version is refused as VersionInvalid, saying what is wrong, rather than
+served half-right.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -18,7 +24,7 @@ from tokenizers import Tokenizer
 
 from shiftable_lib.config import Profile
 from shiftable_lib.durable import fsync_dir, replace_file, write_file
-from shiftable_lib.errors import NotFound
+from shiftable_lib.errors import NotFound, VersionInvalid
 from shiftable_lib.model import ModelConfig, ShiftableLM
 from shiftable_lib.tokenizer import load_tokenizer
 from shiftable_lib.versions import CURRENT, VERSION_PATTERN, current_version, version_ids
@@ -34,6 +40,7 @@ __all__ = [
 ]
 
 FORMAT = 1
+CHECKED_FILES = ("model.safetensors", "tokenizer.json")  # recorded in config.json's "files"
 
 
 @dataclass
@@ -79,6 +86,7 @@ def save_version(
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "model": model.cfg.to_dict(),
             "profile": profile.to_dict(),
+            "files": {name: _fingerprint(tmp / name) for name in CHECKED_FILES},
             **(meta or {}),
         }
         write_file(tmp / "config.json", json.dumps(config, indent=2, sort_keys=True).encode())
@@ -101,20 +109,56 @@ def set_current(models_dir: Path, version: str) -> None:
 def load_version(
     models_dir: Path, version: str, device: str | torch.device = "cpu"
 ) -> ModelVersion:
+    """Load a complete version, once its files pass their check (VersionInvalid otherwise)."""
     path = models_dir / version
     if not VERSION_PATTERN.match(version) or not path.is_dir():
         raise NotFound(f"no model version {version!r} in {models_dir}")
-    meta = json.loads((path / "config.json").read_text())
-    cfg = ModelConfig.from_dict(meta["model"])
-    model = ShiftableLM(cfg)
-    model.load_state_dict(load_file(str(path / "model.safetensors"), device="cpu"), strict=True)
+    meta = _read_json(path / "config.json", version)
+    for name, recorded in meta.get("files", {}).items():  # versions written before: unchecked
+        if name not in CHECKED_FILES:
+            raise VersionInvalid(f"{version}: config.json lists an unknown file {name!r}")
+        if (found := _fingerprint(path / name)) != recorded:
+            raise VersionInvalid(f"{version}: {name} is {_differs(found, recorded)}")
+    try:
+        cfg = ModelConfig.from_dict(meta["model"])
+        model = ShiftableLM(cfg)
+        model.load_state_dict(load_file(str(path / "model.safetensors"), device="cpu"), strict=True)
+        profile = Profile.from_dict(meta["profile"])
+    except (KeyError, TypeError, ValueError, RuntimeError, OSError) as exc:
+        raise VersionInvalid(f"{version}: its files do not make a model ({exc})") from exc
     metrics_path = path / "metrics.json"
     return ModelVersion(
         id=version,
         path=path,
         model=model.to(device).eval(),
         tokenizer=load_tokenizer(path / "tokenizer.json"),
-        profile=Profile.from_dict(meta["profile"]),
+        profile=profile,
         meta=meta,
-        metrics=json.loads(metrics_path.read_text()) if metrics_path.is_file() else {},
+        metrics=_read_json(metrics_path, version) if metrics_path.is_file() else {},
     )
+
+
+def _fingerprint(path: Path) -> dict:
+    """A file's size and SHA-256, as config.json records them; an absent file has neither."""
+    if not path.is_file():
+        return {}
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _differs(found: dict, recorded: dict) -> str:
+    if not found:
+        return "missing"
+    if found["bytes"] != recorded.get("bytes"):
+        return f"{found['bytes']} bytes, not the {recorded.get('bytes')} it was written with"
+    return "not the file it was written as (its SHA-256 differs)"
+
+
+def _read_json(path: Path, version: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise VersionInvalid(f"{version}: cannot read {path.name} ({exc})") from exc

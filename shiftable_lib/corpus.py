@@ -51,10 +51,24 @@ class Domain:
 
 
 def text_files(folder: Path) -> list[Path]:
-    """The non-empty `.txt` files directly inside `folder`, sorted by name."""
+    """The non-empty `.txt` files directly inside `folder`, sorted by name. A file that is a
+    link to somewhere outside the data folder (`folder`'s parent) is refused (CorpusInvalid):
+    nothing from elsewhere on the machine is ever read as a corpus."""
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.glob("*.txt") if p.is_file() and p.stat().st_size > 0)
+    files = sorted(p for p in folder.glob("*.txt") if p.is_file() and p.stat().st_size > 0)
+    for path in files:
+        confined(path, folder.parent)
+    return files
+
+
+def confined(path: Path, root: Path) -> Path:
+    """`path`, or CorpusInvalid if it is, or passes through, a link that leads out of `root`."""
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise CorpusInvalid(
+            f"{path} links outside {root}: copy the text into {root} instead of linking to it"
+        )
+    return path
 
 
 def discover_specialists(data_dir: Path) -> list[str]:
@@ -69,16 +83,17 @@ def discover_specialists(data_dir: Path) -> list[str]:
     for child in sorted(data_dir.iterdir()):
         if child.name == GENERAL or not child.is_dir():
             continue
-        if NAME_PATTERN.fullmatch(child.name) and text_files(child):
+        if NAME_PATTERN.fullmatch(child.name) and text_files(confined(child, data_dir)):
             names.append(child.name)
     return names
 
 
 def domain_dir(data_dir: Path, name: str) -> Path:
-    """The folder of domain `name`, after checking the name cannot escape `data_dir`."""
+    """The folder of domain `name`, after checking that neither its name nor a link can lead
+    out of `data_dir`."""
     if name != GENERAL:
         validate_specialist_name(name)
-    return data_dir / name
+    return confined(data_dir / name, data_dir)
 
 
 @dataclass(frozen=True)
@@ -108,10 +123,14 @@ def _no_text(folder: Path) -> CorpusMissing:
     return CorpusMissing(f"{folder} holds no text: add one or more non-empty .txt files")
 
 
-def describe_corpus(data_dir: Path, name: str) -> Corpus:
-    """Domain `name`'s corpus, from file sizes alone (nothing is read); raises as
-    `require_corpus` does."""
+def check_corpus(data_dir: Path, name: str) -> Corpus:
+    """Domain `name`'s corpus once every file has been read and found usable: CorpusMissing as
+    `require_corpus` raises it, CorpusInvalid naming the file (and byte) that is not UTF-8,
+    cannot be read or links out of the data folder, and CorpusMissing when there is no text
+    but blank lines. What an add checks before anything is recorded."""
     folder = require_corpus(data_dir, name)
+    if not read_documents(folder):
+        raise _no_text(folder)
     files = text_files(folder)
     return Corpus(name, folder, len(files), sum(p.stat().st_size for p in files))
 

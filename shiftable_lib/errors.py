@@ -39,3 +39,9 @@ class Overloaded(ShiftableError):
 
 class Unavailable(ShiftableError):
     """Not ready yet (no model loaded, a dependency down); try again later."""
+
+
+class VersionInvalid(ShiftableError):
+    """A model version whose files fail their check on loading: a size or digest that is not
+    what was recorded when it was written, a config or tensors that do not fit together. A
+    property of the version, not of the machine loading it."""

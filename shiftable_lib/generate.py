@@ -31,8 +31,9 @@ from shiftable_lib.routing import RouteTable
 from shiftable_lib.sampling import SamplingParams
 from shiftable_lib.tokenizer import StreamDecoder, encode, eos_id
 
-FINISH_REASONS = ("length", "stop", "eos", "cancelled")
+FINISH_REASONS = ("length", "stop", "eos", "cancelled", "error")
 log = logging.getLogger("sma.generate")
+GREEDY_BELOW = torch.finfo(torch.float32).tiny  # a smaller temperature is 0 in float32
 # one CUDA graph capture at a time per process: torch captures on one shared side stream, and
 # the inference worker may build engines in several threads (a hot swap, a failed step)
 _CAPTURE_LOCK = threading.Lock()
@@ -53,6 +54,7 @@ class Sequence:
     text: str = ""  # completion text emitted so far
     pending: str = ""  # decoded but held back: it might begin a stop string
     finish_reason: str | None = None
+    error: str = ""  # why it ended, when finish_reason is "error" (its batch goes on)
     gate_total: Tensor | None = None  # (L, E) gate weights summed over generating positions
 
     @property
@@ -79,14 +81,22 @@ class TokenEvent:
     finish_reason: str | None
 
 
-def sample(logits: Tensor, seqs: list[Sequence]) -> list[int]:
-    """One token per row, each row with its own temperature, top-k, top-p and generator."""
-    out = logits.float().argmax(-1).tolist()
+def sample(logits: Tensor, seqs: list[Sequence]) -> list[int | None]:
+    """One token per row, each row with its own temperature, top-k, top-p and generator; None
+    for a row that cannot be sampled (its logits are not finite), which ends that sequence
+    only. Each row is shifted to a maximum of 0 before it is divided by the temperature, so
+    any temperature the API admits, however close to 0, gives probabilities and never inf or
+    NaN: the top logit keeps weight 1 and the rest underflow to 0, as in greedy decoding (and
+    a temperature too small for float32, which would be 0 there, is greedy)."""
+    rows = logits.float()
+    finite = torch.isfinite(rows).all(-1)
+    picked = torch.where(finite, rows.argmax(-1), -1).tolist()  # one transfer for the batch
+    out: list[int | None] = [None if t < 0 else t for t in picked]
     for i, s in enumerate(seqs):
         p = s.params
-        if p.temperature == 0:
+        if p.temperature < GREEDY_BELOW or out[i] is None:
             continue
-        row = logits[i].float() / p.temperature
+        row = (rows[i] - rows[i].max()) / p.temperature
         if p.top_k or p.top_p < 1:
             row, index = row.sort(descending=True)
             if p.top_k:
@@ -321,7 +331,17 @@ class Engine:
 
     def _emit(self, seqs: list[Sequence], logits: Tensor) -> list[TokenEvent]:
         tokens = sample(logits, seqs)
-        return [self._advance(seq, token) for seq, token in zip(seqs, tokens, strict=True)]
+        return [
+            self._advance(seq, token) if token is not None else self._fail(seq)
+            for seq, token in zip(seqs, tokens, strict=True)
+        ]
+
+    def _fail(self, seq: Sequence) -> TokenEvent:
+        """End one sequence whose step went wrong; the rest of the batch goes on."""
+        seq.finish_reason = "error"
+        seq.error = "the model produced non-finite scores for this sequence"
+        log.error("sequence %d ended: %s", seq.id, seq.error)
+        return TokenEvent(seq, -1, "", "error")
 
     def _advance(self, seq: Sequence, token: int) -> TokenEvent:
         """Record one token, decide whether the sequence is done, and say what text it adds."""

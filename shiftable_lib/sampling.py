@@ -21,9 +21,14 @@ DEFAULT_TOP_P = 1.0
 DEFAULT_TOP_K_EXPERTS = 2  # experts per position for `topk` routing
 
 MAX_NEW_TOKENS = 100_000  # what a request may ask for at all; the model's context bounds it too
+# a prompt's length in characters: far past any context (it is left-truncated to fit), and
+# short enough that tokenizing it never holds the decode loop up for long
+MAX_PROMPT_CHARS = 100_000
 MAX_TEMPERATURE = 100.0
 MAX_TOP_K = 1_000_000
 MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256  # one stop string's length
+MAX_NAME_CHARS = 64  # an expert's name (a specialist name, or "general")
 MAX_TOP_K_EXPERTS = 64
 MAX_ROUTING_NAMES = 64  # names in `force` or `exclude`
 
@@ -59,7 +64,8 @@ class Routing:
             raise ValueError(f"topk routing needs k between 1 and {MAX_TOP_K_EXPERTS}")
         for name in (*self.force, *self.exclude):
             if name not in experts:
-                raise NotFound(f"no expert named {name!r}; the model has {', '.join(experts)}")
+                shown = name if len(name) <= MAX_NAME_CHARS else name[:MAX_NAME_CHARS] + "..."
+                raise NotFound(f"no expert named {shown!r}; the model has {', '.join(experts)}")
         ok = [(not self.force or e in self.force) and e not in self.exclude for e in experts]
         if not any(ok):
             raise ValueError("this routing excludes every expert; leave at least one")
@@ -67,6 +73,13 @@ class Routing:
 
 
 SOFT = Routing()
+
+
+def validate_prompt(prompt: str) -> str:
+    """`prompt`, or ValueError if it is longer than any request may be."""
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ValueError(f"the prompt is {len(prompt)} characters; at most {MAX_PROMPT_CHARS}")
+    return prompt
 
 
 @dataclass(frozen=True)
@@ -92,5 +105,5 @@ class SamplingParams:
             raise ValueError("top_p must be in (0, 1]")
         if len(self.stop) > MAX_STOP_STRINGS:
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
-        if any(not s for s in self.stop):
-            raise ValueError("stop strings must not be empty")
+        if any(not s or len(s) > MAX_STOP_CHARS for s in self.stop):
+            raise ValueError(f"stop strings must have 1 to {MAX_STOP_CHARS} characters")

@@ -62,7 +62,7 @@ from services.inference.messages import (
     Submit,
 )
 from shiftable_lib.errors import Overloaded, Unavailable
-from shiftable_lib.sampling import Routing, SamplingParams
+from shiftable_lib.sampling import Routing, SamplingParams, validate_prompt
 
 log = logging.getLogger("sma.inference")
 
@@ -153,6 +153,7 @@ class InferenceCore:
         gate means. Stopping early (closing the iterator, or cancelling the task that reads
         it) cancels the sequence at once and frees its slot."""
         version = self._require_model()
+        validate_prompt(prompt)
         params.validate(version.cfg.context)
         params.routing.allowed(version.cfg.experts)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
@@ -185,6 +186,7 @@ class InferenceCore:
         """Gate weights of one forward pass over `prompt` (left-truncated to the context),
         run in the worker between decode steps."""
         self._require_model()
+        validate_prompt(prompt)
         return await self._call(lambda call_id: Inspect(call_id, prompt, routing))
 
     def info(self) -> Info:

@@ -17,7 +17,7 @@ import grpc
 
 from services.common import Server
 from services.inference.core import InferenceCore
-from shiftable_lib.errors import ShiftableError
+from shiftable_lib.errors import ShiftableError, VersionInvalid
 from sma.v1 import registry_pb2, registry_pb2_grpc
 
 log = logging.getLogger("sma.inference")
@@ -53,6 +53,7 @@ class _Follower:
         self.address = address
         self.replica = replica
         self.load_error = ""  # why the serving version could not be loaded, naming it
+        self.invalid = ""  # a version that failed its check, until the registry has heard so
         self.started = time.monotonic()
         self.reached = False  # whether the registry has answered since the server started
         self.delay = RETRY_FIRST_S
@@ -80,7 +81,9 @@ class _Follower:
                     continue
                 if wanted not in (failed, self.core.version_id) and not await self.load(wanted):
                     failed = wanted
-                if self.reported(update.serving) != self.state():
+                    if not self.core.version_id:  # serving nothing: the newest that loads
+                        await self.fall_back(stub, wanted)
+                if self.invalid or self.reported(update.serving) != self.state():
                     await self.report(stub)
         finally:
             heartbeat.cancel()
@@ -96,10 +99,30 @@ class _Follower:
     async def report(self, stub: registry_pb2_grpc.RegistryStub) -> None:
         version_id, load_error = self.state()
         if version_id or load_error:
+            invalid = self.invalid
             request = registry_pb2.ReportLoadedRequest(
-                version_id=version_id, replica_id=self.replica, load_error=load_error
+                version_id=version_id,
+                replica_id=self.replica,
+                load_error=load_error,
+                invalid_version_id=invalid,
             )
             await stub.ReportLoaded(request, timeout=HEARTBEAT_S)
+            if self.invalid == invalid:
+                self.invalid = ""
+
+    async def fall_back(self, stub: registry_pb2_grpc.RegistryStub, broken: str) -> None:
+        """Serve the newest other version that loads, rather than nothing, while the serving
+        one cannot be loaded; the report still names the one that failed, and why."""
+        reply = await stub.ListVersions(registry_pb2.ListVersionsRequest(), timeout=HEARTBEAT_S)
+        reason = self.load_error
+        for version in reply.versions:  # newest first
+            if version.id == broken or version.invalid_reason:
+                continue
+            if await self.load(version.id):
+                self.load_error = f"{reason}; serving {version.id} instead"
+                log.warning("serving %s while %s cannot be loaded", version.id, broken)
+                return
+        self.load_error = reason
 
     async def heartbeat(self, stub: registry_pb2_grpc.RegistryStub) -> None:
         """Renew this replica's lease in the registry; a missed beat is the next one's job."""
@@ -116,7 +139,10 @@ class _Follower:
         try:
             await self.core.load(version_id)
         except Exception as exc:
-            self.load_error = f"cannot load {version_id}: {exc}"
+            if isinstance(exc, VersionInvalid):  # its files, not this replica: tell the registry
+                self.invalid = version_id
+            reason = str(exc).removeprefix(f"{version_id}: ")  # VersionInvalid names it too
+            self.load_error = f"cannot load {version_id}: {reason}"
             log.error(
                 "cannot load version %s (%s); still serving %s",
                 version_id,

@@ -249,6 +249,10 @@ class Worker:
             self.tokens += len(events)
             for event in events:
                 request = self.by_seq[id(event.seq)]
+                if event.finish_reason == "error":  # this sequence only: the batch goes on
+                    self.forget(request)
+                    self.conn.send(StreamFailed(request.stream_id, RuntimeError(event.seq.error)))
+                    continue
                 chunk = Chunk(event.text, (event.token_id,), request.version_id)
                 if event.finish_reason is not None:
                     self.forget(request)

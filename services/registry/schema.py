@@ -93,6 +93,7 @@ class ModelVersion:
     metrics_json: str
     profile: str
     created_at: datetime = field(default_factory=utc_now)
+    invalid_reason: str = ""  # why it failed its check on loading; never served again
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,9 @@ MIGRATIONS = [
     ALTER TABLE operations ADD COLUMN owner TEXT NOT NULL DEFAULT '';
     ALTER TABLE operations ADD COLUMN lease_expires REAL NOT NULL DEFAULT 0;
     ALTER TABLE operations ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0;
+    """,
+    """
+    ALTER TABLE versions ADD COLUMN invalid_reason TEXT NOT NULL DEFAULT '';
     """,
 ]
 # a replica that has not reported for this long is gone (it reports every few seconds)

@@ -312,7 +312,11 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         self, request: registry_pb2.ReportLoadedRequest, context: Context
     ) -> registry_pb2.ReportLoadedResponse:
         serving = await self._serving.write(
-            self.store.report_loaded, request.version_id, request.replica_id, request.load_error
+            self.store.report_loaded,
+            request.version_id,
+            request.replica_id,
+            request.load_error,
+            request.invalid_version_id,
         )
         return registry_pb2.ReportLoadedResponse(serving=_serving_pb(serving))
 
@@ -399,6 +403,7 @@ def _version_pb(version: ModelVersion) -> common_pb2.ModelVersion:
         metrics_json=version.metrics_json,
         profile=version.profile,
         created_at=timestamp(version.created_at),
+        invalid_reason=version.invalid_reason,
     )
 
 

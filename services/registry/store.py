@@ -245,9 +245,11 @@ class RegistryStore:
         with self._tx() as db:
             known = _select(db, ModelVersion, "WHERE id = ?", version.id)
             if not known:
-                _save(db, version)
+                _save(db, replace(version, invalid_reason=""))
             elif _content(known[0]) != _content(version):
                 raise AlreadyExists(f"model version {version.id!r} exists with other content")
+            elif known[0].invalid_reason:
+                raise Conflict(f"model version {version.id} is invalid: {known[0].invalid_reason}")
             db.execute("UPDATE serving SET version_id = ?", (version.id,))
             return _serving(db)
 
@@ -261,14 +263,26 @@ class RegistryStore:
             return _serving(db)
 
     def report_loaded(
-        self, version_id: str, replica_id: str = "", load_error: str = ""
+        self,
+        version_id: str,
+        replica_id: str = "",
+        load_error: str = "",
+        invalid_version_id: str = "",
     ) -> ServingState:
         """Record what an inference replica serves now, and why it cannot load the serving
-        version if it cannot; each report renews the replica's lease."""
+        version if it cannot; each report renews the replica's lease. `invalid_version_id`
+        failed its check on loading (`load_error` says why): it is marked invalid."""
         if not version_id and not load_error:
             raise ValueError("a report names the version served, or why none could be loaded")
+        if invalid_version_id and not load_error:
+            raise ValueError("an invalid version needs the reason, in load_error")
         now = time.time()
         with self._tx() as db:
+            if invalid_version_id:  # one the registry does not know has nothing to mark
+                db.execute(
+                    "UPDATE versions SET invalid_reason = ? WHERE id = ?",
+                    (load_error, invalid_version_id),
+                )
             if version_id:
                 _get(db, ModelVersion, version_id)
                 db.execute("UPDATE serving SET loaded_version_id = ?", (version_id,))

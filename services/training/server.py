@@ -19,7 +19,7 @@ from services.training.core import JobManager
 from services.training.home import VersionRecord, describe_version
 from services.training.job import Job, JobKind, JobState
 from shiftable_lib.config import Settings
-from shiftable_lib.corpus import Corpus, describe_corpus
+from shiftable_lib.corpus import Corpus, check_corpus
 from sma.v1 import common_pb2, training_pb2, training_pb2_grpc
 
 SERVICE_NAME = "sma.v1.Training"
@@ -116,7 +116,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServicer):
         self, request: training_pb2.DescribeCorpusRequest, context: grpc.aio.ServicerContext
     ) -> training_pb2.DescribeCorpusResponse:
         data_dir = self.manager.settings.data_dir
-        corpus = await asyncio.to_thread(describe_corpus, data_dir, request.name)
+        corpus = await asyncio.to_thread(check_corpus, data_dir, request.name)
         return training_pb2.DescribeCorpusResponse(corpus=corpus_to_proto(corpus))
 
     @rpc

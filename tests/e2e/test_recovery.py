@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import synthetic_documents, write_domain
-from tests.e2e.conftest import Stack, tiny_home, wait_for
+from tests.e2e.conftest import Stack, job_processes, tiny_home, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -103,18 +103,37 @@ def test_a_training_server_killed_mid_job_restarts_the_job(stack: Stack) -> None
     assert "again" in stack.http.get("/specialists").json()
 
 
-def test_a_failed_job_leaves_the_old_model_serving(stack: Stack) -> None:
+def test_an_undecodable_corpus_is_refused_before_anything_is_recorded(stack: Stack) -> None:
     folder = stack.home / "data" / "broken"
     folder.mkdir()
-    (folder / "bad.txt").write_bytes(b"\xff\xfe not utf-8 \xc3\x28" * 50)
-    serving = stack.health()["serving_version"]
+    (folder / "bad.txt").write_bytes(b"fine text, then \xff\xfe not utf-8 \xc3\x28" * 50)
+    operations = stack.http.get("/operations").json()
     reply = stack.http.post("/specialists", json={"name": "broken"})
-    assert reply.status_code == 500
-    assert "bad.txt" in reply.json()["detail"]  # the reason names the file
+    assert reply.status_code == 400
+    assert "bad.txt is not valid UTF-8 text (byte 16)" in reply.json()["detail"]
+    assert "broken" not in {s["name"] for s in stack.http.get("/v1/specialists").json()}
+    assert stack.http.get("/operations").json() == operations  # no operation either
+
+
+def test_a_failed_job_leaves_the_old_model_serving(stack: Stack) -> None:
+    """The training child dies mid-job (SIGKILL): the add fails with the reason, and the model
+    that served before serves on."""
+    write_domain(stack.home / "data", "doomed", synthetic_documents("dl", 200, seed=9))
+    serving = stack.health()["serving_version"]
+    op = stack.http.post("/specialists?wait=false", json={"name": "doomed"}).json()
+    training = stack.pids()["training"]
+
+    def job_child() -> int | None:
+        running = stack.http.get(f"/operations/{op['id']}").json()
+        return running["job_id"] and next(iter(job_processes(training)), None)
+
+    os.kill(wait_for(job_child, timeout=60, every=0.05), signal.SIGKILL)
+    final = wait_for(lambda: operation_done(stack, op["id"]), timeout=120)
+    assert final["state"] == "failed" and "killed by signal 9" in final["error"], final
     detail = {s["name"]: s for s in stack.http.get("/v1/specialists").json()}
-    assert detail["broken"]["state"] == "failed" and "bad.txt" in detail["broken"]["error"]
+    assert detail["doomed"]["state"] == "failed" and "signal 9" in detail["doomed"]["error"]
     assert stack.health()["serving_version"] == serving
-    assert "broken" not in stack.http.get("/specialists").json()
+    assert "doomed" not in stack.http.get("/specialists").json()
     assert generates(stack)
 
 
@@ -129,6 +148,32 @@ def test_a_second_start_serves_within_seconds(stack: Stack) -> None:
         assert health["serving_version"] == serving
         assert elapsed < 30, f"second start took {elapsed:.1f} s"
         assert generates(again)
+    finally:
+        again.stop()
+
+
+def test_a_damaged_serving_version_falls_back_to_the_last_good_one(stack: Stack) -> None:
+    """The newest version's weights are truncated while the stack is down: on restart the
+    inference server refuses it, marks it invalid in the registry, serves the version before
+    it, and /health says why."""
+    stack.stop()  # after the second-start test: a stack of its own on the same home
+    before = Stack(stack.home, stack.port).start()
+    serving = before.wait_ready(90)["serving_version"]
+    assert before.stop() == 0
+    weights = stack.home / "artifacts" / "models" / serving / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    again = Stack(stack.home, stack.port).start()
+    try:
+        health = again.wait_ready(90)
+        assert health["initialized"] and generates(again)
+        assert health["serving_version"] == serving
+        assert health["loaded_version"] not in (serving, None)
+        (replica,) = health["replicas"]
+        assert f"cannot load {serving}" in replica["load_error"]
+        assert "bytes, not the" in replica["load_error"]
+        assert f"serving {health['loaded_version']} instead" in replica["load_error"]
+        versions = {v["id"]: v for v in again.http.get("/versions").json()}
+        assert "model.safetensors" in versions[serving]["invalid_reason"]
     finally:
         again.stop()
 

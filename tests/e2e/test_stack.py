@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import threading
 import time
 from pathlib import Path
@@ -110,6 +112,9 @@ def test_inspect_gates_has_one_row_per_layer(stack: Stack) -> None:
     ("method", "path", "body", "status"),
     [
         ("POST", "/specialists", {"name": "../etc"}, 400),
+        ("POST", "/specialists", {"name": "latin"}, 400),  # not UTF-8: named with its byte
+        ("POST", "/specialists", {"name": "blank"}, 400),  # only whitespace
+        ("POST", "/specialists", {"name": "linked"}, 400),  # a link out of data/
         ("POST", "/specialists", {"name": "General"}, 400),
         ("POST", "/specialists", {"name": "general"}, 400),
         ("POST", "/specialists", {"name": "nocorpus"}, 400),
@@ -133,8 +138,15 @@ def test_inspect_gates_has_one_row_per_layer(stack: Stack) -> None:
 def test_bad_requests_get_a_clear_4xx_and_change_nothing(
     stack: Stack, method: str, path: str, body: object, status: int
 ) -> None:
-    (stack.home / "data" / "emptycorpus").mkdir(exist_ok=True)
-    (stack.home / "data" / "emptycorpus" / "empty.txt").write_text("")
+    data = stack.home / "data"
+    (data / "emptycorpus").mkdir(exist_ok=True)
+    (data / "emptycorpus" / "empty.txt").write_text("")
+    for name, content in [("latin", b"caf\xe9"), ("blank", b" \n\n\t\n")]:
+        (data / name).mkdir(exist_ok=True)
+        (data / name / "a.txt").write_bytes(content)
+    if not (data / "linked").is_symlink():
+        (data / "linked").symlink_to(stack.home / "artifacts", target_is_directory=True)
+        (stack.home / "artifacts" / "outside.txt").write_text("not a corpus")
     before = state_snapshot(stack)
     reply = stack.http.request(method, path, json=body)
     assert reply.status_code == status, reply.text
@@ -150,6 +162,58 @@ def test_oversized_body_is_refused(stack: Stack) -> None:
         headers={"content-type": "application/json"},
     )
     assert reply.status_code == 413
+
+
+def test_a_chunked_body_is_cut_off_at_the_limit_and_never_read_whole(stack: Stack) -> None:
+    """No Content-Length: the gateway counts the body as it arrives and answers 413 once it
+    passes the limit, while the client is still sending its 100 MB; its memory stays put."""
+    gateway = stack.pids()["gateway"]
+    before = _rss_mb(gateway)
+    host, port = stack.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        conn.sendall(
+            b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
+        chunk = b"%x\r\n%s\r\n" % (64 * 1024, b"a" * 64 * 1024)
+        conn.setblocking(False)
+        sent, answer = 0, b""
+        while sent < 100 * 1024 * 1024 and not answer:
+            try:
+                conn.sendall(chunk)
+                sent += 64 * 1024
+            except (BlockingIOError, BrokenPipeError, ConnectionResetError):
+                time.sleep(0.01)
+            with contextlib.suppress(BlockingIOError):
+                answer = conn.recv(4096)
+        conn.settimeout(2)
+        with contextlib.suppress(OSError):
+            answer += conn.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b"a" * 100 not in answer  # nothing of the body comes back
+    assert sent < 50 * 1024 * 1024  # answered long before the client was done
+    assert _rss_mb(gateway) - before < 50
+    assert stack.http.get("/livez").status_code == 200
+
+
+def test_an_invalid_body_is_not_echoed_in_the_error(stack: Stack) -> None:
+    prompt = "secret " * 20_000  # over the prompt limit
+    for body in (
+        {"prompt": prompt},
+        {"prompt": "x", "stop": ["s" * 300]},
+        {"prompt": "x", "routing": {"force": ["n" * 500]}},
+    ):
+        reply = stack.http.post("/generate", json=body)
+        assert reply.status_code == 422, reply.text
+        assert len(reply.content) < 2000 and "secret secret" not in reply.text
+        assert "sss" not in reply.text and "nnn" not in reply.text
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for {pid}")
 
 
 def test_a_reflection_only_client_lists_the_services_and_streams(stack: Stack) -> None:

@@ -9,7 +9,7 @@ import torch
 
 from shiftable_lib import checkpoint
 from shiftable_lib.config import get_profile
-from shiftable_lib.errors import NotFound
+from shiftable_lib.errors import NotFound, VersionInvalid
 
 
 def test_a_saved_version_reloads_to_the_same_outputs(tmp_path, shiftable, tokenizer):
@@ -53,3 +53,44 @@ def test_loading_never_unpickles(tmp_path, shiftable, tokenizer):
     assert meta["model"]["specialists"] == ["ds", "dl"]
     with pytest.raises(NotFound):
         checkpoint.load_version(tmp_path, "../etc")
+
+
+@pytest.mark.parametrize(
+    ("damage", "says"),
+    [
+        (lambda d: _truncate(d / "model.safetensors"), "model.safetensors is .* bytes, not the"),
+        (lambda d: _flip_last_byte(d / "model.safetensors"), "SHA-256 differs"),
+        (lambda d: (d / "tokenizer.json").unlink(), "tokenizer.json is missing"),
+        (lambda d: (d / "config.json").write_text("{not json"), "cannot read config.json"),
+        (lambda d: _edit_config(d, n_layer=3), "do not make a model"),
+    ],
+)
+def test_a_damaged_version_is_refused_before_it_loads(tmp_path, shiftable, tokenizer, damage, says):
+    """What was written is recorded in config.json (sizes and SHA-256) and checked on every
+    load, with the tensors against the config: a damaged version never serves half-right."""
+    version = checkpoint.save_version(tmp_path, shiftable, tokenizer, get_profile("tiny"), {})
+    files = json.loads((tmp_path / version / "config.json").read_text())["files"]
+    assert set(files) == {"model.safetensors", "tokenizer.json"}
+    assert (
+        files["model.safetensors"]["bytes"]
+        == (tmp_path / version / "model.safetensors").stat().st_size
+    )
+    damage(tmp_path / version)
+    with pytest.raises(VersionInvalid, match=says):
+        checkpoint.load_version(tmp_path, version)
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def _flip_last_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _edit_config(folder, **model):
+    config = json.loads((folder / "config.json").read_text())
+    config["model"].update(model)
+    (folder / "config.json").write_text(json.dumps(config))

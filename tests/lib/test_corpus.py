@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from shiftable_lib.corpus import (
+    check_corpus,
     discover_specialists,
     load_domain,
     split_documents,
@@ -103,3 +104,23 @@ def test_a_file_that_is_not_utf8_is_named_in_the_error(tmp_path):
     (folder / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     with pytest.raises(CorpusInvalid, match=r"latin1\.txt is not valid UTF-8"):
         load_domain(tmp_path, "ds")
+
+
+def test_links_out_of_the_data_folder_are_never_followed(tmp_path):
+    """A specialist folder, or a .txt file in one, that links outside data/ is refused wherever
+    corpora are read: discovery, the check before an add, and loading for training."""
+    data = tmp_path / "data"
+    write_domain(data, "general", synthetic_documents("general", 3))
+    outside = write_domain(tmp_path / "elsewhere", "x", ["private text"])
+    (data / "linked").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(CorpusInvalid, match="linked links outside"):
+        discover_specialists(data)
+    (data / "linked").unlink()
+    (data / "leaky").mkdir()
+    (data / "leaky" / "a.txt").symlink_to(outside / "corpus.txt")
+    for read in (check_corpus, load_domain):
+        with pytest.raises(CorpusInvalid, match=r"a\.txt links outside"):
+            read(data, "leaky")
+    (data / "leaky" / "a.txt").unlink()
+    (data / "leaky" / "a.txt").symlink_to(data / "general" / "corpus.txt")  # inside: fine
+    assert check_corpus(data, "leaky").files == 1

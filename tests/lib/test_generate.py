@@ -296,3 +296,54 @@ def test_a_failed_capture_leaves_an_engine_that_decodes_eagerly(shiftable, token
     got = complete(engine, ["the list of"], GREEDY)[0].output_ids
     monkeypatch.undo()
     assert got == complete(Engine(model, tokenizer, 4), ["the list of"], GREEDY)[0].output_ids
+
+
+EXTREME = [
+    SamplingParams(max_new_tokens=10, temperature=1e-40, ignore_eos=True),
+    SamplingParams(max_new_tokens=10, temperature=5e-324, top_k=3, ignore_eos=True),
+    SamplingParams(max_new_tokens=10, temperature=1e-30, top_p=1e-300, ignore_eos=True),
+    SamplingParams(max_new_tokens=10, temperature=100.0, top_k=1_000_000, ignore_eos=True),
+]
+
+
+def test_any_admitted_sampling_value_samples_and_tiny_temperatures_are_greedy(shiftable, tokenizer):
+    """However close to 0 a temperature is, the scores never overflow: the top token keeps all
+    the weight, as with temperature 0."""
+    engine = Engine(shiftable, tokenizer, max_batch=8)
+    greedy = complete(engine, ["the list"], replace(GREEDY, max_new_tokens=10))[0]
+    for params in EXTREME:
+        params.validate(shiftable.cfg.context)
+    seqs = complete(engine, ["the list"] * len(EXTREME), EXTREME[0])  # one batch of them all
+    mixed = [engine.submit("the list", p) for p in EXTREME]
+    while any(s.finish_reason is None for s in mixed):
+        engine.step()
+    for seq in [*seqs, *mixed]:
+        assert seq.finish_reason == "length" and len(seq.output_ids) == 10
+    assert all(s.output_ids == greedy.output_ids for s in [*seqs, *mixed[:3]])
+
+
+def test_a_sequence_whose_scores_go_bad_ends_alone(shiftable, tokenizer, monkeypatch):
+    """A fault in one sequence's logits (as from a diverged model) ends that sequence with an
+    error; the others in its batch decode on to their end."""
+    engine = Engine(shiftable, tokenizer, max_batch=4)
+    params = replace(GREEDY, temperature=0.8, max_new_tokens=8)
+    seqs = [engine.submit(p, params) for p in ("the list", "tensor", "array", "open the file")]
+    decode = shiftable.decode
+
+    def poisoned(cache, tokens, routes, span=None):
+        logits, gates = decode(cache, tokens, routes, span)
+        row = engine.active.index(seqs[1]) if seqs[1] in engine.active else None
+        if row is not None and len(seqs[1].output_ids) == 3:
+            logits[row] = float("nan")
+        return logits, gates
+
+    monkeypatch.setattr(shiftable, "decode", poisoned)
+    events = []
+    while engine.has_work():
+        events += engine.step()
+    assert seqs[1].finish_reason == "error" and len(seqs[1].output_ids) == 3
+    assert "non-finite" in seqs[1].error
+    assert [e.finish_reason for e in events if e.seq is seqs[1]][-1] == "error"
+    for seq in (seqs[0], seqs[2], seqs[3]):
+        assert seq.finish_reason == "length" and len(seq.output_ids) == 8
+    assert not engine.active  # the failed sequence's slot is free again

@@ -88,7 +88,7 @@ def test_store_creates_one_operation_when_writers_race(db: Path) -> None:
 def test_store_schema_is_versioned(db: Path) -> None:
     RegistryStore(db).close()
     with closing(sqlite3.connect(db)) as raw:
-        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
         assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         raw.execute("PRAGMA user_version = 99")
     with pytest.raises(RuntimeError, match="newer"):
@@ -184,3 +184,22 @@ def test_an_older_registry_is_migrated_and_its_unfinished_operation_is_free(db: 
         op = store.get_operation("op-1")
         assert (op.owner, op.cancel_requested, op.job_id) == ("", False, "job-1")
         assert store.claim_operation("op-1", "gw-a", 10).owner == "gw-a"
+
+
+def test_a_version_that_fails_its_check_is_marked_and_never_published_again(db: Path) -> None:
+    with RegistryStore(db) as store:
+        old = ModelVersion("v1", ["ds"], "artifacts/models/v1", "{}", "tiny")
+        new = ModelVersion("v2", ["ds"], "artifacts/models/v2", "{}", "tiny")
+        store.publish_version(old)
+        store.publish_version(new)
+        with pytest.raises(ValueError, match="needs the reason"):
+            store.report_loaded("v1", "pod-a", invalid_version_id="v2")
+        reason = "cannot load v2: v2: model.safetensors is 1000 bytes, not the 9000"
+        serving = store.report_loaded("v1", "pod-a", reason, invalid_version_id="v2")
+        assert serving.version.id == "v2" and serving.version.invalid_reason.endswith("9000")
+        assert serving.replicas == [Replica("pod-a", "v1", reason)]
+        store.publish_version(old)  # a rollback to the good one
+        with pytest.raises(Conflict, match="v2 is invalid: cannot load v2"):
+            store.publish_version(new)
+        assert store.get_serving().version.id == "v1"
+        assert [v.invalid_reason != "" for v in store.list_versions()] == [True, False]

@@ -239,18 +239,39 @@ def test_get_version_reads_the_current_or_a_named_version_from_disk(trained: Tra
 
 
 def test_describe_corpus_and_get_version_on_a_home_with_no_model(tmp_path: Path):
-    folder = write_domain(tmp_path / "data", "ds", synthetic_documents("ds", 5))
+    """DescribeCorpus reads every file before an add records anything: untrusted corpora (a
+    link out of data/, for a folder or a file; bytes that are not UTF-8; blank text) are
+    refused naming what is wrong."""
+    data = tmp_path / "data"
+    folder = write_domain(data, "ds", synthetic_documents("ds", 5))
     (folder / "notes.md").write_text("not a corpus file")
     (folder / "empty.txt").write_text("")
-    (tmp_path / "data" / "emptyone").mkdir()
+    (data / "emptyone").mkdir()
+    outside = write_domain(tmp_path / "elsewhere", "secret", ["private text, not a corpus"])
+    (data / "linked").symlink_to(outside, target_is_directory=True)
+    (data / "leaky").mkdir()
+    (data / "leaky" / "ok.txt").write_text("fine text")
+    (data / "leaky" / "passwd.txt").symlink_to(outside / "corpus.txt")
+    (data / "inside").mkdir()
+    (data / "inside" / "same.txt").symlink_to(folder / "corpus.txt")  # a link within data/
+    (data / "latin").mkdir()
+    (data / "latin" / "a.txt").write_bytes(b"caf\xe9 au lait")
+    (data / "blank").mkdir()
+    (data / "blank" / "a.txt").write_text("  \n\n \t\n")
     with serving(tmp_path) as harness:
         corpus = harness.stub.DescribeCorpus(T.DescribeCorpusRequest(name="ds"), timeout=5).corpus
         assert (corpus.name, Path(corpus.dir), corpus.files) == ("ds", folder, 1)
         assert corpus.bytes == (folder / "corpus.txt").stat().st_size
+        inside = harness.stub.DescribeCorpus(T.DescribeCorpusRequest(name="inside"), timeout=5)
+        assert inside.corpus.files == 1
         for name, says in [
             ("../etc", "invalid specialist name"),
             ("nothere", "no corpus folder for 'nothere': create"),
             ("emptyone", "holds no text"),
+            ("linked", "linked links outside"),
+            ("leaky", "passwd.txt links outside"),
+            ("latin", "a.txt is not valid UTF-8 text (byte 3)"),
+            ("blank", "holds no text"),
         ]:
             with pytest.raises(grpc.RpcError) as caught:
                 harness.stub.DescribeCorpus(T.DescribeCorpusRequest(name=name), timeout=5)

@@ -6,6 +6,7 @@ specialists. Each test opens the page in a fresh browser context (empty localSto
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import time
@@ -15,7 +16,7 @@ import pytest
 from playwright.sync_api import Page, expect
 
 from tests.conftest import synthetic_documents, write_domain
-from tests.e2e.conftest import Stack, wait_for
+from tests.e2e.conftest import Stack, job_processes, wait_for
 from tests.ui.conftest import Console, SlowLink, descendants, signal_all
 
 pytestmark = pytest.mark.slow
@@ -325,26 +326,38 @@ def test_an_add_can_be_cancelled_while_it_trains(page: Page, ui_stack: Stack) ->
     assert list((ui_stack.home / "data" / "halted").glob("*.txt"))  # the corpus stays
 
 
+def test_an_unusable_corpus_is_refused_at_once_with_its_reason(page: Page, ui_stack: Stack) -> None:
+    folder = ui_stack.home / "data" / "latin"
+    folder.mkdir()
+    (folder / "bad.txt").write_bytes(b"caf\xe9 " * 50)
+    open_ui(page, ui_stack)
+    page.get_by_label("Add a specialist").fill("latin")
+    page.get_by_role("button", name="Add specialist").click()
+    expect(page.locator("#add-error")).to_contain_text("bad.txt is not valid UTF-8 text (byte 3)")
+    expect(page.locator(".operation")).to_have_count(0)  # nothing was started
+    expect(page.locator('.specialist[data-name="latin"]')).to_have_count(0)
+
+
 def test_a_failed_training_shows_its_reason_and_can_be_retried(
     page: Page, ui_stack: Stack, shots: Path
 ) -> None:
-    folder = ui_stack.home / "data" / "broken"
-    folder.mkdir()
-    (folder / "bad.txt").write_bytes(b"\xff\xfe not utf-8 \xc3\x28" * 50)
+    write_domain(ui_stack.home / "data", "broken", synthetic_documents("ds", 200, seed=8))
     open_ui(page, ui_stack)
     page.get_by_label("Add a specialist").fill("broken")
     page.get_by_role("button", name="Add specialist").click()
+    training = ui_stack.pids()["training"]
+    child = wait_for(lambda: next(iter(job_processes(training)), None), timeout=60, every=0.05)
+    os.kill(child, signal.SIGKILL)  # the job's process dies: the add fails, with the reason
     failure = page.locator(".operation.failed")
-    expect(failure).to_contain_text("bad.txt", timeout=SLOW)  # the reason names the file
+    expect(failure).to_contain_text("killed by signal 9", timeout=SLOW)
     entry = page.locator('.specialist[data-name="broken"]')
     expect(entry.locator(".badge")).to_have_text("failed")
-    expect(entry.locator(".error")).to_contain_text("bad.txt")
+    expect(entry.locator(".error")).to_contain_text("signal 9")
     expect(page.get_by_role("button", name="Delete specialist broken")).to_have_count(0)
     page.screenshot(path=shots / "07-failed.png")
     page.get_by_role("button", name="Dismiss").click()
     expect(failure).to_have_count(0)
 
-    write_domain(ui_stack.home / "data", "broken", synthetic_documents("ds", 20, seed=9), "bad.txt")
     page.get_by_role("button", name="Retry specialist broken").click()
     expect(entry.locator(".badge")).to_have_text("ready", timeout=SLOW)
     expect(entry.locator(".error")).to_have_count(0)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13sma/v1/common.proto\x12\x06sma.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x83\x01\n\x10TrainingProgress\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\r\n\x05total\x18\x03 \x01(\x03\x12\x10\n\x08\x66raction\x18\x04 \x01(\x01\x12\x0c\n\x04loss\x18\x05 \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\x06 \x01(\x01\x12\r\n\x05\x65ta_s\x18\x07 \x01(\x01\"\x9c\x01\n\x0cModelVersion\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0bspecialists\x18\x02 \x03(\t\x12\x14\n\x0c\x61rtifact_dir\x18\x03 \x01(\t\x12\x14\n\x0cmetrics_json\x18\x04 \x01(\t\x12\x0f\n\x07profile\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestampb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13sma/v1/common.proto\x12\x06sma.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x83\x01\n\x10TrainingProgress\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\r\n\x05total\x18\x03 \x01(\x03\x12\x10\n\x08\x66raction\x18\x04 \x01(\x01\x12\x0c\n\x04loss\x18\x05 \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\x06 \x01(\x01\x12\r\n\x05\x65ta_s\x18\x07 \x01(\x01\"\xb4\x01\n\x0cModelVersion\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0bspecialists\x18\x02 \x03(\t\x12\x14\n\x0c\x61rtifact_dir\x18\x03 \x01(\t\x12\x14\n\x0cmetrics_json\x18\x04 \x01(\t\x12\x0f\n\x07profile\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0einvalid_reason\x18\x07 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,5 +35,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRAININGPROGRESS']._serialized_start=65
   _globals['_TRAININGPROGRESS']._serialized_end=196
   _globals['_MODELVERSION']._serialized_start=199
-  _globals['_MODELVERSION']._serialized_end=355
+  _globals['_MODELVERSION']._serialized_end=379
 # @@protoc_insertion_point(module_scope)

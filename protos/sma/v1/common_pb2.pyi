@@ -28,17 +28,19 @@ class TrainingProgress(_message.Message):
     def __init__(self, phase: _Optional[str] = ..., step: _Optional[int] = ..., total: _Optional[int] = ..., fraction: _Optional[float] = ..., loss: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., eta_s: _Optional[float] = ...) -> None: ...
 
 class ModelVersion(_message.Message):
-    __slots__ = ("id", "specialists", "artifact_dir", "metrics_json", "profile", "created_at")
+    __slots__ = ("id", "specialists", "artifact_dir", "metrics_json", "profile", "created_at", "invalid_reason")
     ID_FIELD_NUMBER: _ClassVar[int]
     SPECIALISTS_FIELD_NUMBER: _ClassVar[int]
     ARTIFACT_DIR_FIELD_NUMBER: _ClassVar[int]
     METRICS_JSON_FIELD_NUMBER: _ClassVar[int]
     PROFILE_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    INVALID_REASON_FIELD_NUMBER: _ClassVar[int]
     id: str
     specialists: _containers.RepeatedScalarFieldContainer[str]
     artifact_dir: str
     metrics_json: str
     profile: str
     created_at: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[str] = ..., specialists: _Optional[_Iterable[str]] = ..., artifact_dir: _Optional[str] = ..., metrics_json: _Optional[str] = ..., profile: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    invalid_reason: str
+    def __init__(self, id: _Optional[str] = ..., specialists: _Optional[_Iterable[str]] = ..., artifact_dir: _Optional[str] = ..., metrics_json: _Optional[str] = ..., profile: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., invalid_reason: _Optional[str] = ...) -> None: ...

@@ -337,14 +337,16 @@ class WatchServingResponse(_message.Message):
     def __init__(self, serving: _Optional[_Union[ServingState, _Mapping]] = ...) -> None: ...
 
 class ReportLoadedRequest(_message.Message):
-    __slots__ = ("version_id", "replica_id", "load_error")
+    __slots__ = ("version_id", "replica_id", "load_error", "invalid_version_id")
     VERSION_ID_FIELD_NUMBER: _ClassVar[int]
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     LOAD_ERROR_FIELD_NUMBER: _ClassVar[int]
+    INVALID_VERSION_ID_FIELD_NUMBER: _ClassVar[int]
     version_id: str
     replica_id: str
     load_error: str
-    def __init__(self, version_id: _Optional[str] = ..., replica_id: _Optional[str] = ..., load_error: _Optional[str] = ...) -> None: ...
+    invalid_version_id: str
+    def __init__(self, version_id: _Optional[str] = ..., replica_id: _Optional[str] = ..., load_error: _Optional[str] = ..., invalid_version_id: _Optional[str] = ...) -> None: ...
 
 class ReportLoadedResponse(_message.Message):
     __slots__ = ("serving",)

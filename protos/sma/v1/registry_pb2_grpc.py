@@ -201,7 +201,8 @@ class RegistryServicer:
         raise NotImplementedError('Method not implemented!')
 
     def PublishVersion(self, request, context):
-        """Records a complete model version and makes it the serving one.
+        """Records a complete model version and makes it the serving one. FAILED_PRECONDITION for a
+        version marked invalid.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

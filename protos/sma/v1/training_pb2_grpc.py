@@ -116,8 +116,10 @@ class TrainingServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DescribeCorpus(self, request, context):
-        """A corpus folder under data/, from file sizes (nothing is read or hashed). INVALID_ARGUMENT
-        for a bad name, or a folder that is missing or holds no non-empty .txt file.
+        """A corpus folder under data/, once every .txt file in it has been read and found usable.
+        INVALID_ARGUMENT for a bad name; a folder that is missing or holds no text; a file that is
+        not UTF-8 (named, with the byte), cannot be read, or links out of data/ (as the folder may
+        not either).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -162,3 +162,47 @@ def test_settings_switch_cuda_graphs_off_from_the_environment(monkeypatch):
     assert Settings().cuda_graphs is True
     monkeypatch.setenv("SMA_CUDA_GRAPHS", "false")
     assert Settings().cuda_graphs is False
+
+
+def test_extreme_sampling_values_and_oversized_prompts_hurt_no_other_stream(models):
+    """Eight concurrent streams, half of them asking for the most extreme values the API
+    admits: all eight complete. What cannot be made safe is refused before it runs: an infinite
+    temperature, a prompt over the length limit, a message over the size limit."""
+    extreme = [
+        {"temperature": 1e-40},
+        {"temperature": 5e-324, "top_k": 3},
+        {"temperature": 1e-30, "top_p": 1e-30},
+        {"temperature": 100.0, "top_k": 1_000_000},
+    ]
+
+    async def stream(stub, **fields: object) -> tuple[int, int]:
+        request = inference_pb2.GenerateRequest(
+            prompt="the list", max_new_tokens=20, ignore_eos=True, **fields
+        )
+        tokens, reason = 0, 0
+        async for reply in stub.Generate(request):
+            tokens += len(reply.token_ids)
+            reason = reply.finish_reason or reason
+        return tokens, reason
+
+    async def refused(stub, request: inference_pb2.GenerateRequest) -> grpc.StatusCode:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in stub.Generate(request):
+                pass
+        return err.value.code()
+
+    async def scenario() -> None:
+        async with running_core(models, max_batch=8) as core, serving(core) as stub:
+            normal = [{"temperature": 0.8, "seed": i} for i in range(4)]
+            results = await asyncio.gather(*(stream(stub, **f) for f in extreme + normal))
+            assert results == [(20, inference_pb2.FINISH_REASON_LENGTH)] * 8
+            for request, code in [
+                (inference_pb2.GenerateRequest(prompt="x", temperature=float("inf")), "INVALID"),
+                (inference_pb2.GenerateRequest(prompt="x", temperature=float("nan")), "INVALID"),
+                (inference_pb2.GenerateRequest(prompt="x" * 100_001), "INVALID"),
+                (inference_pb2.GenerateRequest(prompt="x" * 2_000_000), "RESOURCE"),
+            ]:
+                assert (await refused(stub, request)).name.startswith(code), request.temperature
+            assert await stream(stub) == (20, inference_pb2.FINISH_REASON_LENGTH)
+
+    asyncio.run(scenario())
