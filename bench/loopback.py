@@ -4,6 +4,8 @@ Each pod is a process running its container's own command with its container's e
 (the ConfigMap through envFrom, then its env), bound to an address of its own in 127.0.0.0/8
 as if it had its own IP. What a cluster provides is stood in for, and only that:
 
+- **Secrets**: `secrets` given to the cluster, read as the kubelet would (`secretKeyRef`; an
+  optional one that is not given is left out);
 - **pod network**: an env value of `0.0.0.0` (listen on the pod's interfaces) becomes the pod's
   address; `SMA_REPLICA_ID` is the pod's name, as its host name would be;
 - **cluster DNS**: a dial address naming a Service (`registry:50051`,
@@ -113,10 +115,12 @@ class LoopbackCluster:
         env: dict[str, str] | None = None,
         replicas: dict[str, int] | None = None,
         subnet: str = "127.42.0",
+        secrets: dict[str, dict[str, str]] | None = None,
     ) -> None:
         self.objects = objects
         self.work = work
         self.extra_env = env or {}
+        self.secrets = secrets or {}  # name -> key -> value, as `kubectl create secret` makes
         self.subnet = subnet
         self.volumes = work / "volumes"
         self.pods: list[Pod] = []
@@ -190,11 +194,15 @@ class LoopbackCluster:
 
     def _environment(self, pod: Pod) -> dict[str, str]:
         """The container's environment as the kubelet builds it (envFrom ConfigMaps in order,
-        then env; values from Secrets left out), with the cluster's parts stood in for."""
+        then env, with values from `secrets`), with the cluster's parts stood in for."""
         env: dict[str, str] = {}
         for source in pod.container.get("envFrom", []):
             env.update(self.get("ConfigMap", source["configMapRef"]["name"])["data"])
-        env.update({e["name"]: e["value"] for e in pod.container.get("env", []) if "value" in e})
+        for entry in pod.container.get("env", []):
+            if "value" in entry:
+                env[entry["name"]] = entry["value"]
+            elif (value := self._secret(pod, entry)) is not None:
+                env[entry["name"]] = value
         env.update(self.extra_env)
         for key, value in env.items():
             if value == "0.0.0.0":
@@ -205,6 +213,16 @@ class LoopbackCluster:
                 env[key] = self.resolve(value)
         env["SMA_REPLICA_ID"] = pod.name
         return env
+
+    def _secret(self, pod: Pod, entry: dict) -> str | None:
+        """An env entry's value from a Secret (None for an optional one that is not there)."""
+        ref = entry.get("valueFrom", {}).get("secretKeyRef")
+        if ref is None:
+            raise ManifestError(f"{pod.name}: cannot stand in for {entry['name']}'s source")
+        value = self.secrets.get(ref["name"], {}).get(ref["key"])
+        if value is None and not ref.get("optional", False):
+            raise ManifestError(f"{pod.name}: no Secret {ref['name']} with key {ref['key']}")
+        return value
 
     def _filesystem(self, pod: Pod) -> None:
         """The pod's folder, with each of its volume mounts linked to its volume's folder."""

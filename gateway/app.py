@@ -8,6 +8,7 @@ statuses in one exception handler here.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -23,6 +24,8 @@ from gateway.backends import error_status, http_status
 from gateway.deps import FRONTEND, Gateway
 from gateway.metrics import Metrics
 from gateway.routes import generate, health, operations, specialists, versions
+from shiftable_lib.auth import Keys
+from shiftable_lib.auth import Scope as KeyScope
 from shiftable_lib.config import Settings
 from shiftable_lib.errors import ShiftableError
 
@@ -59,6 +62,47 @@ class LimitBody:
             return message
 
         await self.app(scope, counted, send)
+
+
+# what anyone may read: the page itself (it asks for a key), probes, metrics, the API's schema
+OPEN_PATHS = frozenset(
+    {"/", "/health", "/livez", "/readyz", "/metrics", "/docs", "/redoc", "/openapi.json"}
+)
+# what changes the model: an admin key's only
+ADMIN_ROUTES = [
+    ("POST", re.compile(r"/specialists")),
+    ("DELETE", re.compile(r"/specialists/[^/]+")),
+    ("POST", re.compile(r"/operations/[^/]+/cancel")),
+]
+
+
+class RequireKey:
+    """With API keys configured, every route but OPEN_PATHS and /static needs `Authorization:
+    Bearer <key>`: 401 without a valid key, 403 for a user key on an ADMIN_ROUTES route.
+    Checked before the body is read."""
+
+    def __init__(self, app: ASGIApp, keys: Keys) -> None:
+        self.app = app
+        self.keys = keys
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path in OPEN_PATHS or path.startswith("/static/"):
+            await self.app(scope, receive, send)
+            return
+        admin = any(scope["method"] == m and r.fullmatch(path) for m, r in ADMIN_ROUTES)
+        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        refusal = self.keys.check(header, KeyScope.ADMIN if admin else KeyScope.USER)
+        if refusal is None:
+            await self.app(scope, receive, send)
+            return
+        forbidden = refusal.startswith("forbidden")
+        response = JSONResponse(
+            {"detail": refusal.split(": ", 1)[1]},
+            status_code=403 if forbidden else 401,
+            headers=None if forbidden else {"WWW-Authenticate": "Bearer"},
+        )
+        await response(scope, receive, send)
 
 
 class CountRequests:
@@ -108,6 +152,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.gateway = gw
     app.add_middleware(LimitBody)
+    app.add_middleware(RequireKey, keys=settings.keys())  # before any body is read
     app.add_middleware(CountRequests, metrics=gw.metrics)  # added last: outermost
 
     @app.exception_handler(RequestValidationError)

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from shiftable_lib.auth import bearer
 from shiftable_lib.config import GRPC_SERVICES, Settings
 from shiftable_lib.errors import Busy, Conflict, NotFound, Overloaded, ShiftableError, Unavailable
 from sma.v1 import inference_pb2_grpc, registry_pb2_grpc, training_pb2_grpc
@@ -45,6 +48,9 @@ HTTP_STATUS = {
     grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
     grpc.StatusCode.CANCELLED: 499,
+    # a service refusing the gateway's own key is the gateway misconfigured, not the client
+    grpc.StatusCode.UNAUTHENTICATED: 502,
+    grpc.StatusCode.PERMISSION_DENIED: 502,
 }
 
 
@@ -75,6 +81,39 @@ HEALTH_NAMES = {
 }
 
 
+class _KeyedCall:
+    """Adds `authorization: Bearer <key>` to a call's metadata: the services check it."""
+
+    def __init__(self, key: str) -> None:
+        self.pair = ("authorization", bearer(key))
+
+    def _with_key(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = grpc.aio.Metadata(*(details.metadata or ()), self.pair)
+        return grpc.aio.ClientCallDetails(
+            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+        )
+
+
+# one class per kind of call: a channel files an interceptor under the first kind it is
+class _KeyedUnary(_KeyedCall, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(
+        self, continuation: Callable[..., Any], details: grpc.aio.ClientCallDetails, request: Any
+    ) -> Any:
+        return await continuation(self._with_key(details), request)
+
+
+class _KeyedStream(_KeyedCall, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(
+        self, continuation: Callable[..., Any], details: grpc.aio.ClientCallDetails, request: Any
+    ) -> Any:
+        return await continuation(self._with_key(details), request)
+
+
+def present_key(key: str) -> list[grpc.aio.ClientInterceptor]:
+    """Channel interceptors that present `key` on every unary and server-streaming call."""
+    return [_KeyedUnary(key), _KeyedStream(key)]
+
+
 @dataclass
 class Backends:
     """Channels and stubs to the registry, training and inference servers."""
@@ -98,8 +137,14 @@ class Backends:
         # calls over every address the name resolves to, not just the first, and retry a call
         # that a replica going away refuses on another one
         spread = [("grpc.service_config", json.dumps(INFERENCE_SERVICE_CONFIG))]
+        key = settings.keys().internal
+        interceptors = present_key(key) if key else None
         channels = {
-            n: grpc.aio.insecure_channel(a, options=options + (spread if n == "inference" else []))
+            n: grpc.aio.insecure_channel(
+                a,
+                options=options + (spread if n == "inference" else []),
+                interceptors=interceptors,
+            )
             for n, a in addresses.items()
         }
         return cls(

@@ -18,7 +18,7 @@ import functools
 import inspect
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
@@ -30,6 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from shiftable_lib.auth import NO_KEYS, Keys, Scope
 from shiftable_lib.errors import (
     AlreadyExists,
     Busy,
@@ -125,6 +126,7 @@ class Service:
     name: str  # e.g. "sma.v1.Registry"
     add_to_server: Callable[[object, grpc.aio.Server], None]
     servicer: object
+    admin: frozenset[str] = frozenset()  # methods that change state: an admin key's only
 
 
 @dataclass
@@ -152,18 +154,78 @@ class Server:
 MAX_REQUEST_BYTES = 4 * MAX_PROMPT_CHARS + 64 * 1024
 
 
+class RequireKey(grpc.aio.ServerInterceptor):
+    """Every call but health and reflection must present an API key (`authorization: Bearer
+    <key>` metadata) of the method's scope: UNAUTHENTICATED without a valid key,
+    PERMISSION_DENIED for a user key on an admin method."""
+
+    OPEN = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+    def __init__(self, keys: Keys, services: list[Service]) -> None:
+        self.keys = keys
+        self.admin = {f"/{s.name}/{m}" for s in services for m in s.admin}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(self.OPEN):
+            return handler
+        metadata = dict(details.invocation_metadata or ())
+        needed = Scope.ADMIN if details.method in self.admin else Scope.USER
+        refusal = self.keys.check(metadata.get("authorization"), needed)
+        if refusal is None:
+            return handler
+        code = (
+            grpc.StatusCode.PERMISSION_DENIED
+            if refusal.startswith("forbidden")
+            else grpc.StatusCode.UNAUTHENTICATED
+        )
+        return _refusing(handler, code, refusal.split(": ", 1)[1])
+
+
+def _refusing(
+    handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str
+) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as `handler` that aborts every call with `code`."""
+
+    async def unary(request: object, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(code, message)
+
+    async def streaming(request: object, context: grpc.aio.ServicerContext) -> AsyncIterator:
+        await context.abort(code, message)
+        yield  # a generator, as a streaming handler must be
+
+    shape = {"request_deserializer": handler.request_deserializer}
+    shape["response_serializer"] = handler.response_serializer
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(unary, **shape)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(streaming, **shape)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(unary, **shape)
+    return grpc.stream_stream_rpc_method_handler(streaming, **shape)
+
+
 async def start_server(
-    address: str, services: list[Service], options: Sequence[tuple[str, Any]] = ()
+    address: str,
+    services: list[Service],
+    options: Sequence[tuple[str, Any]] = (),
+    keys: Keys = NO_KEYS,
 ) -> Server:
     """Bind and start a server with health (NOT_SERVING) and reflection for `services`;
-    `options` adds to or overrides the gRPC server's channel arguments."""
+    `options` adds to or overrides the gRPC server's channel arguments. With `keys`, every
+    call but health and reflection needs an API key (RequireKey)."""
     server = grpc.aio.server(
+        interceptors=[RequireKey(keys, services)] if keys.enabled else None,
         options=[
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
             ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
             ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share it
             *options,
-        ]
+        ],
     )
     for service in services:
         service.add_to_server(service.servicer, server)
@@ -188,12 +250,13 @@ async def serve(
     stop: Callable[[], Awaitable[None]] | None = None,
     grace_s: float = 5.0,
     options: Sequence[tuple[str, Any]] = (),
+    keys: Keys = NO_KEYS,
 ) -> None:
     """Run until SIGTERM/SIGINT: start the server, await `start(server)` (which calls
     `server.ready()` when the service can answer), then on a signal report NOT_SERVING, stop
     taking RPCs, give in-flight ones `grace_s` seconds and await `stop()`. A `start` that
     raises stops the server the same way and exits non-zero, so a supervisor restarts it."""
-    server = await start_server(address, services, options)
+    server = await start_server(address, services, options, keys)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.stopping.set)

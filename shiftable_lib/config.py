@@ -12,6 +12,8 @@ from pathlib import Path
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shiftable_lib.auth import Keys
+
 
 @dataclass(frozen=True)
 class Profile:
@@ -219,6 +221,15 @@ class Settings(BaseSettings):
         default="",
         description="this server's id among its replicas (a pod's name); '' = the host name",
     )
+    # who may call (shiftable_lib/auth.py): none set = nothing is checked
+    api_key: str = Field(
+        default="", repr=False, description="API keys that generate and read, comma-separated"
+    )
+    admin_key: str = Field(
+        default="",
+        repr=False,
+        description="API keys that may also change things; the services present the first",
+    )
     max_batch: int = Field(default=32, ge=1, description="sequences decoded together")
     max_queue: int = Field(default=64, ge=0, description="requests waiting beyond max_batch")
     cuda_graphs: bool = Field(
@@ -248,6 +259,10 @@ class Settings(BaseSettings):
         with one thread decode attention is the compiled loop (docs/benchmarks.md).
         """
         return self.threads or max(1, available_cpus() - 1)
+
+    def keys(self) -> Keys:
+        """The API keys and their scopes; ValueError naming the setting of a malformed key."""
+        return Keys.parse(self.api_key, self.admin_key)
 
     def replica(self) -> str:
         """This server's id among its replicas: what an inference replica reports to the

@@ -37,8 +37,50 @@ function request(method, body, signal) {
   return init;
 }
 
+// The API key, when the server asks for one: kept in this browser, sent with every request.
+const KEY = "sma-api-key";
+let asking = null; // one dialog for every request that was refused meanwhile
+
+async function send(path, init) {
+  for (;;) {
+    const key = localStorage.getItem(KEY);
+    if (key) init.headers.Authorization = `Bearer ${key}`;
+    const response = await fetch(path, init);
+    if (response.status !== 401) return check(response);
+    const refusal = await check(response).catch((error) => error);
+    if (localStorage.getItem(KEY) !== key) continue; // a new key came meanwhile: try it
+    asking ??= askForKey(key ? refusal.message : "").finally(() => (asking = null));
+    if (!(await asking)) throw refusal;
+  }
+}
+
+function askForKey(problem) {
+  const dialog = document.getElementById("key-dialog");
+  const input = document.getElementById("key-input");
+  const error = document.getElementById("key-error");
+  error.textContent = problem;
+  error.hidden = !problem;
+  input.value = "";
+  dialog.returnValue = "";
+  // Cancel is no submit button, so that Enter in the field means "Use this key"
+  document.getElementById("key-cancel").onclick = () => dialog.close("cancel");
+  dialog.showModal();
+  input.focus();
+  return new Promise((resolve) => {
+    dialog.addEventListener(
+      "close",
+      () => {
+        const key = input.value.trim();
+        if (dialog.returnValue === "ok" && key) localStorage.setItem(KEY, key);
+        resolve(dialog.returnValue === "ok" && key !== "");
+      },
+      { once: true },
+    );
+  });
+}
+
 export async function api(path, { method = "GET", body, signal } = {}) {
-  const response = await check(await fetch(path, request(method, body, signal)));
+  const response = await send(path, request(method, body, signal));
   return response.status === 204 ? null : response.json();
 }
 
@@ -47,7 +89,7 @@ export async function api(path, { method = "GET", body, signal } = {}) {
 export async function* events(path, { method = "GET", body, signal } = {}) {
   const init = request(method, body, signal);
   init.headers.Accept = "text/event-stream";
-  const response = await check(await fetch(path, init));
+  const response = await send(path, init);
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";
   try {

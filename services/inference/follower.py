@@ -17,6 +17,7 @@ import grpc
 
 from services.common import Server
 from services.inference.core import InferenceCore
+from shiftable_lib.auth import NO_KEYS, Keys, bearer
 from shiftable_lib.errors import ShiftableError, VersionInvalid
 from sma.v1 import registry_pb2, registry_pb2_grpc
 
@@ -29,7 +30,7 @@ HEARTBEAT_S = 5.0  # well inside the registry's replica lease
 
 
 async def follow_registry(
-    core: InferenceCore, address: str, server: Server, replica_id: str
+    core: InferenceCore, address: str, server: Server, replica_id: str, keys: Keys = NO_KEYS
 ) -> None:
     """Serve whatever version the registry says, forever.
 
@@ -42,6 +43,7 @@ async def follow_registry(
     keeps it in the registry's list of live replicas.
     """
     follower = _Follower(core, server, address, replica_id)
+    follower.metadata = (("authorization", bearer(keys.internal)),) if keys.internal else ()
     async with grpc.aio.insecure_channel(address) as channel:
         await follower.run(registry_pb2_grpc.RegistryStub(channel))
 
@@ -57,6 +59,7 @@ class _Follower:
         self.started = time.monotonic()
         self.reached = False  # whether the registry has answered since the server started
         self.delay = RETRY_FIRST_S
+        self.metadata: tuple[tuple[str, str], ...] = ()  # its API key, for the registry
 
     async def run(self, stub: registry_pb2_grpc.RegistryStub) -> None:
         while True:
@@ -73,7 +76,8 @@ class _Follower:
         failed = ""
         heartbeat = asyncio.create_task(self.heartbeat(stub))
         try:
-            async for update in stub.WatchServing(registry_pb2.WatchServingRequest()):
+            watch = stub.WatchServing(registry_pb2.WatchServingRequest(), metadata=self.metadata)
+            async for update in watch:
                 self.reached = True
                 self.delay = RETRY_FIRST_S
                 wanted = update.serving.version.id
@@ -106,14 +110,16 @@ class _Follower:
                 load_error=load_error,
                 invalid_version_id=invalid,
             )
-            await stub.ReportLoaded(request, timeout=HEARTBEAT_S)
+            await stub.ReportLoaded(request, timeout=HEARTBEAT_S, metadata=self.metadata)
             if self.invalid == invalid:
                 self.invalid = ""
 
     async def fall_back(self, stub: registry_pb2_grpc.RegistryStub, broken: str) -> None:
         """Serve the newest other version that loads, rather than nothing, while the serving
         one cannot be loaded; the report still names the one that failed, and why."""
-        reply = await stub.ListVersions(registry_pb2.ListVersionsRequest(), timeout=HEARTBEAT_S)
+        reply = await stub.ListVersions(
+            registry_pb2.ListVersionsRequest(), timeout=HEARTBEAT_S, metadata=self.metadata
+        )
         reason = self.load_error
         for version in reply.versions:  # newest first
             if version.id == broken or version.invalid_reason:

@@ -179,7 +179,9 @@ def main(settings: Settings) -> None:
     )
 
     async def start(server: Server) -> None:
-        await follow_registry(core, settings.grpc_target("registry"), server, settings.replica())
+        await follow_registry(
+            core, settings.grpc_target("registry"), server, settings.replica(), settings.keys()
+        )
 
     async def stop() -> None:
         await asyncio.to_thread(core.close)
@@ -191,5 +193,6 @@ def main(settings: Settings) -> None:
             start=start,
             stop=stop,
             options=CONNECTION_AGE,
+            keys=settings.keys(),
         )
     )

@@ -40,6 +40,19 @@ from sma.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 SERVICE_NAME = registry_pb2.DESCRIPTOR.services_by_name["Registry"].full_name
 OPERATION_ID_KEY = "sma-operation-id"  # trailing metadata of a FAILED_PRECONDITION on create
 DEFAULT_LIST_LIMIT = 100
+# what changes the registry: an admin key's only (the gateway's and inference's own calls)
+ADMIN_METHODS = frozenset(
+    {
+        "AddSpecialist",
+        "UpdateSpecialist",
+        "DeleteSpecialist",
+        "CreateOperation",
+        "UpdateOperation",
+        "ClaimOperation",
+        "PublishVersion",
+        "ReportLoaded",
+    }
+)
 
 Context = grpc.aio.ServicerContext
 M = TypeVar("M", bound=Message)
@@ -100,7 +113,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         self._serving = _Changes()
 
     def service(self) -> Service:
-        return Service(SERVICE_NAME, registry_pb2_grpc.add_RegistryServicer_to_server, self)
+        return Service(
+            SERVICE_NAME, registry_pb2_grpc.add_RegistryServicer_to_server, self, ADMIN_METHODS
+        )
 
     async def start(self, server: Server) -> None:
         """Open the store and report SERVING. On shutdown, end the watch streams (UNAVAILABLE,
@@ -424,5 +439,6 @@ def main(settings: Settings) -> None:
             [servicer.service()],
             start=servicer.start,
             stop=servicer.stop,
+            keys=settings.keys(),
         )
     )

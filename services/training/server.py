@@ -129,7 +129,10 @@ class TrainingServicer(training_pb2_grpc.TrainingServicer):
 
 def training_service(manager: JobManager) -> Service:
     return Service(
-        SERVICE_NAME, training_pb2_grpc.add_TrainingServicer_to_server, TrainingServicer(manager)
+        SERVICE_NAME,
+        training_pb2_grpc.add_TrainingServicer_to_server,
+        TrainingServicer(manager),
+        admin=frozenset({"StartJob", "CancelJob"}),  # the rest only reads
     )
 
 
@@ -147,5 +150,6 @@ def main(settings: Settings) -> None:
             [training_service(manager)],
             start=start,
             stop=manager.close,
+            keys=settings.keys(),
         )
     )

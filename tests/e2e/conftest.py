@@ -27,8 +27,9 @@ READY_TIMEOUT = 240.0
 class Stack:
     """One `sma up` process and an HTTP client to its gateway."""
 
-    def __init__(self, home: Path, port: int | None = None) -> None:
+    def __init__(self, home: Path, port: int | None = None, env: dict | None = None) -> None:
         self.home = home
+        self.env = env or {}  # on top of the test's environment (API keys, say)
         self.port = port or free_port_block()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = home / "stack.log"
@@ -41,6 +42,7 @@ class Stack:
 
     def start(self) -> Stack:
         env = {**os.environ, "SMA_THREADS": "1", "SMA_TRAIN_THREADS": "1", "SMA_MAX_BATCH": "8"}
+        env.update(self.env)
         env.pop("SMA_HOME", None)
         command = [sys.executable, "-m", "shiftable.cli", "up", "--home", str(self.home)]
         command += ["--profile", "tiny", "--device", "cpu", "--port", str(self.port)]

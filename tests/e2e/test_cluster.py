@@ -30,6 +30,13 @@ from tests.e2e.conftest import wait_for
 
 pytestmark = pytest.mark.slow
 
+# the Secret the manifests read the API keys from (`kubectl create secret generic sma-api-key`)
+USER_KEY = "cluster-user-key-0123456789"
+ADMIN_KEY = "cluster-admin-key-0123456789"
+USER = {"Authorization": f"Bearer {USER_KEY}"}
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+KEY = (("authorization", f"Bearer {USER_KEY}"),)  # gRPC metadata
+
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopbackCluster]:
@@ -39,6 +46,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopbackCluste
         work,
         # the one patch: a first training of the tiny profile, should there be one
         env={"SMA_PROFILE": "tiny"},
+        secrets={"sma-api-key": {"api-key": USER_KEY, "admin-key": ADMIN_KEY}},
     )
     # a model on the home claim, as `sma train` would leave it: the gateways adopt it
     train_tiny_home(running.volumes / "sma-home")
@@ -51,7 +59,12 @@ def info(cluster: LoopbackCluster, pod: Pod) -> inference_pb2.GetModelInfoRespon
     """A replica's own account of itself, asked directly."""
     with grpc.insecure_channel(cluster.address(pod)) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
-        return stub.GetModelInfo(inference_pb2.GetModelInfoRequest(), timeout=10)
+        return stub.GetModelInfo(inference_pb2.GetModelInfoRequest(), timeout=10, metadata=KEY)
+
+
+def request(body: dict) -> dict:
+    """What a client of the API sends: its body, its user key, a patient timeout."""
+    return {"json": body, "headers": USER, "timeout": 60}
 
 
 def sse(response: httpx.Response) -> Iterator[tuple[str, dict]]:
@@ -79,7 +92,8 @@ def test_the_manifests_make_the_pods_the_issue_asks_for(cluster: LoopbackCluster
 
 
 def test_the_original_rest_contract_through_one_gateway(cluster: LoopbackCluster) -> None:
-    with httpx.Client(base_url=cluster.url(cluster.of("gateway")[0]), timeout=60) as http:
+    gateway = cluster.url(cluster.of("gateway")[0])
+    with httpx.Client(base_url=gateway, headers=ADMIN, timeout=60) as http:
         assert "Shiftable" in http.get("/").text
         health = http.get("/health").json()
         assert health["status"] == "ok" and health["initialized"] and health["ready"]
@@ -100,7 +114,7 @@ def test_streams_spread_over_both_replicas(cluster: LoopbackCluster) -> None:
     url = cluster.url(cluster.of("gateway")[0])
 
     def stream() -> list[str]:
-        with httpx.stream("POST", f"{url}/generate/stream", json=body, timeout=60) as response:
+        with httpx.stream("POST", f"{url}/generate/stream", **request(body)) as response:
             return [name for name, _ in sse(response)]
 
     results: list[list[str]] = []
@@ -119,9 +133,12 @@ def test_the_other_gateway_finishes_an_operation_whose_gateway_died(
 ) -> None:
     this, other = cluster.of("gateway")
     write_domain(cluster.volumes / "sma-home" / "data", "web", synthetic_documents("dl", 60))
-    with httpx.Client(base_url=cluster.url(this), timeout=60) as http:
+    with httpx.Client(base_url=cluster.url(this), headers=ADMIN, timeout=60) as http:
         started = httpx.post(
-            f"{cluster.url(other)}/specialists?wait=false", json={"name": "web"}, timeout=60
+            f"{cluster.url(other)}/specialists?wait=false",
+            json={"name": "web"},
+            headers=ADMIN,
+            timeout=60,
         )
         assert started.status_code == 202, started.text
         op_id = started.json()["id"]
@@ -146,7 +163,9 @@ def test_the_other_gateway_finishes_an_operation_whose_gateway_died(
         version = http.get("/health").json()["serving_version"]
         assert op["version"] == version and "web" in http.get("/specialists").json()
     with grpc.insecure_channel(cluster.address(cluster.of("training")[0])) as channel:
-        jobs = training_pb2_grpc.TrainingStub(channel).ListJobs(training_pb2.ListJobsRequest())
+        jobs = training_pb2_grpc.TrainingStub(channel).ListJobs(
+            training_pb2.ListJobsRequest(), metadata=KEY
+        )
     assert [j.request_id for j in jobs.jobs if j.specialist == "web"] == [op_id]  # one job
     assert {info(cluster, p).version_id for p in cluster.of("inference")} == {version}
 
@@ -162,11 +181,13 @@ def test_an_add_is_cancelled_through_a_gateway_that_does_not_drive_it(
         cluster.restart(other)
         cluster.wait_ready([other], timeout=60)
     write_domain(cluster.volumes / "sma-home" / "data", "news", synthetic_documents("ds", 60))
-    with httpx.Client(base_url=cluster.url(this), timeout=60) as http:
+    with httpx.Client(base_url=cluster.url(this), headers=ADMIN, timeout=60) as http:
         before = sorted(http.get("/specialists").json())
         op_id = http.post("/specialists?wait=false", json={"name": "news"}).json()["id"]
         wait_for(lambda: http.get(f"/operations/{op_id}").json()["job_id"], every=0.05)
-        reply = httpx.post(f"{cluster.url(other)}/operations/{op_id}/cancel", timeout=60)
+        cancel = f"{cluster.url(other)}/operations/{op_id}/cancel"
+        assert httpx.post(cancel, headers=USER, timeout=60).status_code == 403  # admin only
+        reply = httpx.post(cancel, headers=ADMIN, timeout=60)
         assert reply.status_code == 200, reply.text
         op = reply.json()
         assert op["state"] == "cancelled" and op["cancel_requested"], op
@@ -194,7 +215,9 @@ def test_a_replica_killed_mid_stream_ends_its_streams_cleanly_and_rejoins(
             assert events[-1] == "done", events
     # the next requests are served (by the replica left)
     for _ in range(4):
-        reply = httpx.post(f"{url}/generate", json={"prompt": "x", "max_new_tokens": 4}, timeout=30)
+        reply = httpx.post(
+            f"{url}/generate", json={"prompt": "x", "max_new_tokens": 4}, headers=USER
+        )
         assert reply.status_code == 200, reply.text
 
     cluster.restart(victim)
@@ -216,7 +239,7 @@ def _kill_mid_stream(url: str, victim: Pod, streams: int) -> tuple[dict[int, lis
         events: list[str] = []
         outcomes[index] = events
         try:
-            with httpx.stream("POST", f"{url}/generate/stream", json=body, timeout=60) as r:
+            with httpx.stream("POST", f"{url}/generate/stream", **request(body)) as r:
                 for name, _ in sse(r):
                     if not events:
                         first_tokens.wait(30)
@@ -241,7 +264,7 @@ def _kill_mid_stream(url: str, victim: Pod, streams: int) -> tuple[dict[int, lis
 
 
 def _serves(url: str) -> bool:
-    reply = httpx.post(f"{url}/generate", json={"prompt": "x", "max_new_tokens": 2}, timeout=30)
+    reply = httpx.post(f"{url}/generate", **request({"prompt": "x", "max_new_tokens": 2}))
     return reply.status_code == 200
 
 
