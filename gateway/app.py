@@ -16,6 +16,7 @@ import grpc
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -74,6 +75,40 @@ ADMIN_ROUTES = [
     ("DELETE", re.compile(r"/specialists/[^/]+")),
     ("POST", re.compile(r"/operations/[^/]+/cancel")),
 ]
+
+
+PROBES = frozenset({"/livez", "/readyz"})  # a kubelet's probe names the pod's IP as its Host
+
+
+class AllowHosts:
+    """400 for a request whose Host header is not one of `hosts` (settings.hosts()): a page
+    elsewhere cannot reach a local gateway by pointing a name of its own at 127.0.0.1 (DNS
+    rebinding). The probes answer any Host."""
+
+    def __init__(self, app: ASGIApp, hosts: list[str]) -> None:
+        self.app = app
+        self.any = "*" in hosts
+        self.exact = {h for h in hosts if not h.startswith("*.")}
+        self.suffixes = tuple(h[1:] for h in hosts if h.startswith("*."))
+
+    def allowed(self, host: str) -> bool:
+        if host.startswith("["):  # [v6 address] or [v6 address]:port
+            name = host[1 : host.find("]")]
+        else:  # name, name:port, or a bare v6 address
+            name = host.split(":")[0] if host.count(":") == 1 else host
+        name = name.lower()
+        return name in self.exact or name.endswith(self.suffixes)  # () matches nothing
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.any or scope["type"] != "http" or scope.get("path") in PROBES:
+            await self.app(scope, receive, send)
+            return
+        host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+        if self.allowed(host):
+            await self.app(scope, receive, send)
+            return
+        detail = "this server does not answer to that Host header (SMA_ALLOWED_HOSTS)"
+        await JSONResponse({"detail": detail}, status_code=400)(scope, receive, send)
 
 
 class RequireKey:
@@ -153,6 +188,14 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.gateway = gw
     app.add_middleware(LimitBody)
     app.add_middleware(RequireKey, keys=settings.keys())  # before any body is read
+    if origins := [o.strip() for o in settings.cors_origins.split(",") if o.strip()]:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    app.add_middleware(AllowHosts, hosts=settings.hosts())
     app.add_middleware(CountRequests, metrics=gw.metrics)  # added last: outermost
 
     @app.exception_handler(RequestValidationError)

@@ -230,6 +230,15 @@ class Settings(BaseSettings):
         repr=False,
         description="API keys that may also change things; the services present the first",
     )
+    allowed_hosts: str = Field(
+        default="",
+        description="Host names the gateway answers to, comma-separated ('*' = any, '*.x.org' "
+        "= its subdomains); '' = the loopback names and SMA_HOST, or any when SMA_HOST is a "
+        "wildcard",
+    )
+    cors_origins: str = Field(
+        default="", description="origins whose pages may call the API, comma-separated; '' = none"
+    )
     max_batch: int = Field(default=32, ge=1, description="sequences decoded together")
     max_queue: int = Field(default=64, ge=0, description="requests waiting beyond max_batch")
     cuda_graphs: bool = Field(
@@ -263,6 +272,14 @@ class Settings(BaseSettings):
     def keys(self) -> Keys:
         """The API keys and their scopes; ValueError naming the setting of a malformed key."""
         return Keys.parse(self.api_key, self.admin_key)
+
+    def hosts(self) -> list[str]:
+        """The Host names the gateway answers to (without ports); ["*"] for any."""
+        if self.allowed_hosts.strip():
+            return [h.strip().lower() for h in self.allowed_hosts.split(",") if h.strip()]
+        if self.host in WILDCARD_HOSTS:  # a pod's or a machine's every address: names unknown here
+            return ["*"]
+        return sorted({"localhost", "127.0.0.1", "::1", self.host.lower()})
 
     def replica(self) -> str:
         """This server's id among its replicas: what an inference replica reports to the

@@ -35,6 +35,7 @@ ADMIN = "admin-key-0123456789abcdef"
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     keys = {"SMA_API_KEY": f"{USER},{OTHER_USER}", "SMA_ADMIN_KEY": ADMIN}
+    keys["SMA_CORS_ORIGINS"] = "https://app.example"  # a page elsewhere that may call the API
     running = Stack(tiny_home(tmp_path_factory.mktemp("auth")), env=keys).start()
     try:
         running.wait_ready()
@@ -188,3 +189,23 @@ def test_the_http_client_is_never_told_the_keys(stack: Stack) -> None:
         reply = stack.http.post("/specialists", json={"name": "x"}, headers=as_(key))
         assert key not in reply.text
     assert USER not in httpx.get(f"{stack.url}/health").text
+
+
+def test_a_configured_origin_may_call_from_the_browser_and_no_other(stack: Stack) -> None:
+    for origin, allowed in [("https://app.example", True), ("https://evil.example", False)]:
+        preflight = stack.http.options(
+            "/generate",
+            headers={
+                "Origin": origin,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization,content-type",
+            },
+        )
+        assert (preflight.headers.get("access-control-allow-origin") == origin) == allowed
+        reply = stack.http.post(
+            "/generate",
+            json={"prompt": "the", "max_new_tokens": 2},
+            headers={"Origin": origin, **as_(USER)},
+        )
+        assert reply.status_code == 200  # the browser, not the server, withholds the answer
+        assert (reply.headers.get("access-control-allow-origin") == origin) == allowed

@@ -172,7 +172,7 @@ def test_a_chunked_body_is_cut_off_at_the_limit_and_never_read_whole(stack: Stac
     host, port = stack.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=30) as conn:
         conn.sendall(
-            b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"POST /generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
             b"Transfer-Encoding: chunked\r\n\r\n"
         )
         chunk = b"%x\r\n%s\r\n" % (64 * 1024, b"a" * 64 * 1024)
@@ -379,3 +379,20 @@ def test_the_last_specialist_cannot_be_deleted(stack: Stack) -> None:
     reply = stack.http.delete(f"/specialists/{last[0]}")
     assert reply.status_code == 409 and "last" in reply.json()["detail"]
     assert state_snapshot(stack) == before
+
+
+def test_only_the_hosts_it_serves_are_answered(stack: Stack) -> None:
+    """On loopback the gateway answers to its own names only, so a page elsewhere cannot reach
+    it through a name of its own pointed at 127.0.0.1 (DNS rebinding); probes answer any Host.
+    No CORS header is sent unless origins are configured."""
+    hosts = [("localhost", 200), (f"127.0.0.1:{stack.port}", 200), ("evil.example", 400)]
+    for host, status in hosts:
+        reply = stack.http.get("/specialists", headers={"Host": host})
+        assert reply.status_code == status, (host, reply.text)
+    assert "Host header" in stack.http.get("/", headers={"Host": "evil.example"}).json()["detail"]
+    assert stack.http.get("/readyz", headers={"Host": "10.1.2.3:8000"}).status_code == 200
+    preflight = stack.http.options(
+        "/generate",
+        headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
+    )
+    assert "access-control-allow-origin" not in preflight.headers

@@ -87,3 +87,11 @@ def test_available_cpus_honours_a_cgroup_cpu_limit(
     cores = len(os.sched_getaffinity(0))
     assert available_cpus(tmp_path / "cpu.max") == (min(cores, cap) if cap else cores)
     assert available_cpus(tmp_path / "missing") == cores
+
+
+def test_the_hosts_the_gateway_answers_to() -> None:
+    assert Settings().hosts() == ["127.0.0.1", "::1", "localhost"]
+    assert Settings(host="10.0.0.7").hosts() == ["10.0.0.7", "127.0.0.1", "::1", "localhost"]
+    assert Settings(host="0.0.0.0").hosts() == ["*"]  # a pod's names are not known here
+    named = Settings(host="0.0.0.0", allowed_hosts=" Shiftable.Example.org, gateway ,*.corp")
+    assert named.hosts() == ["shiftable.example.org", "gateway", "*.corp"]
