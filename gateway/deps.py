@@ -4,7 +4,11 @@ the serving state) and a FastAPI dependency that hands it out."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import logging
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -16,7 +20,7 @@ from gateway.coordinator import Coordinator
 from gateway.metrics import Metrics
 from gateway.schemas import operation_dict
 from shiftable_lib.config import Settings
-from shiftable_lib.errors import Unavailable
+from shiftable_lib.errors import Overloaded, Unavailable
 from sma.v1 import inference_pb2, registry_pb2
 
 log = logging.getLogger("sma.gateway")
@@ -36,6 +40,7 @@ class Gateway:
         self.metrics = Metrics()
         self.serving = R.ServingState()
         self.tasks: list[asyncio.Task] = []
+        self.client_streams: Counter[str] = Counter()  # generations running, by client
 
     async def start(self) -> None:
         """Connect (grpc.aio channels belong to the loop that creates them) and boot."""
@@ -106,6 +111,24 @@ class Gateway:
             raise Unavailable(info.load_error or "no model is loaded yet")
         return info
 
+    @contextlib.contextmanager
+    def client_stream(self, client: str) -> Iterator[None]:
+        """Hold one of `client`'s generation slots (Overloaded when it has them all), so that
+        one client cannot take every decode slot from the others."""
+        limit = self.settings.max_streams_per_client
+        if limit and self.client_streams[client] >= limit:
+            raise Overloaded(
+                f"this client has {limit} generations running, the most one may "
+                "(SMA_MAX_STREAMS_PER_CLIENT): wait for one to end"
+            )
+        self.client_streams[client] += 1
+        try:
+            yield
+        finally:
+            self.client_streams[client] -= 1
+            if not self.client_streams[client]:
+                del self.client_streams[client]
+
     async def specialists(self) -> list[str]:
         reply = await self.backends.registry.ListSpecialists(
             R.ListSpecialistsRequest(), timeout=RPC_TIMEOUT
@@ -131,6 +154,15 @@ class Gateway:
 
 def gateway(request: Request) -> Gateway:
     return request.app.state.gateway
+
+
+def client_of(request: Request) -> str:
+    """Who is calling, for per-client limits: its API key (as a digest) when it sends one,
+    else its address."""
+    header = request.headers.get("authorization", "")
+    if header:
+        return "key:" + hashlib.sha256(header.encode()).hexdigest()[:16]
+    return "address:" + (request.client.host if request.client else "unknown")
 
 
 GatewayDep = Annotated[Gateway, Depends(gateway)]

@@ -239,6 +239,12 @@ class Settings(BaseSettings):
     cors_origins: str = Field(
         default="", description="origins whose pages may call the API, comma-separated; '' = none"
     )
+    max_streams_per_client: int = Field(
+        default=64,
+        ge=0,
+        description="generations one client (its API key, else its address) may run at once "
+        "through one gateway; 0 = no limit",
+    )
     max_batch: int = Field(default=32, ge=1, description="sequences decoded together")
     max_queue: int = Field(default=64, ge=0, description="requests waiting beyond max_batch")
     cuda_graphs: bool = Field(

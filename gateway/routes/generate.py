@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import grpc
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from gateway.backends import RPC_TIMEOUT, http_status
-from gateway.deps import Gateway, GatewayDep
+from gateway.deps import Gateway, GatewayDep, client_of
 from gateway.schemas import FINISH, GenerateBody, InspectBody, gate_summary, sse, usage
 from sma.v1 import inference_pb2
 
@@ -17,12 +17,12 @@ router = APIRouter()
 
 
 @router.post("/generate")
-async def generate(gw: GatewayDep, body: GenerateBody) -> dict:
+async def generate(gw: GatewayDep, body: GenerateBody, request: Request) -> dict:
     """The whole completion at once (the original API's shape, plus usage and gate weights)."""
     await gw.require_model()
     parts: list[str] = []
     last = None
-    async for message in _stream(gw, body):
+    async for message in _stream(gw, body, client_of(request)):
         parts.append(message.text)
         last = message
     completion = "".join(parts)
@@ -35,25 +35,31 @@ async def generate(gw: GatewayDep, body: GenerateBody) -> dict:
     }
 
 
-async def _stream(gw: Gateway, body: GenerateBody) -> AsyncIterator[inference_pb2.GenerateResponse]:
-    """Messages of one Generate call; the call is cancelled if the consumer stops."""
-    call = gw.backends.inference.Generate(body.to_proto())
-    timer = gw.metrics.stream_timer()
-    try:
-        async for message in call:
-            timer.tick(len(message.token_ids))
-            yield message
-    finally:
-        call.cancel()
+async def _stream(
+    gw: Gateway, body: GenerateBody, client: str
+) -> AsyncIterator[inference_pb2.GenerateResponse]:
+    """Messages of one Generate call, in one of `client`'s slots (429 when it has none left);
+    the call is cancelled if the consumer stops."""
+    with gw.client_stream(client):
+        call = gw.backends.inference.Generate(body.to_proto())
+        timer = gw.metrics.stream_timer()
+        try:
+            async for message in call:
+                timer.tick(len(message.token_ids))
+                yield message
+        finally:
+            call.cancel()
 
 
 @router.post("/generate/stream", response_class=StreamingResponse)
-async def generate_stream(gw: GatewayDep, body: GenerateBody) -> StreamingResponse:
+async def generate_stream(
+    gw: GatewayDep, body: GenerateBody, request: Request
+) -> StreamingResponse:
     """Server-Sent Events: `token` events with text deltas, then one `done` event with the
     finish reason, usage and gate weights. Errors before the first token are plain HTTP
     errors; a later one is an `error` event."""
     await gw.require_model()
-    messages = _stream(gw, body)
+    messages = _stream(gw, body, client_of(request))
     first = await anext(messages)  # bad parameters raise here, as a 4xx
 
     async def events() -> AsyncIterator[str]:

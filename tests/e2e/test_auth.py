@@ -5,6 +5,10 @@ before: it trains, serves, and follows the registry."""
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -36,6 +40,7 @@ ADMIN = "admin-key-0123456789abcdef"
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     keys = {"SMA_API_KEY": f"{USER},{OTHER_USER}", "SMA_ADMIN_KEY": ADMIN}
     keys["SMA_CORS_ORIGINS"] = "https://app.example"  # a page elsewhere that may call the API
+    keys["SMA_MAX_STREAMS_PER_CLIENT"] = "2"
     running = Stack(tiny_home(tmp_path_factory.mktemp("auth")), env=keys).start()
     try:
         running.wait_ready()
@@ -209,3 +214,33 @@ def test_a_configured_origin_may_call_from_the_browser_and_no_other(stack: Stack
         )
         assert reply.status_code == 200  # the browser, not the server, withholds the answer
         assert (reply.headers.get("access-control-allow-origin") == origin) == allowed
+
+
+def test_one_client_cannot_take_every_generation_slot(stack: Stack) -> None:
+    """With inference frozen, a client's generations stay open: past SMA_MAX_STREAMS_PER_CLIENT
+    (2 here) the next one gets 429 at once, while another client (another key) still gets in.
+    All of them complete once inference runs again."""
+    inference = stack.pids()["inference"]
+    body = {"prompt": "the", "max_new_tokens": 4}
+    replies: list[int] = []
+
+    def generate(key: str) -> None:
+        reply = stack.http.post("/generate", json=body, headers=as_(key), timeout=60)
+        replies.append(reply.status_code)
+
+    os.kill(inference, signal.SIGSTOP)
+    try:
+        held = [threading.Thread(target=generate, args=(key,)) for key in (USER, USER, OTHER_USER)]
+        for thread in held:
+            thread.start()
+            time.sleep(0.3)  # in the gateway, waiting on inference
+        refused = stack.http.post("/generate", json=body, headers=as_(USER), timeout=10)
+        assert refused.status_code == 429, refused.text
+        assert "SMA_MAX_STREAMS_PER_CLIENT" in refused.json()["detail"]
+        assert replies == []  # the held ones are all still waiting
+    finally:
+        os.kill(inference, signal.SIGCONT)
+    for thread in held:
+        thread.join(60)
+    assert replies == [200, 200, 200]
+    assert stack.http.post("/generate", json=body, headers=as_(USER)).status_code == 200
