@@ -131,11 +131,10 @@ class RequireKey:
         if refusal is None:
             await self.app(scope, receive, send)
             return
-        forbidden = refusal.startswith("forbidden")
         response = JSONResponse(
-            {"detail": refusal.split(": ", 1)[1]},
-            status_code=403 if forbidden else 401,
-            headers=None if forbidden else {"WWW-Authenticate": "Bearer"},
+            {"detail": refusal.message},
+            status_code=403 if refusal.forbidden else 401,
+            headers=None if refusal.forbidden else {"WWW-Authenticate": "Bearer"},
         )
         await response(scope, receive, send)
 

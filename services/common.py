@@ -180,10 +180,10 @@ class RequireKey(grpc.aio.ServerInterceptor):
             return handler
         code = (
             grpc.StatusCode.PERMISSION_DENIED
-            if refusal.startswith("forbidden")
+            if refusal.forbidden
             else grpc.StatusCode.UNAUTHENTICATED
         )
-        return _refusing(handler, code, refusal.split(": ", 1)[1])
+        return _refusing(handler, code, refusal.message)
 
 
 def _refusing(

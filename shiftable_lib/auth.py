@@ -55,21 +55,29 @@ class Keys:
                     found = scope
         return found
 
-    def check(self, authorization: str | None, needed: Scope) -> str | None:
-        """None when an `Authorization` value of `Bearer <key>` may do what `needed` allows, else
-        why not: "unauthenticated: ..." (no key, or not one of ours) or "forbidden: ..." (a
-        key of too small a scope). Always None while no key is configured."""
+    def check(self, authorization: str | None, needed: Scope) -> Refusal | None:
+        """None when an `Authorization` value of `Bearer <key>` may do what `needed` allows,
+        else why not. Always None while no key is configured."""
         if not self.enabled:
             return None
         scheme, _, presented = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not presented.strip():
-            return "unauthenticated: send an API key as 'Authorization: Bearer <key>'"
+            return Refusal(False, "send an API key as 'Authorization: Bearer <key>'")
         scope = self.scope_of(presented.strip())
         if scope is None:
-            return "unauthenticated: that API key is not valid"
+            return Refusal(False, "that API key is not valid")
         if scope < needed:
-            return f"forbidden: this needs an {needed.name.lower()} key"
+            return Refusal(True, f"this needs an {needed.name.lower()} key")
         return None
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a call may not go on: without a valid key (HTTP 401, UNAUTHENTICATED), or with a key
+    of too small a scope (`forbidden`: HTTP 403, PERMISSION_DENIED)."""
+
+    forbidden: bool
+    message: str
 
 
 NO_KEYS = Keys()  # nothing is checked

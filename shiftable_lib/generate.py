@@ -89,14 +89,16 @@ def sample(logits: Tensor, seqs: list[Sequence]) -> list[int | None]:
     NaN: the top logit keeps weight 1 and the rest underflow to 0, as in greedy decoding (and
     a temperature too small for float32, which would be 0 there, is greedy)."""
     rows = logits.float()
-    finite = torch.isfinite(rows).all(-1)
-    picked = torch.where(finite, rows.argmax(-1), -1).tolist()  # one transfer for the batch
+    # max propagates NaN, and is inf when any score is: one reduction finds the greedy token
+    # and whether the row is fit to sample, and one transfer brings them over for the batch
+    top, best = rows.max(-1)
+    picked = torch.where(torch.isfinite(top), best, -1).tolist()
     out: list[int | None] = [None if t < 0 else t for t in picked]
     for i, s in enumerate(seqs):
         p = s.params
         if p.temperature < GREEDY_BELOW or out[i] is None:
             continue
-        row = (rows[i] - rows[i].max()) / p.temperature
+        row = (rows[i] - top[i]) / p.temperature
         if p.top_k or p.top_p < 1:
             row, index = row.sort(descending=True)
             if p.top_k:

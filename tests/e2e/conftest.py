@@ -129,3 +129,13 @@ def job_processes(parent: int) -> list[int]:
         if ppid == parent and b"spawn_main" in command and b"resource_tracker" not in command:
             found.append(int(proc.name))
     return found
+
+
+def sse_events(response: httpx.Response) -> Iterator[tuple[str, dict]]:
+    """A Server-Sent Events response's (event, data) pairs, as they arrive."""
+    name = ""
+    for line in response.iter_lines():
+        if line.startswith("event: "):
+            name = line[7:]
+        elif line.startswith("data: "):
+            yield name, json.loads(line[6:])

@@ -12,7 +12,6 @@ the next request is served, and the replica rejoins when restarted).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -26,7 +25,7 @@ import pytest
 from bench.loopback import STACK, LoopbackCluster, Pod, render
 from sma.v1 import inference_pb2, inference_pb2_grpc, training_pb2, training_pb2_grpc
 from tests.conftest import synthetic_documents, train_tiny_home, write_domain
-from tests.e2e.conftest import wait_for
+from tests.e2e.conftest import sse_events, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -65,15 +64,6 @@ def info(cluster: LoopbackCluster, pod: Pod) -> inference_pb2.GetModelInfoRespon
 def request(body: dict) -> dict:
     """What a client of the API sends: its body, its user key, a patient timeout."""
     return {"json": body, "headers": USER, "timeout": 60}
-
-
-def sse(response: httpx.Response) -> Iterator[tuple[str, dict]]:
-    name = ""
-    for line in response.iter_lines():
-        if line.startswith("event: "):
-            name = line[7:]
-        elif line.startswith("data: "):
-            yield name, json.loads(line[6:])
 
 
 def test_the_manifests_make_the_pods_the_issue_asks_for(cluster: LoopbackCluster) -> None:
@@ -115,7 +105,7 @@ def test_streams_spread_over_both_replicas(cluster: LoopbackCluster) -> None:
 
     def stream() -> list[str]:
         with httpx.stream("POST", f"{url}/generate/stream", **request(body)) as response:
-            return [name for name, _ in sse(response)]
+            return [name for name, _ in sse_events(response)]
 
     results: list[list[str]] = []
     threads = [threading.Thread(target=lambda: results.append(stream())) for _ in range(8)]
@@ -240,7 +230,7 @@ def _kill_mid_stream(url: str, victim: Pod, streams: int) -> tuple[dict[int, lis
         outcomes[index] = events
         try:
             with httpx.stream("POST", f"{url}/generate/stream", **request(body)) as r:
-                for name, _ in sse(r):
+                for name, _ in sse_events(r):
                     if not events:
                         first_tokens.wait(30)
                     events.append(name)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import socket
 import threading
 import time
@@ -20,19 +19,9 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 
 from sma.v1 import inference_pb2, inference_pb2_grpc
 from tests.conftest import synthetic_documents, write_domain
-from tests.e2e.conftest import Stack
+from tests.e2e.conftest import Stack, sse_events
 
 pytestmark = pytest.mark.slow
-
-
-def sse_events(response: httpx.Response) -> list[tuple[str, dict]]:
-    events, name = [], None
-    for line in response.iter_lines():
-        if line.startswith("event: "):
-            name = line[7:]
-        elif line.startswith("data: "):
-            events.append((name, json.loads(line[6:])))
-    return events
 
 
 def state_snapshot(stack: Stack) -> dict:
@@ -92,7 +81,7 @@ def test_stream_deltas_concatenate_to_the_completion(stack: Stack) -> None:
     with stack.http.stream("POST", "/generate/stream", json=body) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
-        events = sse_events(response)
+        events = list(sse_events(response))
     tokens = [data for name, data in events if name == "token"]
     done = [data for name, data in events if name == "done"]
     assert len(tokens) >= 2 and len(done) == 1
