@@ -163,6 +163,35 @@ def test_the_other_gateway_finishes_an_operation_whose_gateway_died(
     cluster.wait_ready([other], timeout=60)
 
 
+def test_a_gateway_told_to_stop_hands_its_operation_on_at_once(cluster: LoopbackCluster) -> None:
+    """SIGTERM (a rolling update, a drain): the stopping gateway cuts its lease short, so the
+    other drives the add at its next look rather than when the lease would have run out."""
+    this, other = cluster.of("gateway")
+    if not other.alive():
+        cluster.restart(other)
+        cluster.wait_ready([other], timeout=60)
+    write_domain(cluster.volumes / "sma-home" / "data", "docs", synthetic_documents("ds", 60))
+    started = httpx.post(
+        f"{cluster.url(other)}/specialists?wait=false",
+        json={"name": "docs"},
+        headers=ADMIN,
+        timeout=60,
+    )
+    op_id = started.json()["id"]
+    with httpx.Client(base_url=cluster.url(this), headers=ADMIN, timeout=60) as http:
+        wait_for(lambda: http.get(f"/operations/{op_id}").json()["job_id"], every=0.05)
+        cluster.kill(other, signal.SIGTERM)
+        # the lease is 10 s: a takeover within 5 s of the stop can only be the hand-over
+        wait_for(lambda: f"driving operation {op_id}" in this.log.read_text(), timeout=5)
+        final = wait_for(
+            lambda: (op := http.get(f"/operations/{op_id}").json())["state"] != "running" and op,
+            timeout=120,
+        )
+        assert final["state"] == "succeeded", final
+    cluster.restart(other)
+    cluster.wait_ready([other], timeout=60)
+
+
 def test_an_add_is_cancelled_through_a_gateway_that_does_not_drive_it(
     cluster: LoopbackCluster,
 ) -> None:
