@@ -74,6 +74,7 @@ ADMIN_ROUTES = [
     ("POST", re.compile(r"/specialists")),
     ("DELETE", re.compile(r"/specialists/[^/]+")),
     ("POST", re.compile(r"/operations/[^/]+/cancel")),
+    ("POST", re.compile(r"/versions/[^/]+/rollback")),
 ]
 
 
@@ -230,10 +231,13 @@ def main(settings: Settings) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    tls = settings.tls()  # HTTPS with the same certificate as the services' gRPC
     uvicorn.run(
         create_app(settings),
         host=settings.host,
         port=settings.port,
         log_level="warning",
         timeout_graceful_shutdown=5,
+        ssl_certfile=str(tls.cert_path) if tls else None,
+        ssl_keyfile=str(tls.key_path) if tls else None,
     )

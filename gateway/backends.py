@@ -139,14 +139,16 @@ class Backends:
         spread = [("grpc.service_config", json.dumps(INFERENCE_SERVICE_CONFIG))]
         key = settings.keys().internal
         interceptors = present_key(key) if key else None
-        channels = {
-            n: grpc.aio.insecure_channel(
-                a,
-                options=options + (spread if n == "inference" else []),
-                interceptors=interceptors,
-            )
-            for n, a in addresses.items()
-        }
+        tls = settings.tls()
+        credentials = grpc.ssl_channel_credentials(**tls.client()) if tls else None
+
+        def dial(name: str, address: str) -> grpc.aio.Channel:
+            more = options + (spread if name == "inference" else [])
+            if credentials is None:
+                return grpc.aio.insecure_channel(address, more, interceptors=interceptors)
+            return grpc.aio.secure_channel(address, credentials, more, interceptors=interceptors)
+
+        channels = {n: dial(n, a) for n, a in addresses.items()}
         return cls(
             addresses=addresses,
             channels=channels,

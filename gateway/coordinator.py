@@ -299,7 +299,10 @@ class Coordinator:
                 await self._wait_loaded(version_id)
             except OperationFailed:
                 if before.id and before.id != version_id:  # what served before serves on
-                    await self._publish(before)
+                    await self.backends.registry.RollbackVersion(
+                        R.RollbackVersionRequest(version_id=before.id, operation_id=op.id),
+                        timeout=RPC_TIMEOUT,
+                    )
                 raise
             await self._claim(op.id)
             await self._finish(op, version)
@@ -323,6 +326,23 @@ class Coordinator:
         await self.backends.registry.PublishVersion(
             R.PublishVersionRequest(version=published), timeout=RPC_TIMEOUT
         )
+
+    async def rollback(self, version_id: str) -> R.ServingState:
+        """Serve `version_id`, published before, again; returns once every live replica serves
+        it. The registry refuses (FAILED_PRECONDITION) a version marked invalid, one whose
+        specialists are not the registry's, and any rollback while an operation runs. Fails
+        (OperationFailed) when a replica cannot load it: the replicas then mark it invalid and
+        keep serving the last version they could load."""
+        reply = await self.backends.registry.RollbackVersion(
+            R.RollbackVersionRequest(version_id=version_id), timeout=RPC_TIMEOUT
+        )
+        if reply.serving.version.id == version_id and not loaded_everywhere(
+            reply.serving, version_id
+        ):
+            await self._wait_loaded(version_id)
+        return (
+            await self.backends.registry.GetServing(R.GetServingRequest(), timeout=RPC_TIMEOUT)
+        ).serving
 
     async def _wait_loaded(self, version: str) -> None:
         """Until every live inference replica serves `version` (each follows the registry's

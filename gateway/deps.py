@@ -14,6 +14,7 @@ from typing import Annotated
 
 import grpc
 from fastapi import Depends, Request
+from pydantic import BaseModel
 
 from gateway.backends import RPC_TIMEOUT, Backends
 from gateway.coordinator import Coordinator
@@ -166,3 +167,18 @@ def client_of(request: Request) -> str:
 
 
 GatewayDep = Annotated[Gateway, Depends(gateway)]
+
+
+class Refusal(BaseModel):
+    """The body of a refusal (any 4xx or 5xx but FastAPI's 422): a sentence for the user."""
+
+    detail: str
+
+
+def refusals(descriptions: dict[int, str]) -> dict[int | str, dict]:
+    """A route's `responses=` for the refusals it may answer, each with a Refusal body."""
+    return {code: {"model": Refusal, "description": text} for code, text in descriptions.items()}
+
+
+# the 200 of an SSE route (FastAPI declares a StreamingResponse's without a media type)
+EVENT_STREAM = {"description": "Server-Sent Events", "content": {"text/event-stream": {}}}

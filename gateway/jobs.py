@@ -89,9 +89,10 @@ class TrainingRun:
     async def _start_job(self, op: R.Operation) -> training_pb2.Job:
         """Start the operation's job; the operation's id makes a repeated start (a gateway that
         died before recording the job, a takeover) return the job already started."""
-        reply = await self.training.StartJob(
-            self._job_request(op), wait_for_ready=True, timeout=RPC_TIMEOUT
-        )
+        request = self._job_request(op)
+        if op.kind != R.OPERATION_KIND_INITIALIZE:  # build on what serves, after a rollback too
+            request.base_version = (await self.records.require_serving()).id
+        reply = await self.training.StartJob(request, wait_for_ready=True, timeout=RPC_TIMEOUT)
         op = await self.records.update(
             op.id, job_id=reply.job.id, message=f"training job {reply.job.id}", owner=self.owner
         )

@@ -32,6 +32,10 @@ from shiftable_lib.sampling import (
 )
 from sma.v1 import common_pb2, inference_pb2, registry_pb2
 
+# the smallest positive float32: the wire's `top_p` is a float32, in which a smaller top_p the
+# schema admits (> 0) would arrive as 0 and be refused; it samples the same (the top token)
+FLOAT32_TINY = math.ldexp(1.0, -149)
+
 ExpertName = Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)]
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
@@ -95,7 +99,7 @@ class GenerateBody(BaseModel):
             prompt=self.prompt,
             temperature=self.temperature,
             top_k=self.top_k,
-            top_p=self.top_p,
+            top_p=max(self.top_p, FLOAT32_TINY),
             stop=self.stop,
             routing=self.routing.to_proto(),
             ignore_eos=self.ignore_eos,
@@ -210,9 +214,15 @@ def specialist_dict(s: registry_pb2.Specialist) -> dict:
     }
 
 
+# characters that end a line for str.splitlines (and so for many SSE readers, such as httpx's
+# iter_lines) though not for SSE: escaped, so a token holding one cannot split its event
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def sse(event: str, data: dict) -> str:
     """One Server-Sent Event."""
-    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+    text = json.dumps(data, ensure_ascii=False).translate(_LINE_BREAKS)
+    return f"event: {event}\ndata: {text}\n\n"
 
 
 def version_dict(v, serving: bool) -> dict:

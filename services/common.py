@@ -30,7 +30,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from shiftable_lib.auth import NO_KEYS, Keys, Scope
+from shiftable_lib.auth import NO_KEYS, Keys, Scope, bearer
+from shiftable_lib.config import TLS
 from shiftable_lib.errors import (
     AlreadyExists,
     Busy,
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sma.grpc")
 E = TypeVar("E", bound=Enum)
+Metadata = tuple[tuple[str, str], ...]
 
 # most specific first: AlreadyExists is a Conflict, the corpus errors are ValueError/OSError
 _CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
@@ -209,15 +211,37 @@ def _refusing(
     return grpc.stream_stream_rpc_method_handler(streaming, **shape)
 
 
+def key_metadata(keys: Keys) -> Metadata:
+    """What a service presents when it calls another: the first admin key, if any."""
+    return (("authorization", bearer(keys.internal)),) if keys.internal else ()
+
+
+def dial(
+    target: str,
+    tls: TLS | None = None,
+    options: Sequence[tuple[str, Any]] = (),
+    interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
+) -> grpc.aio.Channel:
+    """A channel to another service of the stack: TLS when the stack runs with TLS (trusting
+    `tls.ca`, else the system's roots), presenting this process's certificate for mutual TLS."""
+    if tls is None:
+        return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+    credentials = grpc.ssl_channel_credentials(**tls.client())
+    return grpc.aio.secure_channel(target, credentials, options=options, interceptors=interceptors)
+
+
 async def start_server(
     address: str,
     services: list[Service],
     options: Sequence[tuple[str, Any]] = (),
     keys: Keys = NO_KEYS,
+    tls: TLS | None = None,
 ) -> Server:
     """Bind and start a server with health (NOT_SERVING) and reflection for `services`;
     `options` adds to or overrides the gRPC server's channel arguments. With `keys`, every
-    call but health and reflection needs an API key (RequireKey)."""
+    call but health and reflection needs an API key (RequireKey). With `tls`, it takes only
+    TLS connections, and with `tls.client_auth` only from clients whose certificate `tls.ca`
+    signed."""
     server = grpc.aio.server(
         interceptors=[RequireKey(keys, services)] if keys.enabled else None,
         options=[
@@ -234,7 +258,15 @@ async def start_server(
     names = [s.name for s in services]
     health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
     reflection.enable_server_reflection([*names, health_name, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(address)
+    if tls is None:
+        port = server.add_insecure_port(address)
+    else:
+        credentials = grpc.ssl_server_credentials(
+            [(tls.key, tls.cert)],
+            root_certificates=tls.ca if tls.client_auth else None,
+            require_client_auth=tls.client_auth,
+        )
+        port = server.add_secure_port(address, credentials)
     if port == 0:
         raise OSError(f"cannot bind {address}")
     await server.start()
@@ -251,12 +283,13 @@ async def serve(
     grace_s: float = 5.0,
     options: Sequence[tuple[str, Any]] = (),
     keys: Keys = NO_KEYS,
+    tls: TLS | None = None,
 ) -> None:
     """Run until SIGTERM/SIGINT: start the server, await `start(server)` (which calls
     `server.ready()` when the service can answer), then on a signal report NOT_SERVING, stop
     taking RPCs, give in-flight ones `grace_s` seconds and await `stop()`. A `start` that
     raises stops the server the same way and exits non-zero, so a supervisor restarts it."""
-    server = await start_server(address, services, options, keys)
+    server = await start_server(address, services, options, keys, tls)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.stopping.set)

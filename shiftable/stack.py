@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -94,7 +95,8 @@ def up(settings: Settings) -> int:
     """Run the stack until Ctrl-C/SIGTERM. Returns the process exit code."""
     try:
         check_ports(settings)
-    except OSError as exc:
+        settings.tls()  # a missing or unreadable certificate stops us here, not four children
+    except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     settings.home.mkdir(parents=True, exist_ok=True)
@@ -113,14 +115,15 @@ def up(settings: Settings) -> int:
     for child in children:
         child.start()
     _record_pids(settings, children)
-    url = f"http://{settings.host}:{settings.port}/"
+    url = f"{'https' if settings.tls_cert else 'http'}://{settings.host}:{settings.port}/"
+    trust = ssl.create_default_context(cafile=settings.tls_ca) if settings.tls_cert else None
     print(f"sma: starting the stack in {settings.home} (profile {settings.profile})", flush=True)
     announced = False
     while not stopping:
         time.sleep(0.2)
         if any(_supervise(child) for child in children):
             _record_pids(settings, children)
-        if not announced and _answers(url + "health"):
+        if not announced and _answers(url + "health", trust):
             print(f"sma: web UI and API on {url} (docs: {url}docs); Ctrl-C stops", flush=True)
             announced = True
     print("sma: stopping", flush=True)
@@ -154,9 +157,9 @@ def _supervise(child: Child) -> bool:
     return False
 
 
-def _answers(url: str) -> bool:
+def _answers(url: str, trust: ssl.SSLContext | None = None) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=1.0) as response:
+        with urllib.request.urlopen(url, timeout=1.0, context=trust) as response:
             return response.status == 200
     except OSError:
         return False

@@ -23,11 +23,18 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from shiftable_lib.config import Profile
-from shiftable_lib.durable import fsync_dir, replace_file, write_file
+from shiftable_lib.durable import fsync_dir, write_file
 from shiftable_lib.errors import NotFound, VersionInvalid
 from shiftable_lib.model import ModelConfig, ShiftableLM
 from shiftable_lib.tokenizer import load_tokenizer
-from shiftable_lib.versions import CURRENT, VERSION_PATTERN, current_version, version_ids
+from shiftable_lib.versions import (
+    CURRENT,
+    VERSION_PATTERN,
+    check_sizes,
+    current_version,
+    set_current,
+    version_ids,
+)
 
 __all__ = [
     "CURRENT",
@@ -100,12 +107,6 @@ def save_version(
     return version
 
 
-def set_current(models_dir: Path, version: str) -> None:
-    if not (models_dir / version).is_dir():
-        raise NotFound(f"no model version {version!r}")
-    replace_file(models_dir / CURRENT, (version + "\n").encode())
-
-
 def load_version(
     models_dir: Path, version: str, device: str | torch.device = "cpu"
 ) -> ModelVersion:
@@ -114,11 +115,15 @@ def load_version(
     if not VERSION_PATTERN.match(version) or not path.is_dir():
         raise NotFound(f"no model version {version!r} in {models_dir}")
     meta = _read_json(path / "config.json", version)
-    for name, recorded in meta.get("files", {}).items():  # versions written before: unchecked
-        if name not in CHECKED_FILES:
-            raise VersionInvalid(f"{version}: config.json lists an unknown file {name!r}")
-        if (found := _fingerprint(path / name)) != recorded:
-            raise VersionInvalid(f"{version}: {name} is {_differs(found, recorded)}")
+    recorded_files = meta.get("files", {})  # versions written before recorded none
+    if unknown := sorted(set(recorded_files) - set(CHECKED_FILES)):
+        raise VersionInvalid(f"{version}: config.json lists an unknown file {unknown[0]!r}")
+    check_sizes(models_dir, version, meta)
+    for name, recorded in recorded_files.items():
+        if _fingerprint(path / name) != recorded:
+            raise VersionInvalid(
+                f"{version}: {name} is not the file it was written as (its SHA-256 differs)"
+            )
     try:
         cfg = ModelConfig.from_dict(meta["model"])
         model = ShiftableLM(cfg)
@@ -147,14 +152,6 @@ def _fingerprint(path: Path) -> dict:
         while block := f.read(1 << 20):
             digest.update(block)
     return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
-
-
-def _differs(found: dict, recorded: dict) -> str:
-    if not found:
-        return "missing"
-    if found["bytes"] != recorded.get("bytes"):
-        return f"{found['bytes']} bytes, not the {recorded.get('bytes')} it was written with"
-    return "not the file it was written as (its SHA-256 differs)"
 
 
 def _read_json(path: Path, version: str) -> dict:

@@ -195,6 +195,29 @@ def get_profile(name: str, **overrides: object) -> Profile:
     return replace(profile, **overrides) if overrides else profile
 
 
+@dataclass(frozen=True)
+class TLS:
+    """PEM certificates, as Settings.tls() read them. `cert`/`key` are what servers here present
+    (and clients too, with `client_auth`); `ca` what clients trust (None: the system's roots)."""
+
+    cert: bytes
+    key: bytes
+    ca: bytes | None
+    client_auth: bool
+    cert_path: Path  # for servers that take files (uvicorn)
+    key_path: Path
+
+    def client(self) -> dict[str, bytes | None]:
+        """grpc.ssl_channel_credentials' arguments: trust `ca`; present our certificate only
+        for mutual TLS."""
+        mine = self.client_auth
+        return dict(
+            root_certificates=self.ca,
+            private_key=self.key if mine else None,
+            certificate_chain=self.cert if mine else None,
+        )
+
+
 class Settings(BaseSettings):
     """Everything configurable, read once from the environment (`SMA_*`) and passed down."""
 
@@ -245,6 +268,23 @@ class Settings(BaseSettings):
         description="generations one client (its API key, else its address) may run at once "
         "through one gateway; 0 = no limit",
     )
+    # TLS: off unless a certificate is given (docs/configuration.md)
+    tls_cert: Path | None = Field(
+        default=None,
+        description="PEM certificate (chain) the servers here present: the gateway's HTTPS and "
+        "every gRPC server; set = every gRPC client here dials with TLS too",
+    )
+    tls_key: Path | None = Field(default=None, description="PEM private key of SMA_TLS_CERT")
+    tls_ca: Path | None = Field(
+        default=None,
+        description="PEM CA certificates trusted for the gRPC servers dialled (and, with client "
+        "auth, for the clients); unset = the system's",
+    )
+    tls_client_auth: bool = Field(
+        default=False,
+        description="mutual TLS between services: gRPC servers require a client certificate "
+        "signed by SMA_TLS_CA, and clients present SMA_TLS_CERT",
+    )
     max_batch: int = Field(default=32, ge=1, description="sequences decoded together")
     max_queue: int = Field(default=64, ge=0, description="requests waiting beyond max_batch")
     cuda_graphs: bool = Field(
@@ -278,6 +318,40 @@ class Settings(BaseSettings):
     def keys(self) -> Keys:
         """The API keys and their scopes; ValueError naming the setting of a malformed key."""
         return Keys.parse(self.api_key, self.admin_key)
+
+    def tls(self) -> TLS | None:
+        """The certificates, read now; None without SMA_TLS_CERT. ValueError naming the setting
+        that is missing or unreadable."""
+        if self.tls_cert is None:
+            for name in ("tls_key", "tls_ca"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"SMA_{name.upper()} is set without SMA_TLS_CERT")
+            if self.tls_client_auth:
+                raise ValueError("SMA_TLS_CLIENT_AUTH needs SMA_TLS_CERT, SMA_TLS_KEY, SMA_TLS_CA")
+            return None
+        if self.tls_key is None:
+            raise ValueError("SMA_TLS_CERT is set without SMA_TLS_KEY")
+        if self.tls_client_auth and self.tls_ca is None:
+            raise ValueError("SMA_TLS_CLIENT_AUTH needs SMA_TLS_CA: the CA that signs the clients")
+
+        def read(name: str) -> bytes:
+            path = getattr(self, name)
+            try:
+                pem = path.read_bytes()
+            except OSError as exc:
+                raise ValueError(f"SMA_{name.upper()}: cannot read {path} ({exc})") from None
+            if b"-----BEGIN " not in pem:
+                raise ValueError(f"SMA_{name.upper()}: {path} is not a PEM file")
+            return pem
+
+        return TLS(
+            cert=read("tls_cert"),
+            key=read("tls_key"),
+            ca=read("tls_ca") if self.tls_ca else None,
+            client_auth=self.tls_client_auth,
+            cert_path=self.tls_cert,
+            key_path=self.tls_key,
+        )
 
     def hosts(self) -> list[str]:
         """The Host names the gateway answers to (without ports); ["*"] for any."""

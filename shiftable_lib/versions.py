@@ -10,7 +10,8 @@ import json
 import re
 from pathlib import Path
 
-from shiftable_lib.errors import NotFound
+from shiftable_lib.durable import replace_file
+from shiftable_lib.errors import NotFound, VersionInvalid
 
 VERSION_PATTERN = re.compile(r"^v(\d{4,})$")
 CURRENT = "CURRENT"
@@ -35,9 +36,31 @@ def current_version(models_dir: Path) -> str | None:
     return ids[-1] if ids else None
 
 
+def set_current(models_dir: Path, version: str) -> None:
+    """Point CURRENT at `version` (atomically): what the next job builds on."""
+    if not (models_dir / version).is_dir():
+        raise NotFound(f"no model version {version!r}")
+    replace_file(models_dir / CURRENT, (version + "\n").encode())
+
+
 def version_config(models_dir: Path, version: str) -> dict:
     """The config.json of a complete version (model shape, specialists, profile, meta)."""
     path = models_dir / version / "config.json"
     if not VERSION_PATTERN.match(version) or not path.is_file():
         raise NotFound(f"no model version {version!r} in {models_dir}")
     return json.loads(path.read_text())
+
+
+def check_sizes(models_dir: Path, version: str, config: dict) -> None:
+    """VersionInvalid when a file config.json records is missing or not of its recorded size:
+    the quick half of the check a load makes (which also compares digests)."""
+    for name, recorded in config.get("files", {}).items():
+        path = models_dir / version / name
+        size = path.stat().st_size if path.is_file() else None
+        if size is None:
+            raise VersionInvalid(f"{version}: {name} is missing")
+        if size != recorded.get("bytes"):
+            raise VersionInvalid(
+                f"{version}: {name} is {size} bytes, not the {recorded.get('bytes')} it was "
+                "written with"
+            )

@@ -8,23 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.loadrun import WORDS
 from shiftable_lib.model import ModelConfig, ShiftableLM
 from shiftable_lib.tokenizer import train_tokenizer
 
-VOCAB = {
-    "general": (
-        "the list dict string file open read write module function class return value if else"
-        " for while print format path os sys time json error"
-    ).split(),
-    "ds": (
-        "array matrix numpy mean variance regression sample frame axis dtype scipy linalg"
-        " sparse fft interpolate optimize stats"
-    ).split(),
-    "dl": (
-        "tensor gradient layer torch backward optimizer loss batch cuda autograd relu conv"
-        " dropout embedding attention"
-    ).split(),
-}
+VOCAB = WORDS  # the words of each synthetic domain, shared with the load run
 
 
 def synthetic_documents(domain: str, n: int, seed: int = 0) -> list[str]:

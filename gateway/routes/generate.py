@@ -9,14 +9,28 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from gateway.backends import RPC_TIMEOUT, http_status
-from gateway.deps import Gateway, GatewayDep, client_of
+from gateway.deps import EVENT_STREAM, Gateway, GatewayDep, client_of, refusals
 from gateway.schemas import FINISH, GenerateBody, InspectBody, gate_summary, sse, usage
 from sma.v1 import inference_pb2
 
 router = APIRouter()
 
+TOO_LARGE = "a body over 1 MiB (a long prompt can be, once JSON escapes its characters)"
+UNKNOWN_EXPERT = "`routing` names an expert the model does not have"
+NO_MODEL = "no model serves yet (the first start is training), or inference does not answer"
+GENERATION_REFUSALS = refusals(
+    {
+        400: "a value the serving model cannot take (max_new_tokens at or over its context, a "
+        "routing that leaves no expert), or a body that is not UTF-8",
+        404: UNKNOWN_EXPERT,
+        413: TOO_LARGE,
+        429: "this client has SMA_MAX_STREAMS_PER_CLIENT generations running already",
+        503: NO_MODEL,
+    }
+)
 
-@router.post("/generate")
+
+@router.post("/generate", responses=GENERATION_REFUSALS)
 async def generate(gw: GatewayDep, body: GenerateBody, request: Request) -> dict:
     """The whole completion at once (the original API's shape, plus usage and gate weights)."""
     await gw.require_model()
@@ -51,7 +65,11 @@ async def _stream(
             call.cancel()
 
 
-@router.post("/generate/stream", response_class=StreamingResponse)
+@router.post(
+    "/generate/stream",
+    response_class=StreamingResponse,
+    responses={200: EVENT_STREAM, **GENERATION_REFUSALS},
+)
 async def generate_stream(
     gw: GatewayDep, body: GenerateBody, request: Request
 ) -> StreamingResponse:
@@ -101,7 +119,17 @@ def _final(message: inference_pb2.GenerateResponse | None) -> dict:
 # ---- the rest of the API -----------------------------------------------------------------
 
 
-@router.post("/inspect_gates")
+@router.post(
+    "/inspect_gates",
+    responses=refusals(
+        {
+            400: "a routing that leaves no expert, or a body that is not UTF-8",
+            404: UNKNOWN_EXPERT,
+            413: TOO_LARGE,
+            503: NO_MODEL,
+        }
+    ),
+)
 async def inspect_gates(gw: GatewayDep, body: InspectBody) -> dict:
     """Gate weights per layer and expert for a prompt: which experts the model leans on."""
     await gw.require_model()

@@ -9,11 +9,13 @@ from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 
 from gateway.backends import RPC_TIMEOUT, http_status
-from gateway.deps import GatewayDep, R
+from gateway.deps import EVENT_STREAM, GatewayDep, R, refusals
 from gateway.schemas import operation_dict, sse
 from shiftable_lib.errors import Unavailable
 
 router = APIRouter()
+
+NO_SUCH = "no such operation"
 
 
 @router.get("/operations")
@@ -26,7 +28,7 @@ async def list_operations(
     return [operation_dict(op) for op in reply.operations]
 
 
-@router.get("/operations/{op_id}")
+@router.get("/operations/{op_id}", responses=refusals({404: NO_SUCH}))
 async def get_operation(gw: GatewayDep, op_id: str) -> dict:
     reply = await gw.backends.registry.GetOperation(
         R.GetOperationRequest(id=op_id), timeout=RPC_TIMEOUT
@@ -34,7 +36,11 @@ async def get_operation(gw: GatewayDep, op_id: str) -> dict:
     return operation_dict(reply.operation)
 
 
-@router.get("/operations/{op_id}/events", response_class=StreamingResponse)
+@router.get(
+    "/operations/{op_id}/events",
+    response_class=StreamingResponse,
+    responses={200: EVENT_STREAM, **refusals({404: NO_SUCH})},
+)
 async def operation_events(gw: GatewayDep, op_id: str) -> StreamingResponse:
     """Server-Sent Events: the operation object now and on every change, until it ends."""
     call = gw.backends.registry.WatchOperation(R.WatchOperationRequest(id=op_id))
@@ -58,7 +64,12 @@ async def operation_events(gw: GatewayDep, op_id: str) -> StreamingResponse:
     )
 
 
-@router.post("/operations/{op_id}/cancel")
+@router.post(
+    "/operations/{op_id}/cancel",
+    responses=refusals(
+        {404: NO_SUCH, 409: "the operation has ended, is not an add, or is past training"}
+    ),
+)
 async def cancel_operation(gw: GatewayDep, op_id: str) -> dict:
     """Stop an add while it trains; the specialist is then as if never asked for. 409 once the
     operation has ended, is not an add, or has already published its version."""

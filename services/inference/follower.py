@@ -15,9 +15,10 @@ import time
 
 import grpc
 
-from services.common import Server
+from services.common import Server, dial, key_metadata
 from services.inference.core import InferenceCore
-from shiftable_lib.auth import NO_KEYS, Keys, bearer
+from shiftable_lib.auth import NO_KEYS, Keys
+from shiftable_lib.config import TLS
 from shiftable_lib.errors import ShiftableError, VersionInvalid
 from sma.v1 import registry_pb2, registry_pb2_grpc
 
@@ -30,7 +31,12 @@ HEARTBEAT_S = 5.0  # well inside the registry's replica lease
 
 
 async def follow_registry(
-    core: InferenceCore, address: str, server: Server, replica_id: str, keys: Keys = NO_KEYS
+    core: InferenceCore,
+    address: str,
+    server: Server,
+    replica_id: str,
+    keys: Keys = NO_KEYS,
+    tls: TLS | None = None,
 ) -> None:
     """Serve whatever version the registry says, forever.
 
@@ -43,8 +49,8 @@ async def follow_registry(
     keeps it in the registry's list of live replicas.
     """
     follower = _Follower(core, server, address, replica_id)
-    follower.metadata = (("authorization", bearer(keys.internal)),) if keys.internal else ()
-    async with grpc.aio.insecure_channel(address) as channel:
+    follower.metadata = key_metadata(keys)
+    async with dial(address, tls) as channel:
         await follower.run(registry_pb2_grpc.RegistryStub(channel))
 
 

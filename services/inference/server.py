@@ -178,9 +178,11 @@ def main(settings: Settings) -> None:
         SERVICE_NAME, inference_pb2_grpc.add_InferenceServicer_to_server, InferenceServicer(core)
     )
 
+    tls, keys = settings.tls(), settings.keys()
+
     async def start(server: Server) -> None:
         await follow_registry(
-            core, settings.grpc_target("registry"), server, settings.replica(), settings.keys()
+            core, settings.grpc_target("registry"), server, settings.replica(), keys, tls
         )
 
     async def stop() -> None:
@@ -193,6 +195,7 @@ def main(settings: Settings) -> None:
             start=start,
             stop=stop,
             options=CONNECTION_AGE,
-            keys=settings.keys(),
+            keys=keys,
+            tls=tls,
         )
     )

@@ -19,7 +19,17 @@ import grpc
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from services.common import EnumMap, Server, Service, rpc, run, serve, timestamp
+from services.common import (
+    EnumMap,
+    Server,
+    Service,
+    dial,
+    key_metadata,
+    rpc,
+    run,
+    serve,
+    timestamp,
+)
 from services.registry.schema import (
     REPLICA_LEASE_S,
     ModelVersion,
@@ -33,6 +43,7 @@ from services.registry.schema import (
     SpecialistState,
 )
 from services.registry.store import RegistryStore
+from services.registry.versions import TrainingVersions
 from shiftable_lib.config import Settings
 from shiftable_lib.errors import Unavailable
 from sma.v1 import common_pb2, registry_pb2, registry_pb2_grpc
@@ -50,6 +61,7 @@ ADMIN_METHODS = frozenset(
         "UpdateOperation",
         "ClaimOperation",
         "PublishVersion",
+        "RollbackVersion",
         "ReportLoaded",
     }
 )
@@ -104,10 +116,12 @@ class _Changes:
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServicer):
-    """Serves the store at `path`, which `start` opens and `stop` closes."""
+    """Serves the store at `path`, which `start` opens and `stop` closes. A version it has not
+    recorded is published only once `versions` (the training service) holds it, complete."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, versions: TrainingVersions) -> None:
         self.path = path
+        self.versions = versions
         self._store: RegistryStore | None = None
         self._operations = _Changes()
         self._serving = _Changes()
@@ -293,8 +307,22 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     ) -> registry_pb2.PublishVersionResponse:
         if not request.HasField("version"):
             raise ValueError("version is required")
-        serving = await self._serving.write(self.store.publish_version, _version(request.version))
+        version = _version(request.version)
+        if not await asyncio.to_thread(self.store.is_recorded, version.id):
+            await self.versions.check(version)
+        serving = await self._serving.write(self.store.publish_version, version)
         return registry_pb2.PublishVersionResponse(serving=_serving_pb(serving))
+
+    @rpc
+    async def RollbackVersion(
+        self, request: registry_pb2.RollbackVersionRequest, context: Context
+    ) -> registry_pb2.RollbackVersionResponse:
+        if not request.version_id:
+            raise ValueError("version_id is required")
+        serving = await self._serving.write(
+            self.store.rollback_version, request.version_id, request.operation_id
+        )
+        return registry_pb2.RollbackVersionResponse(serving=_serving_pb(serving))
 
     @rpc
     async def ListVersions(
@@ -432,13 +460,21 @@ def _serving_pb(serving: ServingState) -> registry_pb2.ServingState:
 
 def main(settings: Settings) -> None:
     """`sma serve registry`: serve `<home>/state/registry.db` until SIGTERM."""
-    servicer = RegistryServicer(settings.state_dir / "registry.db")
-    run(
-        serve(
-            settings.grpc_bind("registry"),
-            [servicer.service()],
-            start=servicer.start,
-            stop=servicer.stop,
-            keys=settings.keys(),
-        )
-    )
+    tls, keys = settings.tls(), settings.keys()
+
+    async def main() -> None:
+        async with dial(settings.grpc_target("training"), tls) as training:
+            servicer = RegistryServicer(
+                settings.state_dir / "registry.db",
+                TrainingVersions(training, key_metadata(keys)),
+            )
+            await serve(
+                settings.grpc_bind("registry"),
+                [servicer.service()],
+                start=servicer.start,
+                stop=servicer.stop,
+                keys=keys,
+                tls=tls,
+            )
+
+    run(main())

@@ -233,9 +233,9 @@ class RegistryStore:
     # model versions
 
     def publish_version(self, version: ModelVersion) -> ServingState:
-        """Record `version` and make it the serving one. Publishing a recorded version again
-        (a retry, or a rollback) only moves the pointer; other content under a taken id is
-        AlreadyExists."""
+        """Record a new `version` and make it the serving one. Publishing the serving version
+        again (a retry) changes nothing; other content under a taken id is AlreadyExists, and a
+        version published before that no longer serves is a rollback: `rollback_version`."""
         if not version.id:
             raise ValueError("a model version needs an id")
         for name in version.specialists:
@@ -244,13 +244,48 @@ class RegistryStore:
             json.loads(version.metrics_json)  # ValueError if it is not JSON
         with self._tx() as db:
             known = _select(db, ModelVersion, "WHERE id = ?", version.id)
-            if not known:
-                _save(db, replace(version, invalid_reason=""))
-            elif _content(known[0]) != _content(version):
-                raise AlreadyExists(f"model version {version.id!r} exists with other content")
-            elif known[0].invalid_reason:
-                raise Conflict(f"model version {version.id} is invalid: {known[0].invalid_reason}")
+            if known:
+                if _content(known[0]) != _content(version):
+                    raise AlreadyExists(f"model version {version.id!r} exists with other content")
+                _check_servable(known[0])
+                serving = _serving(db)
+                if serving.version is None or serving.version.id != version.id:
+                    raise Conflict(
+                        f"model version {version.id} was published before; serving it again is"
+                        " a rollback (RollbackVersion)"
+                    )
+                return serving
+            _save(db, replace(version, invalid_reason=""))
             db.execute("UPDATE serving SET version_id = ?", (version.id,))
+            return _serving(db)
+
+    def is_recorded(self, version_id: str) -> bool:
+        with self._tx() as db:
+            return bool(_select(db, ModelVersion, "WHERE id = ?", version_id))
+
+    def rollback_version(self, version_id: str, operation_id: str = "") -> ServingState:
+        """Serve `version_id` again: a version published before, not marked invalid, whose
+        specialists are the registry's. Refused while an operation other than `operation_id`
+        (one going back to what served before it) is unfinished, since it would publish over
+        the rollback."""
+        with self._tx() as db:
+            version = _get(db, ModelVersion, version_id)
+            _check_servable(version)
+            for op in _select(db, Operation, f"WHERE {UNFINISHED}"):
+                if op.id != operation_id:
+                    raise Conflict(f"operation {op.id} ({op.kind.value}) is unfinished")
+            names = {
+                s.name
+                for s in _select(db, Specialist)
+                if s.state in (SpecialistState.READY, SpecialistState.DELETING)
+            }
+            if set(version.specialists) != names:
+                raise Conflict(
+                    f"model version {version_id} holds the specialists "
+                    f"{sorted(version.specialists)}, the registry has {sorted(names)}: "
+                    "add or delete specialists to match it first"
+                )
+            db.execute("UPDATE serving SET version_id = ?", (version_id,))
             return _serving(db)
 
     def list_versions(self) -> list[ModelVersion]:
@@ -350,6 +385,11 @@ def _column(value: object) -> object:
     if isinstance(value, dict | list):
         return json.dumps(value)
     return value
+
+
+def _check_servable(version: ModelVersion) -> None:
+    if version.invalid_reason:
+        raise Conflict(f"model version {version.id} is invalid: {version.invalid_reason}")
 
 
 def _content(version: ModelVersion) -> tuple:

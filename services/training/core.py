@@ -34,7 +34,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 from services.training import child, ranks
-from services.training.home import no_generalist
+from services.training.home import describe_version, no_generalist
 from services.training.job import (
     Failed,
     Job,
@@ -115,6 +115,7 @@ class JobManager:
         profile: str = "",
         recalibrate_steps: int = 0,
         request_id: str = "",
+        base_version: str = "",
     ) -> Job:
         """Validate a request and queue it; raise (queueing nothing) when it cannot run. A
         `request_id` seen before returns the job it started (AlreadyExists if that job was
@@ -137,6 +138,12 @@ class JobManager:
             raise ValueError(f"a {kind.name} job takes no specialist (got {specialist!r})")
         if kind is JobKind.ADD_SPECIALIST:
             require_corpus(self.settings.data_dir, specialist)
+        if base_version:
+            if kind is JobKind.TRAIN_ALL:
+                raise ValueError(
+                    "a TRAIN_ALL job trains a new generalist: it takes no base_version"
+                )
+            describe_version(self.settings.models_dir, base_version)  # NotFound, VersionInvalid
         if kind is JobKind.TRAIN_SPECIALISTS and no_generalist(self.settings.models_dir):
             pending = [j for j in self._queue if j.kind is JobKind.TRAIN_ALL]
             if self._running and self._running.job.kind is JobKind.TRAIN_ALL:
@@ -150,6 +157,7 @@ class JobManager:
             profile=profile,
             recalibrate_steps=recalibrate_steps,
             request_id=request_id,
+            base_version=base_version,
         )
         self._jobs[job.id] = job
         self._changed[job.id] = asyncio.Event()
@@ -223,6 +231,9 @@ class JobManager:
 
     def _launch(self, job: Job) -> None:
         s = self.settings
+        if job.base_version and _pointer(s.models_dir) != job.base_version:
+            log.info("%s builds on %s: making it the current version", job.id, job.base_version)
+            versions.set_current(s.models_dir, job.base_version)
         task = Task(
             kind=job.kind,
             specialist=job.specialist,

@@ -36,11 +36,13 @@ def no_generalist(models_dir: Path) -> bool:
 
 def describe_version(models_dir: Path, version_id: str = "") -> VersionRecord:
     """Version `version_id`, or the current one (CURRENT, else the newest complete version)
-    when it is empty; NotFound when there is none."""
+    when it is empty; NotFound when there is none, VersionInvalid when a file it recorded is
+    missing or of another size."""
     version = version_id or versions.current_version(models_dir)
     if version is None:
         raise NotFound("no model version yet: the first training has not finished")
     config = versions.version_config(models_dir, version)
+    versions.check_sizes(models_dir, version, config)
     metrics = models_dir / version / "metrics.json"
     created = config.get("created")
     return VersionRecord(

@@ -64,6 +64,7 @@ class Job:
     finished_at: datetime | None = None
     pid: int | None = None
     request_id: str = ""  # the caller's idempotency key, such as an operation's id
+    base_version: str = ""  # the version it builds on; CURRENT when empty
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServicer):
             profile=request.profile,
             recalibrate_steps=request.recalibrate_steps,
             request_id=request.request_id,
+            base_version=request.base_version,
         )
         return training_pb2.StartJobResponse(job=job_to_proto(job))
 
@@ -151,5 +152,6 @@ def main(settings: Settings) -> None:
             start=start,
             stop=manager.close,
             keys=settings.keys(),
+            tls=settings.tls(),
         )
     )

@@ -42,8 +42,13 @@ from tests.deploy.stack import (
 
 HEALTH_NAMES = {"registry": REGISTRY, "training": TRAINING, "inference": INFERENCE}
 # who dials whom, in the code: the gateway every gRPC service, inference the registry (the
-# serving version it follows), training nobody
-DIALS = {"gateway": set(GRPC_SERVICES), "inference": {"registry"}, "training": set()}
+# serving version it follows), the registry training (whether a version exists), training nobody
+DIALS = {
+    "gateway": set(GRPC_SERVICES),
+    "inference": {"registry"},
+    "registry": {"training"},
+    "training": set(),
+}
 NGINX_UNITS = {"k": 1024, "m": 1024**2}
 KINDS = {
     "ConfigMap": 1,

@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench.loadrun import proc_children
 from bench.stack import free_port_block
 from tests.conftest import VOCAB, synthetic_documents, write_domain
 
@@ -117,18 +118,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 def job_processes(parent: int) -> list[int]:
     """The training server's job processes (multiprocessing's spawned children, not its
     resource tracker)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            command = (proc / "cmdline").read_bytes()
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == parent and b"spawn_main" in command and b"resource_tracker" not in command:
-            found.append(int(proc.name))
-    return found
+    return [
+        pid
+        for pid, command in proc_children(parent)
+        if b"spawn_main" in command and b"resource_tracker" not in command
+    ]
 
 
 def sse_events(response: httpx.Response) -> Iterator[tuple[str, dict]]:

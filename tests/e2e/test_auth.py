@@ -91,6 +91,7 @@ def test_changing_the_model_needs_the_admin_key(stack: Stack) -> None:
         ("POST", "/specialists", {"name": "web"}),
         ("DELETE", "/specialists/ds", None),
         ("POST", "/operations/op-000000000000/cancel", None),
+        ("POST", "/versions/v0001/rollback", None),
     ]:
         assert stack.http.request(method, path, json=body).status_code == 401
         reply = stack.http.request(method, path, json=body, headers=as_(USER))
@@ -131,6 +132,7 @@ WRITES = [
         registry_pb2.PublishVersionRequest(version=common_pb2.ModelVersion(id="v0001")),
     ),
     ("registry", "ReportLoaded", registry_pb2.ReportLoadedRequest(version_id="v0001")),
+    ("registry", "RollbackVersion", registry_pb2.RollbackVersionRequest(version_id="v0001")),
     (
         "training",
         "StartJob",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import threading
 import time
@@ -17,6 +18,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
+from gateway.schemas import sse
 from sma.v1 import inference_pb2, inference_pb2_grpc
 from tests.conftest import synthetic_documents, write_domain
 from tests.e2e.conftest import Stack, sse_events
@@ -358,6 +360,46 @@ def test_delete_moves_the_corpus_and_serves_a_model_without_it(stack: Stack) -> 
     assert "ds" not in out["active_weights"]
 
 
+def test_a_rollback_serves_an_earlier_version_and_the_next_add_builds_on_it(
+    stack: Stack,
+) -> None:
+    """Going back is its own call (POST /versions/{id}/rollback): to a version whose specialists
+    are the ones the registry lists, and the next add trains on what serves, not the newest."""
+    before = stack.health()["serving_version"]
+    write_domain(stack.home / "data", "brief", synthetic_documents("ds", 20, seed=5))
+    assert stack.http.post("/specialists", json={"name": "brief"}).status_code == 200
+    assert stack.http.delete("/specialists/brief").status_code == 200
+    newest = stack.health()["serving_version"]
+    specialists = sorted(stack.http.get("/specialists").json())
+    versions = {v["id"]: v for v in stack.http.get("/versions").json()}
+    assert sorted(versions[before]["specialists"]) == specialists and newest != before
+
+    mismatched = next(v for v in versions.values() if sorted(v["specialists"]) != specialists)
+    for version, status, says in [
+        (mismatched["id"], 409, "add or delete specialists to match it first"),
+        ("v9999", 404, "v9999"),
+    ]:
+        reply = stack.http.post(f"/versions/{version}/rollback")
+        assert reply.status_code == status and says in reply.json()["detail"], reply.text
+    assert stack.health()["serving_version"] == newest  # a refusal changes nothing
+
+    reply = stack.http.post(f"/versions/{before}/rollback")
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["id"] == before and reply.json()["serving"]
+    health = stack.health()
+    assert health["serving_version"] == health["loaded_version"] == before
+    assert sorted(stack.http.get("/specialists").json()) == specialists
+    generated = stack.http.post("/generate", json={"prompt": "x", "max_new_tokens": 3})
+    assert generated.status_code == 200
+    assert stack.http.post(f"/versions/{before}/rollback").status_code == 200  # changes nothing
+
+    # an add (here: a delete) trains on the version served, and so is newer than both
+    reply = stack.http.delete(f"/specialists/{specialists[-1]}")
+    assert reply.status_code == 200, reply.text
+    config = stack.home / "artifacts" / "models" / stack.health()["serving_version"] / "config.json"
+    assert json.loads(config.read_text())["parent"] == before
+
+
 def test_the_last_specialist_cannot_be_deleted(stack: Stack) -> None:
     names = stack.http.get("/specialists").json()
     for name in names[:-1]:
@@ -385,3 +427,13 @@ def test_only_the_hosts_it_serves_are_answered(stack: Stack) -> None:
         headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
     )
     assert "access-control-allow-origin" not in preflight.headers
+
+
+def test_a_token_holding_a_unicode_line_break_stays_in_its_event() -> None:
+    """U+0085, U+2028 and U+2029 end a line for str.splitlines, and so for readers built on it
+    (httpx's iter_lines), though not for SSE: the gateway escapes them inside the JSON."""
+    text = "a\u2028b\x85c\u2029d é"
+    event = sse("token", {"text": text})
+    name, data = event.splitlines()[:2]
+    assert name == "event: token" and json.loads(data.removeprefix("data: ")) == {"text": text}
+    assert event.endswith("\n\n") and "é" in event  # everything else is sent as it is

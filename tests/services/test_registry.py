@@ -1,12 +1,15 @@
 """The registry service: the real servicer on a loopback port over a real SQLite file.
 
 The server runs on its own event loop in a background thread, so the tests drive it with the
-ordinary blocking stubs, as any client of the stack would.
+ordinary blocking stubs, as any client of the stack would. The same server hosts a real
+training service over the home the registry's file lives in, which is what the registry asks
+whether a version exists before it publishes it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
@@ -18,8 +21,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from services.common import start_server
+from bench.stack import free_port_block
+from services.common import dial, start_server
 from services.registry.server import OPERATION_ID_KEY, RegistryServicer
+from services.registry.versions import TrainingVersions
+from services.training.core import JobManager
+from services.training.server import training_service
+from shiftable_lib.config import Settings
 from sma.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 
 T = TypeVar("T")
@@ -33,11 +41,20 @@ class Registry:
     installs signal handlers, and only the main thread may)."""
 
     def __init__(self, db: Path) -> None:
+        self.home = db.parent.parent
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.servicer = RegistryServicer(db)
-        self.server = self.run(start_server("127.0.0.1:0", [self.servicer.service()]))
+        training = training_service(JobManager(Settings(home=self.home)))
+
+        address = f"127.0.0.1:{free_port_block(1)}"
+
+        async def start() -> tuple[RegistryServicer, Any]:
+            self.training_channel = dial(address)  # channels connect on their first call
+            servicer = RegistryServicer(db, TrainingVersions(self.training_channel))
+            return servicer, await start_server(address, [servicer.service(), training])
+
+        self.servicer, self.server = self.run(start())
         self.starter = asyncio.run_coroutine_threadsafe(self.servicer.start(self.server), self.loop)
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.server.port}")
         self.stub = registry_pb2_grpc.RegistryStub(self.channel)
@@ -64,6 +81,7 @@ class Registry:
         self.run(self.server.grpc_server.stop(grace=TIMEOUT))
         self.starter.result(TIMEOUT)
         self.run(self.servicer.stop())
+        self.run(self.training_channel.close())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(TIMEOUT)
         self.loop.close()
@@ -106,15 +124,34 @@ def update(stub: registry_pb2_grpc.RegistryStub, **fields: Any) -> registry_pb2.
     return stub.UpdateOperation(pb.UpdateOperationRequest(**fields), timeout=TIMEOUT).operation
 
 
-def publish(stub: registry_pb2_grpc.RegistryStub, version_id: str) -> registry_pb2.ServingState:
-    version = common_pb2.ModelVersion(
+def write_version(home: Path, version_id: str, specialists: tuple[str, ...] = ("ds",)) -> Path:
+    """A version as the training service finds it on disk: its config and metrics (the
+    registry never reads the weights, and these record none)."""
+    folder = home / "artifacts" / "models" / version_id
+    folder.mkdir(parents=True)
+    config = {"model": {"specialists": list(specialists)}, "profile": {"name": "tiny"}}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "metrics.json").write_text('{"ppl": 12.5}')
+    return folder
+
+
+def version_pb(home: Path, version_id: str, specialists: tuple[str, ...] = ("ds",)):
+    return common_pb2.ModelVersion(
         id=version_id,
-        specialists=["ds"],
-        artifact_dir=f"artifacts/models/{version_id}",
+        specialists=specialists,
+        artifact_dir=str(home / "artifacts" / "models" / version_id),
         metrics_json='{"ppl": 12.5}',
         profile="tiny",
     )
-    return stub.PublishVersion(pb.PublishVersionRequest(version=version), timeout=TIMEOUT).serving
+
+
+def publish(
+    registry: Registry, version_id: str, specialists: tuple[str, ...] = ("ds",)
+) -> registry_pb2.ServingState:
+    """Write `version_id` where training finds it, and publish it."""
+    write_version(registry.home, version_id, specialists)
+    request = pb.PublishVersionRequest(version=version_pb(registry.home, version_id, specialists))
+    return registry.stub.PublishVersion(request, timeout=TIMEOUT).serving
 
 
 # specialists
@@ -370,30 +407,33 @@ def test_publish_watch_serving_and_report_loaded(registry: Registry) -> None:
     stream = stub.WatchServing(pb.WatchServingRequest(), timeout=TIMEOUT)
     assert next(stream).serving == pb.ServingState()
 
-    serving = publish(stub, "v1")
-    assert (serving.version.id, serving.loaded_version_id) == ("v1", "")
+    serving = publish(registry, "v0001")
+    assert (serving.version.id, serving.loaded_version_id) == ("v0001", "")
     assert next(stream).serving == serving
     assert (
         serving.version.metrics_json == '{"ppl": 12.5}' and serving.version.created_at.seconds > 0
     )
 
-    loaded = stub.ReportLoaded(pb.ReportLoadedRequest(version_id="v1")).serving
-    assert loaded.loaded_version_id == "v1"
+    loaded = stub.ReportLoaded(pb.ReportLoadedRequest(version_id="v0001")).serving
+    assert loaded.loaded_version_id == "v0001"
     assert next(stream).serving == loaded
-    publish(stub, "v2")
+    publish(registry, "v0002")
     watched = next(stream).serving
-    assert (watched.version.id, watched.loaded_version_id) == ("v2", "v1")  # v2 not loaded yet
+    assert (watched.version.id, watched.loaded_version_id) == ("v0002", "v0001")  # not loaded yet
     stream.cancel()
 
-    assert [v.id for v in stub.ListVersions(pb.ListVersionsRequest()).versions] == ["v2", "v1"]
-    error = failure(stub.ReportLoaded, pb.ReportLoadedRequest(version_id="v9"))
+    listed = stub.ListVersions(pb.ListVersionsRequest()).versions
+    assert [v.id for v in listed] == ["v0002", "v0001"]
+    error = failure(stub.ReportLoaded, pb.ReportLoadedRequest(version_id="v0009"))
     assert error.code() == grpc.StatusCode.NOT_FOUND
     error = failure(stub.PublishVersion, pb.PublishVersionRequest())
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    changed = common_pb2.ModelVersion(id="v1", specialists=["ds", "dl"])
+    changed = common_pb2.ModelVersion(id="v0001", specialists=["ds", "dl"])
     error = failure(stub.PublishVersion, pb.PublishVersionRequest(version=changed))
     assert error.code() == grpc.StatusCode.ALREADY_EXISTS
-    assert stub.GetServing(pb.GetServingRequest()).serving.version.id == "v2"
+    again = pb.PublishVersionRequest(version=version_pb(registry.home, "v0002"))
+    assert stub.PublishVersion(again, timeout=TIMEOUT).serving.version.id == "v0002"  # a retry
+    assert stub.GetServing(pb.GetServingRequest()).serving.version.id == "v0002"
 
 
 def test_state_survives_a_restart(db: Path) -> None:
@@ -402,8 +442,8 @@ def test_state_survives_a_restart(db: Path) -> None:
         first.stub.AddSpecialist(pb.AddSpecialistRequest(name="ds", corpus_digest="d1"))
         op = add_ds(first.stub)
         update(first.stub, id=op.id, state=pb.OPERATION_STATE_RUNNING, message="half way")
-        publish(first.stub, "v1")
-        first.stub.ReportLoaded(pb.ReportLoadedRequest(version_id="v1"))
+        publish(first, "v0001")
+        first.stub.ReportLoaded(pb.ReportLoadedRequest(version_id="v0001"))
     finally:
         first.close()
 
@@ -418,7 +458,7 @@ def test_state_survives_a_restart(db: Path) -> None:
             (op.id, pb.OPERATION_STATE_RUNNING, "half way")
         ]
         serving = stub.GetServing(pb.GetServingRequest()).serving
-        assert (serving.version.id, serving.loaded_version_id) == ("v1", "v1")
+        assert (serving.version.id, serving.loaded_version_id) == ("v0001", "v0001")
         request = pb.CreateOperationRequest(kind=pb.OPERATION_KIND_INITIALIZE)
         assert failure(stub.CreateOperation, request).code() == grpc.StatusCode.FAILED_PRECONDITION
     finally:
@@ -448,3 +488,84 @@ def test_health_and_reflection(registry: Registry) -> None:
     (response,) = reflection.ServerReflectionInfo(iter([request]), timeout=TIMEOUT)
     names = {s.name for s in response.list_services_response.service}
     assert {"sma.v1.Registry", "grpc.health.v1.Health"} <= names
+
+
+def test_only_a_complete_version_training_holds_is_published(registry: Registry) -> None:
+    stub = registry.stub
+    publish(registry, "v0001")
+
+    phantom = pb.PublishVersionRequest(version=version_pb(registry.home, "v0007"))
+    error = failure(stub.PublishVersion, phantom)
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert "training service holds no model version 'v0007'" in error.details()
+
+    folder = write_version(registry.home, "v0002")
+    other = pb.PublishVersionRequest(version=version_pb(registry.home, "v0002", ("ds", "dl")))
+    error = failure(stub.PublishVersion, other)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "differs from what the training service holds in specialists" in error.details()
+
+    (folder / "model.safetensors").write_bytes(b"x" * 10)  # written with 100 bytes
+    config = json.loads((folder / "config.json").read_text())
+    config["files"] = {"model.safetensors": {"bytes": 100, "sha256": "0" * 64}}
+    (folder / "config.json").write_text(json.dumps(config))
+    error = failure(
+        stub.PublishVersion, pb.PublishVersionRequest(version=version_pb(registry.home, "v0002"))
+    )
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "v0002 is not complete: v0002: model.safetensors is 10 bytes" in error.details()
+
+    serving = stub.GetServing(pb.GetServingRequest()).serving
+    assert serving.version.id == "v0001"
+    assert [v.id for v in stub.ListVersions(pb.ListVersionsRequest()).versions] == ["v0001"]
+
+
+def test_going_back_is_an_explicit_rollback(registry: Registry) -> None:
+    stub = registry.stub
+    stub.AddSpecialist(pb.AddSpecialistRequest(name="ds", state=pb.SPECIALIST_STATE_READY))
+    publish(registry, "v0001")
+    publish(registry, "v0002")
+    publish(registry, "v0003", ("ds", "dl"))  # a version from before "dl" was deleted, say
+
+    # publishing an earlier version is not how to go back
+    again = pb.PublishVersionRequest(version=version_pb(registry.home, "v0001"))
+    error = failure(stub.PublishVersion, again)
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "serving it again is a rollback (RollbackVersion)" in error.details()
+
+    for request, code, says in [
+        (pb.RollbackVersionRequest(), grpc.StatusCode.INVALID_ARGUMENT, "version_id"),
+        (pb.RollbackVersionRequest(version_id="v0009"), grpc.StatusCode.NOT_FOUND, "v0009"),
+    ]:
+        error = failure(stub.RollbackVersion, request)
+        assert (error.code(), says in error.details()) == (code, True)
+    assert stub.GetServing(pb.GetServingRequest()).serving.version.id == "v0003"
+
+    serving = stub.RollbackVersion(pb.RollbackVersionRequest(version_id="v0001")).serving
+    assert serving.version.id == "v0001"
+
+    # a version whose specialists are not the registry's would serve what it does not list
+    error = failure(stub.RollbackVersion, pb.RollbackVersionRequest(version_id="v0003"))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "holds the specialists ['dl', 'ds'], the registry has ['ds']" in error.details()
+
+    # nor while an operation runs, which would publish over it; unless it is that operation
+    # going back to what served before it
+    op = add_ds(stub)
+    error = failure(stub.RollbackVersion, pb.RollbackVersionRequest(version_id="v0002"))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"operation {op.id} (add_specialist) is unfinished" in error.details()
+    request = pb.RollbackVersionRequest(version_id="v0002", operation_id=op.id)
+    assert stub.RollbackVersion(request).serving.version.id == "v0002"
+    update(stub, id=op.id, state=pb.OPERATION_STATE_FAILED, error="did not load")
+
+    # never to a version a replica found damaged
+    stub.ReportLoaded(
+        pb.ReportLoadedRequest(
+            version_id="v0002", invalid_version_id="v0001", load_error="v0001: damaged"
+        )
+    )
+    error = failure(stub.RollbackVersion, pb.RollbackVersionRequest(version_id="v0001"))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "v0001 is invalid: v0001: damaged" in error.details()
+    assert stub.GetServing(pb.GetServingRequest()).serving.version.id == "v0002"

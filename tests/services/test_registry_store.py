@@ -52,10 +52,14 @@ def test_store_rules(db: Path) -> None:
         with pytest.raises(ValueError):
             store.list_operations(limit=0)
 
-        v1 = ModelVersion("v1", ["ds"], "artifacts/models/v1", "{}", "tiny")
+        v1 = ModelVersion("v1", [], "artifacts/models/v1", "{}", "tiny")
+        v2 = ModelVersion("v2", [], "artifacts/models/v2", "{}", "tiny")
         store.publish_version(v1)
-        store.publish_version(ModelVersion("v2", [], "artifacts/models/v2", "{}", "tiny"))
-        assert store.publish_version(v1).version == v1  # rolling back only moves the pointer
+        store.publish_version(v2)
+        assert store.publish_version(v2).version == v2  # a retry changes nothing
+        with pytest.raises(Conflict, match="serving it again is a rollback"):
+            store.publish_version(v1)
+        assert store.rollback_version("v1").version == v1  # going back only moves the pointer
         with pytest.raises(AlreadyExists):
             store.publish_version(ModelVersion("v1", ["dl"], "elsewhere", "{}", "tiny"))
         with pytest.raises(ValueError):
@@ -188,8 +192,8 @@ def test_an_older_registry_is_migrated_and_its_unfinished_operation_is_free(db: 
 
 def test_a_version_that_fails_its_check_is_marked_and_never_published_again(db: Path) -> None:
     with RegistryStore(db) as store:
-        old = ModelVersion("v1", ["ds"], "artifacts/models/v1", "{}", "tiny")
-        new = ModelVersion("v2", ["ds"], "artifacts/models/v2", "{}", "tiny")
+        old = ModelVersion("v1", [], "artifacts/models/v1", "{}", "tiny")
+        new = ModelVersion("v2", [], "artifacts/models/v2", "{}", "tiny")
         store.publish_version(old)
         store.publish_version(new)
         with pytest.raises(ValueError, match="needs the reason"):
@@ -198,8 +202,10 @@ def test_a_version_that_fails_its_check_is_marked_and_never_published_again(db: 
         serving = store.report_loaded("v1", "pod-a", reason, invalid_version_id="v2")
         assert serving.version.id == "v2" and serving.version.invalid_reason.endswith("9000")
         assert serving.replicas == [Replica("pod-a", "v1", reason)]
-        store.publish_version(old)  # a rollback to the good one
+        store.rollback_version("v1")  # to the good one
         with pytest.raises(Conflict, match="v2 is invalid: cannot load v2"):
             store.publish_version(new)
+        with pytest.raises(Conflict, match="v2 is invalid: cannot load v2"):
+            store.rollback_version("v2")
         assert store.get_serving().version.id == "v1"
         assert [v.invalid_reason != "" for v in store.list_versions()] == [True, False]

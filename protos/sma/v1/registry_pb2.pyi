@@ -306,6 +306,20 @@ class PublishVersionResponse(_message.Message):
     serving: ServingState
     def __init__(self, serving: _Optional[_Union[ServingState, _Mapping]] = ...) -> None: ...
 
+class RollbackVersionRequest(_message.Message):
+    __slots__ = ("version_id", "operation_id")
+    VERSION_ID_FIELD_NUMBER: _ClassVar[int]
+    OPERATION_ID_FIELD_NUMBER: _ClassVar[int]
+    version_id: str
+    operation_id: str
+    def __init__(self, version_id: _Optional[str] = ..., operation_id: _Optional[str] = ...) -> None: ...
+
+class RollbackVersionResponse(_message.Message):
+    __slots__ = ("serving",)
+    SERVING_FIELD_NUMBER: _ClassVar[int]
+    serving: ServingState
+    def __init__(self, serving: _Optional[_Union[ServingState, _Mapping]] = ...) -> None: ...
+
 class ListVersionsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -97,6 +97,11 @@ class RegistryStub:
                 request_serializer=sma_dot_v1_dot_registry__pb2.PublishVersionRequest.SerializeToString,
                 response_deserializer=sma_dot_v1_dot_registry__pb2.PublishVersionResponse.FromString,
                 _registered_method=True)
+        self.RollbackVersion = channel.unary_unary(
+                '/sma.v1.Registry/RollbackVersion',
+                request_serializer=sma_dot_v1_dot_registry__pb2.RollbackVersionRequest.SerializeToString,
+                response_deserializer=sma_dot_v1_dot_registry__pb2.RollbackVersionResponse.FromString,
+                _registered_method=True)
         self.ListVersions = channel.unary_unary(
                 '/sma.v1.Registry/ListVersions',
                 request_serializer=sma_dot_v1_dot_registry__pb2.ListVersionsRequest.SerializeToString,
@@ -201,8 +206,19 @@ class RegistryServicer:
         raise NotImplementedError('Method not implemented!')
 
     def PublishVersion(self, request, context):
-        """Records a complete model version and makes it the serving one. FAILED_PRECONDITION for a
-        version marked invalid.
+        """Records a new model version and makes it the serving one. The registry first asks the
+        training service, which holds the artifacts, for the version: NOT_FOUND when it has none
+        complete under that id, INVALID_ARGUMENT when it holds other content, UNAVAILABLE when it
+        cannot be asked. Publishing the serving version again changes nothing; FAILED_PRECONDITION
+        for a version marked invalid, or one published before (going back is RollbackVersion).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RollbackVersion(self, request, context):
+        """Serves a version published before again. FAILED_PRECONDITION for a version marked invalid,
+        one whose specialists are not the registry's, or while an operation is unfinished.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -296,6 +312,11 @@ def add_RegistryServicer_to_server(servicer, server):
                     servicer.PublishVersion,
                     request_deserializer=sma_dot_v1_dot_registry__pb2.PublishVersionRequest.FromString,
                     response_serializer=sma_dot_v1_dot_registry__pb2.PublishVersionResponse.SerializeToString,
+            ),
+            'RollbackVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.RollbackVersion,
+                    request_deserializer=sma_dot_v1_dot_registry__pb2.RollbackVersionRequest.FromString,
+                    response_serializer=sma_dot_v1_dot_registry__pb2.RollbackVersionResponse.SerializeToString,
             ),
             'ListVersions': grpc.unary_unary_rpc_method_handler(
                     servicer.ListVersions,
@@ -645,6 +666,33 @@ class Registry:
             '/sma.v1.Registry/PublishVersion',
             sma_dot_v1_dot_registry__pb2.PublishVersionRequest.SerializeToString,
             sma_dot_v1_dot_registry__pb2.PublishVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RollbackVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sma.v1.Registry/RollbackVersion',
+            sma_dot_v1_dot_registry__pb2.RollbackVersionRequest.SerializeToString,
+            sma_dot_v1_dot_registry__pb2.RollbackVersionResponse.FromString,
             options,
             channel_credentials,
             insecure,

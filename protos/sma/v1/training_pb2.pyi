@@ -68,18 +68,20 @@ class Job(_message.Message):
     def __init__(self, id: _Optional[str] = ..., kind: _Optional[_Union[JobKind, str]] = ..., specialist: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., progress: _Optional[_Union[_common_pb2.TrainingProgress, _Mapping]] = ..., error: _Optional[str] = ..., version_id: _Optional[str] = ..., message: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class StartJobRequest(_message.Message):
-    __slots__ = ("kind", "specialist", "profile", "recalibrate_steps", "request_id")
+    __slots__ = ("kind", "specialist", "profile", "recalibrate_steps", "request_id", "base_version")
     KIND_FIELD_NUMBER: _ClassVar[int]
     SPECIALIST_FIELD_NUMBER: _ClassVar[int]
     PROFILE_FIELD_NUMBER: _ClassVar[int]
     RECALIBRATE_STEPS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     kind: JobKind
     specialist: str
     profile: str
     recalibrate_steps: int
     request_id: str
-    def __init__(self, kind: _Optional[_Union[JobKind, str]] = ..., specialist: _Optional[str] = ..., profile: _Optional[str] = ..., recalibrate_steps: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    base_version: str
+    def __init__(self, kind: _Optional[_Union[JobKind, str]] = ..., specialist: _Optional[str] = ..., profile: _Optional[str] = ..., recalibrate_steps: _Optional[int] = ..., request_id: _Optional[str] = ..., base_version: _Optional[str] = ...) -> None: ...
 
 class StartJobResponse(_message.Message):
     __slots__ = ("job",)
