@@ -32,7 +32,7 @@ from gateway.jobs import OperationCancelled, OperationFailed, TrainingRun
 from gateway.records import LeaseLost, Records
 from gateway.schemas import enum_name
 from shiftable_lib.config import Settings
-from shiftable_lib.errors import AlreadyExists, Conflict, NotFound
+from shiftable_lib.errors import AlreadyExists, Conflict, NotFound, Unavailable
 from sma.v1 import common_pb2, registry_pb2, training_pb2
 
 log = logging.getLogger("sma.gateway.lifecycle")
@@ -41,6 +41,8 @@ R = registry_pb2
 T = training_pb2
 UNFINISHED = (R.OPERATION_STATE_PENDING, R.OPERATION_STATE_RUNNING)
 LOAD_TIMEOUT = 600.0  # seconds for inference to load a published version
+PUBLISH_ATTEMPTS = 5  # a second apart: the registry or training restarting
+ROLLBACK_WAIT_S = 60.0  # a rollback answers once loaded: a version loaded before loads quickly
 # a gateway drives an operation this long past its last renewal; then another may take it over
 LEASE_S = 10.0
 RENEW_S = LEASE_S / 4  # how often the driver renews, and the others look for orphans
@@ -291,18 +293,13 @@ class Coordinator:
             if version is None:
                 raise OperationFailed(f"training reports no model version {version_id!r}")
             await self.records.update(op.id, message=f"publishing {version_id}", **mine)
-            before = (
-                await self.backends.registry.GetServing(R.GetServingRequest(), timeout=RPC_TIMEOUT)
-            ).serving.version
-            await self._publish(version.version)
             try:
+                await self._publish(version.version)
                 await self._wait_loaded(version_id)
-            except OperationFailed:
-                if before.id and before.id != version_id:  # what served before serves on
-                    await self.backends.registry.RollbackVersion(
-                        R.RollbackVersionRequest(version_id=before.id, operation_id=op.id),
-                        timeout=RPC_TIMEOUT,
-                    )
+            except (OperationFailed, grpc.aio.AioRpcError):
+                # what served before serves on: the version this one was trained from, which
+                # the version itself records, so a gateway that takes over knows it too
+                await self._restore(version.parent, version_id, op.id)
                 raise
             await self._claim(op.id)
             await self._finish(op, version)
@@ -320,12 +317,38 @@ class Coordinator:
             await self._fail(op, reason)
 
     async def _publish(self, version: common_pb2.ModelVersion) -> None:
+        """Publish `version`, retrying while the registry (or the training service it asks
+        whether the version exists) is briefly unavailable: a publish is idempotent."""
         published = common_pb2.ModelVersion()
         published.CopyFrom(version)
         published.ClearField("created_at")  # the registry stamps when it was published
-        await self.backends.registry.PublishVersion(
-            R.PublishVersionRequest(version=published), timeout=RPC_TIMEOUT
-        )
+        for attempt in range(PUBLISH_ATTEMPTS):
+            try:
+                await self.backends.registry.PublishVersion(
+                    R.PublishVersionRequest(version=published), timeout=RPC_TIMEOUT
+                )
+                return
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == PUBLISH_ATTEMPTS - 1:
+                    raise
+                await asyncio.sleep(1.0)
+
+    async def _restore(self, previous: str, failed: str, op_id: str = "") -> None:
+        """Serve `previous` again if `failed` is the serving version. A rollback that cannot
+        be made is logged: the caller's own error says what went wrong first."""
+        if not previous or previous == failed:
+            return
+        registry = self.backends.registry
+        try:
+            serving = await registry.GetServing(R.GetServingRequest(), timeout=RPC_TIMEOUT)
+            if serving.serving.version.id == failed:
+                await registry.RollbackVersion(
+                    R.RollbackVersionRequest(version_id=previous, operation_id=op_id),
+                    timeout=RPC_TIMEOUT,
+                )
+                log.info("%s did not load: serving %s again", failed, previous)
+        except grpc.aio.AioRpcError as exc:
+            log.error("cannot serve %s again after %s failed: %s", previous, failed, exc.details())
 
     async def rollback(self, version_id: str) -> R.ServingState:
         """Serve `version_id`, published before, again; returns once every live replica serves
@@ -333,13 +356,23 @@ class Coordinator:
         specialists are not the registry's, and any rollback while an operation runs. Fails
         (OperationFailed) when a replica cannot load it: the replicas then mark it invalid and
         keep serving the last version they could load."""
-        reply = await self.backends.registry.RollbackVersion(
+        registry = self.backends.registry
+        previous = (await registry.GetServing(R.GetServingRequest(), timeout=RPC_TIMEOUT)).serving
+        reply = await registry.RollbackVersion(
             R.RollbackVersionRequest(version_id=version_id), timeout=RPC_TIMEOUT
         )
-        if reply.serving.version.id == version_id and not loaded_everywhere(
-            reply.serving, version_id
-        ):
-            await self._wait_loaded(version_id)
+        if reply.serving.version.id == version_id:
+            try:
+                if not loaded_everywhere(reply.serving, version_id):
+                    await asyncio.wait_for(self._wait_loaded(version_id), ROLLBACK_WAIT_S)
+            except OperationFailed:
+                await self._restore(previous.version.id, version_id)
+                raise
+            except TimeoutError:
+                raise Unavailable(
+                    f"{version_id} is the serving version now, but not every inference replica "
+                    f"has loaded it within {ROLLBACK_WAIT_S:.0f} s"
+                ) from None
         return (
             await self.backends.registry.GetServing(R.GetServingRequest(), timeout=RPC_TIMEOUT)
         ).serving
@@ -453,6 +486,9 @@ class Coordinator:
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 return None
+            if exc.code() == grpc.StatusCode.DATA_LOSS and not version_id:
+                log.warning("the current version on disk is damaged: %s", exc.details())
+                return None  # as if there were none: a first start trains again
             raise
 
 

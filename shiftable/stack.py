@@ -20,7 +20,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 
-from shiftable_lib.config import GRPC_SERVICES, Settings
+from shiftable_lib.config import GRPC_SERVICES, WILDCARD_HOSTS, Settings
 
 ORDER = ("registry", "training", "inference", "gateway")
 GRACE_S = 10.0
@@ -115,15 +115,18 @@ def up(settings: Settings) -> int:
     for child in children:
         child.start()
     _record_pids(settings, children)
-    url = f"{'https' if settings.tls_cert else 'http'}://{settings.host}:{settings.port}/"
-    trust = ssl.create_default_context(cafile=settings.tls_ca) if settings.tls_cert else None
+    scheme = "https" if settings.tls_cert else "http"
+    host = "127.0.0.1" if settings.host in WILDCARD_HOSTS else settings.host
+    url = f"{scheme}://{_bracketed(host)}:{settings.port}/"
+    # the probe asks our own child on this machine: no need to check whose certificate it is
+    own = _unverified() if settings.tls_cert else None
     print(f"sma: starting the stack in {settings.home} (profile {settings.profile})", flush=True)
     announced = False
     while not stopping:
         time.sleep(0.2)
         if any(_supervise(child) for child in children):
             _record_pids(settings, children)
-        if not announced and _answers(url + "health", trust):
+        if not announced and _answers(url + "health", own):
             print(f"sma: web UI and API on {url} (docs: {url}docs); Ctrl-C stops", flush=True)
             announced = True
     print("sma: stopping", flush=True)
@@ -155,6 +158,17 @@ def _supervise(child: Child) -> bool:
         flush=True,
     )
     return False
+
+
+def _unverified() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def _answers(url: str, trust: ssl.SSLContext | None = None) -> bool:

@@ -38,6 +38,12 @@ def encode(tok: Tokenizer, text: str) -> list[int]:
     return tok.encode(text, add_special_tokens=False).ids
 
 
+def encode_apart(tok: Tokenizer, text: str) -> list[int]:
+    """`encode`, for another thread: `encode_batch` lets go of the GIL while it works (`encode`
+    holds it), so the thread that called it is not the only one that runs."""
+    return tok.encode_batch([text], add_special_tokens=False)[0].ids
+
+
 def encode_documents(tok: Tokenizer, docs: list[str]) -> list[list[int]]:
     return [e.ids for e in tok.encode_batch(docs, add_special_tokens=False)]
 

@@ -30,6 +30,7 @@ async def list_versions(gw: GatewayDep) -> list[dict]:
             404: "No such version",
             409: "The version is marked invalid, holds other specialists than the registry "
             "lists, an operation is running, or a replica could not load it",
+            503: "It serves now, but not every replica had loaded it in time",
         }
     ),
 )

@@ -5,6 +5,10 @@ steps, and sends one `Chunks` per step with that step's chunks plus its load cou
 active sequence advances together each step and new requests join between steps: continuous
 batching. When idle it blocks on the pipe.
 
+A long text prompt is tokenised in a helper thread too (up to ~90 ms for the longest one, with
+the GIL let go), then joins the engine it was submitted to: the streams decoding meanwhile do
+not wait for it.
+
 Hot swap: a `Load` is read and its KV cache allocated in a helper thread while the loop keeps
 stepping; the loop then submits new requests to the fresh `Engine`. The previous engine keeps
 stepping the sequences it already holds (running or queued) until they finish, then is
@@ -55,8 +59,10 @@ from shiftable_lib import checkpoint
 from shiftable_lib.errors import Unavailable
 from shiftable_lib.generate import Engine, Sequence
 from shiftable_lib.sampling import Routing, SamplingParams
+from shiftable_lib.tokenizer import encode_apart
 
 log = logging.getLogger("sma.inference")
+TOKENIZE_APART_CHARS = 4096  # longer text prompts are tokenised off the step loop
 
 
 def main(
@@ -122,6 +128,10 @@ class Worker:
         self.sent = IDLE
         # versions prepared by helper threads, adopted by the step loop; the pipe wakes it up
         self.loaded: deque[tuple[int, _Prepared | Exception]] = deque()
+        # long prompts being tokenised by helper threads (stream id -> its engine and that
+        # engine's version), and those done
+        self.tokenizing: dict[int, tuple[Engine, str]] = {}
+        self.tokenized: deque[tuple[int, list[int] | Exception, SamplingParams]] = deque()
         self.wake_r, self.wake_w = os.pipe()
 
     def run(self) -> None:
@@ -136,6 +146,7 @@ class Worker:
                     return
                 self.apply(command)
             self.adopt_loaded()
+            self.adopt_tokenized()
             self.publish(self.step() if self.has_work() else [])
 
     def apply(self, command: Command) -> None:
@@ -211,6 +222,48 @@ class Worker:
 
     def submit(self, stream_id: int, prompt: str, params: SamplingParams) -> None:
         engine = self.engine
+        if engine is not None and len(prompt) > TOKENIZE_APART_CHARS:
+            self.tokenizing[stream_id] = engine, self.engine_version
+            threading.Thread(
+                target=self.tokenize, args=(stream_id, engine, prompt, params), daemon=True
+            ).start()
+            return
+        self.enqueue(stream_id, engine, self.engine_version, prompt, params)
+
+    def tokenize(self, stream_id: int, engine: Engine, prompt: str, params: SamplingParams) -> None:
+        """A helper thread's part of a long prompt: the step loop submits the ids."""
+        try:
+            outcome: list[int] | Exception = encode_apart(engine.tok, prompt)
+        except Exception as exc:
+            outcome = _picklable(exc)
+        self.tokenized.append((stream_id, outcome, params))
+        os.write(self.wake_w, b"x")
+
+    def adopt_tokenized(self) -> None:
+        """Submit the prompts tokenised since the last step to the engine each was submitted to
+        (a version swapped in meanwhile does not change it), unless cancelled meanwhile."""
+        while self.tokenized:
+            os.read(self.wake_r, 1)
+            stream_id, outcome, params = self.tokenized.popleft()
+            submitted = self.tokenizing.pop(stream_id, None)
+            if submitted is None:
+                continue
+            engine, version = submitted
+            if isinstance(outcome, Exception):
+                self.conn.send(StreamFailed(stream_id, outcome))
+                continue
+            if engine not in self.engines():  # its version was swapped out meanwhile
+                self.draining.append(engine)  # it drains, with this sequence
+            self.enqueue(stream_id, engine, version, outcome, params)
+
+    def enqueue(
+        self,
+        stream_id: int,
+        engine: Engine | None,
+        version: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+    ) -> None:
         try:
             if engine is None:
                 raise Unavailable("the inference worker has no model loaded")
@@ -218,10 +271,11 @@ class Worker:
         except Exception as exc:  # the routing names an expert the newly adopted version lacks
             self.conn.send(StreamFailed(stream_id, _picklable(exc)))
             return
-        request = _Request(stream_id, seq, engine, self.engine_version)
+        request = _Request(stream_id, seq, engine, version)
         self.requests[stream_id] = self.by_seq[id(seq)] = request
 
     def cancel(self, stream_id: int) -> None:
+        self.tokenizing.pop(stream_id, None)
         request = self.requests.pop(stream_id, None)
         if request is not None:
             del self.by_seq[id(request.seq)]
@@ -270,10 +324,21 @@ class Worker:
             if request.engine is engine:
                 self.forget(request)
                 self.conn.send(StreamFailed(request.stream_id, error))
+        replacement = None
         if engine is self.engine:
             self.engine = Engine(engine.model, engine.tok, engine.max_batch, self.cuda_graphs)
+            replacement = self.engine
         else:
             self.draining.remove(engine)
+        # prompts still being tokenised for it join its fresh engine (same version), or fail
+        for stream_id, (waiting, version) in list(self.tokenizing.items()):
+            if waiting is not engine:
+                continue
+            if replacement is not None:
+                self.tokenizing[stream_id] = replacement, version
+            else:
+                del self.tokenizing[stream_id]
+                self.conn.send(StreamFailed(stream_id, error))
 
     def inspect(self, prompt: str, routing: Routing) -> GateReport:
         engine = self.engine
@@ -303,6 +368,9 @@ class Worker:
             chunks.append((request.stream_id, _final(request, Chunk("", (), request.version_id))))
         self.requests.clear()
         self.by_seq.clear()
+        for stream_id in self.tokenizing:
+            self.conn.send(StreamFailed(stream_id, Unavailable("the inference server stopped")))
+        self.tokenizing.clear()
         self.engine, self.draining = None, []
         self.publish(chunks, force=True)
 

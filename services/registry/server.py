@@ -308,6 +308,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         if not request.HasField("version"):
             raise ValueError("version is required")
         version = _version(request.version)
+        if not version.id:
+            raise ValueError("a model version needs an id")
         if not await asyncio.to_thread(self.store.is_recorded, version.id):
             await self.versions.check(version)
         serving = await self._serving.write(self.store.publish_version, version)
@@ -319,6 +321,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     ) -> registry_pb2.RollbackVersionResponse:
         if not request.version_id:
             raise ValueError("version_id is required")
+        # its files may have gone since it served (a volume lost or pruned): ask, as for a new one
+        recorded = await asyncio.to_thread(self.store.get_version, request.version_id)
+        await self.versions.check(recorded)
         serving = await self._serving.write(
             self.store.rollback_version, request.version_id, request.operation_id
         )

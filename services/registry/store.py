@@ -259,6 +259,10 @@ class RegistryStore:
             db.execute("UPDATE serving SET version_id = ?", (version.id,))
             return _serving(db)
 
+    def get_version(self, version_id: str) -> ModelVersion:
+        with self._tx() as db:
+            return _get(db, ModelVersion, version_id)
+
     def is_recorded(self, version_id: str) -> bool:
         with self._tx() as db:
             return bool(_select(db, ModelVersion, "WHERE id = ?", version_id))

@@ -28,6 +28,7 @@ class VersionRecord:
     profile: str
     created_at: datetime | None = None
     corpus_digests: dict[str, str] = field(default_factory=dict)
+    parent: str = ""  # the version it was trained from
 
 
 def no_generalist(models_dir: Path) -> bool:
@@ -53,4 +54,5 @@ def describe_version(models_dir: Path, version_id: str = "") -> VersionRecord:
         profile=config.get("profile", {}).get("name", ""),
         created_at=datetime.fromisoformat(created) if created else None,
         corpus_digests=dict(config.get("corpus_digests", {})),
+        parent=str(config.get("parent") or ""),
     )

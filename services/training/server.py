@@ -62,6 +62,7 @@ def version_to_proto(version: VersionRecord) -> training_pb2.GetVersionResponse:
             created_at=timestamp(version.created_at),
         ),
         corpus_digests=version.corpus_digests,
+        parent=version.parent,
     )
 
 

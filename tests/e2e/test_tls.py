@@ -111,6 +111,7 @@ def channel(address: str, certs: Path, client: str | None, ca: str = "ca") -> gr
 
 
 def test_the_gateway_answers_https_only(stack: Stack) -> None:
+    assert f"web UI and API on {stack.url}/" in stack.tail(400)  # `sma up` saw it answer
     reply = stack.http.post("/generate", json={"prompt": "the", "max_new_tokens": 4})
     assert reply.status_code == 200 and reply.json()["completion"] is not None
     with pytest.raises(httpx.HTTPError):  # plain HTTP on the same port gets no answer

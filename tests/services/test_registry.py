@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
@@ -569,3 +570,11 @@ def test_going_back_is_an_explicit_rollback(registry: Registry) -> None:
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "v0001 is invalid: v0001: damaged" in error.details()
     assert stub.GetServing(pb.GetServingRequest()).serving.version.id == "v0002"
+
+    # nor to one whose files have gone since it served
+    publish(registry, "v0004")
+    shutil.rmtree(registry.home / "artifacts" / "models" / "v0002")
+    error = failure(stub.RollbackVersion, pb.RollbackVersionRequest(version_id="v0002"))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert "training service holds no model version 'v0002'" in error.details()
+    assert stub.GetServing(pb.GetServingRequest()).serving.version.id == "v0004"

@@ -217,8 +217,10 @@ class RegistryServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RollbackVersion(self, request, context):
-        """Serves a version published before again. FAILED_PRECONDITION for a version marked invalid,
-        one whose specialists are not the registry's, or while an operation is unfinished.
+        """Serves a version published before again, once the training service says it still holds it
+        complete (the same answers as PublishVersion's check). FAILED_PRECONDITION for a version
+        marked invalid, one whose specialists are not the registry's, or while an operation is
+        unfinished.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -166,7 +166,7 @@ class GetVersionRequest(_message.Message):
     def __init__(self, id: _Optional[str] = ...) -> None: ...
 
 class GetVersionResponse(_message.Message):
-    __slots__ = ("version", "corpus_digests")
+    __slots__ = ("version", "corpus_digests", "parent")
     class CorpusDigestsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -176,6 +176,8 @@ class GetVersionResponse(_message.Message):
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CORPUS_DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    PARENT_FIELD_NUMBER: _ClassVar[int]
     version: _common_pb2.ModelVersion
     corpus_digests: _containers.ScalarMap[str, str]
-    def __init__(self, version: _Optional[_Union[_common_pb2.ModelVersion, _Mapping]] = ..., corpus_digests: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    parent: str
+    def __init__(self, version: _Optional[_Union[_common_pb2.ModelVersion, _Mapping]] = ..., corpus_digests: _Optional[_Mapping[str, str]] = ..., parent: _Optional[str] = ...) -> None: ...

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from services.inference.messages import Chunk, Usage
+from services.inference.worker import TOKENIZE_APART_CHARS
 from shiftable_lib.errors import NotFound, Overloaded, Unavailable
 from shiftable_lib.sampling import Routing, SamplingParams
 from tests.services.inference.conftest import (
@@ -189,6 +190,43 @@ def test_a_hot_swap_finishes_running_streams_on_the_old_version_and_serves_new_o
     assert tuple(new[-1].gate_means or ()) == EXPERTS
     assert (info.version_id, info.specialists, info.swapping) == (SHIFTABLE, ("dl", "ds"), False)
     assert info.active_streams == info.queued == 0
+
+
+def test_a_long_prompt_is_tokenised_apart_and_joins_the_version_it_was_sent_to(models):
+    """A prompt past TOKENIZE_APART_CHARS is tokenised in a helper thread: it generates what it
+    would inline, under the version that was serving when it arrived (a swap meanwhile does not
+    change it), and one closed while it is tokenised is forgotten."""
+    long_prompt = " ".join(PROMPTS) * (2 * TOKENIZE_APART_CHARS // len(" ".join(PROMPTS)))
+    assert len(long_prompt) > TOKENIZE_APART_CHARS
+
+    async def scenario() -> tuple[list[Chunk], list[Chunk], list[Chunk], object]:
+        async with running_core(models, GENERALIST, max_batch=4) as core:
+            beside = asyncio.create_task(collect(core.generate(PROMPTS[0], LONG)))
+            await eventually(lambda: core.info().tokens_generated > 0)
+            # the longest prompt there is, closed while it is tokenised (~50 ms)
+            closed = asyncio.create_task(collect(core.generate("x " * 50_000, LONG)))
+            old = asyncio.create_task(collect(core.generate(long_prompt, GREEDY)))
+            await asyncio.sleep(0.005)
+            closed.cancel()
+            await core.load(SHIFTABLE)  # while the long prompt may still be tokenised
+            new = await collect(core.generate(long_prompt, GREEDY))
+            return await beside, await old, new, core.info()
+
+    beside, old, new, info = asyncio.run(scenario())
+    # nothing was generated for the closed one
+    assert info.tokens_generated == sum(len(joined(c)[1]) for c in (beside, old, new))
+    ref = reference(models, GENERALIST, PROMPTS[0], LONG)
+    assert joined(beside) == (ref.text, ref.output_ids)
+    for chunks, version in [(old, GENERALIST), (new, SHIFTABLE)]:
+        ref = reference(models, version, long_prompt, GREEDY)
+        assert joined(chunks) == (ref.text, ref.output_ids)
+        assert {c.version_id for c in chunks} == {version}
+        assert chunks[-1].usage == ref_usage(ref)
+    assert info.active_streams == info.queued == 0
+
+
+def ref_usage(seq) -> Usage:
+    return Usage(len(seq.prompt_ids), len(seq.output_ids), seq.truncated)
 
 
 def test_a_failed_load_keeps_the_old_version_serving(models):
