@@ -99,15 +99,24 @@ class KVCache:
         H = all_heads // len(self.experts)
         return slice(routes.single * H, (routes.single + 1) * H)
 
-    def store(self, layer: int, slots: Tensor, heads: slice, k: Tensor, v: Tensor) -> None:
-        """Store whole prompts' keys and values (n, H, T, hd) of the cache's `heads` in `slots`,
-        at positions 0..T-1."""
-        T = k.shape[2]
+    def store(
+        self, layer: int, slots: Tensor, heads: slice, k: Tensor, v: Tensor, start: int = 0
+    ) -> None:
+        """Store prompts' keys and values (n, H, T, hd) of the cache's `heads` in `slots`, at
+        positions start..start+T-1."""
+        at = slice(start, start + k.shape[2])
         for buf, new in ((self.k[layer], k), (self.v[layer], v)):
             if self.position_major:
-                buf[slots, :T, heads] = new.transpose(1, 2)
+                buf[slots, at, heads] = new.transpose(1, 2)
             else:
-                buf[slots, heads, :T] = new
+                buf[slots, heads, at] = new
+
+    def prefix(self, layer: int, slots: Tensor, end: int, heads: slice) -> tuple[Tensor, Tensor]:
+        """Keys and values of `slots`, positions 0..end-1: (n, H, end, hd)."""
+        k, v = self.k[layer], self.v[layer]
+        if self.position_major:
+            return k[slots, :end, heads].transpose(1, 2), v[slots, :end, heads].transpose(1, 2)
+        return k[slots, heads, :end], v[slots, heads, :end]
 
     def rows_at(self, pos: Tensor, heads: slice) -> Tensor:
         """Where one new position per slot lands, for slots 0..n-1 at positions `pos` (n,) and
@@ -157,8 +166,13 @@ def decode_attention(
 
 class Prefill:
     """Prompts, right-padded to a common length T, into `slots` of the cache: keys and values
-    go to positions 0..T-1, and each layer's prefix sums at a prompt's last real token become
-    its slot's gate state. Positions past a prompt's length are computed but never attended to.
+    go to positions start..start+T-1, and each layer's prefix sums at a prompt's last real token
+    become its slot's gate state. Positions past a prompt's length are computed but never
+    attended to.
+
+    With `start` > 0 the tokens continue prompts whose first `start` tokens are cached already
+    (a long prompt prefilled a chunk per step): their gate sums go on from the slots' state and
+    they attend over the cached prefix too. Every row then continues from the same `start`.
     """
 
     dropout = 0.0
@@ -172,20 +186,27 @@ class Prefill:
         lengths: Tensor,
         routes: RouteTable,
         dtype: torch.dtype,
+        start: int = 0,
     ) -> None:
         n, T = idx.shape
         self.cache, self.slots, self.idx, self.routes = cache, slots, idx, routes
-        self.count = torch.arange(1, T + 1, device=idx.device, dtype=dtype).view(1, T, 1)
+        self.start = start
+        count = torch.arange(start + 1, start + T + 1, device=idx.device, dtype=dtype)
+        self.count = count.view(1, T, 1)
         self.rows, self.last = torch.arange(n, device=idx.device), (lengths - 1).clamp_min(0)
         self.heads = cache.heads_for(routes)
         self.gates: list[Tensor] = []  # per layer (n, E), at each prompt's last token
-        if routes.single is not None:  # no gate runs: what the slots held is no prompt's prefix
-            for state in cache.gate_state:
+        if routes.single is not None and not start:  # no gate runs: what the slots held is
+            for state in cache.gate_state:  # no prompt's prefix
                 state[slots] = 0.0
 
     def prefix_means(self, layer: int, h: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
         # summed in float32, as decoding goes on adding to the sums one token at a time
         prefix, tokens = h.float().cumsum(1), scores.float().cumsum(1)
+        if self.start:  # the sums go on from the cached part of the prompt
+            state = self.cache.gate_state[layer][self.slots].unsqueeze(1)
+            d = h.shape[-1]
+            prefix, tokens = prefix + state[..., :d], tokens + state[..., d:]
         at_last = torch.cat([prefix[self.rows, self.last], tokens[self.rows, self.last]], -1)
         self.cache.gate_state[layer][self.slots] = at_last
         return prefix.to(h.dtype) / self.count, tokens.to(h.dtype) / self.count
@@ -194,8 +215,17 @@ class Prefill:
         self.gates.append(weights[self.rows, self.last])
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        self.cache.store(layer, self.slots, self.heads, k, v)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        self.cache.store(layer, self.slots, self.heads, k, v, self.start)
+        if not self.start:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        T, end = q.shape[2], self.start + q.shape[2]
+        keys, values = self.cache.prefix(layer, self.slots, end, self.heads)
+        # query i (at position start + i) sees every key up to its own position
+        seen = (
+            torch.arange(end, device=q.device)
+            <= self.start + torch.arange(T, device=q.device)[:, None]
+        )
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=seen)
 
 
 class Decode:

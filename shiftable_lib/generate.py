@@ -34,6 +34,9 @@ from shiftable_lib.tokenizer import StreamDecoder, encode, eos_id
 FINISH_REASONS = ("length", "stop", "eos", "cancelled", "error")
 log = logging.getLogger("sma.generate")
 GREEDY_BELOW = torch.finfo(torch.float32).tiny  # a smaller temperature is 0 in float32
+# a longer prompt is prefilled this many tokens per step, so that the streams decoding beside it
+# wait for a chunk at a time, never for the whole prompt (docs/reliability.md)
+PREFILL_CHUNK = 256
 # one CUDA graph capture at a time per process: torch captures on one shared side stream, and
 # the inference worker may build engines in several threads (a hot swap, a failed step)
 _CAPTURE_LOCK = threading.Lock()
@@ -56,6 +59,7 @@ class Sequence:
     finish_reason: str | None = None
     error: str = ""  # why it ended, when finish_reason is "error" (its batch goes on)
     gate_total: Tensor | None = None  # (L, E) gate weights summed over generating positions
+    prefilled: int = 0  # prompt tokens in the cache so far, while prefilled a chunk per step
 
     @property
     def gate_mean(self) -> Tensor | None:
@@ -204,8 +208,10 @@ class Engine:
         tokenizer: Tokenizer,
         max_batch: int = 8,
         cuda_graphs: bool = True,
+        prefill_chunk: int = PREFILL_CHUNK,
     ) -> None:
         self.model = model.eval()
+        self.prefill_chunk = prefill_chunk
         self.tok = tokenizer
         self.eos = eos_id(tokenizer)
         self.device = model.wte.weight.device
@@ -224,6 +230,9 @@ class Engine:
         # per slot, gate weights summed over the output so far; read once, when a sequence ends
         self.gate_sums = torch.zeros(max_batch, cfg.n_layer, len(model.experts), device=self.device)
         self.active: list[Sequence] = []  # active[i] lives in cache slot i
+        # a long prompt prefilled a chunk per step, in the slot after the active ones: it joins
+        # them (and decodes) once its whole prompt is in the cache
+        self.filling: Sequence | None = None
         self.queue: deque[Sequence] = deque()
         self._ids = itertools.count()
         self._routes: RouteTable | None = None
@@ -265,12 +274,14 @@ class Engine:
         """Stop a sequence now; its slot is free for the next step."""
         if seq in self.queue:
             self.queue.remove(seq)
+        if seq is self.filling:
+            self.filling = None  # its slot is free again: nothing reads what it cached
         seq.finish_reason = seq.finish_reason or "cancelled"
         if seq in self.active:
             self._release(self.active.index(seq))
 
     def has_work(self) -> bool:
-        return bool(self.active or self.queue)
+        return bool(self.active or self.queue or self.filling)
 
     @torch.inference_mode()
     def step(self) -> list[TokenEvent]:
@@ -279,7 +290,8 @@ class Engine:
         running = len(self.active)
         if running:
             routes = self._route_table()
-            if self.graphs is not None and self.graphs.serves(routes):
+            # a graph's padding rows write into the slots past the batch: the filling one's
+            if self.graphs is not None and self.filling is None and self.graphs.serves(routes):
                 logits, gates = self.graphs.decode(self._last_tokens())
             else:
                 span = max(s.cached for s in self.active) + 1
@@ -292,6 +304,8 @@ class Engine:
             logits, gates = self._prefill(admitted)
             self.gate_sums[first : first + len(admitted)] = gates.transpose(0, 1).float()
             events += self._emit(admitted, logits)
+        if self.filling is not None:
+            events += self._fill()
         for i in reversed(range(len(self.active))):
             if self.active[i].finish_reason is not None:
                 self._release(i)
@@ -300,14 +314,43 @@ class Engine:
     # ---- internals ----------------------------------------------------------------------------
 
     def _admit(self) -> list[Sequence]:
+        """Queued sequences into free slots: a prompt of up to `prefill_chunk` tokens joins the
+        batch at once; a longer one becomes the filling sequence (one at a time)."""
         admitted = []
-        while self.queue and len(self.active) < self.max_batch:
+        while self.queue and self.filling is None and len(self.active) < self.max_batch:
             seq = self.queue.popleft()
-            self.active.append(seq)
-            admitted.append(seq)
+            if len(seq.prompt_ids) > self.prefill_chunk:
+                self.filling = seq
+            else:
+                self.active.append(seq)
+                admitted.append(seq)
         if admitted:
             self._routes = None
         return admitted
+
+    def _fill(self) -> list[TokenEvent]:
+        """Prefill the next chunk of the filling sequence; once its prompt is all in the cache,
+        it joins the batch with its first token."""
+        seq, slot = self.filling, len(self.active)
+        assert seq is not None
+        start = seq.prefilled
+        chunk = seq.prompt_ids[start : start + self.prefill_chunk]
+        logits, gates = self.model.prefill(
+            self.cache,
+            torch.tensor([slot], device=self.device),
+            torch.tensor([chunk], device=self.device),
+            torch.tensor([len(chunk)], device=self.device),
+            self._rows([seq]),
+            start,
+        )
+        seq.prefilled += len(chunk)
+        if seq.prefilled < len(seq.prompt_ids):
+            return []
+        self.filling = None
+        self.active.append(seq)
+        self._routes = None
+        self.gate_sums[slot] = gates[:, 0].float()
+        return self._emit([seq], logits)
 
     def _prefill(self, seqs: list[Sequence]) -> tuple[Tensor, Tensor]:
         first = len(self.active) - len(seqs)
@@ -376,6 +419,8 @@ class Engine:
             self.gate_sums[i] = self.gate_sums[last]
             self.active[i] = self.active[last]
         self.active.pop()
+        if self.filling is not None:  # it stays in the slot right after the active ones
+            self.cache.move(last + 1, last)
         self._routes = None
 
 

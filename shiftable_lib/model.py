@@ -409,16 +409,25 @@ class ShiftableLM(nn.Module):
         return KVCache.allocate(slots, self.experts, *dims, device or p.device, dtype or p.dtype)
 
     def prefill(
-        self, cache: KVCache, slots: Tensor, idx: Tensor, lengths: Tensor, routes: RouteTable
+        self,
+        cache: KVCache,
+        slots: Tensor,
+        idx: Tensor,
+        lengths: Tensor,
+        routes: RouteTable,
+        start: int = 0,
     ) -> tuple[Tensor, Tensor]:
-        """Run prompts (right-padded to a common length) into `slots` of the cache. Returns the
-        logits at each prompt's last real token (n, V) and the gate weights there (L, n, E)."""
+        """Run prompts (right-padded to a common length) into `slots` of the cache, at
+        positions from `start` on (the slots hold the prompts' first `start` tokens already).
+        Returns the logits at each prompt's last real token (n, V) and the gate weights there
+        (L, n, E)."""
         self._check_cache(cache)
-        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
-        step = Prefill(cache, slots, idx, lengths, routes, x.dtype)
+        positions = torch.arange(start, start + idx.shape[1], device=idx.device)
+        x = self.wte(idx) + self.wpe(positions)
+        step = Prefill(cache, slots, idx, lengths, routes, x.dtype, start)
         for i, block in enumerate(self.blocks):
             x = block(x, step, i)
-        cache.lengths[slots] = lengths
+        cache.lengths[slots] = start + lengths
         last = self.head(self.ln_f(x[step.rows, step.last]))
         return last, self._stack_gates(step.gates, routes, idx.shape[0])
 

@@ -57,6 +57,85 @@ def test_kv_cache_decoding_equals_full_recomputation_on_a_ragged_batch(
                     )
 
 
+@pytest.mark.parametrize("layout", ["head-major", "position-major"])
+@pytest.mark.parametrize("routing", [Routing(), Routing(mode="top1"), Routing(force=("ds",))])
+def test_a_prompt_prefilled_in_chunks_equals_one_prefilled_whole(
+    shiftable, routing, layout, monkeypatch
+):
+    """Chunk after chunk into one slot (each going on from the cached part of the prompt) leaves
+    the cache as one whole prefill does, and scores the last token the same."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1 if layout == "position-major" else 2)
+    whole, chunked = shiftable.new_cache(slots=3), shiftable.new_cache(slots=3)
+    assert whole.position_major == (layout == "position-major")
+    gen = torch.Generator().manual_seed(5)
+    idx = torch.randint(0, shiftable.cfg.vocab_size, (1, 37), generator=gen)
+    routes = RouteTable.build(shiftable.experts, [routing], "cpu")
+    slot = torch.tensor([2])
+    with torch.no_grad():
+        logits, gates = shiftable.prefill(whole, slot, idx, torch.tensor([37]), routes)
+        for start in range(0, 37, 16):  # 16 + 16 + 5
+            chunk = idx[:, start : start + 16]
+            length = torch.tensor([chunk.shape[1]])
+            last, last_gates = shiftable.prefill(chunked, slot, chunk, length, routes, start)
+    torch.testing.assert_close(last, logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(last_gates, gates, rtol=0, atol=1e-6)
+    assert chunked.lengths.tolist() == whole.lengths.tolist() == [0, 0, 37]
+    for layer in range(shiftable.cfg.n_layer):
+        for ours, theirs in [
+            (chunked.k[layer], whole.k[layer]),
+            (chunked.v[layer], whole.v[layer]),
+            (chunked.gate_state[layer], whole.gate_state[layer]),
+        ]:
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2], ids=["compiled", "torch"])
+def test_a_long_prompt_fills_a_chunk_per_step_while_the_batch_decodes(
+    shiftable, tokenizer, threads, monkeypatch
+):
+    """Past `prefill_chunk` tokens a prompt is prefilled a chunk per step: the sequences running
+    meanwhile get a token every step, and every sequence gets the tokens it gets alone."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    long = " ".join(["numpy array mean of the list", "tensor gradient"] * 4)
+    prompts = ["the list of", long, "tensor gradient", long + " more"]
+    alone = [
+        complete(Engine(shiftable, tokenizer, max_batch=1), [p], GREEDY)[0].output_ids
+        for p in prompts
+    ]
+    engine = Engine(shiftable, tokenizer, max_batch=3, prefill_chunk=16)
+    first = engine.submit(prompts[0], GREEDY)
+    engine.step()
+    rest = [engine.submit(p, GREEDY) for p in prompts[1:]]
+    assert len(first.prompt_ids) <= 16 and len(rest[0].prompt_ids) > 2 * 16  # 3 chunks
+    steps_filling = 0
+    while engine.has_work():
+        filling = engine.filling is not None
+        events = engine.step()
+        steps_filling += filling
+        if filling and first.finish_reason is None:
+            assert any(e.seq is first for e in events)  # not held up by the long prompt
+    assert steps_filling >= 2 * 2  # two long prompts, a step for each chunk after the first
+    assert [s.output_ids for s in (first, *rest)] == alone
+    assert engine.filling is None and not engine.active and not engine.queue
+
+
+def test_a_long_prompt_cancelled_while_it_fills_frees_its_slot(shiftable, tokenizer):
+    long = " ".join(["numpy array mean of the list"] * 8)
+    engine = Engine(shiftable, tokenizer, max_batch=2, prefill_chunk=16)
+    running = engine.submit("the list of", GREEDY)
+    engine.step()
+    filling = engine.submit(long, GREEDY)
+    engine.step()
+    assert engine.filling is filling
+    engine.cancel(filling)
+    assert engine.filling is None and filling.finish_reason == "cancelled"
+    after = engine.submit("tensor gradient", GREEDY)
+    while engine.has_work():
+        engine.step()
+    alone = complete(Engine(shiftable, tokenizer, max_batch=1), ["tensor gradient"], GREEDY)[0]
+    assert after.output_ids == alone.output_ids and running.finish_reason == "length"
+
+
 def test_batched_decode_attention_equals_sdpa_and_ignores_positions_past_each_row():
     gen = torch.Generator().manual_seed(0)
     rows, heads, span, hd = BATCHED_DECODE_ROWS + 1, 4, 13, 8  # the batched products
