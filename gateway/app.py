@@ -29,8 +29,11 @@ from shiftable_lib.auth import Keys
 from shiftable_lib.auth import Scope as KeyScope
 from shiftable_lib.config import Settings
 from shiftable_lib.errors import ShiftableError
+from shiftable_lib.sampling import MAX_PROMPT_CHARS
 
-MAX_BODY = 1024 * 1024
+# room for the longest prompt as JSON may spell it: a character outside the BMP escaped as a
+# surrogate pair is 12 bytes (\ud83d\ude00); the rest of a body (stop strings, ...) fits the margin
+MAX_BODY = 12 * MAX_PROMPT_CHARS + 256 * 1024
 TOO_LARGE = f"request body over {MAX_BODY} bytes"
 
 

@@ -155,6 +155,18 @@ def test_oversized_body_is_refused(stack: Stack) -> None:
     assert reply.status_code == 413
 
 
+def test_the_longest_prompt_fits_the_body_limit_however_json_spells_it(stack: Stack) -> None:
+    """100,000 characters outside the BMP, each escaped as a surrogate pair (12 bytes): 1.2 MB
+    of body, taken and left-truncated to the context like any long prompt."""
+    body = json.dumps({"prompt": "\U0001f600" * 100_000, "max_new_tokens": 2})
+    assert len(body) > 1_200_000
+    reply = stack.http.post(
+        "/generate", content=body.encode(), headers={"content-type": "application/json"}
+    )
+    assert reply.status_code == 200, reply.text[:300]
+    assert reply.json()["completion"] is not None
+
+
 def test_a_chunked_body_is_cut_off_at_the_limit_and_never_read_whole(stack: Stack) -> None:
     """No Content-Length: the gateway counts the body as it arrives and answers 413 once it
     passes the limit, while the client is still sending its 100 MB; its memory stays put."""
