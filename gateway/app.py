@@ -32,8 +32,9 @@ from shiftable_lib.errors import ShiftableError
 from shiftable_lib.sampling import MAX_PROMPT_CHARS
 
 # room for the longest prompt as JSON may spell it: a character outside the BMP escaped as a
-# surrogate pair is 12 bytes (\ud83d\ude00); the rest of a body (stop strings, ...) fits the margin
-MAX_BODY = 12 * MAX_PROMPT_CHARS + 256 * 1024
+# surrogate pair is 12 bytes (\ud83d\ude00); the rest of a body (stop strings, ...) fits the
+# margin. Whole KiB, as the Ingress's proxy-body-size (deploy/) says it.
+MAX_BODY = (-(-12 * MAX_PROMPT_CHARS // 1024) + 256) * 1024
 TOO_LARGE = f"request body over {MAX_BODY} bytes"
 
 
