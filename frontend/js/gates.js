@@ -12,19 +12,40 @@ const controls = $("routing");
 const note = $("routing-note");
 const CAPTION = caption.textContent;
 const PALETTE = ["#64748b", "#2563eb", "#d97706", "#059669", "#db2777", "#7c3aed", "#0891b2", "#65a30d"];
+const COLORS_KEY = "sma-expert-colors";
+
+// Each expert keeps its colour for good: the first time the page sees a name it takes the first
+// colour no expert it knows has (the base always has the first), and the browser remembers it,
+// so an add, a delete or a reload never repaints the others.
+function remembered() {
+  try {
+    const stored = JSON.parse(localStorage.getItem(COLORS_KEY) || "{}");
+    return stored && typeof stored === "object" ? stored : {};
+  } catch {
+    return {};
+  }
+}
 
 export class Gates {
   constructor() {
     this.experts = [];
-    this.colors = new Map();
+    this.colors = remembered();
     this.shown = 0; // replies asked about: an older answer arriving late is dropped
   }
 
   color(expert) {
-    if (!this.colors.has(expert)) {
-      this.colors.set(expert, PALETTE[this.colors.size % PALETTE.length]);
+    if (!PALETTE.includes(this.colors[expert])) {
+      const taken = new Set(Object.values(this.colors));
+      const free = PALETTE.slice(1).filter((c) => !taken.has(c));
+      const known = Object.keys(this.colors).length;
+      this.colors[expert] = expert === "general" ? PALETTE[0] : free[0] ?? PALETTE[1 + (known % (PALETTE.length - 1))];
+      try {
+        localStorage.setItem(COLORS_KEY, JSON.stringify(this.colors));
+      } catch {
+        // storage refused (private mode): the colours hold for this page only
+      }
     }
-    return this.colors.get(expert);
+    return this.colors[expert];
   }
 
   // The experts the model serves: "general" (the base) plus the ready specialists.

@@ -291,25 +291,43 @@ WATCH_OPERATIONS = """() => {
 def test_adding_a_specialist_shows_a_progress_bar_then_the_entry(
     page: Page, ui_stack: Stack, shots: Path
 ) -> None:
-    write_domain(ui_stack.home / "data", "extra", synthetic_documents("dl", 30, seed=5))
+    write_domain(ui_stack.home / "data", "apps", synthetic_documents("dl", 30, seed=5))
     open_ui(page, ui_stack)
+    expect(page.get_by_label("Routing for ds", exact=True)).to_have_count(1)
+    before = swatches(page)
+    assert len(set(before.values())) == len(before) == 3  # general, dl, ds
     page.evaluate(WATCH_OPERATIONS)
-    page.get_by_label("Add a specialist").fill("extra")
+    page.get_by_label("Add a specialist").fill("apps")
     page.get_by_role("button", name="Add specialist").click()
     bar = page.locator(".operation progress")
     expect(bar).to_be_visible()
-    expect(page.locator(".operation .op-title")).to_contain_text("Adding extra")
+    expect(page.locator(".operation .op-title")).to_contain_text("Adding apps")
     expect(page.get_by_role("button", name="Add specialist")).to_be_disabled()
     page.screenshot(path=shots / "05-adding.png")
 
-    entry = page.locator('.specialist[data-name="extra"]')
+    entry = page.locator('.specialist[data-name="apps"]')
     expect(entry.locator(".badge")).to_have_text("ready", timeout=SLOW)
     expect(page.locator(".operation")).to_have_count(0)  # the list refreshed by itself
     texts = page.evaluate("window.opTexts")
-    assert any(re.search(r"training extra · \d+% · loss \d", t) for t in texts), texts  # live
-    assert "extra" in ui_stack.http.get("/specialists").json()
-    expect(page.get_by_label("Routing for extra", exact=True)).to_have_count(1)
+    assert any(re.search(r"training apps · \d+% · loss \d", t) for t in texts), texts  # live
+    assert "apps" in ui_stack.http.get("/specialists").json()
+    expect(page.get_by_label("Routing for apps", exact=True)).to_have_count(1)
     page.screenshot(path=shots / "06-added.png")
+    # "apps" sorts before every other name: no expert takes another's colour, now or reloaded
+    page.reload()
+    expect(page.get_by_label("Routing for apps", exact=True)).to_have_count(1)
+    after = swatches(page)
+    assert {name: after[name] for name in before} == before
+    assert after["apps"] not in before.values()
+
+
+def swatches(page: Page) -> dict[str, str]:
+    """Each expert's colour in the routing control."""
+    return page.evaluate(
+        """() => Object.fromEntries([...document.querySelectorAll("#routing label.route")]
+            .map((l) => [l.querySelector("select").dataset.expert,
+                         l.querySelector(".swatch").style.background]))"""
+    )
 
 
 def test_an_add_can_be_cancelled_while_it_trains(page: Page, ui_stack: Stack) -> None:
@@ -368,7 +386,7 @@ def test_deleting_specialists_removes_them_and_keeps_the_last(
 ) -> None:
     open_ui(page, ui_stack)
     dialog = page.locator("#confirm")
-    delete = page.get_by_role("button", name="Delete specialist extra")
+    delete = page.get_by_role("button", name="Delete specialist apps")
     delete.focus()
     page.keyboard.press("Enter")  # by keyboard alone
     expect(dialog).to_be_visible()
@@ -381,7 +399,7 @@ def test_deleting_specialists_removes_them_and_keeps_the_last(
     expect(delete).to_be_focused()
     expect(page.locator(".operation")).to_have_count(0)
 
-    for name in ("extra", "broken", "dl"):
+    for name in ("apps", "broken", "dl"):
         page.get_by_role("button", name=f"Delete specialist {name}").click()
         page.locator("#confirm-ok").click()
         expect(page.locator(".operation .op-title")).to_contain_text(f"Deleting {name}")
