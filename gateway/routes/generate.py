@@ -15,7 +15,7 @@ from sma.v1 import inference_pb2
 
 router = APIRouter()
 
-TOO_LARGE = "a body over 1 MiB (a long prompt can be, once JSON escapes its characters)"
+TOO_LARGE = "a body over the gateway's limit (docs/api.md)"
 UNKNOWN_EXPERT = "`routing` names an expert the model does not have"
 NO_MODEL = "no model serves yet (the first start is training), or inference does not answer"
 GENERATION_REFUSALS = refusals(

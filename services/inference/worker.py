@@ -5,9 +5,10 @@ steps, and sends one `Chunks` per step with that step's chunks plus its load cou
 active sequence advances together each step and new requests join between steps: continuous
 batching. When idle it blocks on the pipe.
 
-A long text prompt is tokenised in a helper thread too (up to ~90 ms for the longest one, with
-the GIL let go), then joins the engine it was submitted to: the streams decoding meanwhile do
-not wait for it.
+A long text prompt is tokenised in a helper thread too (the tokenizer lets go of the GIL),
+then joins the engine it was submitted to: the streams decoding meanwhile do not wait for it.
+Helper threads hand what they finished to the loop (`hand_over`), which takes it up between
+steps.
 
 Hot swap: a `Load` is read and its KV cache allocated in a helper thread while the loop keeps
 stepping; the loop then submits new requests to the fresh `Engine`. The previous engine keeps
@@ -29,6 +30,7 @@ import signal
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -126,13 +128,12 @@ class Worker:
         self.tokens = self.steps = 0
         self.seconds = 0.0  # in steps
         self.sent = IDLE
-        # versions prepared by helper threads, adopted by the step loop; the pipe wakes it up
-        self.loaded: deque[tuple[int, _Prepared | Exception]] = deque()
-        # long prompts being tokenised by helper threads (stream id -> its engine and that
-        # engine's version), and those done
-        self.tokenizing: dict[int, tuple[Engine, str]] = {}
-        self.tokenized: deque[tuple[int, list[int] | Exception, SamplingParams]] = deque()
+        # what helper threads finished (a version prepared, a long prompt tokenised), for the
+        # step loop to take up between steps; one byte in the pipe per item wakes it up
+        self.handed: deque[Callable[[], None]] = deque()
         self.wake_r, self.wake_w = os.pipe()
+        # long prompts being tokenised (stream id -> its engine and that engine's version)
+        self.tokenizing: dict[int, tuple[Engine, str]] = {}
 
     def run(self) -> None:
         """Step while there is work, apply commands between steps, block when idle."""
@@ -145,8 +146,7 @@ class Worker:
                     self.shutdown()
                     return
                 self.apply(command)
-            self.adopt_loaded()
-            self.adopt_tokenized()
+            self.take_handed()
             self.publish(self.step() if self.has_work() else [])
 
     def apply(self, command: Command) -> None:
@@ -200,18 +200,24 @@ class Worker:
             outcome: _Prepared | Exception = self.prepare(version_id)
         except Exception as exc:
             outcome = _picklable(exc)
-        self.loaded.append((call_id, outcome))
+        self.hand_over(lambda: self.loaded(call_id, outcome))
+
+    def hand_over(self, then: Callable[[], None]) -> None:
+        """From a helper thread: have the step loop run `then` between two steps."""
+        self.handed.append(then)
         os.write(self.wake_w, b"x")
 
-    def adopt_loaded(self) -> None:
-        while self.loaded:
+    def take_handed(self) -> None:
+        while self.handed:
             os.read(self.wake_r, 1)
-            call_id, outcome = self.loaded.popleft()
-            if isinstance(outcome, Exception):
-                self.conn.send(CallFailed(call_id, outcome))
-            else:
-                self.adopt(*outcome)
-                self.conn.send(Loaded(call_id, outcome[1]))
+            self.handed.popleft()()
+
+    def loaded(self, call_id: int, outcome: _Prepared | Exception) -> None:
+        if isinstance(outcome, Exception):
+            self.conn.send(CallFailed(call_id, outcome))
+        else:
+            self.adopt(*outcome)
+            self.conn.send(Loaded(call_id, outcome[1]))
 
     def adopt(self, engine: Engine, version: LoadedVersion) -> None:
         if self.engine is not None and self.engine.has_work():
@@ -236,25 +242,23 @@ class Worker:
             outcome: list[int] | Exception = encode_apart(engine.tok, prompt)
         except Exception as exc:
             outcome = _picklable(exc)
-        self.tokenized.append((stream_id, outcome, params))
-        os.write(self.wake_w, b"x")
+        self.hand_over(lambda: self.tokenized(stream_id, outcome, params))
 
-    def adopt_tokenized(self) -> None:
-        """Submit the prompts tokenised since the last step to the engine each was submitted to
-        (a version swapped in meanwhile does not change it), unless cancelled meanwhile."""
-        while self.tokenized:
-            os.read(self.wake_r, 1)
-            stream_id, outcome, params = self.tokenized.popleft()
-            submitted = self.tokenizing.pop(stream_id, None)
-            if submitted is None:
-                continue
-            engine, version = submitted
-            if isinstance(outcome, Exception):
-                self.conn.send(StreamFailed(stream_id, outcome))
-                continue
-            if engine not in self.engines():  # its version was swapped out meanwhile
-                self.draining.append(engine)  # it drains, with this sequence
-            self.enqueue(stream_id, engine, version, outcome, params)
+    def tokenized(
+        self, stream_id: int, outcome: list[int] | Exception, params: SamplingParams
+    ) -> None:
+        """Submit a tokenised prompt to the engine it was submitted to (a version swapped in
+        meanwhile does not change it), unless it was cancelled meanwhile."""
+        submitted = self.tokenizing.pop(stream_id, None)
+        if submitted is None:
+            return
+        engine, version = submitted
+        if isinstance(outcome, Exception):
+            self.conn.send(StreamFailed(stream_id, outcome))
+            return
+        if engine not in self.engines():  # its version was swapped out meanwhile
+            self.draining.append(engine)  # it drains, with this sequence
+        self.enqueue(stream_id, engine, version, outcome, params)
 
     def enqueue(
         self,
