@@ -385,13 +385,15 @@ class Coordinator:
             stream = self.backends.registry.WatchServing(R.WatchServingRequest())
             async for reply in stream:
                 serving = reply.serving
+                # first: a replica that found `version` damaged serves the last good one, and
+                # the registry may have made that the serving version already
+                if loaded_everywhere(serving, version) and serving.version.id == version:
+                    return
                 if serving.version.id != version:
                     raise OperationFailed(
                         f"version {serving.version.id} was published while waiting for "
                         f"{version} to load"
                     )
-                if loaded_everywhere(serving, version):
-                    return
             raise OperationFailed("the registry ended the serving stream")
 
         try:

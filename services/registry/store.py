@@ -310,7 +310,9 @@ class RegistryStore:
     ) -> ServingState:
         """Record what an inference replica serves now, and why it cannot load the serving
         version if it cannot; each report renews the replica's lease. `invalid_version_id`
-        failed its check on loading (`load_error` says why): it is marked invalid."""
+        failed its check on loading (`load_error` says why): it is marked invalid, and if it
+        was the serving version while no operation runs, the version served instead becomes
+        the serving one (see `_fall_back`)."""
         if not version_id and not load_error:
             raise ValueError("a report names the version served, or why none could be loaded")
         if invalid_version_id and not load_error:
@@ -323,8 +325,10 @@ class RegistryStore:
                     (load_error, invalid_version_id),
                 )
             if version_id:
-                _get(db, ModelVersion, version_id)
+                served = _get(db, ModelVersion, version_id)
                 db.execute("UPDATE serving SET loaded_version_id = ?", (version_id,))
+                if invalid_version_id and invalid_version_id != version_id:
+                    _fall_back(db, invalid_version_id, served, load_error)
             if replica_id:
                 db.execute(
                     "INSERT INTO replicas VALUES (?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET"
@@ -334,6 +338,29 @@ class RegistryStore:
                 )
             db.execute("DELETE FROM replicas WHERE reported_at < ?", (now - REPLICA_LEASE_S,))
             return _serving(db)
+
+
+def _fall_back(db: sqlite3.Connection, invalid: str, served: ModelVersion, load_error: str) -> None:
+    """`invalid`, the serving version, cannot be loaded and a replica serves `served`, the
+    last good one, instead: that is what serves from now on, and the specialists' records say
+    so. Those it lacks are failed with the reason (an add makes them again); those it holds
+    that were deleted after it are listed again, since it serves them. While an operation
+    runs, its driver restores what served before it and records the failure itself."""
+    (pointer,) = db.execute("SELECT version_id FROM serving").fetchone()
+    if pointer != invalid or _select(db, Operation, f"WHERE {UNFINISHED} LIMIT 1"):
+        return
+    db.execute("UPDATE serving SET version_id = ?", (served.id,))
+    reason = f"model version {invalid} cannot be loaded, {served.id} serves instead: {load_error}"
+    known = {s.name: s for s in _select(db, Specialist)}
+    for name, record in known.items():
+        if name not in served.specialists and record.state == SpecialistState.READY:
+            _save(db, _changed(record, {"state": SpecialistState.FAILED, "error": reason}))
+    now = utc_now()
+    for name in served.specialists:
+        if name not in known:
+            _save(db, Specialist(name, "", "", SpecialistState.READY, reason, now, now))
+        elif known[name].state == SpecialistState.FAILED:  # failed before, but served again
+            _save(db, _changed(known[name], {"state": SpecialistState.READY, "error": reason}))
 
 
 def _select(db: sqlite3.Connection, cls: type[R], clause: str = "", *args: object) -> list[R]:

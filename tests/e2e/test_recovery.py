@@ -155,25 +155,42 @@ def test_a_second_start_serves_within_seconds(stack: Stack) -> None:
 def test_a_damaged_serving_version_falls_back_to_the_last_good_one(stack: Stack) -> None:
     """The newest version's weights are truncated while the stack is down: on restart the
     inference server refuses it, marks it invalid in the registry, serves the version before
-    it, and /health says why."""
+    it, which serves from then on, and /health and the specialists' records say why. The
+    specialist that only the damaged version held is failed with the reason, and adding it
+    again builds on what serves."""
     stack.stop()  # after the second-start test: a stack of its own on the same home
     before = Stack(stack.home, stack.port).start()
-    serving = before.wait_ready(90)["serving_version"]
+    damaged = before.wait_ready(90)["serving_version"]
+    assert "again" in before.http.get("/specialists").json()  # the add that made `damaged`
     assert before.stop() == 0
-    weights = stack.home / "artifacts" / "models" / serving / "model.safetensors"
+    weights = stack.home / "artifacts" / "models" / damaged / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     again = Stack(stack.home, stack.port).start()
     try:
         health = again.wait_ready(90)
         assert health["initialized"] and generates(again)
-        assert health["serving_version"] == serving
-        assert health["loaded_version"] not in (serving, None)
+        good = health["loaded_version"]
+        assert good not in (damaged, None) and health["serving_version"] == good
         (replica,) = health["replicas"]
-        assert f"cannot load {serving}" in replica["load_error"]
+        assert f"cannot load {damaged}" in replica["load_error"]
         assert "bytes, not the" in replica["load_error"]
-        assert f"serving {health['loaded_version']} instead" in replica["load_error"]
+        assert f"serving {good} instead" in replica["load_error"]
         versions = {v["id"]: v for v in again.http.get("/versions").json()}
-        assert "model.safetensors" in versions[serving]["invalid_reason"]
+        assert "model.safetensors" in versions[damaged]["invalid_reason"]
+        assert "again" not in again.http.get("/specialists").json()
+        detail = {s["name"]: s for s in again.http.get("/v1/specialists").json()}
+        assert detail["again"]["state"] == "failed", detail["again"]
+        assert f"model version {damaged} cannot be loaded" in detail["again"]["error"]
+        assert "bytes, not the" in detail["again"]["error"]
+        assert detail["resumed"]["state"] == "ready"  # the good version holds it
+
+        reply = again.http.post("/specialists", json={"name": "again"}, timeout=180)
+        assert reply.status_code == 200, reply.text
+        assert "again" in reply.json()["specialists"]
+        health = again.wait_ready(60)
+        assert health["serving_version"] not in (good, damaged)
+        assert health["loaded_version"] == health["serving_version"]
+        assert generates(again)
     finally:
         again.stop()
 

@@ -23,6 +23,7 @@ from services.registry.schema import (
     OperationState,
     Progress,
     Replica,
+    SpecialistState,
 )
 from services.registry.store import RegistryStore
 from shiftable_lib.errors import AlreadyExists, Conflict, InvalidName, NotFound
@@ -200,12 +201,49 @@ def test_a_version_that_fails_its_check_is_marked_and_never_published_again(db: 
             store.report_loaded("v1", "pod-a", invalid_version_id="v2")
         reason = "cannot load v2: v2: model.safetensors is 1000 bytes, not the 9000"
         serving = store.report_loaded("v1", "pod-a", reason, invalid_version_id="v2")
-        assert serving.version.id == "v2" and serving.version.invalid_reason.endswith("9000")
+        # what serves instead is the serving version now: nothing is pending on v2
+        assert serving.version.id == "v1" and serving.loaded_version_id == "v1"
+        assert store.get_version("v2").invalid_reason.endswith("9000")
         assert serving.replicas == [Replica("pod-a", "v1", reason)]
-        store.rollback_version("v1")  # to the good one
         with pytest.raises(Conflict, match="v2 is invalid: cannot load v2"):
             store.publish_version(new)
         with pytest.raises(Conflict, match="v2 is invalid: cannot load v2"):
             store.rollback_version("v2")
         assert store.get_serving().version.id == "v1"
         assert [v.invalid_reason != "" for v in store.list_versions()] == [True, False]
+
+
+def test_falling_back_from_a_damaged_version_shows_in_the_specialists(db: Path) -> None:
+    """The serving version cannot be loaded and a replica serves the one before it: the
+    specialists it lacks are failed with the reason, and one deleted after it is listed
+    again, since it serves again."""
+    with RegistryStore(db) as store:
+        store.publish_version(ModelVersion("v1", ["old", "ds"], "a/v1", "{}", "tiny"))
+        store.publish_version(ModelVersion("v2", ["ds", "new"], "a/v2", "{}", "tiny"))
+        for name in ("ds", "new", "gone"):
+            store.add_specialist(name, f"data/{name}", state=SpecialistState.READY)
+        store.update_specialist("gone", state=SpecialistState.FAILED, error="did not train")
+        reason = "cannot load v2: model.safetensors is 1000 bytes; serving v1 instead"
+        serving = store.report_loaded("v1", "pod-a", reason, invalid_version_id="v2")
+        assert serving.version.id == "v1"
+        records = {s.name: s for s in store.list_specialists()}
+        assert records["ds"].state == SpecialistState.READY and records["ds"].error == ""
+        assert records["new"].state == SpecialistState.FAILED
+        assert records["new"].error.startswith("model version v2 cannot be loaded, v1 serves")
+        assert records["new"].error.endswith(reason)
+        assert records["old"].state == SpecialistState.READY  # v1 serves it again
+        assert "v2 cannot be loaded" in records["old"].error
+        assert records["gone"].error == "did not train"  # v1 never held it: untouched
+
+
+def test_no_fall_back_of_the_pointer_while_an_operation_runs(db: Path) -> None:
+    """The operation's driver restores what served before and fails it with its own reason."""
+    with RegistryStore(db) as store:
+        store.publish_version(ModelVersion("v1", ["ds"], "a/v1", "{}", "tiny"))
+        store.add_specialist("ds", state=SpecialistState.READY)
+        store.create_operation(OperationKind.ADD_SPECIALIST, "new")
+        store.add_specialist("new")
+        store.publish_version(ModelVersion("v2", ["ds", "new"], "a/v2", "{}", "tiny"))
+        serving = store.report_loaded("v1", "pod-a", "damaged", invalid_version_id="v2")
+        assert serving.version.id == "v2"
+        assert store.get_specialist("new").state == SpecialistState.TRAINING
