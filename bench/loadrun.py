@@ -516,7 +516,9 @@ def measure(args: argparse.Namespace, home: Path) -> dict:
     url = f"http://127.0.0.1:{port}"
     log = home / "loadrun.log"
     load_before = os.getloadavg()[0]  # other work on the machine skews the rates: say how much
-    process = start_stack(home, profile, "cpu", port, args.threads, log, args.train_threads)
+    process = start_stack(
+        home, profile, "cpu", port, args.threads, log, args.train_threads, args.max_drift
+    )
     started = time.monotonic()
     try:
         with httpx.Client(base_url=url, timeout=60.0) as http:
@@ -662,6 +664,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--train-threads", type=int, default=0, help="SMA_TRAIN_THREADS; 0 = all cores"
+    )
+    parser.add_argument(
+        "--max-drift",
+        type=float,
+        default=None,
+        metavar="PERCENT",
+        help="the stack's SMA_MAX_DRIFT for the hot swaps' adds (default: its own)",
     )
     parser.add_argument("--seed", type=int, default=0, help="prompts, temperatures, corpora")
     parser.add_argument("--json", type=Path, help="write the raw figures (every stream) here")

@@ -86,10 +86,14 @@ def start_stack(
     threads: int,
     log: Path,
     train_threads: int = 0,
+    max_drift: float | None = None,
 ) -> subprocess.Popen:
+    """`sma up` on `home`; `max_drift` is its SMA_MAX_DRIFT (None: the default)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SMA_")}  # no stray ports
     env["SMA_THREADS"] = str(threads)
     env["SMA_TRAIN_THREADS"] = str(train_threads)
+    if max_drift is not None:
+        env["SMA_MAX_DRIFT"] = str(max_drift)
     command = [sys.executable, "-m", "shiftable.cli", "up", "--home", str(home)]
     command += ["--profile", profile, "--device", device, "--port", str(port)]
     with open(log, "ab") as out:
@@ -184,8 +188,9 @@ def measure(args: argparse.Namespace, settings: Settings, profile: str) -> dict:
         home=settings.home, host="127.0.0.1", port=port, inference_port=0, inference_addr=""
     ).grpc_target("inference")
     process = start_stack(
-        settings.home, profile, args.device, port, args.threads, log, args.train_threads
-    )
+        settings.home, profile, args.device, port, args.threads, log, args.train_threads,
+        args.max_drift,
+    )  # fmt: skip
     raw: dict = {"notes": [f"stack log: {log}"], "load_before": os.getloadavg()[0]}
     worker = ThreadPoolExecutor(max_workers=1)
     channel = grpc.insecure_channel(address)  # connects when first used
@@ -402,6 +407,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--device", default="cpu", help="where the stack and the in-process engine decode"
+    )
+    parser.add_argument(
+        "--max-drift",
+        type=float,
+        default=None,
+        metavar="PERCENT",
+        help="the stack's SMA_MAX_DRIFT for the lifecycle's add and delete (default: its own)",
     )
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--skip-lifecycle", action="store_true")

@@ -66,15 +66,18 @@ class Coordinator:
 
     # ---- requests ----------------------------------------------------------------------------
 
-    async def add(self, name: str, full_retrain: bool = False) -> R.Operation:
-        """Validate, record the operation and the specialist, and start training it."""
+    async def add(
+        self, name: str, full_retrain: bool = False, max_drift: float | None = None
+    ) -> tuple[R.Operation, T.Corpus]:
+        """Validate, record the operation and the specialist, and start training it; the
+        operation, and the corpus as the training service read it."""
         corpus = await self._corpus(name)  # INVALID_ARGUMENT: a bad name, or no corpus
         await self.records.require_serving()
         registry = self.backends.registry
         existing = await self.records.specialist(name)
         if existing is not None and existing.state != R.SPECIALIST_STATE_FAILED:
             raise AlreadyExists(f"specialist {name!r} already exists")
-        op = await self._create(R.OPERATION_KIND_ADD_SPECIALIST, name, full_retrain)
+        op = await self._create(R.OPERATION_KIND_ADD_SPECIALIST, name, full_retrain, max_drift)
         try:
             if existing is not None:  # a failed earlier attempt: this one replaces it
                 await registry.DeleteSpecialist(R.DeleteSpecialistRequest(name=name))
@@ -86,9 +89,9 @@ class Coordinator:
             )
         finally:  # driven from here on, whatever happened: a failure is its to record
             self._spawn(op)
-        return op
+        return op, corpus
 
-    async def delete(self, name: str) -> R.Operation:
+    async def delete(self, name: str, max_drift: float | None = None) -> R.Operation:
         """Validate (known, not the last one), record the operation, start the removal."""
         serving = await self.records.require_serving()
         existing = await self.records.specialist(name)  # INVALID_ARGUMENT for a bad name
@@ -96,7 +99,7 @@ class Coordinator:
             raise NotFound(f"no specialist named {name!r}")
         if list(serving.specialists) == [name]:
             raise Conflict(f"{name!r} is the last specialist and cannot be deleted")
-        op = await self._create(R.OPERATION_KIND_DELETE_SPECIALIST, name)
+        op = await self._create(R.OPERATION_KIND_DELETE_SPECIALIST, name, max_drift=max_drift)
         try:
             await self.records.set_specialist(name, R.SPECIALIST_STATE_DELETING)
         finally:
@@ -218,10 +221,12 @@ class Coordinator:
 
     # ---- driving an operation ----------------------------------------------------------------
 
-    async def _create(self, kind: int, target: str, full_retrain: bool = False) -> R.Operation:
+    async def _create(
+        self, kind: int, target: str, full_retrain: bool = False, max_drift: float | None = None
+    ) -> R.Operation:
         """Record an operation that this gateway holds the lease on from the start; the caller
         writes what else it needs, then `_spawn`s it."""
-        op = await self.records.create(kind, target, full_retrain, self.owner, LEASE_S)
+        op = await self.records.create(kind, target, full_retrain, self.owner, LEASE_S, max_drift)
         self.preparing.add(op.id)
         return op
 

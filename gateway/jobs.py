@@ -113,7 +113,9 @@ class TrainingRun:
         return job
 
     def _job_request(self, op: R.Operation) -> T.StartJobRequest:
-        key = {"request_id": op.id}
+        key: dict = {"request_id": op.id}
+        if op.HasField("max_drift"):
+            key["max_drift"] = op.max_drift
         if op.kind == R.OPERATION_KIND_INITIALIZE:
             return T.StartJobRequest(kind=T.JOB_KIND_TRAIN_ALL, profile=self.profile, **key)
         if op.kind == R.OPERATION_KIND_ADD_SPECIALIST:

@@ -32,10 +32,21 @@ class Records:
         return serving.version
 
     async def create(
-        self, kind: int, target: str, full_retrain: bool, owner: str, lease_s: float
+        self,
+        kind: int,
+        target: str,
+        full_retrain: bool,
+        owner: str,
+        lease_s: float,
+        max_drift: float | None = None,
     ) -> R.Operation:
         request = R.CreateOperationRequest(
-            kind=kind, target=target, full_retrain=full_retrain, owner=owner, lease_seconds=lease_s
+            kind=kind,
+            target=target,
+            full_retrain=full_retrain,
+            owner=owner,
+            lease_seconds=lease_s,
+            max_drift=max_drift,
         )
         reply = await self.registry.CreateOperation(request, timeout=RPC_TIMEOUT)
         return reply.operation

@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 from google.protobuf.timestamp_pb2 import Timestamp
 from pydantic import BaseModel, ConfigDict, Field
 
+from shiftable_lib.config import MAX_DRIFT
 from shiftable_lib.sampling import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_TEMPERATURE,
@@ -30,7 +31,7 @@ from shiftable_lib.sampling import (
     MAX_TOP_K,
     MAX_TOP_K_EXPERTS,
 )
-from sma.v1 import common_pb2, inference_pb2, registry_pb2
+from sma.v1 import common_pb2, inference_pb2, registry_pb2, training_pb2
 
 # the smallest positive float32: the wire's `top_p` is a float32, in which a smaller top_p the
 # schema admits (> 0) would arrive as 0 and be refused; it samples the same (the top token)
@@ -126,6 +127,13 @@ class SpecialistBody(BaseModel):
 
     name: str = Field(max_length=256)
     full_retrain: bool = False
+    max_drift: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=MAX_DRIFT,
+        description="percent: publish only if no other domain's held-out perplexity gets worse "
+        "than this; null = the training service's setting (SMA_MAX_DRIFT, 0.5)",
+    )
 
 
 ACTIVE_WEIGHT = 0.1  # a specialist with at least this mean gate weight counts as active
@@ -196,10 +204,45 @@ def operation_dict(op: registry_pb2.Operation) -> dict:
         "job_id": op.job_id or None,
         "version": op.version_id or None,
         "full_retrain": op.full_retrain,
+        "max_drift": op.max_drift if op.HasField("max_drift") else None,
         "cancel_requested": op.cancel_requested,
         "driven_by": op.owner or None,  # the gateway holding its lease while unfinished
         "created_at": _time(op.created_at),
         "updated_at": _time(op.updated_at),
+    }
+
+
+def corpus_dict(c: training_pb2.Corpus) -> dict:
+    """A corpus as the training service read it: files, documents, tokens, the held-out share."""
+    return {
+        "dir": c.dir,
+        "files": c.files,
+        "bytes": c.bytes,
+        "documents": c.documents,
+        "heldout_documents": c.heldout_documents,
+        "heldout_share": round(c.heldout_chars / c.chars, 4) if c.chars else None,
+        "tokens": c.tokens or None,  # to train on; none before the first model
+        "heldout_tokens": c.heldout_tokens or None,
+        "tokens_estimated": c.estimated,
+    }
+
+
+def outcome_dict(v: common_pb2.ModelVersion, target: str) -> dict:
+    """What an add or delete did, from the new version's metrics: the held-out perplexity of
+    the specialist added (before: the model without it; its routing share), and of every other
+    domain, before and after, with the limit it was published under."""
+    try:
+        metrics = json.loads(v.metrics_json) if v.metrics_json else {}
+    except json.JSONDecodeError:
+        metrics = {}
+    changes = metrics.get("changes") or {}
+    own = changes.get(target)
+    routing = (metrics.get("domains") or {}).get(target, {}).get("routing")
+    return {
+        "version": v.id,
+        "specialist": {**own, "routing": routing} if own else None,
+        "others": {n: c for n, c in changes.items() if n != target},
+        "max_drift": metrics.get("max_drift"),
     }
 
 

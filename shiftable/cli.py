@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable
 
 from shiftable_lib.config import PROFILES, Settings
+from shiftable_lib.corpus import Corpus
 from shiftable_lib.errors import ShiftableError
 from shiftable_lib.sampling import (
     DEFAULT_MAX_NEW_TOKENS,
@@ -79,9 +80,13 @@ def _run_job(job: Callable[[ProgressBars], object]) -> object:
 
 
 def _print_metrics(metrics: dict) -> None:
+    changes = metrics.get("changes", {})
     for name, d in metrics.get("domains", {}).items():
         routing = d.get("routing")
         shown = f"  routing {routing:.2f}" if routing is not None else ""
+        if name in changes:  # an add or removal: what it was before, on the same text
+            c = changes[name]
+            shown += f"  (before {c['before']:.2f}, {100 * c['change']:+.2f}%)"
         print(
             f"  {name:>14}: ppl {d['model_ppl']:.2f} vs generalist {d['generalist_ppl']:.2f}"
             f" (x{d['ratio']:.3f}){shown}"
@@ -120,12 +125,26 @@ def torchrun(nproc: int, argv: list[str]) -> int:
 
 
 def cmd_add(args: argparse.Namespace) -> int:
-    from shiftable_lib import jobs
+    from shiftable_lib import jobs, plan
 
-    r = _run_job(lambda bars: jobs.add_specialist(_settings(args), args.name, bars))
+    settings = _settings(args)
+    print(corpus_line(plan.describe_corpus(settings, args.name)), flush=True)
+    r = _run_job(
+        lambda bars: jobs.add_specialist(settings, args.name, bars, max_drift=args.max_drift)
+    )
     print(r.message)
     _print_metrics(r.metrics)
     return 0
+
+
+def corpus_line(c: Corpus) -> str:
+    """`read data/x: 3 files, 118 documents, 107,289 tokens to train on, 12% held out`."""
+    parts = [f"{c.files} file{'s' if c.files != 1 else ''}", f"{c.documents:,} documents"]
+    if c.tokens:
+        parts.append(f"{'about ' if c.estimated else ''}{c.tokens:,} tokens to train on")
+    share = c.heldout_chars / c.chars if c.chars else 0.0
+    parts.append(f"{100 * share:.0f}% held out ({c.heldout_documents:,} documents)")
+    return f"read {c.dir}: {', '.join(parts)}"
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
@@ -133,7 +152,7 @@ def cmd_remove(args: argparse.Namespace) -> int:
 
     r = _run_job(
         lambda bars: jobs.remove_specialist(
-            _settings(args), args.name, args.recalibrate_steps, bars
+            _settings(args), args.name, args.recalibrate_steps, bars, max_drift=args.max_drift
         )
     )
     print(r.message)
@@ -263,11 +282,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.set_defaults(func=cmd_train)
 
-    a = sub.add_parser("add-specialist", parents=[common], help="add one specialist (incremental)")
+    drift = argparse.ArgumentParser(add_help=False)
+    drift.add_argument(
+        "--max-drift",
+        type=float,
+        default=None,
+        metavar="PERCENT",
+        help="publish only if no other domain's held-out perplexity gets worse than this "
+        "(default: SMA_MAX_DRIFT, 0.5)",
+    )
+    a = sub.add_parser(
+        "add-specialist", parents=[common, drift], help="add one specialist (incremental)"
+    )
     a.add_argument("name")
     a.set_defaults(func=cmd_add)
 
-    r = sub.add_parser("remove-specialist", parents=[common], help="remove one specialist")
+    r = sub.add_parser("remove-specialist", parents=[common, drift], help="remove one specialist")
     r.add_argument("name")
     r.add_argument(
         "--recalibrate-steps",

@@ -19,12 +19,15 @@ import sys
 import time
 import urllib.request
 from dataclasses import dataclass, field
+from typing import TextIO
 
 from shiftable_lib.config import GRPC_SERVICES, WILDCARD_HOSTS, Settings
 
 ORDER = ("registry", "training", "inference", "gateway")
 GRACE_S = 10.0
 HEALTHY_AFTER_S = 30.0  # a child that lived this long starts its back-off afresh
+POLL_S = 1.0  # how often the first start's progress is read from /health
+BAR = 24  # characters of a phase's progress bar
 
 
 @dataclass
@@ -121,7 +124,7 @@ def up(settings: Settings) -> int:
     # the probe asks our own child on this machine: no need to check whose certificate it is
     own = _unverified() if settings.tls_cert else None
     print(f"sma: starting the stack in {settings.home} (profile {settings.profile})", flush=True)
-    announced = False
+    announced, watch, polled = False, FirstStart(sys.stdout), 0.0
     while not stopping:
         time.sleep(0.2)
         if any(_supervise(child) for child in children):
@@ -129,9 +132,89 @@ def up(settings: Settings) -> int:
         if not announced and _answers(url + "health", own):
             print(f"sma: web UI and API on {url} (docs: {url}docs); Ctrl-C stops", flush=True)
             announced = True
+        if announced and not watch.done and time.monotonic() - polled >= POLL_S:
+            polled = time.monotonic()
+            if (health := _health(url + "health", own)) is not None:
+                watch.show(health)
+    watch.end_line()
     print("sma: stopping", flush=True)
     _stop_all(children)
     return 0
+
+
+class FirstStart:
+    """The first start's progress in the terminal, from /health: on a terminal one line kept
+    up to date (the phase's bar, then the whole start's percentage and ETA); in a log, a line
+    for each phase and every tenth of the way. Then which model serves, once one does."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.tty = out.isatty()
+        self.done = False
+        self.phase = ""
+        self.tenth = -1
+        self.open_line = False
+
+    def show(self, health: dict) -> None:
+        op = health.get("first_start")
+        if op is None:
+            if health.get("initialized") and health.get("ready"):
+                self.end_line()
+                if self.phase:  # we watched it train
+                    self._print(f"sma: model {health['serving_version']} serving", health)
+                self.done = True
+            return
+        p = op["progress"]
+        line = progress_line(p)
+        if not self.phase:  # the first report
+            print(
+                "sma: training the first model; the UI shows its progress, and /generate "
+                "answers once it serves",
+                file=self.out,
+                flush=True,
+            )
+        if self.tty:
+            self.out.write("\r" + line.ljust(100)[:100])
+            self.out.flush()
+            self.open_line = True
+        elif p["phase"] != self.phase or int(p["percent"] // 10) > self.tenth:
+            print(f"sma: first start: {line}", file=self.out, flush=True)
+        self.phase, self.tenth = p["phase"] or "...", int(p["percent"] // 10)
+
+    def _print(self, text: str, health: dict) -> None:
+        specialists = ", ".join(health.get("specialists") or []) or "none"
+        print(f"{text} (specialists: {specialists})", file=self.out, flush=True)
+
+    def end_line(self) -> None:
+        if self.open_line:
+            self.out.write("\n")
+            self.out.flush()
+            self.open_line = False
+
+
+def progress_line(p: dict) -> str:
+    """`generalist [######......] 120/800 · 23% · ETA 4m 10s` from a progress object."""
+    phase = p.get("phase") or "starting"
+    parts = [phase]
+    if p.get("total", 0) > 1:
+        done = min(1.0, p["step"] / p["total"])
+        filled = round(BAR * done)
+        parts = [f"{phase} [{'#' * filled}{'.' * (BAR - filled)}] {p['step']}/{p['total']}"]
+    parts.append(f"{p['percent']:.0f}%")
+    if p.get("eta_s", 0) >= 1:
+        parts.append(f"ETA {duration(p['eta_s'])}")
+    return " · ".join(parts)
+
+
+def duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m {seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m"
 
 
 def _supervise(child: Child) -> bool:
@@ -177,6 +260,14 @@ def _answers(url: str, trust: ssl.SSLContext | None = None) -> bool:
             return response.status == 200
     except OSError:
         return False
+
+
+def _health(url: str, trust: ssl.SSLContext | None = None) -> dict | None:
+    try:
+        with urllib.request.urlopen(url, timeout=2.0, context=trust) as response:
+            return json.loads(response.read())
+    except (OSError, ValueError):
+        return None
 
 
 def _stop_all(children: list[Child]) -> None:

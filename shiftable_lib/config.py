@@ -218,6 +218,10 @@ class TLS:
         )
 
 
+# the most an add or delete may be allowed to make another domain worse, in percent
+MAX_DRIFT = 1000.0
+
+
 class Settings(BaseSettings):
     """Everything configurable, read once from the environment (`SMA_*`) and passed down."""
 
@@ -261,6 +265,13 @@ class Settings(BaseSettings):
     )
     cors_origins: str = Field(
         default="", description="origins whose pages may call the API, comma-separated; '' = none"
+    )
+    max_drift: float = Field(
+        default=0.5,
+        ge=0.0,
+        le=MAX_DRIFT,
+        description="percent: an add or delete that makes another domain's held-out perplexity "
+        "worse than this is not published (a request may ask for another limit)",
     )
     max_streams_per_client: int = Field(
         default=64,

@@ -1,8 +1,11 @@
 """Corpora on disk: `<home>/data/general/*.txt` plus one folder per specialist.
 
-A *document* is a run of text separated from the next by two or more blank lines; a file with
-no such break is one document. The held-out split is by document and depends only on each
-document's bytes, so it is stable across machines and when documents are added.
+A *document* is a run of text separated from the next by two or more blank lines; one longer
+than MAX_DOCUMENT_CHARS (a file with no such break, say) is cut into pieces of about
+PIECE_CHARS at paragraph or line breaks, so that any text file splits into enough documents to
+hold some out. The held-out split is by document and depends only on each document's bytes, so
+it is stable across machines and when documents are added; where the documents it picks hold
+too little of the text, the next ones by the same hash join them (`split_heldout`).
 """
 
 from __future__ import annotations
@@ -12,7 +15,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from shiftable_lib.errors import CorpusInvalid, CorpusMissing, InvalidName
+from tokenizers import Tokenizer
+
+from shiftable_lib.config import Profile
+from shiftable_lib.errors import CorpusInvalid, CorpusMissing, CorpusTooSmall, InvalidName
+from shiftable_lib.tokenizer import encode_documents
 
 GENERAL = "general"
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
@@ -20,6 +27,14 @@ NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 DOCUMENT_BREAK = re.compile(r"\n[ \t]*\n(?:[ \t]*\n)+")
 DOCUMENT_SEPARATOR = "\n\n\n"
 HELDOUT_PERMILLE = 100  # 10% of documents, chosen by content hash
+# ... holding at least this share of the text, else topped up to HELDOUT_PERMILLE of it
+MIN_HELDOUT_SHARE = 0.05
+MAX_DOCUMENT_CHARS = 16_384
+PIECE_CHARS = 4_096
+# a corpus to learn from has this many batches of distinct training tokens, and one window held
+# out; beyond COUNTED_CHARS of a split, its tokens are estimated from that much of it
+MIN_TRAIN_BATCHES = 2
+COUNTED_CHARS = 2_000_000
 
 
 def validate_specialist_name(name: object) -> str:
@@ -98,12 +113,22 @@ def domain_dir(data_dir: Path, name: str) -> Path:
 
 @dataclass(frozen=True)
 class Corpus:
-    """A domain's corpus as it lies on disk: its folder, and its non-empty .txt files."""
+    """A domain's corpus as it was read: its folder, its non-empty .txt files, the documents
+    they split into and how much of the text is held out. `tokens` (training split) and
+    `heldout_tokens` are counted with a model's tokenizer when one is given (0 without), for
+    the first COUNTED_CHARS of each split and in proportion beyond (`estimated`)."""
 
     name: str
     dir: Path
     files: int
     bytes: int
+    documents: int = 0
+    heldout_documents: int = 0
+    chars: int = 0
+    heldout_chars: int = 0
+    tokens: int = 0
+    heldout_tokens: int = 0
+    estimated: bool = False
 
 
 def require_corpus(data_dir: Path, name: str) -> Path:
@@ -123,26 +148,128 @@ def _no_text(folder: Path) -> CorpusMissing:
     return CorpusMissing(f"{folder} holds no text: add one or more non-empty .txt files")
 
 
-def check_corpus(data_dir: Path, name: str) -> Corpus:
+def check_corpus(
+    data_dir: Path, name: str, tok: Tokenizer | None = None, profile: Profile | None = None
+) -> Corpus:
     """Domain `name`'s corpus once every file has been read and found usable: CorpusMissing as
     `require_corpus` raises it, CorpusInvalid naming the file (and byte) that is not UTF-8,
     cannot be read or links out of the data folder, and CorpusMissing when there is no text
-    but blank lines. What an add checks before anything is recorded."""
+    but blank lines. With a tokenizer its tokens are counted, and with a profile too a corpus
+    too small to train and evaluate that profile's model on is refused (CorpusTooSmall). What
+    an add checks before anything is recorded."""
     folder = require_corpus(data_dir, name)
-    if not read_documents(folder):
+    docs = read_documents(folder)
+    if not docs:
         raise _no_text(folder)
+    train, heldout = split_heldout(docs)
     files = text_files(folder)
-    return Corpus(name, folder, len(files), sum(p.stat().st_size for p in files))
+    (tokens, exact), (heldout_tokens, exact_heldout) = (
+        count_tokens(tok, part) if tok is not None else (0, True) for part in (train, heldout)
+    )
+    corpus = Corpus(
+        name, folder, len(files), sum(p.stat().st_size for p in files), len(docs), len(heldout),
+        sum(map(len, docs)), sum(map(len, heldout)), tokens, heldout_tokens,
+        not (exact and exact_heldout),
+    )  # fmt: skip
+    if tok is not None and profile is not None:
+        require_learnable(corpus, profile)
+    return corpus
+
+
+def count_tokens(tok: Tokenizer, docs: list[str]) -> tuple[int, bool]:
+    """Tokens of `docs`, each followed by an end-of-text token, and whether that is a count
+    (True) or, for more than COUNTED_CHARS of text, the count of its first COUNTED_CHARS
+    scaled to the whole."""
+    head, chars = [], 0
+    for doc in docs:
+        if chars >= COUNTED_CHARS:
+            break
+        head.append(doc)
+        chars += len(doc)
+    counted = sum(len(ids) + 1 for ids in encode_documents(tok, head))
+    total = sum(map(len, docs))
+    if len(head) == len(docs):
+        return counted, True
+    return round(counted * total / max(1, chars)), False
+
+
+def min_tokens(profile: Profile) -> tuple[int, int]:
+    """The least training and held-out tokens a corpus needs for `profile`'s model."""
+    return MIN_TRAIN_BATCHES * profile.batch_size * profile.context, profile.context + 1
+
+
+def require_learnable(corpus: Corpus, profile: Profile) -> None:
+    """CorpusTooSmall, saying how much text it holds and how much it takes, unless `corpus`
+    has enough tokens to train on (MIN_TRAIN_BATCHES batches of distinct text) and at least
+    one whole window held out to evaluate on."""
+    need_train, need_heldout = min_tokens(profile)
+    if corpus.tokens >= need_train and corpus.heldout_tokens >= need_heldout:
+        return
+    raise CorpusTooSmall(
+        f"{corpus.dir} holds too little text to learn from: {corpus.tokens:,} tokens to train "
+        f"on and {corpus.heldout_tokens:,} held out ({corpus.documents} documents, "
+        f"{corpus.bytes:,} bytes); the {profile.name} model needs at least {need_train:,} to "
+        f"train on and {need_heldout:,} held out: add more text"
+    )
 
 
 def split_documents(text: str) -> list[str]:
-    docs = (d.strip() for d in DOCUMENT_BREAK.split(text.replace("\r\n", "\n")))
-    return [d for d in docs if d]
+    """The documents of one file's text (see the module's docstring); any line ends."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    docs = (d.strip() for d in DOCUMENT_BREAK.split(text))
+    return [piece for d in docs if d for piece in _pieces(d)]
+
+
+def _pieces(doc: str) -> list[str]:
+    """`doc`, or pieces of about PIECE_CHARS if it is longer than MAX_DOCUMENT_CHARS, each cut
+    at the last blank line, else line break, else space in its second half (else anywhere)."""
+    if len(doc) <= MAX_DOCUMENT_CHARS:
+        return [doc]
+    pieces, start = [], 0
+    while len(doc) - start > PIECE_CHARS * 3 // 2:
+        end = start + PIECE_CHARS
+        for sep in ("\n\n", "\n", " "):
+            at = doc.rfind(sep, start + PIECE_CHARS // 2, end)
+            if at > 0:
+                end = at
+                break
+        pieces.append(doc[start:end].strip())
+        start = end
+    pieces.append(doc[start:].strip())
+    return [p for p in pieces if p]
+
+
+def _rank(doc: str) -> int:
+    return int.from_bytes(hashlib.sha256(doc.encode("utf-8")).digest()[:8], "big")
 
 
 def _is_heldout(doc: str) -> bool:
-    digest = hashlib.sha256(doc.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") % 1000 < HELDOUT_PERMILLE
+    return _rank(doc) % 1000 < HELDOUT_PERMILLE
+
+
+def split_heldout(docs: list[str]) -> tuple[list[str], list[str]]:
+    """(train, held-out) documents, in their order. Held out: those whose hash picks them
+    (HELDOUT_PERMILLE of them), topped up in the order of the same hash to HELDOUT_PERMILLE of
+    the text when they hold less than MIN_HELDOUT_SHARE of it; at least one document each
+    way. One document alone gives its last tenth, cut at a line break where there is one."""
+    if len(docs) == 1:
+        text = docs[0]
+        cut = text.rfind("\n", 0, int(len(text) * 0.9)) + 1 or int(len(text) * 0.9)
+        return [text[:cut]], [text[cut:]]
+    order = sorted(range(len(docs)), key=lambda i: _rank(docs[i]) % 1000)
+    held = {i for i in order if _is_heldout(docs[i])}
+    total, chars = sum(map(len, docs)), sum(len(docs[i]) for i in held)
+    if chars < MIN_HELDOUT_SHARE * total or not held:
+        for i in order:
+            if held and chars >= HELDOUT_PERMILLE / 1000 * total:
+                break
+            if i not in held:
+                held.add(i)
+                chars += len(docs[i])
+    if len(held) == len(docs):  # one kept for training: the one the hash picks last
+        held.discard(order[-1])
+    train = [d for i, d in enumerate(docs) if i not in held]
+    return train, [d for i, d in enumerate(docs) if i in held]
 
 
 def read_documents(folder: Path) -> list[str]:
@@ -167,17 +294,7 @@ def load_domain(data_dir: Path, name: str) -> Domain:
     docs = read_documents(folder)
     if not docs:  # only blank lines in its files
         raise _no_text(folder)
-    heldout = [d for d in docs if _is_heldout(d)]
-    train = [d for d in docs if not _is_heldout(d)]
-    if len(docs) == 1:
-        # One document: hold out its last tenth, cut at a line break where there is one.
-        text = docs[0]
-        cut = text.rfind("\n", 0, int(len(text) * 0.9)) + 1 or int(len(text) * 0.9)
-        train, heldout = [text[:cut]], [text[cut:]]
-    elif not heldout:
-        train, heldout = docs[:-1], docs[-1:]
-    elif not train:
-        train, heldout = heldout[:-1], heldout[-1:]
+    train, heldout = split_heldout(docs)
     return Domain(name=name, train=train, heldout=heldout)
 
 

@@ -17,6 +17,10 @@ class CorpusInvalid(ShiftableError, ValueError):
     """A corpus file that cannot be used (not UTF-8, unreadable)."""
 
 
+class CorpusTooSmall(CorpusInvalid):
+    """A corpus with too little text to train and evaluate a specialist on."""
+
+
 class NotFound(ShiftableError, LookupError):
     """A specialist, model version or file that does not exist."""
 
@@ -45,3 +49,7 @@ class VersionInvalid(ShiftableError):
     """A model version whose files fail their check on loading: a size or digest that is not
     what was recorded when it was written, a config or tensors that do not fit together. A
     property of the version, not of the machine loading it."""
+
+
+class DriftTooLarge(Conflict):
+    """A new model that makes other domains worse than the limit allows: not published."""

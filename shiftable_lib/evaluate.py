@@ -111,3 +111,20 @@ def evaluate(model: ShiftableLM, data: dict[str, HeldOut], profile: Profile, dev
         "routing_accuracy": sum(scored) / len(scored) if scored else None,
         "routing_min": min(scored) if scored else None,
     }
+
+
+@torch.no_grad()
+def changes(
+    before: ShiftableLM, metrics: dict, data: dict[str, HeldOut], profile: Profile, device
+) -> dict[str, dict[str, float]]:
+    """Per domain of `metrics` (an `evaluate` of the model after a change): held-out perplexity
+    of the model `before` it and after, on the same windows, and the relative change (+0.01 =
+    1% worse). A domain the model before had no branch for (the one just added) is scored on
+    its mixture too: the change is then the new branch's gain."""
+    out = {}
+    for name, scores in metrics["domains"].items():
+        held = data[name].heldout
+        old = perplexity(before, held, profile.context, profile.eval_windows, Routing(), device)
+        new = scores["model_ppl"]
+        out[name] = {"before": old, "after": new, "change": new / old - 1}
+    return out

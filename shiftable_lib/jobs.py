@@ -24,13 +24,14 @@ from shiftable_lib import checkpoint, distributed, evaluate, plan, train
 from shiftable_lib.config import Profile, Settings, available_cpus, get_profile
 from shiftable_lib.corpus import (
     GENERAL,
+    check_corpus,
     corpus_digest,
     domain_dir,
     load_domain,
     require_corpus,
     validate_specialist_name,
 )
-from shiftable_lib.errors import AlreadyExists, Conflict, NotFound
+from shiftable_lib.errors import AlreadyExists, Conflict, DriftTooLarge, NotFound
 from shiftable_lib.model import ShiftableLM
 from shiftable_lib.tokenizer import train_tokenizer
 from shiftable_lib.train import DomainTokens, ProgressFn, tokenize_domain
@@ -230,9 +231,22 @@ def _finish(
     digests: dict[str, str],
     kind: str,
     message: str,
+    max_drift: float | None = None,
+    added: str = "",
 ) -> JobResult:
-    """Evaluate and publish `model`; `digests` are its experts' corpora as it was trained."""
-    metrics = evaluate.evaluate(model, data, current.profile, device=model.wte.weight.device)
+    """Evaluate and publish `model`; `digests` are its experts' corpora as it was trained.
+
+    With `max_drift` (a percentage; an add or a removal), each domain's held-out perplexity is
+    compared with the current version's on the same text (`metrics["changes"]`), and a model
+    that makes any domain but `added` more than `max_drift` percent worse is not published
+    (DriftTooLarge, with the figures)."""
+    device = model.wte.weight.device
+    metrics = evaluate.evaluate(model, data, current.profile, device=device)
+    if max_drift is not None:
+        changes = evaluate.changes(current.model, metrics, data, current.profile, device)
+        metrics["changes"] = {n: {k: round(v, 5) for k, v in c.items()} for n, c in changes.items()}
+        metrics["max_drift"] = max_drift
+        _check_drift(changes, max_drift, added, message)
     metrics["training"] = {**report, "seconds": round(time.perf_counter() - started, 1)}
     meta = {
         "kind": kind,
@@ -244,11 +258,28 @@ def _finish(
     return JobResult(version, f"{message}: {version}", metrics)
 
 
+def _check_drift(changes: dict[str, dict], max_drift: float, added: str, what: str) -> None:
+    worse = {
+        n: c for n, c in changes.items() if n != added and c["change"] * 100 > max_drift + 1e-9
+    }
+    if worse:
+        figures = "; ".join(
+            f"{n} {100 * c['change']:+.2f}% ({c['before']:.2f} -> {c['after']:.2f})"
+            for n, c in sorted(worse.items(), key=lambda kv: -kv[1]["change"])
+        )
+        raise DriftTooLarge(
+            f"not published: the model with the {what} makes other domains' held-out "
+            f"perplexity worse than the {max_drift:g}% limit: {figures}. Ask again with a "
+            "higher max_drift to publish it anyway"
+        )
+
+
 def add_specialist(
     settings: Settings,
     name: str,
     progress: ProgressFn = _quiet,
     on_plan: plan.PlanFn = plan.ignore_plan,
+    max_drift: float | None = None,
 ) -> JobResult:
     """Incremental: train only the new branch and its gate rows, replaying the other domains.
 
@@ -260,6 +291,7 @@ def add_specialist(
     if name in current.model.cfg.specialists:
         raise AlreadyExists(f"specialist {name!r} already exists")
     folder = require_corpus(settings.data_dir, name)
+    check_corpus(settings.data_dir, name, current.tokenizer, current.profile)  # CorpusTooSmall
     on_plan(plan.plan_add_specialist(settings, name, current.meta))
     started = time.perf_counter()
     digest = corpus_digest(folder)
@@ -268,8 +300,9 @@ def add_specialist(
     replay = _tokenize(
         settings, current.tokenizer, [n for n in replay_names if (settings.data_dir / n).is_dir()]
     )
+    limit = settings.max_drift if max_drift is None else max_drift
     model, report = train.add_specialist(
-        current.model, new, replay, current.profile, device, progress
+        current.model, new, replay, current.profile, device, progress, drift_target(limit)
     )
     stored = current.meta.get("corpus_digests", {})
     return _finish(
@@ -282,7 +315,16 @@ def add_specialist(
         _version_digests(settings, list(model.experts), {**stored, name: digest}),
         "add-specialist",
         f"specialist {name!r} added",
+        limit,
+        name,
     )
+
+
+def drift_target(max_drift: float) -> float:
+    """What an add calibrates its gate to (a fraction): half the publish limit (a percentage),
+    for the difference between the text it calibrates on and the held-out text it is judged
+    on; the library's default when that is looser."""
+    return min(train.DRIFT_TARGET, max_drift / 200)
 
 
 def remove_specialist(
@@ -291,6 +333,7 @@ def remove_specialist(
     recalibrate_steps: int = 0,
     progress: ProgressFn = _quiet,
     on_plan: plan.PlanFn = plan.ignore_plan,
+    max_drift: float | None = None,
 ) -> JobResult:
     """Drop a specialist from the model and move its corpus to data/.deleted/ (never deleted).
 
@@ -323,6 +366,7 @@ def remove_specialist(
         _version_digests(settings, remaining, stored),
         "remove-specialist",
         f"specialist {name!r} removed",
+        settings.max_drift if max_drift is None else max_drift,
     )
     moved = archive_corpus(settings.data_dir, name)
     return JobResult(result.version, f"{result.message}; corpus moved to {moved}", result.metrics)

@@ -20,11 +20,14 @@ from shiftable_lib.config import Profile, Settings, get_profile
 from shiftable_lib.corpus import (
     GENERAL,
     HELDOUT_PERMILLE,
+    Corpus,
+    check_corpus,
     corpus_digest,
     discover_specialists,
     text_files,
 )
 from shiftable_lib.errors import NotFound
+from shiftable_lib.tokenizer import load_tokenizer
 
 DEMO_CORPUS = "demo corpus"
 TOKENIZER = "tokenizer"
@@ -146,6 +149,19 @@ def plan_add_specialist(
         config = versions.version_config(settings.models_dir, current)
     profile = Profile.from_dict(config["profile"])
     return _specialists_stage(settings, [name], profile, profile.add_gate_steps, config)
+
+
+def describe_corpus(settings: Settings, name: str) -> Corpus:
+    """Corpus `name` as an add would read it: with the current version's tokenizer, its tokens
+    are counted and a corpus too small for that version's model is refused (CorpusTooSmall).
+    Before the first version there is no tokenizer: files, documents and characters only."""
+    models = settings.models_dir
+    current = versions.current_version(models)
+    if current is None:
+        return check_corpus(settings.data_dir, name)
+    config = versions.version_config(models, current)
+    tok = load_tokenizer(models / current / "tokenizer.json")
+    return check_corpus(settings.data_dir, name, tok, Profile.from_dict(config["profile"]))
 
 
 def plan_remove_specialist(recalibrate_steps: int) -> list[PlannedPhase]:

@@ -38,6 +38,17 @@ from shiftable_lib.plan import GATE, GENERALIST, specialist_phase, specialist_st
 from shiftable_lib.sampling import Routing
 from shiftable_lib.tokenizer import encode_documents, eos_id
 
+# `calibrate_new_rows`: an add keeps every other domain within DRIFT_TARGET of its perplexity
+# (half the default publish limit, for the difference between training and held-out text), and
+# each window of it within WINDOW_TARGET nats a token; it scans SCAN_WINDOWS windows a domain,
+# evaluates the AT_RISK_WINDOWS where the new branch weighs most, and bisects the offset
+# CALIBRATION_HALVINGS times once it is bracketed
+DRIFT_TARGET = 0.0025
+WINDOW_TARGET = 0.2
+SCAN_WINDOWS = 128
+AT_RISK_WINDOWS = 16
+CALIBRATION_HALVINGS = 4
+
 
 @dataclass(frozen=True)
 class Progress:
@@ -370,11 +381,14 @@ def add_specialist(
     profile: Profile,
     device,
     progress: ProgressFn = _silent,
+    drift_target: float = DRIFT_TARGET,
 ) -> tuple[ShiftableLM, dict]:
     """The incremental add: train only the new branch and its gate rows; the rest is untouched.
 
     `replay` holds the other domains (general included) so the new rows learn to stay low on
-    them; only a gate phase's worth of their tokens is read.
+    them; only a gate phase's worth of their tokens is read. Then the new rows are made as
+    shy as it takes for no replayed domain to lose more than `drift_target` (see
+    `calibrate_new_rows`).
     """
     model = _copy(model)
     model.add_specialist(new.name)
@@ -384,7 +398,141 @@ def add_specialist(
         model, {**replay, new.name: new}, [new.name], profile, device, progress,
         steps=profile.add_gate_steps, replay_weight=profile.gate_replay_weight,
     )  # fmt: skip
+    texts = {n: d.train for n, d in replay.items()}
+    started = time.perf_counter()
+    report["calibration"] = calibrate_new_rows(model, new.name, texts, device, drift_target)
+    report["calibration"]["seconds"] = round(time.perf_counter() - started, 2)
     return model, report
+
+
+@torch.no_grad()
+def calibrate_new_rows(
+    model: ShiftableLM, name: str, texts: dict[str, Tensor], device, target: float
+) -> dict:
+    """Lower the gate bias of expert `name` in every layer by the least offset that keeps the
+    other domains' text (`texts`: each one's training stream) as the model without `name`
+    predicted it: each domain's perplexity within `target` (a fraction), and no window of it
+    more than WINDOW_TARGET nats a token worse.
+
+    A gate trained to tell domains apart still sends some text of an overlapping domain to the
+    new branch: tables drawn with `|` go to a specialist of pydoc pages, whose margins are
+    drawn with it, and the branch predicts them worse than the model did. Such windows are
+    rare, and so they decide a domain's perplexity on a small held-out sample by chance; the
+    per-window bound is what keeps every text of theirs as it was. An infinite offset is the
+    model before the add, so a finite one always exists, and it costs only part of the new
+    domain's gain. Windows are taken across each training stream (SCAN_WINDOWS of them); only
+    those where the new branch has weight (the AT_RISK_WINDOWS with the most, per domain) can
+    get worse, and only they are evaluated at each offset tried."""
+    model.eval()
+    rows = [b.attn.experts[name].gate for b in model.blocks]
+    biases = [r[-1].item() for r in rows]
+    context = model.cfg.context
+
+    lean = (
+        torch.stack(  # per token: how much it pulls the gate to `name` rather than the base
+            [
+                b.attn.experts[name].gate_tokens - b.attn.experts[GENERAL].gate_tokens
+                for b in model.blocks
+            ]
+        )
+        .mean(0)
+        .cpu()
+    )
+
+    def windows(tokens: Tensor) -> Tensor:
+        """Half evenly spaced, half those whose tokens lean most to `name`: rare text such as
+        tables stands out by its tokens, and a sample spread evenly would miss it."""
+        n = (tokens.numel() - 1) // context
+        if n <= SCAN_WINDOWS:
+            picks = torch.arange(n)
+        else:
+            tiled = tokens[: n * context].view(n, context)
+            leaning = lean[tiled].mean(-1).topk(SCAN_WINDOWS // 2).indices
+            spread = torch.linspace(0, n - 1, SCAN_WINDOWS // 2).long()
+            picks = torch.cat([leaning, spread]).unique()
+        return torch.stack([tokens[i * context : (i + 1) * context + 1] for i in picks.tolist()])
+
+    def weight(w: Tensor) -> Tensor:
+        """Each window's mean gate weight of `name` over layers and positions (the trunk
+        alone, up to the last gate)."""
+        out = []
+        for chunk in w.split(32):
+            with autocast(device):
+                gates = model.trunk(chunk[:, :-1].to(device), features_only=True).gates
+            out.append(torch.stack(gates).float().mean(0)[..., -1].mean(-1).cpu())
+        return torch.cat(out)
+
+    def losses(w: Tensor, routing: Routing) -> Tensor:
+        """Each window's mean next-token loss."""
+        out = []
+        for chunk in w.split(32):
+            chunk = chunk.to(device)
+            with autocast(device):
+                logits, _ = model(chunk[:, :-1], routing)
+            ce = F.cross_entropy(
+                logits.flatten(0, 1).float(), chunk[:, 1:].flatten(), reduction="none"
+            )
+            out.append(ce.view(len(chunk), -1).mean(-1).cpu())
+        return torch.cat(out)
+
+    scanned = {
+        n: windows(t) for n, t in texts.items() if n in model.experts and t.numel() > context
+    }
+    at_risk, before, counts = {}, {}, {}
+    for n, w in scanned.items():
+        share = weight(w)
+        picks = share.topk(min(AT_RISK_WINDOWS, len(w))).indices
+        at_risk[n], counts[n] = w[picks], len(w)
+        before[n] = losses(at_risk[n], Routing(exclude=(name,)))  # the model before the add
+
+    def worse(offset: float, domains: list[str]) -> dict[str, tuple[float, float]]:
+        """Per domain: its perplexity's relative change, and its worst window's (nats a token).
+        A larger offset only lowers the new branch's weight: a domain within bounds at a
+        smaller one is not evaluated again."""
+        for row, bias in zip(rows, biases, strict=True):
+            row[-1] = bias - offset
+        model.weights_changed()
+        out = {}
+        for n in domains:
+            delta = losses(at_risk[n], Routing()) - before[n]
+            out[n] = (math.exp(delta.sum().item() / counts[n]) - 1, delta.max().item())
+        return out
+
+    tried: dict[float, dict[str, tuple[float, float]]] = {}
+    over = list(at_risk)
+
+    def too_much(offset: float) -> bool:
+        nonlocal over
+        tried[offset] = worse(offset, over)
+        still = [n for n, (d, w) in tried[offset].items() if d > target or w > WINDOW_TARGET]
+        if not still:
+            return False
+        over = still
+        return True
+
+    low, high = 0.0, 0.0
+    if too_much(0.0):
+        high = 1.0
+        while too_much(high):
+            low, high = high, high * 2
+        for _ in range(CALIBRATION_HALVINGS):
+            mid = (low + high) / 2
+            low, high = (mid, high) if too_much(mid) else (low, mid)
+    final = worse(high, list(at_risk))
+
+    def shown(found: dict[str, tuple[float, float]]) -> dict[str, dict[str, float]]:
+        return {
+            n: {"drift": round(d, 5), "worst_window_nats": round(w, 4)}
+            for n, (d, w) in found.items()
+        }
+
+    return {
+        "gate_offset": round(high, 4),
+        "target": target,
+        "window_target": WINDOW_TARGET,
+        "after": shown(final),
+        "before": shown(tried[0.0]),
+    }
 
 
 def remove_specialist(

@@ -108,7 +108,8 @@ export class Specialists {
     return li;
   }
 
-  async add(name) {
+  // `extra`: more of the request's body, such as the drift limit of an add made anyway.
+  async add(name, extra = {}) {
     this.showAddError(null);
     if (!name) {
       this.showAddError("Type the name of a folder under data/.");
@@ -116,9 +117,13 @@ export class Specialists {
     }
     addButton.disabled = true;
     try {
-      const op = await api("/specialists?wait=false", { method: "POST", body: { name } });
+      const op = await api("/specialists?wait=false", {
+        method: "POST",
+        body: { name, ...extra },
+      });
       addName.value = "";
       this.follow(op);
+      if (op.corpus) this.showCorpus(this.followed.get(op.id), op.corpus);
     } catch (err) {
       this.showAddError(err.message);
     }
@@ -180,7 +185,10 @@ export class Specialists {
       return;
     }
     const title = titleOf(last);
-    if (last.state === "succeeded" || last.state === "cancelled") {
+    if (last.state === "succeeded" && last.kind !== "initialize" && last.version) {
+      await this.showOutcome(el, last);
+      announce(`${title}: done. ${el.querySelector(".op-detail").textContent}`);
+    } else if (last.state === "succeeded" || last.state === "cancelled") {
       el.remove();
       announce(`${title}: ${last.state === "succeeded" ? "done" : "cancelled"}.`);
     } else {
@@ -225,11 +233,76 @@ export class Specialists {
     return cancel;
   }
 
+  // What the add read: files, documents, tokens and the share held out for evaluation.
+  showCorpus(el, corpus) {
+    if (!el) return;
+    const p = document.createElement("p");
+    p.className = "op-corpus note";
+    const parts = [
+      `${count(corpus.files)} file${corpus.files === 1 ? "" : "s"}`,
+      `${count(corpus.documents)} documents`,
+    ];
+    if (corpus.tokens) parts.push(`${corpus.tokens_estimated ? "about " : ""}${count(corpus.tokens)} tokens to train on`);
+    if (corpus.heldout_share != null) {
+      parts.push(`${(100 * corpus.heldout_share).toFixed(0)}% held out (${count(corpus.heldout_documents)} documents)`);
+    }
+    p.textContent = `Read ${parts.join(", ")}.`;
+    el.querySelector(".op-title").after(p);
+  }
+
+  // After an add or delete: the new version, the added specialist's gain on its own text and
+  // routing share, and how every other domain moved; it stays until dismissed.
+  async showOutcome(el, op) {
+    el.querySelector(".op-cancel")?.remove();
+    el.querySelector("progress")?.remove();
+    el.classList.add("outcome");
+    el.querySelector(".op-title").textContent = `${titleOf(op)}: done, ${op.version} serves`;
+    let version;
+    try {
+      version = (await api("/versions")).find((v) => v.id === op.version);
+    } catch {
+      version = null;
+    }
+    const changes = version?.metrics?.changes ?? {};
+    const lines = [];
+    const own = changes[op.target];
+    if (op.kind === "add_specialist" && own) {
+      const routing = version.metrics.domains?.[op.target]?.routing;
+      lines.push(
+        `${op.target}: perplexity ${own.before.toFixed(1)} → ${own.after.toFixed(1)} (${percent(own.change)})` +
+          (routing != null ? `, ${(100 * routing).toFixed(0)}% of its documents routed to it` : ""),
+      );
+    }
+    const others = Object.entries(changes).filter(([name]) => name !== op.target);
+    if (others.length) {
+      lines.push(`Others: ${others.map(([name, c]) => `${name} ${percent(c.change)}`).join(", ")}`);
+    }
+    el.querySelector(".op-detail").textContent = lines.join(". ") || (op.message ?? "");
+    this.dismissButton(el);
+  }
+
   showFailure(el, op) {
     el.querySelector(".op-cancel")?.remove();
     el.classList.add("failed");
-    el.querySelector("progress").remove();
+    el.querySelector("progress")?.remove();
     el.querySelector(".op-detail").textContent = op.error ?? "It did not finish.";
+    if (op.kind === "add_specialist" && /higher max_drift/.test(op.error ?? "")) {
+      // the user decides: the same add, published whatever it does to the others
+      const anyway = document.createElement("button");
+      anyway.type = "button";
+      anyway.className = "ghost";
+      anyway.textContent = "Add anyway";
+      anyway.setAttribute("aria-label", `Add ${op.target} anyway`);
+      anyway.addEventListener("click", () => {
+        el.remove();
+        this.add(op.target, { max_drift: ANYWAY_DRIFT });
+      });
+      el.append(anyway);
+    }
+    this.dismissButton(el);
+  }
+
+  dismissButton(el) {
     const dismiss = document.createElement("button");
     dismiss.type = "button";
     dismiss.className = "ghost";
@@ -237,6 +310,17 @@ export class Specialists {
     dismiss.addEventListener("click", () => el.remove());
     el.append(dismiss);
   }
+}
+
+const ANYWAY_DRIFT = 1000; // percent: the largest limit the API takes
+
+function count(n) {
+  return Number(n).toLocaleString("en-US");
+}
+
+function percent(change) {
+  const p = 100 * change;
+  return `${p >= 0 ? "+" : "−"}${Math.abs(p).toFixed(Math.abs(p) < 10 ? 2 : 0)}%`;
 }
 
 function titleOf(op) {

@@ -83,6 +83,7 @@ class Operation:
     owner: str = ""  # who drives it while unfinished (a gateway's id)
     lease_expires: float = 0.0  # until when (Unix time), unless renewed
     cancel_requested: bool = False
+    max_drift: float | None = None  # percent; None: the training service's setting
 
 
 @dataclass
@@ -155,6 +156,9 @@ MIGRATIONS = [
     """,
     """
     ALTER TABLE versions ADD COLUMN invalid_reason TEXT NOT NULL DEFAULT '';
+    """,
+    """
+    ALTER TABLE operations ADD COLUMN max_drift REAL;
     """,
 ]
 # a replica that has not reported for this long is gone (it reports every few seconds)

@@ -232,6 +232,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
                 request.full_retrain,
                 owner=request.owner,
                 lease_s=request.lease_seconds,
+                max_drift=request.max_drift if request.HasField("max_drift") else None,
             )
         except OperationBusy as busy:
             await context.abort(
@@ -420,6 +421,7 @@ def _operation_pb(operation: Operation) -> registry_pb2.Operation:
         owner=operation.owner,
         lease_expires_at=_unix_timestamp(operation.lease_expires) if operation.owner else None,
         cancel_requested=operation.cancel_requested,
+        max_drift=operation.max_drift,
     )
 
 

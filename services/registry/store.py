@@ -39,6 +39,7 @@ from services.registry.schema import (
     SpecialistState,
     utc_now,
 )
+from shiftable_lib.config import MAX_DRIFT
 from shiftable_lib.corpus import validate_specialist_name
 from shiftable_lib.errors import AlreadyExists, Conflict, NotFound
 
@@ -151,6 +152,7 @@ class RegistryStore:
         full_retrain: bool = False,
         owner: str = "",
         lease_s: float = 0.0,
+        max_drift: float | None = None,
     ) -> Operation:
         """Record a PENDING operation, or raise OperationBusy while another is unfinished. With
         an `owner`, the creator holds the lease on driving it for `lease_s` from the start."""
@@ -162,7 +164,12 @@ class RegistryStore:
         if target:
             validate_specialist_name(target)
         op_id = f"op-{secrets.token_hex(6)}"
-        record = Operation(op_id, kind, target, OperationState.PENDING, full_retrain=full_retrain)
+        if max_drift is not None and not 0 <= max_drift <= MAX_DRIFT:
+            raise ValueError(f"max_drift is a percentage from 0 to {MAX_DRIFT:g}, not {max_drift}")
+        record = Operation(
+            op_id, kind, target, OperationState.PENDING, full_retrain=full_retrain,
+            max_drift=max_drift,
+        )  # fmt: skip
         record.updated_at = record.created_at
         if owner:
             record.owner, record.lease_expires = owner, time.time() + _lease(lease_s)

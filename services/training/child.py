@@ -48,15 +48,21 @@ class Reporter:
 
     def __init__(self, conn: Sender) -> None:
         self.conn = conn
-        self.estimate = FractionEstimate()
+        self.estimate = FractionEstimate(now=time.monotonic())
         self.phase = ""
         self.sent_at = 0.0
 
     def __call__(self, p: train.Progress) -> None:
-        fraction = self.estimate.update(p.phase, p.step, p.total)
+        """The library's report of its phase; the ETA sent is the whole job's, not the
+        phase's (`p.eta_s`)."""
+        estimate = self.estimate
+        estimate.update(p.phase, p.step, p.total, time.monotonic())
         edge = p.phase != self.phase or p.step >= p.total
         self.send(
-            JobProgress(p.phase, p.step, p.total, fraction, p.loss, p.tokens_per_s, p.eta_s), edge
+            JobProgress(
+                p.phase, p.step, p.total, estimate.fraction, p.loss, p.tokens_per_s, estimate.eta_s
+            ),
+            edge,
         )
         if p.step >= p.total:
             self.announce_unreported()
@@ -68,9 +74,11 @@ class Reporter:
         self.announce_unreported()
 
     def announce_unreported(self) -> None:
-        name = self.estimate.enter_unreported()
+        estimate = self.estimate
+        name = estimate.enter_unreported(time.monotonic())
         if name is not None:
-            self.send(JobProgress(name, 0, 1, self.estimate.fraction), force=True)
+            progress = JobProgress(name, 0, 1, estimate.fraction, eta_s=estimate.eta_s)
+            self.send(progress, force=True)
 
     def send(self, progress: JobProgress, force: bool) -> None:
         now = time.monotonic()
@@ -125,11 +133,20 @@ def _run_task(task: Task, settings: Settings, reporter: Reporter) -> Published:
     from shiftable_lib import jobs
 
     if task.kind is JobKind.ADD_SPECIALIST:
-        results = [jobs.add_specialist(settings, task.specialist, reporter, reporter.plan)]
+        results = [
+            jobs.add_specialist(
+                settings, task.specialist, reporter, reporter.plan, max_drift=task.max_drift
+            )
+        ]
     elif task.kind is JobKind.REMOVE_SPECIALIST:
         results = [
             jobs.remove_specialist(
-                settings, task.specialist, task.recalibrate_steps, reporter, reporter.plan
+                settings,
+                task.specialist,
+                task.recalibrate_steps,
+                reporter,
+                reporter.plan,
+                max_drift=task.max_drift,
             )
         ]
     else:

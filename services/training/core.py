@@ -46,7 +46,7 @@ from services.training.job import (
     Task,
 )
 from shiftable_lib import versions
-from shiftable_lib.config import Settings, get_profile
+from shiftable_lib.config import MAX_DRIFT, Settings, get_profile
 from shiftable_lib.corpus import require_corpus, validate_specialist_name
 from shiftable_lib.errors import AlreadyExists, Conflict, NotFound, Unavailable
 
@@ -116,6 +116,7 @@ class JobManager:
         recalibrate_steps: int = 0,
         request_id: str = "",
         base_version: str = "",
+        max_drift: float | None = None,
     ) -> Job:
         """Validate a request and queue it; raise (queueing nothing) when it cannot run. A
         `request_id` seen before returns the job it started (AlreadyExists if that job was
@@ -132,6 +133,8 @@ class JobManager:
             get_profile(profile)  # ValueError naming the profiles there are
         if recalibrate_steps < 0:
             raise ValueError(f"recalibrate_steps must be >= 0, got {recalibrate_steps}")
+        if max_drift is not None and not 0 <= max_drift <= MAX_DRIFT:
+            raise ValueError(f"max_drift is a percentage from 0 to {MAX_DRIFT:g}, not {max_drift}")
         if kind in (JobKind.ADD_SPECIALIST, JobKind.REMOVE_SPECIALIST):
             validate_specialist_name(specialist)
         elif specialist:
@@ -158,6 +161,7 @@ class JobManager:
             recalibrate_steps=recalibrate_steps,
             request_id=request_id,
             base_version=base_version,
+            max_drift=max_drift,
         )
         self._jobs[job.id] = job
         self._changed[job.id] = asyncio.Event()
@@ -245,6 +249,7 @@ class JobManager:
             train_threads=s.train_threads,
             parent_pid=os.getpid(),
             nproc=s.nproc_per_node,
+            max_drift=s.max_drift if job.max_drift is None else job.max_drift,
         )
         receiver, sender = self._mp.Pipe(duplex=False)
         run_job = ranks.relay if task.nproc > 1 else child.run_job

@@ -32,8 +32,9 @@ class JobState(enum.Enum):
 
 @dataclass(frozen=True)
 class JobProgress:
-    """What a job does now; `fraction` is the share of the whole job done (see
-    `progress.FractionEstimate`), the rest is the library's report of the current phase."""
+    """What a job does now; `fraction` is the share of the whole job's time done and `eta_s`
+    the time left (see `progress.FractionEstimate`), the rest is the library's report of the
+    current phase."""
 
     phase: str
     step: int = 0
@@ -65,6 +66,7 @@ class Job:
     pid: int | None = None
     request_id: str = ""  # the caller's idempotency key, such as an operation's id
     base_version: str = ""  # the version it builds on; CURRENT when empty
+    max_drift: float | None = None  # ADD, REMOVE: percent; None = the server's setting
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,7 @@ class Task:
     train_threads: int
     parent_pid: int
     nproc: int = 1  # > 1: the job runs as that many data-parallel processes (ranks.py)
+    max_drift: float | None = None  # ADD, REMOVE: percent; None = the server's setting
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ from services.training.core import JobManager
 from services.training.home import VersionRecord, describe_version
 from services.training.job import Job, JobKind, JobState
 from shiftable_lib.config import Settings
-from shiftable_lib.corpus import Corpus, check_corpus
+from shiftable_lib.corpus import Corpus
+from shiftable_lib.plan import describe_corpus
 from sma.v1 import common_pb2, training_pb2, training_pb2_grpc
 
 SERVICE_NAME = "sma.v1.Training"
@@ -46,9 +47,7 @@ def job_to_proto(job: Job) -> training_pb2.Job:
 
 
 def corpus_to_proto(corpus: Corpus) -> training_pb2.Corpus:
-    return training_pb2.Corpus(
-        name=corpus.name, dir=str(corpus.dir), files=corpus.files, bytes=corpus.bytes
-    )
+    return training_pb2.Corpus(**{**asdict(corpus), "dir": str(corpus.dir)})
 
 
 def version_to_proto(version: VersionRecord) -> training_pb2.GetVersionResponse:
@@ -81,6 +80,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServicer):
             recalibrate_steps=request.recalibrate_steps,
             request_id=request.request_id,
             base_version=request.base_version,
+            max_drift=request.max_drift if request.HasField("max_drift") else None,
         )
         return training_pb2.StartJobResponse(job=job_to_proto(job))
 
@@ -117,8 +117,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServicer):
     async def DescribeCorpus(
         self, request: training_pb2.DescribeCorpusRequest, context: grpc.aio.ServicerContext
     ) -> training_pb2.DescribeCorpusResponse:
-        data_dir = self.manager.settings.data_dir
-        corpus = await asyncio.to_thread(check_corpus, data_dir, request.name)
+        corpus = await asyncio.to_thread(describe_corpus, self.manager.settings, request.name)
         return training_pb2.DescribeCorpusResponse(corpus=corpus_to_proto(corpus))
 
     @rpc

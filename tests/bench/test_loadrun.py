@@ -20,6 +20,7 @@ import pytest
 
 from bench.loadrun import ROLES, Stream, read_events
 from tests.bench.test_stack import stop_group
+from tests.conftest import TINY_DRIFT
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 180.0  # about 35 s on the 2-core VM; room for a busy machine
@@ -31,6 +32,7 @@ def test_a_short_load_run_with_one_swap_cuts_no_stream(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "bench.loadrun", "--home", str(tmp_path / "home")]
     command += ["--clients", "2", "--duration", "4", "--swaps", "1", "--documents", "30"]
     command += ["--threads", "1", "--train-threads", "1"]  # as the e2e stacks: shared cores
+    command += ["--max-drift", str(TINY_DRIFT)]  # tests/conftest.py says why
     command += ["--json", str(report_path)]
     # its own process group, which the stack it starts joins: on a timeout the whole group is
     # stopped, so that no `sma up` outlives the test

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import synthetic_documents, write_domain
+from tests.conftest import TINY_DRIFT, synthetic_documents, write_domain
 
 pytestmark = pytest.mark.slow
 
@@ -39,6 +39,7 @@ def bench_stack(home: Path, *extra: str, timeout: float) -> dict:
     command = [sys.executable, "-m", "bench.stack", "--home", str(home), "--profile", "tiny"]
     command += ["--tokens", "8", "--repeats", "1", "--concurrency", "1,2"]
     command += ["--threads", "1", "--train-threads", "1"]  # as the e2e stacks: shared cores
+    command += ["--max-drift", str(TINY_DRIFT)]  # tests/conftest.py says why
     command += ["--device", "cpu", "--json", *extra]
     # its own process group, which the stack it starts joins: on a timeout the whole group is
     # stopped, so that no `sma up` outlives the test

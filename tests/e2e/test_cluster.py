@@ -24,7 +24,7 @@ import pytest
 
 from bench.loopback import STACK, LoopbackCluster, Pod, render
 from sma.v1 import inference_pb2, inference_pb2_grpc, training_pb2, training_pb2_grpc
-from tests.conftest import synthetic_documents, train_tiny_home, write_domain
+from tests.conftest import TINY_DRIFT, synthetic_documents, train_tiny_home, write_domain
 from tests.e2e.conftest import sse_events, wait_for
 
 pytestmark = pytest.mark.slow
@@ -44,7 +44,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopbackCluste
         render(STACK / "overlays" / "cpu"),
         work,
         # the one patch: a first training of the tiny profile, should there be one
-        env={"SMA_PROFILE": "tiny"},
+        env={"SMA_PROFILE": "tiny", "SMA_MAX_DRIFT": str(TINY_DRIFT)},
         secrets={"sma-api-key": {"api-key": USER_KEY, "admin-key": ADMIN_KEY}},
     )
     # a model on the home claim, as `sma train` would leave it: the gateways adopt it

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import socket
 import threading
 import time
@@ -21,7 +22,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from gateway.schemas import sse
 from sma.v1 import inference_pb2, inference_pb2_grpc
 from tests.conftest import synthetic_documents, write_domain
-from tests.e2e.conftest import Stack, sse_events
+from tests.e2e.conftest import Stack, sse_events, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -53,6 +54,25 @@ def test_first_start_serves_a_trained_model(stack: Stack) -> None:
     }
     assert sorted(stack.http.get("/specialists").json()) == ["dl", "ds"]
     assert "Shiftable" in stack.http.get("/").text
+
+
+def test_the_terminal_shows_where_the_ui_is_and_the_first_start_progress(stack: Stack) -> None:
+    """`sma up` names the UI's address before training starts, prints a line per phase (with
+    its bar, the whole start's percentage and ETA), then which model serves."""
+    log = stack.log.read_text()
+    ui = log.index("sma: web UI and API on http://")
+    training = log.index("sma: training the first model")
+    assert ui < training
+    lines = [line for line in log.splitlines() if line.startswith("sma: first start: ")]
+    phases = [line.removeprefix("sma: first start: ").split(" ")[0] for line in lines]
+    # read once a second: the tiny profile's phases take less, so only some of them show
+    assert len(set(phases)) >= 2, phases
+    percents = [int(re.search(r" (\d+)% ", line + " ").group(1)) for line in lines]
+    assert percents == sorted(percents), percents
+    assert any(re.search(r"\[#*\.*\] \d+/\d+", line) for line in lines)
+    serving = stack.health()["serving_version"]
+    said = f"sma: model {serving} serving (specialists: dl, ds)"  # at its next read of /health
+    assert wait_for(lambda: said in stack.log.read_text()[training:], timeout=10)
 
 
 def test_every_grpc_server_reports_serving(stack: Stack) -> None:
@@ -295,6 +315,27 @@ def test_add_specialist_trains_publishes_and_serves_it(stack: Stack) -> None:
     assert health["loaded_version"] == health["serving_version"]
     out = stack.http.post("/generate", json={"prompt": "x", "max_new_tokens": 3}).json()
     assert "web" in out["active_weights"]
+    corpus = reply.json()["corpus"]  # the corpus as read
+    assert (corpus["files"], corpus["documents"]) == (1, 30) and not corpus["tokens_estimated"]
+    assert corpus["tokens"] > corpus["heldout_tokens"] > 0 and 0 < corpus["heldout_share"] < 0.5
+    outcome = reply.json()["outcome"]  # what the add did, from the version's own metrics
+    assert outcome["version"] == health["serving_version"]
+    assert outcome["specialist"]["before"] > 0 and 0 <= outcome["specialist"]["routing"] <= 1
+    assert set(outcome["others"]) == {"general", "dl", "ds"}
+    assert all(c["change"] * 100 <= outcome["max_drift"] for c in outcome["others"].values())
+
+
+def test_a_corpus_too_small_to_learn_from_is_refused_before_anything_is_recorded(
+    stack: Stack,
+) -> None:
+    write_domain(stack.home / "data", "scrap", synthetic_documents("ds", 2, seed=4))
+    operations = stack.http.get("/operations").json()
+    reply = stack.http.post("/specialists", json={"name": "scrap"})
+    assert reply.status_code == 400, reply.text
+    detail = reply.json()["detail"]
+    assert "holds too little text to learn from" in detail and "tiny model needs at least" in detail
+    assert "scrap" not in {s["name"] for s in stack.http.get("/v1/specialists").json()}
+    assert stack.http.get("/operations").json() == operations
 
 
 def test_two_concurrent_adds_give_one_409(stack: Stack) -> None:

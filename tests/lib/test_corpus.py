@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import pytest
 
+from shiftable_lib import corpus as corpus_module
+from shiftable_lib.config import get_profile
 from shiftable_lib.corpus import (
+    HELDOUT_PERMILLE,
+    MIN_HELDOUT_SHARE,
+    PIECE_CHARS,
     check_corpus,
     discover_specialists,
     load_domain,
+    min_tokens,
     split_documents,
+    split_heldout,
     validate_specialist_name,
 )
-from shiftable_lib.errors import CorpusInvalid, CorpusMissing, InvalidName
+from shiftable_lib.errors import CorpusInvalid, CorpusMissing, CorpusTooSmall, InvalidName
+from shiftable_lib.tokenizer import train_tokenizer
 from tests.conftest import synthetic_documents, write_domain
 
 BAD_NAMES = [
@@ -124,3 +132,87 @@ def test_links_out_of_the_data_folder_are_never_followed(tmp_path):
     (data / "leaky" / "a.txt").unlink()
     (data / "leaky" / "a.txt").symlink_to(data / "general" / "corpus.txt")  # inside: fine
     assert check_corpus(data, "leaky").files == 1
+
+
+def _lines(n: int, seed: int = 0) -> str:
+    """`n` lines of synthetic text with no blank line between them."""
+    words = synthetic_documents("general", n, seed=seed)
+    return "\n".join(w[:70].strip() for w in words) + "\n"
+
+
+def test_text_without_blank_lines_is_cut_into_pieces_at_line_breaks(tmp_path):
+    text = _lines(2000)
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "one.txt").write_text(text)
+    domain = load_domain(tmp_path, "notes")
+    docs = [*domain.train, *domain.heldout]
+    assert len(docs) > 20
+    assert all(len(d) <= PIECE_CHARS * 3 // 2 for d in docs)
+    assert all(d == d.strip() and not d.startswith(" ") for d in docs)
+    assert sorted("\n".join(docs).split("\n")) == sorted(text.strip().split("\n"))  # nothing lost
+    heldout = sum(map(len, domain.heldout)) / sum(map(len, docs))
+    assert 0.05 <= heldout <= 0.3, heldout
+
+
+def test_windows_and_old_mac_line_ends_split_like_unix_ones():
+    unix = "one\nstill one\n\n\ntwo\n\n\n\nthree"
+    for ending in ("\r\n", "\r"):
+        assert split_documents(unix.replace("\n", ending)) == ["one\nstill one", "two", "three"]
+
+
+def test_one_huge_document_among_small_ones_is_cut_but_small_ones_stay_whole():
+    small = synthetic_documents("ds", 5)
+    huge = " ".join(synthetic_documents("dl", 400))  # one paragraph, no line break at all
+    docs = split_documents("\n\n\n".join([small[0], huge, *small[1:]]))
+    assert docs[0] == small[0] and docs[-4:] == small[1:]
+    pieces = docs[1:-4]
+    assert len(pieces) == pytest.approx(len(huge) / PIECE_CHARS, abs=2)
+    assert " ".join(pieces) == huge  # cut at spaces, where there is no line to cut at
+
+
+def test_many_tiny_files_are_documents_and_some_are_held_out(tmp_path):
+    for i, doc in enumerate(synthetic_documents("ds", 300)):
+        write_domain(tmp_path, "tiny", [doc], f"{i:03}.txt")
+    corpus = check_corpus(tmp_path, "tiny")
+    assert (corpus.files, corpus.documents) == (300, 300)
+    assert corpus.heldout_documents >= 10
+    assert corpus.heldout_chars / corpus.chars >= MIN_HELDOUT_SHARE
+
+
+def test_few_documents_still_hold_out_a_share_of_the_text():
+    """Two large documents and many small ones: if the hash picks only small ones, the next
+    ones by the same order join them until a tenth of the text is held out."""
+    docs = [*(f"short note {i}." for i in range(30)), "x " * 30000, "y " * 30000]
+    train_docs, heldout = split_heldout(docs)
+    total = sum(map(len, docs))
+    assert sum(map(len, heldout)) >= HELDOUT_PERMILLE / 1000 * total or len(train_docs) == 1
+    assert train_docs and heldout
+    assert sorted(train_docs + heldout) == sorted(docs)
+    assert split_heldout(docs) == (train_docs, heldout)  # deterministic
+
+
+def test_the_corpus_report_counts_tokens_and_a_corpus_too_small_is_refused(tmp_path):
+    tok = train_tokenizer(synthetic_documents("general", 50), 384)
+    profile = get_profile("tiny")
+    write_domain(tmp_path, "ds", synthetic_documents("ds", 60))
+    corpus = check_corpus(tmp_path, "ds", tok, profile)
+    assert corpus.tokens > 0 and corpus.heldout_tokens > 0 and not corpus.estimated
+    assert corpus.documents == 60 and 0 < corpus.heldout_documents < 60
+    need_train, need_heldout = min_tokens(profile)
+    assert corpus.tokens >= need_train and corpus.heldout_tokens >= need_heldout
+    write_domain(tmp_path, "small", synthetic_documents("ds", 3))
+    with pytest.raises(CorpusTooSmall, match="too little text to learn from") as refused:
+        check_corpus(tmp_path, "small", tok, profile)
+    assert f"needs at least {need_train:,} to train on" in str(refused.value)
+    assert check_corpus(tmp_path, "small").documents == 3  # without a model: reported only
+
+
+def test_a_large_corpus_has_its_tokens_estimated_from_a_part(tmp_path, monkeypatch):
+    tok = train_tokenizer(synthetic_documents("general", 50), 384)
+    write_domain(tmp_path, "ds", synthetic_documents("ds", 200))
+    exact = check_corpus(tmp_path, "ds", tok)
+    monkeypatch.setattr(corpus_module, "COUNTED_CHARS", exact.chars // 5)
+    estimate = check_corpus(tmp_path, "ds", tok)
+    assert estimate.estimated and not exact.estimated
+    assert estimate.tokens == pytest.approx(exact.tokens, rel=0.1)

@@ -55,7 +55,7 @@ def test_adding_a_specialist_leaves_the_others_bit_identical(home):
     after = grown.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items()), "an old weight moved"
     assert grown.experts == ("general", "ds", "dl")
-    assert set(report) == {"dl", "gate"}
+    assert set(report) == {"dl", "gate", "calibration"}
 
 
 def test_a_seed_reproduces_training_exactly_on_cpu(home):

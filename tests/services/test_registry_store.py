@@ -93,7 +93,7 @@ def test_store_creates_one_operation_when_writers_race(db: Path) -> None:
 def test_store_schema_is_versioned(db: Path) -> None:
     RegistryStore(db).close()
     with closing(sqlite3.connect(db)) as raw:
-        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
         assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         raw.execute("PRAGMA user_version = 99")
     with pytest.raises(RuntimeError, match="newer"):

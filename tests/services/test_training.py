@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -390,19 +391,43 @@ def test_fraction_is_monotonic_when_an_estimate_is_corrected():
         [
             PlannedPhase("specialist:a", 10),
             PlannedPhase("gate", 10),
-            PlannedPhase("evaluate", reported=False),  # a tenth of its stage's steps
+            PlannedPhase("evaluate", reported=False),
         ]
     )
-    seen = [estimate.update("specialist:a", 5, 10)]  # 5 of 22
-    seen.append(estimate.update("specialist:a", 10, 10))
-    assert estimate.enter_unreported() is None  # the gate is reported by the library
-    seen.append(estimate.update("gate", 1, 100))  # the gate runs far longer than planned
-    seen.append(estimate.update("gate", 100, 100))
-    assert estimate.enter_unreported() == "evaluate"
+    seen = [estimate.update("specialist:a", 5, 10, 1.0)]  # a second of it: not timed yet
+    seen.append(estimate.update("specialist:a", 10, 10, 10.0))
+    assert estimate.enter_unreported(10.0) is None  # the gate is reported by the library
+    seen.append(estimate.update("gate", 1, 100, 11.0))  # the gate runs far longer than planned
+    seen.append(estimate.update("gate", 100, 100, 60.0))
+    assert estimate.enter_unreported(60.0) == "evaluate"
     seen.append(estimate.fraction)
-    assert seen == sorted(seen) and seen[0] == pytest.approx(5 / 22)
-    assert seen[-1] == pytest.approx(110 / 112)
-    assert estimate.update("unplanned", 1, 1) == seen[-1]
+    assert seen == sorted(seen) and 0.3 < seen[0] < 0.5  # half the steps of a cheaper phase
+    assert seen[-1] > 0.9 and estimate.eta_s < 10
+    assert estimate.update("unplanned", 1, 1, 61.0) == seen[-1]
+
+
+def test_one_eta_for_the_whole_job_agrees_with_its_fraction():
+    """The ETA is the whole job's, from each kind of step's own time: after a branch whose
+    steps take a second, it foresees a gate whose steps take 0.4 s, within a fifth."""
+    estimate = FractionEstimate(
+        [PlannedPhase("specialist:a", 10), PlannedPhase("gate", 100), PlannedPhase("evaluate")],
+        now=0.0,
+    )
+    seen, now = [], 0.0
+    for phase, steps, seconds in (("specialist:a", 10, 1.0), ("gate", 100, 0.4)):
+        for step in range(1, steps + 1):
+            now += seconds
+            estimate.update(phase, step, steps, now)
+            seen.append((now, estimate.fraction, estimate.eta_s))
+    fractions = [f for _, f, _ in seen]
+    assert fractions == sorted(fractions)
+    for elapsed, fraction, eta in seen:
+        assert eta == pytest.approx(elapsed * (1 - fraction) / fraction)
+    after_branch = seen[9][2]
+    assert after_branch == pytest.approx(40, rel=0.2)  # the gate's 40 s, and evaluation
+    etas = [eta for _, _, eta in seen[10:]]
+    assert all(b <= a + 1.0 for a, b in itertools.pairwise(etas))  # only ever down
+    assert etas[-1] < 0.15 * now
 
 
 class Pipe(list):

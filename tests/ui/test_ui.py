@@ -302,12 +302,27 @@ def test_adding_a_specialist_shows_a_progress_bar_then_the_entry(
     bar = page.locator(".operation progress")
     expect(bar).to_be_visible()
     expect(page.locator(".operation .op-title")).to_contain_text("Adding apps")
+    corpus = page.locator(".operation .op-corpus")  # what was read, before it trains
+    expect(corpus).to_contain_text("Read 1 file, 30 documents")
+    expect(corpus).to_contain_text("tokens to train on")
+    expect(corpus).to_contain_text("held out")
     expect(page.get_by_role("button", name="Add specialist")).to_be_disabled()
     page.screenshot(path=shots / "05-adding.png")
 
     entry = page.locator('.specialist[data-name="apps"]')
     expect(entry.locator(".badge")).to_have_text("ready", timeout=SLOW)
-    expect(page.locator(".operation")).to_have_count(0)  # the list refreshed by itself
+    # the outcome stays: the version now serving, the gain on its own text, the others
+    outcome = page.locator(".operation.outcome")
+    version = ui_stack.health()["serving_version"]
+    expect(outcome.locator(".op-title")).to_have_text(f"Adding apps: done, {version} serves")
+    detail = outcome.locator(".op-detail")
+    expect(detail).to_contain_text("apps: perplexity ")
+    expect(detail).to_contain_text("of its documents routed to it")
+    for other in ("general", "dl", "ds"):
+        expect(detail).to_contain_text(re.compile(rf"{other} [+−]\d+\.\d\d%"))
+    page.screenshot(path=shots / "06a-outcome.png")
+    outcome.get_by_role("button", name="Dismiss").click()
+    expect(page.locator(".operation")).to_have_count(0)
     texts = page.evaluate("window.opTexts")
     assert any(re.search(r"training apps · \d+% · loss \d", t) for t in texts), texts  # live
     assert "apps" in ui_stack.http.get("/specialists").json()
@@ -404,6 +419,9 @@ def test_deleting_specialists_removes_them_and_keeps_the_last(
         page.locator("#confirm-ok").click()
         expect(page.locator(".operation .op-title")).to_contain_text(f"Deleting {name}")
         expect(page.locator(f'.specialist[data-name="{name}"]')).to_have_count(0, timeout=SLOW)
+        outcome = page.locator(".operation.outcome")
+        expect(outcome.locator(".op-title")).to_contain_text(f"Deleting {name}: done")
+        outcome.get_by_role("button", name="Dismiss").click()
         expect(page.locator(".operation")).to_have_count(0)
         assert name not in ui_stack.http.get("/specialists").json()
         assert list((ui_stack.home / "data" / ".deleted").glob(f"{name}-*"))

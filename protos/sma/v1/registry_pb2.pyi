@@ -69,7 +69,7 @@ class Specialist(_message.Message):
     def __init__(self, name: _Optional[str] = ..., corpus_dir: _Optional[str] = ..., corpus_digest: _Optional[str] = ..., state: _Optional[_Union[SpecialistState, str]] = ..., error: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Operation(_message.Message):
-    __slots__ = ("id", "kind", "target", "state", "progress", "error", "job_id", "version_id", "message", "created_at", "updated_at", "full_retrain", "owner", "lease_expires_at", "cancel_requested")
+    __slots__ = ("id", "kind", "target", "state", "progress", "error", "job_id", "version_id", "message", "created_at", "updated_at", "full_retrain", "owner", "lease_expires_at", "cancel_requested", "max_drift")
     ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
@@ -85,6 +85,7 @@ class Operation(_message.Message):
     OWNER_FIELD_NUMBER: _ClassVar[int]
     LEASE_EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     CANCEL_REQUESTED_FIELD_NUMBER: _ClassVar[int]
+    MAX_DRIFT_FIELD_NUMBER: _ClassVar[int]
     id: str
     kind: OperationKind
     target: str
@@ -100,7 +101,8 @@ class Operation(_message.Message):
     owner: str
     lease_expires_at: _timestamp_pb2.Timestamp
     cancel_requested: bool
-    def __init__(self, id: _Optional[str] = ..., kind: _Optional[_Union[OperationKind, str]] = ..., target: _Optional[str] = ..., state: _Optional[_Union[OperationState, str]] = ..., progress: _Optional[_Union[_common_pb2.TrainingProgress, _Mapping]] = ..., error: _Optional[str] = ..., job_id: _Optional[str] = ..., version_id: _Optional[str] = ..., message: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., full_retrain: _Optional[bool] = ..., owner: _Optional[str] = ..., lease_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cancel_requested: _Optional[bool] = ...) -> None: ...
+    max_drift: float
+    def __init__(self, id: _Optional[str] = ..., kind: _Optional[_Union[OperationKind, str]] = ..., target: _Optional[str] = ..., state: _Optional[_Union[OperationState, str]] = ..., progress: _Optional[_Union[_common_pb2.TrainingProgress, _Mapping]] = ..., error: _Optional[str] = ..., job_id: _Optional[str] = ..., version_id: _Optional[str] = ..., message: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., full_retrain: _Optional[bool] = ..., owner: _Optional[str] = ..., lease_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cancel_requested: _Optional[bool] = ..., max_drift: _Optional[float] = ...) -> None: ...
 
 class ServingState(_message.Message):
     __slots__ = ("version", "loaded_version_id", "replicas")
@@ -193,18 +195,20 @@ class DeleteSpecialistResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class CreateOperationRequest(_message.Message):
-    __slots__ = ("kind", "target", "full_retrain", "owner", "lease_seconds")
+    __slots__ = ("kind", "target", "full_retrain", "owner", "lease_seconds", "max_drift")
     KIND_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     FULL_RETRAIN_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
     LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_DRIFT_FIELD_NUMBER: _ClassVar[int]
     kind: OperationKind
     target: str
     full_retrain: bool
     owner: str
     lease_seconds: float
-    def __init__(self, kind: _Optional[_Union[OperationKind, str]] = ..., target: _Optional[str] = ..., full_retrain: _Optional[bool] = ..., owner: _Optional[str] = ..., lease_seconds: _Optional[float] = ...) -> None: ...
+    max_drift: float
+    def __init__(self, kind: _Optional[_Union[OperationKind, str]] = ..., target: _Optional[str] = ..., full_retrain: _Optional[bool] = ..., owner: _Optional[str] = ..., lease_seconds: _Optional[float] = ..., max_drift: _Optional[float] = ...) -> None: ...
 
 class CreateOperationResponse(_message.Message):
     __slots__ = ("operation",)

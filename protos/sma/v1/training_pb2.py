@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from sma.v1 import common_pb2 as sma_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15sma/v1/training.proto\x12\x06sma.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x13sma/v1/common.proto\"\xfe\x02\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1d\n\x04kind\x18\x02 \x01(\x0e\x32\x0f.sma.v1.JobKind\x12\x12\n\nspecialist\x18\x03 \x01(\t\x12\x1f\n\x05state\x18\x04 \x01(\x0e\x32\x10.sma.v1.JobState\x12*\n\x08progress\x18\x05 \x01(\x0b\x32\x18.sma.v1.TrainingProgress\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x12\n\nversion_id\x18\x07 \x01(\t\x12\x0f\n\x07message\x18\x08 \x01(\t\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrequest_id\x18\r \x01(\tJ\x04\x08\t\x10\nR\x0cmetrics_json\"\x9a\x01\n\x0fStartJobRequest\x12\x1d\n\x04kind\x18\x01 \x01(\x0e\x32\x0f.sma.v1.JobKind\x12\x12\n\nspecialist\x18\x02 \x01(\t\x12\x0f\n\x07profile\x18\x03 \x01(\t\x12\x19\n\x11recalibrate_steps\x18\x04 \x01(\x05\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x14\n\x0c\x62\x61se_version\x18\x06 \x01(\t\",\n\x10StartJobResponse\x12\x18\n\x03job\x18\x01 \x01(\x0b\x32\x0b.sma.v1.Job\"\x1b\n\rGetJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"*\n\x0eGetJobResponse\x12\x18\n\x03job\x18\x01 \x01(\x0b\x32\x0b.sma.v1.Job\"\x11\n\x0fListJobsRequest\"-\n\x10ListJobsResponse\x12\x19\n\x04jobs\x18\x01 \x03(\x0b\x32\x0b.sma.v1.Job\"\x1e\n\x10\x43\x61ncelJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"-\n\x11\x43\x61ncelJobResponse\x12\x18\n\x03job\x18\x01 \x01(\x0b\x32\x0b.sma.v1.Job\"\x1d\n\x0fWatchJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\",\n\x10WatchJobResponse\x12\x18\n\x03job\x18\x01 \x01(\x0b\x32\x0b.sma.v1.Job\"A\n\x06\x43orpus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03\x64ir\x18\x02 \x01(\t\x12\r\n\x05\x66iles\x18\x03 \x01(\x03\x12\r\n\x05\x62ytes\x18\x04 \x01(\x03\"%\n\x15\x44\x65scribeCorpusRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"8\n\x16\x44\x65scribeCorpusResponse\x12\x1e\n\x06\x63orpus\x18\x01 \x01(\x0b\x32\x0e.sma.v1.Corpus\"\x1f\n\x11GetVersionRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\xc8\x01\n\x12GetVersionResponse\x12%\n\x07version\x18\x01 \x01(\x0b\x32\x14.sma.v1.ModelVersion\x12\x45\n\x0e\x63orpus_digests\x18\x02 \x03(\x0b\x32-.sma.v1.GetVersionResponse.CorpusDigestsEntry\x12\x0e\n\x06parent\x18\x03 \x01(\t\x1a\x34\n\x12\x43orpusDigestsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\x98\x01\n\x07JobKind\x12\x18\n\x14JOB_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12JOB_KIND_TRAIN_ALL\x10\x01\x12\x1e\n\x1aJOB_KIND_TRAIN_SPECIALISTS\x10\x02\x12\x1b\n\x17JOB_KIND_ADD_SPECIALIST\x10\x03\x12\x1e\n\x1aJOB_KIND_REMOVE_SPECIALIST\x10\x04*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x32\xda\x03\n\x08Training\x12=\n\x08StartJob\x12\x17.sma.v1.StartJobRequest\x1a\x18.sma.v1.StartJobResponse\x12\x37\n\x06GetJob\x12\x15.sma.v1.GetJobRequest\x1a\x16.sma.v1.GetJobResponse\x12=\n\x08ListJobs\x12\x17.sma.v1.ListJobsRequest\x1a\x18.sma.v1.ListJobsResponse\x12@\n\tCancelJob\x12\x18.sma.v1.CancelJobRequest\x1a\x19.sma.v1.CancelJobResponse\x12?\n\x08WatchJob\x12\x17.sma.v1.WatchJobRequest\x1a\x18.sma.v1.WatchJobResponse0\x01\x12O\n\x0e\x44\x65scribeCorpus\x12\x1d.sma.v1.DescribeCorpusRequest\x1a\x1e.sma.v1.DescribeCorpusResponse\x12\x43\n\nGetVersion\x12\x19.sma.v1.GetVersionRequest\x1a\x1a.sma.v1.GetVersionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15sma/v1/training.proto\x12\x06sma.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x13sma/v1/common.proto\"\xfe\x02\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1d\n\x04kind\x18\x02 \x01(\x0e\x32\x0f.sma.v1.JobKind\x12\x12\n\nspecialist\x18\x03 \x01(\t\x12\x1f\n\x05state\x18\x04 \x01(\x0e\x32\x10.sma.v1.JobState\x12*\n\x08progress\x18\x05 \x01(\x0b\x32\x18.sma.v1.TrainingProgress\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x12\n\nversion_id\x18\x07 \x01(\t\x12\x0f\n\x07message\x18\x08 \x01(\t\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrequest_id\x18\r \x01(\tJ\x04\x08\t\x10\nR\x0cmetrics_json\"\xc0\x01\n\x0fStartJobRequest\x12\x1d\n\x04kind\x18\x01 \x01(\x0e\x32\x0f.sma.v1.JobKind\x12\x12\n\nspecialist\x18\x02 \x01(\t\x12\x0f\n\x07profile\x18\x03 \x01(\t\x12\x19\n\x11recalibrate_steps\x18\x04 \x01(\x05\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x14\n\x0c\x62\x61se_version\x18\x06 \x01(\t\x12\x16\n\tmax_drift\x18\x07 \x01(\x01H\x00\x88\x01\x01\x42\x0c\n\n_max_drift\",\n\x10StartJobResponse\x12\x18\n\x03job\x18\x01 \x01(\x0b\x32\x0b.sma.v1.Job\"\x1b\n\rGetJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"*\n\x0eGetJobResponse\x12\x18\n\x03job\x18\x01 \x01(\x0b\x32\x0b.sma.v1.Job\"\x11\n\x0fListJobsRequest\"-\n\x10ListJobsResponse\x12\x19\n\x04jobs\x18\x01 \x03(\x0b\x32\x0b.sma.v1.Job\"\x1e\n\x10\x43\x61ncelJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"-\n\x11\x43\x61ncelJobResponse\x12\x18\n\x03job\x18\x01 \x01(\x0b\x32\x0b.sma.v1.Job\"\x1d\n\x0fWatchJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\",\n\x10WatchJobResponse\x12\x18\n\x03job\x18\x01 \x01(\x0b\x32\x0b.sma.v1.Job\"\xd0\x01\n\x06\x43orpus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03\x64ir\x18\x02 \x01(\t\x12\r\n\x05\x66iles\x18\x03 \x01(\x03\x12\r\n\x05\x62ytes\x18\x04 \x01(\x03\x12\x11\n\tdocuments\x18\x05 \x01(\x03\x12\x19\n\x11heldout_documents\x18\x06 \x01(\x03\x12\r\n\x05\x63hars\x18\x07 \x01(\x03\x12\x15\n\rheldout_chars\x18\x08 \x01(\x03\x12\x0e\n\x06tokens\x18\t \x01(\x03\x12\x16\n\x0eheldout_tokens\x18\n \x01(\x03\x12\x11\n\testimated\x18\x0b \x01(\x08\"%\n\x15\x44\x65scribeCorpusRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"8\n\x16\x44\x65scribeCorpusResponse\x12\x1e\n\x06\x63orpus\x18\x01 \x01(\x0b\x32\x0e.sma.v1.Corpus\"\x1f\n\x11GetVersionRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\xc8\x01\n\x12GetVersionResponse\x12%\n\x07version\x18\x01 \x01(\x0b\x32\x14.sma.v1.ModelVersion\x12\x45\n\x0e\x63orpus_digests\x18\x02 \x03(\x0b\x32-.sma.v1.GetVersionResponse.CorpusDigestsEntry\x12\x0e\n\x06parent\x18\x03 \x01(\t\x1a\x34\n\x12\x43orpusDigestsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\x98\x01\n\x07JobKind\x12\x18\n\x14JOB_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12JOB_KIND_TRAIN_ALL\x10\x01\x12\x1e\n\x1aJOB_KIND_TRAIN_SPECIALISTS\x10\x02\x12\x1b\n\x17JOB_KIND_ADD_SPECIALIST\x10\x03\x12\x1e\n\x1aJOB_KIND_REMOVE_SPECIALIST\x10\x04*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x32\xda\x03\n\x08Training\x12=\n\x08StartJob\x12\x17.sma.v1.StartJobRequest\x1a\x18.sma.v1.StartJobResponse\x12\x37\n\x06GetJob\x12\x15.sma.v1.GetJobRequest\x1a\x16.sma.v1.GetJobResponse\x12=\n\x08ListJobs\x12\x17.sma.v1.ListJobsRequest\x1a\x18.sma.v1.ListJobsResponse\x12@\n\tCancelJob\x12\x18.sma.v1.CancelJobRequest\x1a\x19.sma.v1.CancelJobResponse\x12?\n\x08WatchJob\x12\x17.sma.v1.WatchJobRequest\x1a\x18.sma.v1.WatchJobResponse0\x01\x12O\n\x0e\x44\x65scribeCorpus\x12\x1d.sma.v1.DescribeCorpusRequest\x1a\x1e.sma.v1.DescribeCorpusResponse\x12\x43\n\nGetVersion\x12\x19.sma.v1.GetVersionRequest\x1a\x1a.sma.v1.GetVersionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,44 +35,44 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GETVERSIONRESPONSE_CORPUSDIGESTSENTRY']._loaded_options = None
   _globals['_GETVERSIONRESPONSE_CORPUSDIGESTSENTRY']._serialized_options = b'8\001'
-  _globals['_JOBKIND']._serialized_start=1371
-  _globals['_JOBKIND']._serialized_end=1523
-  _globals['_JOBSTATE']._serialized_start=1526
-  _globals['_JOBSTATE']._serialized_end=1680
+  _globals['_JOBKIND']._serialized_start=1553
+  _globals['_JOBKIND']._serialized_end=1705
+  _globals['_JOBSTATE']._serialized_start=1708
+  _globals['_JOBSTATE']._serialized_end=1862
   _globals['_JOB']._serialized_start=88
   _globals['_JOB']._serialized_end=470
   _globals['_STARTJOBREQUEST']._serialized_start=473
-  _globals['_STARTJOBREQUEST']._serialized_end=627
-  _globals['_STARTJOBRESPONSE']._serialized_start=629
-  _globals['_STARTJOBRESPONSE']._serialized_end=673
-  _globals['_GETJOBREQUEST']._serialized_start=675
-  _globals['_GETJOBREQUEST']._serialized_end=702
-  _globals['_GETJOBRESPONSE']._serialized_start=704
-  _globals['_GETJOBRESPONSE']._serialized_end=746
-  _globals['_LISTJOBSREQUEST']._serialized_start=748
-  _globals['_LISTJOBSREQUEST']._serialized_end=765
-  _globals['_LISTJOBSRESPONSE']._serialized_start=767
-  _globals['_LISTJOBSRESPONSE']._serialized_end=812
-  _globals['_CANCELJOBREQUEST']._serialized_start=814
-  _globals['_CANCELJOBREQUEST']._serialized_end=844
-  _globals['_CANCELJOBRESPONSE']._serialized_start=846
-  _globals['_CANCELJOBRESPONSE']._serialized_end=891
-  _globals['_WATCHJOBREQUEST']._serialized_start=893
-  _globals['_WATCHJOBREQUEST']._serialized_end=922
-  _globals['_WATCHJOBRESPONSE']._serialized_start=924
-  _globals['_WATCHJOBRESPONSE']._serialized_end=968
-  _globals['_CORPUS']._serialized_start=970
-  _globals['_CORPUS']._serialized_end=1035
-  _globals['_DESCRIBECORPUSREQUEST']._serialized_start=1037
-  _globals['_DESCRIBECORPUSREQUEST']._serialized_end=1074
-  _globals['_DESCRIBECORPUSRESPONSE']._serialized_start=1076
-  _globals['_DESCRIBECORPUSRESPONSE']._serialized_end=1132
-  _globals['_GETVERSIONREQUEST']._serialized_start=1134
-  _globals['_GETVERSIONREQUEST']._serialized_end=1165
-  _globals['_GETVERSIONRESPONSE']._serialized_start=1168
-  _globals['_GETVERSIONRESPONSE']._serialized_end=1368
-  _globals['_GETVERSIONRESPONSE_CORPUSDIGESTSENTRY']._serialized_start=1316
-  _globals['_GETVERSIONRESPONSE_CORPUSDIGESTSENTRY']._serialized_end=1368
-  _globals['_TRAINING']._serialized_start=1683
-  _globals['_TRAINING']._serialized_end=2157
+  _globals['_STARTJOBREQUEST']._serialized_end=665
+  _globals['_STARTJOBRESPONSE']._serialized_start=667
+  _globals['_STARTJOBRESPONSE']._serialized_end=711
+  _globals['_GETJOBREQUEST']._serialized_start=713
+  _globals['_GETJOBREQUEST']._serialized_end=740
+  _globals['_GETJOBRESPONSE']._serialized_start=742
+  _globals['_GETJOBRESPONSE']._serialized_end=784
+  _globals['_LISTJOBSREQUEST']._serialized_start=786
+  _globals['_LISTJOBSREQUEST']._serialized_end=803
+  _globals['_LISTJOBSRESPONSE']._serialized_start=805
+  _globals['_LISTJOBSRESPONSE']._serialized_end=850
+  _globals['_CANCELJOBREQUEST']._serialized_start=852
+  _globals['_CANCELJOBREQUEST']._serialized_end=882
+  _globals['_CANCELJOBRESPONSE']._serialized_start=884
+  _globals['_CANCELJOBRESPONSE']._serialized_end=929
+  _globals['_WATCHJOBREQUEST']._serialized_start=931
+  _globals['_WATCHJOBREQUEST']._serialized_end=960
+  _globals['_WATCHJOBRESPONSE']._serialized_start=962
+  _globals['_WATCHJOBRESPONSE']._serialized_end=1006
+  _globals['_CORPUS']._serialized_start=1009
+  _globals['_CORPUS']._serialized_end=1217
+  _globals['_DESCRIBECORPUSREQUEST']._serialized_start=1219
+  _globals['_DESCRIBECORPUSREQUEST']._serialized_end=1256
+  _globals['_DESCRIBECORPUSRESPONSE']._serialized_start=1258
+  _globals['_DESCRIBECORPUSRESPONSE']._serialized_end=1314
+  _globals['_GETVERSIONREQUEST']._serialized_start=1316
+  _globals['_GETVERSIONREQUEST']._serialized_end=1347
+  _globals['_GETVERSIONRESPONSE']._serialized_start=1350
+  _globals['_GETVERSIONRESPONSE']._serialized_end=1550
+  _globals['_GETVERSIONRESPONSE_CORPUSDIGESTSENTRY']._serialized_start=1498
+  _globals['_GETVERSIONRESPONSE_CORPUSDIGESTSENTRY']._serialized_end=1550
+  _globals['_TRAINING']._serialized_start=1865
+  _globals['_TRAINING']._serialized_end=2339
 # @@protoc_insertion_point(module_scope)

@@ -68,20 +68,22 @@ class Job(_message.Message):
     def __init__(self, id: _Optional[str] = ..., kind: _Optional[_Union[JobKind, str]] = ..., specialist: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., progress: _Optional[_Union[_common_pb2.TrainingProgress, _Mapping]] = ..., error: _Optional[str] = ..., version_id: _Optional[str] = ..., message: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class StartJobRequest(_message.Message):
-    __slots__ = ("kind", "specialist", "profile", "recalibrate_steps", "request_id", "base_version")
+    __slots__ = ("kind", "specialist", "profile", "recalibrate_steps", "request_id", "base_version", "max_drift")
     KIND_FIELD_NUMBER: _ClassVar[int]
     SPECIALIST_FIELD_NUMBER: _ClassVar[int]
     PROFILE_FIELD_NUMBER: _ClassVar[int]
     RECALIBRATE_STEPS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MAX_DRIFT_FIELD_NUMBER: _ClassVar[int]
     kind: JobKind
     specialist: str
     profile: str
     recalibrate_steps: int
     request_id: str
     base_version: str
-    def __init__(self, kind: _Optional[_Union[JobKind, str]] = ..., specialist: _Optional[str] = ..., profile: _Optional[str] = ..., recalibrate_steps: _Optional[int] = ..., request_id: _Optional[str] = ..., base_version: _Optional[str] = ...) -> None: ...
+    max_drift: float
+    def __init__(self, kind: _Optional[_Union[JobKind, str]] = ..., specialist: _Optional[str] = ..., profile: _Optional[str] = ..., recalibrate_steps: _Optional[int] = ..., request_id: _Optional[str] = ..., base_version: _Optional[str] = ..., max_drift: _Optional[float] = ...) -> None: ...
 
 class StartJobResponse(_message.Message):
     __slots__ = ("job",)
@@ -136,16 +138,30 @@ class WatchJobResponse(_message.Message):
     def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ...) -> None: ...
 
 class Corpus(_message.Message):
-    __slots__ = ("name", "dir", "files", "bytes")
+    __slots__ = ("name", "dir", "files", "bytes", "documents", "heldout_documents", "chars", "heldout_chars", "tokens", "heldout_tokens", "estimated")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DIR_FIELD_NUMBER: _ClassVar[int]
     FILES_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    HELDOUT_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    CHARS_FIELD_NUMBER: _ClassVar[int]
+    HELDOUT_CHARS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    HELDOUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_FIELD_NUMBER: _ClassVar[int]
     name: str
     dir: str
     files: int
     bytes: int
-    def __init__(self, name: _Optional[str] = ..., dir: _Optional[str] = ..., files: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
+    documents: int
+    heldout_documents: int
+    chars: int
+    heldout_chars: int
+    tokens: int
+    heldout_tokens: int
+    estimated: bool
+    def __init__(self, name: _Optional[str] = ..., dir: _Optional[str] = ..., files: _Optional[int] = ..., bytes: _Optional[int] = ..., documents: _Optional[int] = ..., heldout_documents: _Optional[int] = ..., chars: _Optional[int] = ..., heldout_chars: _Optional[int] = ..., tokens: _Optional[int] = ..., heldout_tokens: _Optional[int] = ..., estimated: _Optional[bool] = ...) -> None: ...
 
 class DescribeCorpusRequest(_message.Message):
     __slots__ = ("name",)
