@@ -44,7 +44,7 @@ from shiftable_lib.tokenizer import encode_documents, eos_id
 # evaluates the AT_RISK_WINDOWS where the new branch weighs most, and bisects the offset
 # CALIBRATION_HALVINGS times once it is bracketed
 DRIFT_TARGET = 0.0025
-WINDOW_TARGET = 0.2
+WINDOW_TARGET = 0.05
 SCAN_WINDOWS = 128
 AT_RISK_WINDOWS = 16
 CALIBRATION_HALVINGS = 4
