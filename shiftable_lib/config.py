@@ -222,6 +222,13 @@ class TLS:
 MAX_DRIFT = 1000.0
 
 
+def check_max_drift(value: float | None) -> float | None:
+    """`value`, a drift limit in percent (None: the setting), or ValueError outside its range."""
+    if value is not None and not 0 <= value <= MAX_DRIFT:
+        raise ValueError(f"max_drift is a percentage from 0 to {MAX_DRIFT:g}, not {value}")
+    return value
+
+
 class Settings(BaseSettings):
     """Everything configurable, read once from the environment (`SMA_*`) and passed down."""
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tokenizers import Tokenizer
@@ -163,15 +163,29 @@ def check_corpus(
         raise _no_text(folder)
     train, heldout = split_heldout(docs)
     files = text_files(folder)
-    (tokens, exact), (heldout_tokens, exact_heldout) = (
-        count_tokens(tok, part) if tok is not None else (0, True) for part in (train, heldout)
-    )
     corpus = Corpus(
-        name, folder, len(files), sum(p.stat().st_size for p in files), len(docs), len(heldout),
-        sum(map(len, docs)), sum(map(len, heldout)), tokens, heldout_tokens,
-        not (exact and exact_heldout),
-    )  # fmt: skip
-    if tok is not None and profile is not None:
+        name=name,
+        dir=folder,
+        files=len(files),
+        bytes=sum(p.stat().st_size for p in files),
+        documents=len(docs),
+        heldout_documents=len(heldout),
+        chars=sum(map(len, docs)),
+        heldout_chars=sum(map(len, heldout)),
+    )
+    if tok is None:
+        return corpus
+    (tokens, exact), (heldout_tokens, exact_heldout) = (
+        count_tokens(tok, train),
+        count_tokens(tok, heldout),
+    )
+    corpus = replace(
+        corpus,
+        tokens=tokens,
+        heldout_tokens=heldout_tokens,
+        estimated=not (exact and exact_heldout),
+    )
+    if profile is not None:
         require_learnable(corpus, profile)
     return corpus
 

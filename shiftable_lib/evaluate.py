@@ -43,15 +43,22 @@ def perplexity(
     if n == 0:
         return float("nan")
     picks = torch.linspace(0, n - 1, min(windows, n)).round().long().unique()
-    rows = torch.stack([tokens[i * T : i * T + T + 1] for i in picks.tolist()]).to(device)
-    total = 0.0
+    rows = torch.stack([tokens[i * T : i * T + T + 1] for i in picks.tolist()])
+    return math.exp(window_losses(model, rows, routing, device).double().mean().item())
+
+
+@torch.no_grad()
+def window_losses(model: ShiftableLM, rows: Tensor, routing: Routing, device) -> Tensor:
+    """Each row's mean next-token loss under `routing` (rows: (n, T + 1) windows; on the CPU)."""
+    model.eval()
+    out = []
     for chunk in rows.split(16):
+        chunk = chunk.to(device)
         with autocast(device):
             logits, _ = model(chunk[:, :-1], routing)
-        total += F.cross_entropy(
-            logits.flatten(0, 1).float(), chunk[:, 1:].flatten(), reduction="sum"
-        ).item()
-    return math.exp(total / (rows.shape[0] * T))
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), chunk[:, 1:].flatten(), reduction="none")
+        out.append(ce.view(len(chunk), -1).mean(-1).cpu())
+    return torch.cat(out)
 
 
 @torch.no_grad()

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from shiftable_lib import distributed
 from shiftable_lib.config import Profile
 from shiftable_lib.corpus import GENERAL, Domain
-from shiftable_lib.evaluate import autocast, perplexity
+from shiftable_lib.evaluate import autocast, perplexity, window_losses
 from shiftable_lib.model import ModelConfig, ShiftableLM
 from shiftable_lib.plan import GATE, GENERALIST, specialist_phase, specialist_steps
 from shiftable_lib.sampling import Routing
@@ -462,19 +462,6 @@ def calibrate_new_rows(
             out.append(torch.stack(gates).float().mean(0)[..., -1].mean(-1).cpu())
         return torch.cat(out)
 
-    def losses(w: Tensor, routing: Routing) -> Tensor:
-        """Each window's mean next-token loss."""
-        out = []
-        for chunk in w.split(32):
-            chunk = chunk.to(device)
-            with autocast(device):
-                logits, _ = model(chunk[:, :-1], routing)
-            ce = F.cross_entropy(
-                logits.flatten(0, 1).float(), chunk[:, 1:].flatten(), reduction="none"
-            )
-            out.append(ce.view(len(chunk), -1).mean(-1).cpu())
-        return torch.cat(out)
-
     scanned = {
         n: windows(t) for n, t in texts.items() if n in model.experts and t.numel() > context
     }
@@ -483,7 +470,7 @@ def calibrate_new_rows(
         share = weight(w)
         picks = share.topk(min(AT_RISK_WINDOWS, len(w))).indices
         at_risk[n], counts[n] = w[picks], len(w)
-        before[n] = losses(at_risk[n], Routing(exclude=(name,)))  # the model before the add
+        before[n] = window_losses(model, at_risk[n], Routing(exclude=(name,)), device)
 
     def worse(offset: float, domains: list[str]) -> dict[str, tuple[float, float]]:
         """Per domain: its perplexity's relative change, and its worst window's (nats a token).
@@ -494,7 +481,7 @@ def calibrate_new_rows(
         model.weights_changed()
         out = {}
         for n in domains:
-            delta = losses(at_risk[n], Routing()) - before[n]
+            delta = window_losses(model, at_risk[n], Routing(), device) - before[n]
             out[n] = (math.exp(delta.sum().item() / counts[n]) - 1, delta.max().item())
         return out
 
@@ -518,7 +505,8 @@ def calibrate_new_rows(
         for _ in range(CALIBRATION_HALVINGS):
             mid = (low + high) / 2
             low, high = (mid, high) if too_much(mid) else (low, mid)
-    final = worse(high, list(at_risk))
+    # every domain at the offset chosen (at no offset, the first evaluation was of them all)
+    final = tried[0.0] if high == 0.0 else worse(high, list(at_risk))
 
     def shown(found: dict[str, tuple[float, float]]) -> dict[str, dict[str, float]]:
         return {

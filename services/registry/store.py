@@ -39,7 +39,7 @@ from services.registry.schema import (
     SpecialistState,
     utc_now,
 )
-from shiftable_lib.config import MAX_DRIFT
+from shiftable_lib.config import check_max_drift
 from shiftable_lib.corpus import validate_specialist_name
 from shiftable_lib.errors import AlreadyExists, Conflict, NotFound
 
@@ -164,11 +164,9 @@ class RegistryStore:
         if target:
             validate_specialist_name(target)
         op_id = f"op-{secrets.token_hex(6)}"
-        if max_drift is not None and not 0 <= max_drift <= MAX_DRIFT:
-            raise ValueError(f"max_drift is a percentage from 0 to {MAX_DRIFT:g}, not {max_drift}")
         record = Operation(
             op_id, kind, target, OperationState.PENDING, full_retrain=full_retrain,
-            max_drift=max_drift,
+            max_drift=check_max_drift(max_drift),
         )  # fmt: skip
         record.updated_at = record.created_at
         if owner:

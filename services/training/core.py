@@ -46,7 +46,7 @@ from services.training.job import (
     Task,
 )
 from shiftable_lib import versions
-from shiftable_lib.config import MAX_DRIFT, Settings, get_profile
+from shiftable_lib.config import Settings, check_max_drift, get_profile
 from shiftable_lib.corpus import require_corpus, validate_specialist_name
 from shiftable_lib.errors import AlreadyExists, Conflict, NotFound, Unavailable
 
@@ -133,8 +133,7 @@ class JobManager:
             get_profile(profile)  # ValueError naming the profiles there are
         if recalibrate_steps < 0:
             raise ValueError(f"recalibrate_steps must be >= 0, got {recalibrate_steps}")
-        if max_drift is not None and not 0 <= max_drift <= MAX_DRIFT:
-            raise ValueError(f"max_drift is a percentage from 0 to {MAX_DRIFT:g}, not {max_drift}")
+        check_max_drift(max_drift)
         if kind in (JobKind.ADD_SPECIALIST, JobKind.REMOVE_SPECIALIST):
             validate_specialist_name(specialist)
         elif specialist:

@@ -29,8 +29,8 @@ FRACTION_CAP = 0.99  # the estimate stays below 1 until the job has actually suc
 STEPLESS_SHARE = {DEMO_CORPUS: 0.1, TOKENIZER: 0.05, EVALUATE: 0.1}
 DEFAULT_SHARE = 0.1
 # what a step of each kind of phase costs next to a generalist's, until the job has timed one
-# of that kind (docs/benchmarks.md, "Progress"): a branch trains attention only, the gate runs
-# the trunk without gradients
+# of that kind (docs/benchmarks.md, "Progress: one ETA"): a branch trains attention only, the
+# gate runs the trunk without gradients
 STEP_COST = {GENERALIST: 1.0, SPECIALIST_PREFIX: 0.9, GATE: 0.4}
 MIN_TIMED_S = 2.0  # a phase's own rate counts once it has run this long
 
