@@ -59,9 +59,14 @@ class Profile:
     gate_window: int = 0
     # the incremental add trains only the new row: its errors on the other domains' text cost
     # their perplexity, so those positions weigh `gate_replay_weight` more, and it takes
-    # `gate_add_steps` (0 = gate_steps) to learn that from enough distinct windows
+    # `gate_add_steps` (0 = gate_steps) to learn that from enough distinct windows, each step
+    # `gate_add_batches` gate batches at once (on a GPU, whose gate step is bound by kernel
+    # launches, four cost about twice what one does), at a peak rate of `gate_add_lr`
+    # (0 = gate_lr): fewer steps move each token's score fewer times
     gate_replay_weight: float = 1.0
     gate_add_steps: int = 0
+    gate_add_batches: int = 1
+    gate_add_lr: float = 0.0
 
     @property
     def gate_window_tokens(self) -> int:
@@ -128,7 +133,8 @@ PROFILES: dict[str, Profile] = {
         gate_lr=5e-2,
         gate_window=64,
         gate_replay_weight=2.0,
-        gate_add_steps=600,
+        gate_add_steps=300,
+        gate_add_lr=0.2,
         eval_interval=100,
         eval_windows=24,
         routing_documents=100,
@@ -152,7 +158,9 @@ PROFILES: dict[str, Profile] = {
         gate_lr=5e-2,
         gate_window=128,
         gate_replay_weight=2.0,
-        gate_add_steps=1200,
+        gate_add_steps=150,
+        gate_add_batches=4,
+        gate_add_lr=0.3,
         eval_interval=50,
         eval_windows=64,
         routing_documents=200,

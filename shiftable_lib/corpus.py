@@ -35,6 +35,9 @@ PIECE_CHARS = 4_096
 # out; beyond COUNTED_CHARS of a split, its tokens are estimated from that much of it
 MIN_TRAIN_BATCHES = 2
 COUNTED_CHARS = 2_000_000
+# an add or a removal reads at most this much of each other domain's training text (and a
+# tenth of it held out): what its gate phase and checks use, however large the corpus grows
+REPLAY_CHARS = 8_000_000
 
 
 def validate_specialist_name(name: object) -> str:
@@ -59,6 +62,7 @@ class Domain:
     name: str
     train: list[str]
     heldout: list[str]
+    whole: bool = True  # False when `sampled` left documents out
 
     @property
     def n_chars(self) -> int:
@@ -318,3 +322,24 @@ def corpus_digest(folder: Path) -> str:
     for path in text_files(folder):
         h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()
+
+
+def sampled(domain: Domain, max_chars: int = REPLAY_CHARS) -> Domain:
+    """`domain` with at most `max_chars` of training text and a tenth of that held out:
+    documents evenly spaced through each split, in order (the whole split when it fits)."""
+    train, heldout = _spread(domain.train, max_chars), _spread(domain.heldout, max_chars // 10)
+    whole = len(train) == len(domain.train) and len(heldout) == len(domain.heldout)
+    return replace(domain, train=train, heldout=heldout, whole=whole)
+
+
+def _spread(docs: list[str], max_chars: int) -> list[str]:
+    total = sum(map(len, docs))
+    if total <= max_chars:
+        return docs
+    kept, kept_chars, seen = [], 0, 0
+    for doc in docs:  # a document is kept while the sample lags behind its share of the text
+        if kept_chars <= seen * max_chars / total:
+            kept.append(doc)
+            kept_chars += len(doc)
+        seen += len(doc)
+    return kept

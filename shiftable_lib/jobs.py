@@ -29,6 +29,7 @@ from shiftable_lib.corpus import (
     domain_dir,
     load_domain,
     require_corpus,
+    sampled,
     validate_specialist_name,
 )
 from shiftable_lib.errors import AlreadyExists, Conflict, DriftTooLarge, NotFound
@@ -61,6 +62,13 @@ def configure_torch(settings: Settings) -> torch.device:
 
 def _tokenize(settings: Settings, tok, names: list[str]) -> dict[str, DomainTokens]:
     return {n: tokenize_domain(tok, load_domain(settings.data_dir, n)) for n in names}
+
+
+def _replay(settings: Settings, tok, names: list[str]) -> dict[str, DomainTokens]:
+    """The other domains of an add or a removal, those of `names` whose corpus is there, each
+    read up to REPLAY_CHARS: what its gate phase and its checks need of them."""
+    present = [n for n in names if (settings.data_dir / n).is_dir()]
+    return {n: tokenize_domain(tok, sampled(load_domain(settings.data_dir, n))) for n in present}
 
 
 def _digests(settings: Settings, names: list[str]) -> dict[str, str]:
@@ -252,7 +260,10 @@ def _finish(
         "kind": kind,
         "parent": current.id,
         "corpus_digests": digests,
-        "corpus_tokens": {n: int(d.train.numel()) for n, d in data.items()},
+        "corpus_tokens": {  # a sampled corpus keeps the count of the version before
+            n: int(d.train.numel()) if d.whole else current.meta.get("corpus_tokens", {}).get(n, 0)
+            for n, d in data.items()
+        },
     }
     version = _publish(settings, model, current.tokenizer, current.profile, metrics, meta)
     return JobResult(version, f"{message}: {version}", metrics)
@@ -296,10 +307,7 @@ def add_specialist(
     started = time.perf_counter()
     digest = corpus_digest(folder)
     new = tokenize_domain(current.tokenizer, load_domain(settings.data_dir, name))
-    replay_names = [GENERAL, *current.model.cfg.specialists]
-    replay = _tokenize(
-        settings, current.tokenizer, [n for n in replay_names if (settings.data_dir / n).is_dir()]
-    )
+    replay = _replay(settings, current.tokenizer, [GENERAL, *current.model.cfg.specialists])
     limit = settings.max_drift if max_drift is None else max_drift
     model, report = train.add_specialist(
         current.model, new, replay, current.profile, device, progress, drift_target(limit)
@@ -347,11 +355,10 @@ def remove_specialist(
         raise Conflict(f"{name!r} is the last specialist and cannot be removed")
     started = time.perf_counter()
     remaining = [GENERAL, *(s for s in current.model.cfg.specialists if s != name)]
-    replay = [n for n in remaining if (settings.data_dir / n).is_dir()]
-    if not replay:  # nothing to recalibrate on
+    if not any((settings.data_dir / n).is_dir() for n in remaining):  # nothing to recalibrate on
         recalibrate_steps = 0
     on_plan(plan.plan_remove_specialist(recalibrate_steps))
-    data = _tokenize(settings, current.tokenizer, replay)
+    data = _replay(settings, current.tokenizer, remaining)
     model, report = train.remove_specialist(
         current.model, name, data, current.profile, device, recalibrate_steps, progress
     )

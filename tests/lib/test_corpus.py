@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from shiftable_lib import corpus as corpus_module
@@ -14,6 +16,7 @@ from shiftable_lib.corpus import (
     discover_specialists,
     load_domain,
     min_tokens,
+    sampled,
     split_documents,
     split_heldout,
     validate_specialist_name,
@@ -216,3 +219,22 @@ def test_a_large_corpus_has_its_tokens_estimated_from_a_part(tmp_path, monkeypat
     estimate = check_corpus(tmp_path, "ds", tok)
     assert estimate.estimated and not exact.estimated
     assert estimate.tokens == pytest.approx(exact.tokens, rel=0.1)
+
+
+def test_a_sample_of_a_large_domain_spreads_over_it_and_a_small_one_is_read_whole(tmp_path):
+    docs = [f"document {i:04d} " + "x" * (100 + i % 50) for i in range(2000)]
+    write_domain(tmp_path, "big", docs)
+    domain = load_domain(tmp_path, "big")
+    chars = sum(map(len, domain.train))
+    part = sampled(domain, chars // 4)
+    kept = sum(map(len, part.train))
+    assert not part.whole and chars // 4 - 200 <= kept <= chars // 4 + 200
+    assert sum(map(len, part.heldout)) <= chars // 40 + 200
+    # evenly spread, in order: from the first tenth of the documents to the last
+    positions = [domain.train.index(d) for d in part.train]
+    assert positions == sorted(positions)
+    assert positions[0] < len(domain.train) // 10 and positions[-1] > len(domain.train) * 9 // 10
+    gaps = [b - a for a, b in itertools.pairwise(positions)]
+    assert max(gaps) <= 6, gaps  # about one in four, never a long stretch left out
+    whole = sampled(domain, chars * 2)
+    assert whole.whole and whole.train == domain.train and whole.heldout == domain.heldout

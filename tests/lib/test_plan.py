@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from shiftable_lib import jobs, plan, train, versions
+from shiftable_lib import checkpoint, jobs, plan, train, versions
+from shiftable_lib import corpus as corpus_module
 from shiftable_lib.config import Settings
-from shiftable_lib.corpus import corpus_digest
+from shiftable_lib.corpus import corpus_digest, load_domain
 from tests.conftest import synthetic_documents, write_domain
 
 
@@ -90,3 +91,28 @@ def test_add_and_remove_run_their_plans_and_keep_every_digest(home: Path, recali
     assert removed.reported_phases() == ([plan.GATE] if recalibrate_steps else [])
     kept = {n: d for n, d in trained.items() if n != "dl"}
     assert _digests(settings) == {**kept, "extra": corpus_digest(home / "data" / "extra")}
+
+
+def test_an_add_reads_only_a_sample_of_large_other_corpora(home: Path, monkeypatch) -> None:
+    """The gate phase and the checks of an add read at most REPLAY_CHARS of each other domain:
+    its cost does not grow with their size. The version keeps their token counts as they were
+    (the plan's bytes-per-token estimate rests on them), and counts the new corpus whole."""
+    settings = _settings(home)
+    jobs.train_all(settings)
+    trained = checkpoint.load_version(settings.models_dir, "v0002", "cpu").meta["corpus_tokens"]
+    write_domain(home / "data", "extra", synthetic_documents("dl", 20, seed=1))
+    read: dict[str, int] = {}
+    real = jobs.tokenize_domain
+
+    def counting(tok, domain):
+        read[domain.name] = sum(map(len, domain.train))
+        return real(tok, domain)
+
+    monkeypatch.setattr(jobs, "tokenize_domain", counting)
+    monkeypatch.setattr(jobs, "sampled", lambda d: corpus_module.sampled(d, 2_000))
+    result = jobs.add_specialist(settings, "extra")
+    whole = load_domain(home / "data", "ds")
+    assert sum(map(len, whole.train)) > 4_000 >= read["ds"] and read["general"] <= 4_000
+    assert read["extra"] == sum(map(len, load_domain(home / "data", "extra").train))
+    tokens = checkpoint.load_version(settings.models_dir, result.version, "cpu").meta
+    assert {n: tokens["corpus_tokens"][n] for n in trained} == trained

@@ -10,7 +10,8 @@ import torch
 from shiftable_lib import evaluate, train
 from shiftable_lib.config import get_profile
 from shiftable_lib.corpus import load_domain
-from shiftable_lib.sampling import Routing
+from shiftable_lib.model import ShiftableLM
+from shiftable_lib.sampling import SOFT, Routing
 from shiftable_lib.tokenizer import train_tokenizer
 
 PROFILE = get_profile("tiny", generalist_steps=20, specialist_max_steps=12, gate_steps=10)
@@ -116,3 +117,41 @@ def test_the_add_trains_the_new_gate_row_for_its_own_number_of_steps(home):
     train.add_specialist(full, data["dl"], replay, profile, "cpu", seen.append)
     gate = [p for p in seen if p.phase == "gate"]
     assert (gate[-1].step, gate[-1].total) == (30, 30)
+
+
+def test_an_adds_gate_phase_runs_at_most_three_experts_a_window_on_a_cpu(home, monkeypatch):
+    """Each domain's windows run the base, their own expert and the new one: a step of the
+    add's gate phase costs the same however many specialists the model has."""
+    tok, data = _data(home)
+    generalist, _ = train.train_generalist(data["general"], tok, PROFILE, "cpu")
+    replay = dict(data)
+    full, _ = train.train_specialists(generalist, replay, PROFILE, "cpu")
+    full.add_specialist("more")  # a third specialist, untrained: one more expert to skip
+    full.wake_specialists(["more"], split=False)
+    new = train.DomainTokens("new", data["dl"].train, data["dl"].heldout, data["dl"].heldout_docs)
+    ran: list[tuple[str, ...]] = []
+    trunk = ShiftableLM.trunk
+
+    def counting(self, idx, routing=SOFT, features_only=False):
+        if features_only and self.training is False and isinstance(routing, Routing):
+            ran.append(
+                tuple(
+                    e
+                    for e, ok in zip(self.experts, routing.allowed(self.experts), strict=True)
+                    if ok
+                )
+            )
+        return trunk(self, idx, routing, features_only)
+
+    monkeypatch.setattr(ShiftableLM, "trunk", counting)
+    model, _ = train.add_specialist(full, new, replay, PROFILE, "cpu")
+    first_step = ran[: len(replay) + 1]  # one forward per domain, the new one's too
+    assert model.experts == ("general", "ds", "dl", "more", "new")
+    general_and_new = ("general", "new")  # general's windows, and the new domain's
+    expected = [
+        general_and_new,
+        ("general", "ds", "new"),
+        ("general", "dl", "new"),
+        general_and_new,
+    ]
+    assert sorted(first_step) == sorted(expected)

@@ -6,6 +6,7 @@ specialists. Each test opens the page in a fresh browser context (empty localSto
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -394,6 +395,38 @@ def test_a_failed_training_shows_its_reason_and_can_be_retried(
     page.get_by_role("button", name="Retry specialist broken").click()
     expect(entry.locator(".badge")).to_have_text("ready", timeout=SLOW)
     expect(entry.locator(".error")).to_have_count(0)
+
+
+def test_an_add_over_the_drift_limit_can_be_made_anyway(page: Page, ui_stack: Stack) -> None:
+    """An add whose model would make another domain worse than the limit fails with the
+    figures, and the UI offers to add it anyway: the same add, published whatever it does.
+    The page's request is given a limit of 0% (none at all), so that any domain made worse
+    refuses it; a specialist of general's own kind of text moves the others a little."""
+    write_domain(ui_stack.home / "data", "mirror", synthetic_documents("general", 40, seed=21))
+    open_ui(page, ui_stack)
+    sent: list[dict] = []
+
+    def strict(route) -> None:
+        body = json.loads(route.request.post_data or "{}")
+        body.setdefault("max_drift", 0)
+        sent.append(body)
+        route.continue_(post_data=json.dumps(body))
+
+    page.route(re.compile(r".*/specialists\?wait=false$"), strict)
+    page.get_by_label("Add a specialist").fill("mirror")
+    page.get_by_role("button", name="Add specialist").click()
+    failure = page.locator(".operation.failed")
+    expect(failure).to_contain_text("worse than the 0% limit", timeout=SLOW)
+    expect(failure).to_contain_text(re.compile(r"(general|dl|ds) \+\d+\.\d\d% \("))  # figures
+    assert "mirror" not in ui_stack.http.get("/specialists").json()  # nothing published
+
+    failure.get_by_role("button", name="Add mirror anyway").click()
+    entry = page.locator('.specialist[data-name="mirror"]')
+    expect(entry.locator(".badge")).to_have_text("ready", timeout=SLOW)
+    assert [b["max_drift"] for b in sent] == [0, 1000]
+    assert "mirror" in ui_stack.http.get("/specialists").json()
+    # the later tests count the specialists as they were
+    assert ui_stack.http.delete("/specialists/mirror").status_code == 200
 
 
 def test_deleting_specialists_removes_them_and_keeps_the_last(
