@@ -598,18 +598,9 @@ def calibrate_rows(
         over = still
         return True
 
-    low, high = 0.0, 0.0
-    if too_much(0.0):
-        high = 1.0
-        while too_much(high):
-            low, high = high, high * 2
-        for _ in range(CALIBRATION_HALVINGS):
-            mid = (low + high) / 2
-            low, high = (mid, high) if too_much(mid) else (low, mid)
-    # every domain at the offset chosen (at no offset, the first evaluation was of them all)
-    final = tried[0.0] if high == 0.0 else moved(high, list(at_risk))
+    high = _least_offset(too_much, 0.0, CALIBRATION_HALVINGS)
     # then all of general's evenly spaced windows: those outside the at-risk ones move a little
-    # each, which adds up where a gate spreads its weight thin; the offset doubles until that
+    # each, which adds up where a gate spreads its weight thin; the offset grows until that
     # holds too. Not a specialist's: its branch was trained on that text and predicts it better
     # than held-out text, so the weight another expert takes from it costs more there, and over
     # many windows that overstates what a held-out check sees (deeplearning added back: offset
@@ -618,31 +609,22 @@ def calibrate_rows(
     without = {
         n: window_losses(model, w, Routing(exclude=(name,)), device) for n, w in even.items()
     }
+    wholes: dict[float, dict[str, float]] = {}
 
     def drifts(offset: float) -> dict[str, float]:
-        set_offset(offset)
-        return {
-            n: math.exp((window_losses(model, w, Routing(), device) - without[n]).mean().item()) - 1
-            for n, w in even.items()
-        }
+        if offset not in wholes:
+            set_offset(offset)
+            deltas = {
+                n: window_losses(model, w, Routing(), device) - without[n] for n, w in even.items()
+            }
+            wholes[offset] = {n: math.exp(d.mean().item()) - 1 for n, d in deltas.items()}
+        return wholes[offset]
 
-    whole, chosen = drifts(high), high
-    if any_beyond(whole):
-        low = high
-        while any_beyond(whole) and high < MAX_OFFSET:
-            low, high = high, max(2 * high, 1.0)
-            whole = drifts(high)
-        for _ in range(WHOLE_HALVINGS):
-            mid = (low + high) / 2
-            found = drifts(mid)
-            if any_beyond(found):
-                low = mid
-            else:
-                high, whole = mid, found
-        set_offset(high)
-    if high != chosen:
-        final = moved(high, list(at_risk))
-    final = {n: (whole.get(n, d), w) for n, (d, w) in final.items()}
+    high = _least_offset(lambda o: any_beyond(drifts(o)), high, WHOLE_HALVINGS)
+    # every domain at the offset chosen (at no offset, the first evaluation was of them all)
+    final = tried[0.0] if high == 0.0 else moved(high, list(at_risk))
+    set_offset(high)
+    final = {n: (drifts(high).get(n, d), w) for n, (d, w) in final.items()}
 
     def shown(found: dict[str, tuple[float, float]]) -> dict[str, dict[str, float]]:
         return {
@@ -657,6 +639,20 @@ def calibrate_rows(
         "after": shown(final),
         "before": shown(tried[0.0]),
     }
+
+
+def _least_offset(fails: Callable[[float], bool], start: float, halvings: int) -> float:
+    """The least offset from `start` up at which `fails` no longer holds (it holds less the
+    larger the offset): doubled until it does not, then bisected `halvings` times."""
+    if not fails(start):
+        return start
+    low, high = start, max(2 * start, 1.0)
+    while fails(high) and high < MAX_OFFSET:
+        low, high = high, 2 * high
+    for _ in range(halvings):
+        mid = (low + high) / 2
+        low, high = (mid, high) if fails(mid) else (low, mid)
+    return high
 
 
 def remove_specialist(
