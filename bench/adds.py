@@ -101,7 +101,7 @@ def run(profile: str, device: str, max_drift: float, home: Path) -> dict:
     settings = Settings(home=home, profile=profile, device=device, max_drift=max_drift)
     data = home / "data"
     started = time.perf_counter()
-    jobs.train_all(settings, profile, demo_if_empty=True)
+    first = jobs.train_all(settings, profile, demo_if_empty=True)[-1].metrics
     first_s = time.perf_counter() - started
     corpora = home / "corpora"
     sizes = {
@@ -138,6 +138,10 @@ def run(profile: str, device: str, max_drift: float, home: Path) -> dict:
         "device": device,
         "max_drift": max_drift,
         "first_training_s": round(first_s, 1),
+        "first_training": {  # held-out ratio to the generalist and routing share, per domain
+            n: {"ratio": round(d["ratio"], 3), "routing": round(d["routing"], 3)}
+            for n, d in first["domains"].items()
+        },
         "corpus_bytes": sizes,
         "steps": steps,
     }
@@ -147,6 +151,11 @@ def table(result: dict) -> str:
     lines = [
         f"profile {result['profile']} on {result['device']}: first training "
         f"{result['first_training_s']} s; limit {result['max_drift']}%",
+        "first training, held-out perplexity against the generalist's (routing share): "
+        + "; ".join(
+            f"{n} {d['ratio']:.3f} ({d['routing']:.3f})"
+            for n, d in result["first_training"].items()
+        ),
         "",
         "| step | version | time (s) | of first training | gate offset "
         "| held-out perplexity, before -> after |",

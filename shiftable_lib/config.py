@@ -64,6 +64,11 @@ class Profile:
     # launches, four cost about twice what one does), at a peak rate of `gate_add_lr`
     # (0 = gate_lr): fewer steps move each token's score fewer times
     gate_replay_weight: float = 1.0
+    # this share of each branch batch is general text: a branch that has seen only its own
+    # text predicts anything else far worse than the base (an ASCII diagram in the general
+    # text, for a branch of pydoc pages), so the little weight a gate sends it there costs a
+    # lot (docs/model.md)
+    branch_replay: float = 0.125
     gate_add_steps: int = 0
     gate_add_batches: int = 1
     gate_add_lr: float = 0.0

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tokenizers import Tokenizer
@@ -29,6 +29,9 @@ DOCUMENT_SEPARATOR = "\n\n\n"
 HELDOUT_PERMILLE = 100  # 10% of documents, chosen by content hash
 # ... holding at least this share of the text, else topped up to HELDOUT_PERMILLE of it
 MIN_HELDOUT_SHARE = 0.05
+# of the rest, the documents whose hash falls in the next CALIBRATION_PERMILLE are trained on by
+# no part of the model: the text a gate is calibrated on (`split_calibration`)
+CALIBRATION_PERMILLE = 50
 MAX_DOCUMENT_CHARS = 16_384
 PIECE_CHARS = 4_096
 # a corpus to learn from has this many batches of distinct training tokens, and one window held
@@ -57,16 +60,17 @@ def validate_specialist_name(name: object) -> str:
 
 @dataclass(frozen=True)
 class Domain:
-    """One domain's text, split into training and held-out documents."""
+    """One domain's text, split into training, held-out and calibration documents."""
 
     name: str
     train: list[str]
     heldout: list[str]
     whole: bool = True  # False when `sampled` left documents out
+    calibration: list[str] = field(default_factory=list)  # from neither split (see load_domain)
 
     @property
     def n_chars(self) -> int:
-        return sum(map(len, self.train)) + sum(map(len, self.heldout))
+        return sum(map(len, (*self.train, *self.heldout, *self.calibration)))
 
 
 def text_files(folder: Path) -> list[Path]:
@@ -290,6 +294,21 @@ def split_heldout(docs: list[str]) -> tuple[list[str], list[str]]:
     return train, [d for i, d in enumerate(docs) if i in held]
 
 
+def split_calibration(train: list[str]) -> tuple[list[str], list[str]]:
+    """(train, calibration): of the training documents, those whose hash falls just above the
+    held-out ones' (CALIBRATION_PERMILLE of them), when that leaves most of the text to train
+    on; else none. A model predicts the text it was trained on better than any other, so what
+    changes on it is no guide to what changes on text it has not seen: the held-out split,
+    which only measures, and the text users bring."""
+    if len(train) < 2:
+        return train, []
+    band = range(HELDOUT_PERMILLE, HELDOUT_PERMILLE + CALIBRATION_PERMILLE)
+    picked = {i for i, d in enumerate(train) if _rank(d) % 1000 in band}
+    if not picked or sum(len(train[i]) for i in picked) > 0.1 * sum(map(len, train)):
+        return train, []
+    return [d for i, d in enumerate(train) if i not in picked], [train[i] for i in sorted(picked)]
+
+
 def read_documents(folder: Path) -> list[str]:
     """All documents of the `.txt` files in `folder`; fail naming any file that is not UTF-8."""
     docs: list[str] = []
@@ -307,13 +326,15 @@ def read_documents(folder: Path) -> list[str]:
 
 
 def load_domain(data_dir: Path, name: str) -> Domain:
-    """Read domain `name` and split it deterministically into train and held-out documents."""
+    """Read domain `name` and split it deterministically into train, held-out and calibration
+    documents."""
     folder = require_corpus(data_dir, name)
     docs = read_documents(folder)
     if not docs:  # only blank lines in its files
         raise _no_text(folder)
     train, heldout = split_heldout(docs)
-    return Domain(name=name, train=train, heldout=heldout)
+    train, calibration = split_calibration(train)
+    return Domain(name=name, train=train, heldout=heldout, calibration=calibration)
 
 
 def corpus_digest(folder: Path) -> str:
@@ -328,8 +349,9 @@ def sampled(domain: Domain, max_chars: int = REPLAY_CHARS) -> Domain:
     """`domain` with at most `max_chars` of training text and a tenth of that held out:
     documents evenly spaced through each split, in order (the whole split when it fits)."""
     train, heldout = _spread(domain.train, max_chars), _spread(domain.heldout, max_chars // 10)
+    calibration = _spread(domain.calibration, max_chars // 10)
     whole = len(train) == len(domain.train) and len(heldout) == len(domain.heldout)
-    return replace(domain, train=train, heldout=heldout, whole=whole)
+    return replace(domain, train=train, heldout=heldout, calibration=calibration, whole=whole)
 
 
 def _spread(docs: list[str], max_chars: int) -> list[str]:

@@ -76,13 +76,20 @@ def _silent(_: Progress) -> None:
 
 @dataclass
 class DomainTokens:
-    """A domain as token ids: one training stream, held-out stream and held-out documents."""
+    """A domain as token ids: one training stream, held-out stream and held-out documents,
+    and the calibration stream (empty when the corpus has too few documents to spare one)."""
 
     name: str
     train: Tensor  # 1-D, documents each followed by EOS
     heldout: Tensor
     heldout_docs: list[Tensor] = field(repr=False)
     whole: bool = True  # the whole corpus, not a sample of it
+    calibration: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+
+    def unseen(self, context: int) -> Tensor:
+        """Text to calibrate a gate on: the calibration stream, which no part of the model was
+        trained on, when it holds a whole window, else the training stream."""
+        return self.calibration if self.calibration.numel() > context else self.train
 
 
 def tokenize_domain(tok: Tokenizer, domain: Domain) -> DomainTokens:
@@ -90,11 +97,12 @@ def tokenize_domain(tok: Tokenizer, domain: Domain) -> DomainTokens:
 
     def stream(docs: list[str]) -> tuple[Tensor, list[Tensor]]:
         parts = [torch.tensor([*ids, eos], dtype=torch.long) for ids in encode_documents(tok, docs)]
-        return torch.cat(parts), parts
+        return (torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)), parts
 
     train, _ = stream(domain.train)
     heldout, docs = stream(domain.heldout)
-    return DomainTokens(domain.name, train, heldout, docs, domain.whole)
+    calibration, _ = stream(domain.calibration)
+    return DomainTokens(domain.name, train, heldout, docs, domain.whole, calibration)
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -249,13 +257,28 @@ def language_model_phase(
     seed: int,
     profile: Profile,
     device,
+    replay: Collection[Tensor] = (),
 ) -> Phase:
-    """Next-token loss on random windows of `data` under `routing`; held-out ppl as the score."""
+    """Next-token loss on random windows of `data` under `routing`; held-out ppl as the score.
+
+    With `replay` (token streams of other text), `profile.branch_replay` of each batch's rows
+    are windows of those, each from one chosen at random."""
     sampler = WindowSampler(data.train, profile.context, seed)
+    others = [WindowSampler(t, profile.context, seed + 1 + i) for i, t in enumerate(replay)]
+    mixed = round(profile.batch_size * profile.branch_replay) if others else 0
+    choose = torch.Generator().manual_seed(seed)
     rows = distributed.world().rows
 
+    def sample() -> Tensor:
+        if not mixed:
+            return sampler.sample(profile.batch_size)
+        picks = torch.randint(len(others), (mixed,), generator=choose).tolist()
+        return torch.cat(
+            [sampler.sample(profile.batch_size - mixed), *(others[i].sample(1) for i in picks)]
+        )
+
     def loss() -> tuple[Tensor, int]:
-        batch = rows(sampler.sample(profile.batch_size)).to(device, non_blocking=True)
+        batch = rows(sample()).to(device, non_blocking=True)
         return model.loss(batch[:, :-1], batch[:, 1:], routing), batch[:, 1:].numel()
 
     def held_out() -> float:
@@ -267,15 +290,24 @@ def language_model_phase(
 
 
 def train_branch(
-    model: ShiftableLM, data: DomainTokens, profile: Profile, device, progress: ProgressFn
+    model: ShiftableLM,
+    data: DomainTokens,
+    others: dict[str, DomainTokens],
+    profile: Profile,
+    device,
+    progress: ProgressFn,
 ) -> dict:
-    """Train one specialist's attention in every layer on its own domain, gate forced to it."""
+    """Train one specialist's attention in every layer on its own domain, gate forced to it,
+    with some general text of `others` in each batch (`profile.branch_replay`). Not the other
+    specialists' text: a branch that learnt it would carry it, and deleting the branch later
+    would make that domain worse."""
     name = data.name
     params = [p for b in model.blocks for p in b.attn.experts[name].parameters() if p.dim() == 2]
+    replay = [d.train for n, d in others.items() if n == GENERAL and d.train.numel() > 1]
     phase = language_model_phase(
         specialist_phase(name), model, data, params, specialist_steps(data.train.numel(), profile),
         profile.specialist_lr, Routing(force=(name,)), profile.seed + zlib.crc32(name.encode()),
-        profile, device,
+        profile, device, replay,
     )  # fmt: skip
     return run_phase(phase, model, profile, device, progress)
 
@@ -404,7 +436,7 @@ def train_specialists(
     report = {}
     for name in specialists:
         model.add_specialist(name)
-        report[name] = train_branch(model, data[name], profile, device, progress)
+        report[name] = train_branch(model, data[name], data, profile, device, progress)
     model.wake_specialists(specialists, split=True)
     report["gate"] = train_gate(model, data, list(model.experts), profile, device, progress)
     report["calibration"] = calibrate_all(model, data, device)
@@ -425,7 +457,7 @@ def calibrate_all(model: ShiftableLM, data: dict[str, DomainTokens], device) -> 
     CALIBRATION_PASSES times in all)."""
     if GENERAL not in data:
         return {}
-    general = {GENERAL: data[GENERAL].train}
+    general = {GENERAL: data[GENERAL].unseen(model.cfg.context)}
     started, report = time.perf_counter(), {}
     offsets = dict.fromkeys(model.cfg.specialists, 0.0)
     stale = set(offsets)
@@ -463,14 +495,17 @@ def add_specialist(
     """
     model = _copy(model)
     model.add_specialist(new.name)
-    report = {new.name: train_branch(model, new, profile, device, progress)}
+    report = {new.name: train_branch(model, new, replay, profile, device, progress)}
     model.wake_specialists([new.name], split=False)
     report["gate"] = train_gate(
         model, {**replay, new.name: new}, [new.name], profile, device, progress,
         steps=profile.add_gate_steps, replay_weight=profile.gate_replay_weight,
         batches=profile.gate_add_batches, lr=profile.gate_add_lr,
     )  # fmt: skip
-    texts = {n: d.train for n, d in replay.items()}
+    # the calibration text and the training text: the per-window bound is for rare kinds of
+    # text (an ASCII diagram among the docstrings), and only the larger pool is sure to hold
+    # some; on the text a model was trained on it errs to the safe side (see calibrate_rows)
+    texts = {n: torch.cat([d.calibration, d.train]) for n, d in replay.items()}
     started = time.perf_counter()
     report["calibration"] = calibrate_rows(
         model, new.name, texts, device, drift_target, WINDOW_TARGET
@@ -491,10 +526,11 @@ def calibrate_rows(
     better: Collection[str] = (GENERAL,),
 ) -> dict:
     """Lower the gate bias of specialist `name` in every layer by the least offset that leaves
-    the other domains' text (`texts`: each one's training stream) as the model without `name`
-    predicts it: each domain's perplexity no more than `target` (a fraction) worse (if
-    `worse`), the perplexity of those in `better` no more than `target` better, and no window
-    more than `window_target` nats a token worse.
+    the other domains' text (`texts`: each one's text that no part of the model was trained
+    on, `DomainTokens.unseen`) as the model without `name` predicts it: each domain's
+    perplexity no more than `target` (a fraction) worse (if `worse`), the perplexity of those
+    in `better` no more than `target` better, and no window more than `window_target` nats a
+    token worse.
 
     A gate trained to tell domains apart still sends some text of an overlapping domain to a
     specialist: tables drawn with `|` go to a specialist of pydoc pages, whose margins are
@@ -508,10 +544,13 @@ def calibrate_rows(
     per-window bound is what keeps every text of theirs as it was.
 
     An infinite offset is the model without `name`, so a finite one always exists, and it
-    costs only part of the specialist's gain on its own text. Windows are taken across each
-    training stream (SCAN_WINDOWS of them); those where `name` has most weight (the
-    AT_RISK_WINDOWS with the most, per domain) move most, and only they are evaluated at each
-    offset tried; general's evenly spaced ones are evaluated at the offset found."""
+    costs only part of the specialist's gain on its own text. Unseen text, because a model
+    predicts what it was trained on better than anything else: on the `gpu` profile deleting
+    deeplearning made general's training text better and its held-out text worse (see
+    docs/model.md).
+    Windows are taken across each stream (SCAN_WINDOWS of them); those where `name` has most
+    weight (the AT_RISK_WINDOWS with the most, per domain) move most, and only they are
+    evaluated at each offset tried; general's evenly spaced ones at the offset found."""
     model.eval()
     rows = [b.attn.experts[name].gate for b in model.blocks]
     biases = [r[-1].item() for r in rows]
@@ -601,10 +640,9 @@ def calibrate_rows(
     high = _least_offset(too_much, 0.0, CALIBRATION_HALVINGS)
     # then all of general's evenly spaced windows: those outside the at-risk ones move a little
     # each, which adds up where a gate spreads its weight thin; the offset grows until that
-    # holds too. Not a specialist's: its branch was trained on that text and predicts it better
-    # than held-out text, so the weight another expert takes from it costs more there, and over
-    # many windows that overstates what a held-out check sees (deeplearning added back: offset
-    # 5.75 and a gain of 7%, against 1.5 and 45% without it)
+    # holds too. Not a specialist's: when calibration ran on training text, where a branch
+    # predicts its own text better than held-out text, that overstated what a held-out check
+    # sees (deeplearning added back: offset 5.75 and a gain of 7%, against 1.5 and 45%)
     even = {n: w[spread] for n, (w, spread) in scanned.items() if n == GENERAL}
     without = {
         n: window_losses(model, w, Routing(exclude=(name,)), device) for n, w in even.items()

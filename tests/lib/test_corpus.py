@@ -83,15 +83,25 @@ def test_documents_are_separated_by_two_blank_lines():
     assert split_documents(text) == ["one\nstill one\n\nstill one", "two", "three"]
 
 
-def test_held_out_split_is_deterministic_and_disjoint(tmp_path):
+def test_the_splits_are_deterministic_and_disjoint(tmp_path):
     docs = synthetic_documents("general", 200)
     write_domain(tmp_path, "general", docs[:100], "a.txt")
     write_domain(tmp_path, "general", docs[100:], "b.txt")
     first, second = load_domain(tmp_path, "general"), load_domain(tmp_path, "general")
     assert first == second
-    assert not set(first.train) & set(first.heldout)
+    train, heldout, calibration = set(first.train), set(first.heldout), set(first.calibration)
+    assert not train & heldout and not train & calibration and not heldout & calibration
     assert 5 <= len(first.heldout) <= 40
-    assert len(first.train) + len(first.heldout) == 200
+    assert 2 <= len(first.calibration) <= 20  # the hash's next 5%
+    assert len(first.train) + len(first.heldout) + len(first.calibration) == 200
+    # the held-out split is what it was before calibration text was set apart
+    assert split_heldout(docs)[1] == first.heldout
+
+
+def test_a_corpus_with_few_documents_sets_no_calibration_text_apart(tmp_path):
+    write_domain(tmp_path, "ds", synthetic_documents("ds", 3))
+    domain = load_domain(tmp_path, "ds")
+    assert domain.calibration == [] and len(domain.train) + len(domain.heldout) == 3
 
 
 def test_a_single_document_still_has_a_held_out_part(tmp_path):
@@ -149,7 +159,7 @@ def test_text_without_blank_lines_is_cut_into_pieces_at_line_breaks(tmp_path):
     folder.mkdir()
     (folder / "one.txt").write_text(text)
     domain = load_domain(tmp_path, "notes")
-    docs = [*domain.train, *domain.heldout]
+    docs = [*domain.train, *domain.heldout, *domain.calibration]
     assert len(docs) > 20
     assert all(len(d) <= PIECE_CHARS * 3 // 2 for d in docs)
     assert all(d == d.strip() and not d.startswith(" ") for d in docs)

@@ -61,8 +61,8 @@ def test_every_domain_loads_with_train_and_heldout(builds) -> None:
         domain = load_domain(data_dir, s.name)
         assert domain.train and domain.heldout
         # Documents survive the round trip: none holds a document break inside it.
-        assert len(domain.train) + len(domain.heldout) == s.documents
-        text = " ".join(domain.train + domain.heldout).lower()
+        assert len(domain.train) + len(domain.heldout) + len(domain.calibration) == s.documents
+        text = " ".join(domain.train + domain.heldout + domain.calibration).lower()
         assert any(word in text for word in KEYWORDS[s.name]), s.name
 
 

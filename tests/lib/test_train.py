@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import pytest
@@ -13,6 +14,7 @@ from shiftable_lib.corpus import load_domain
 from shiftable_lib.model import ShiftableLM
 from shiftable_lib.sampling import SOFT, Routing
 from shiftable_lib.tokenizer import train_tokenizer
+from tests.conftest import synthetic_documents, write_domain
 
 PROFILE = get_profile("tiny", generalist_steps=20, specialist_max_steps=12, gate_steps=10)
 
@@ -155,3 +157,89 @@ def test_an_adds_gate_phase_runs_at_most_three_experts_a_window_on_a_cpu(home, m
         general_and_new,
     ]
     assert sorted(first_step) == sorted(expected)
+
+
+def _windows_of(stream: torch.Tensor, row: torch.Tensor) -> bool:
+    """Whether `row` is a window of `stream`."""
+    return bool((stream.unfold(0, len(row), 1) == row).all(-1).any())
+
+
+def test_a_branch_batch_mixes_in_general_text(home, monkeypatch):
+    """`branch_replay` of each branch batch is windows of the general training text; the rest
+    its own, and none of another specialist's."""
+    tok, data = _data(home)
+    generalist, _ = train.train_generalist(data["general"], tok, PROFILE, "cpu")
+    model = train._copy(generalist)
+    model.add_specialist("ds")
+    batches: list[torch.Tensor] = []
+    loss = ShiftableLM.loss
+
+    def recording(self, idx, targets, routing=SOFT):
+        batches.append(torch.cat([idx, targets[:, -1:]], 1))
+        return loss(self, idx, targets, routing)
+
+    monkeypatch.setattr(ShiftableLM, "loss", recording)
+    train.train_branch(model, data["ds"], data, PROFILE, "cpu", train._silent)
+    mixed = round(PROFILE.batch_size * PROFILE.branch_replay)
+    assert mixed > 0 and batches
+    for batch in batches:
+        own = [_windows_of(data["ds"].train, row) for row in batch]
+        assert sum(own) == PROFILE.batch_size - mixed
+        for row in batch[[not o for o in own]]:
+            assert _windows_of(data["general"].train, row)
+            assert not _windows_of(data["dl"].train, row)
+
+
+def test_replay_keeps_a_branch_close_to_the_base_on_general_text(home):
+    """A branch trained on its own text alone predicts general text worse than the base does;
+    one trained with some of it in every batch, much less so."""
+    profile = replace(PROFILE, specialist_min_steps=60, specialist_max_steps=60)
+    tok, data = _data(home)
+    generalist, _ = train.train_generalist(data["general"], tok, profile, "cpu")
+
+    def cost_on_general(share: float) -> float:
+        model = train._copy(generalist)
+        model.add_specialist("ds")
+        mixed = replace(profile, branch_replay=share)
+        train.train_branch(model, data["ds"], data, mixed, "cpu", train._silent)
+        held = data["general"].heldout
+        forced, base = Routing(force=("ds",)), Routing(force=("general",))
+        return math.log(
+            evaluate.perplexity(model, held, 64, 8, forced, "cpu")
+            / evaluate.perplexity(model, held, 64, 8, base, "cpu")
+        )
+
+    alone, replayed = cost_on_general(0.0), cost_on_general(0.25)
+    assert alone > 0.1 and replayed < alone / 2, (alone, replayed)
+
+
+def test_calibration_reads_text_no_part_of_the_model_was_trained_on(home, monkeypatch):
+    """The first training calibrates on the calibration text alone (what a model predicts on
+    its training text is no guide to other text); an add on that and the training text (the
+    larger pool holds the rare kinds of text its per-window bound is for)."""
+    write_domain(home / "data", "general", synthetic_documents("general", 200))
+    tok, data = _data(home)
+    general = data["general"]
+    assert general.calibration.numel() > PROFILE.context  # set apart by the corpus split
+    assert general.unseen(PROFILE.context) is general.calibration
+    tiny = replace(general, calibration=general.calibration[: PROFILE.context])
+    assert tiny.unseen(PROFILE.context) is general.train  # too little: the training text
+    generalist, _ = train.train_generalist(general, tok, PROFILE, "cpu")
+    read: list[dict[str, torch.Tensor]] = []
+    calibrate = train.calibrate_rows
+
+    def recording(model, name, texts, *args, **kwargs):
+        read.append(texts)
+        return calibrate(model, name, texts, *args, **kwargs)
+
+    monkeypatch.setattr(train, "calibrate_rows", recording)
+    kept = {k: data[k] for k in ("general", "ds")}
+    full, _ = train.train_specialists(generalist, kept, PROFILE, "cpu")
+    first = len(read)
+    assert first
+    assert all(list(t) == ["general"] and t["general"] is general.calibration for t in read)
+    train.add_specialist(full, data["dl"], kept, PROFILE, "cpu")
+    (added,) = read[first:]
+    assert set(added) == {"general", "ds"}
+    for n, text in added.items():
+        assert torch.equal(text, torch.cat([data[n].calibration, data[n].train]))
