@@ -331,8 +331,10 @@ def add_specialist(
 def drift_target(max_drift: float) -> float:
     """What an add calibrates its gate to (a fraction): half the publish limit (a percentage),
     for the difference between the text it calibrates on and the held-out text it is judged
-    on; the library's default when that is looser."""
-    return min(train.DRIFT_TARGET, max_drift / 200)
+    on; the library's default when that is looser. Never below a fifth of that default: a
+    target of nothing would lower the new rows until the specialist had no weight anywhere,
+    and publish it doing nothing; the limit is the publish check's to enforce."""
+    return max(min(train.DRIFT_TARGET, max_drift / 200), train.DRIFT_TARGET / 5)
 
 
 def remove_specialist(
