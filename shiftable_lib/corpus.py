@@ -169,7 +169,7 @@ def check_corpus(
     docs = read_documents(folder)
     if not docs:
         raise _no_text(folder)
-    train, heldout = split_heldout(docs)
+    train, heldout, _ = split_domain(docs)
     files = text_files(folder)
     corpus = Corpus(
         name=name,
@@ -309,6 +309,14 @@ def split_calibration(train: list[str]) -> tuple[list[str], list[str]]:
     return [d for i, d in enumerate(train) if i not in picked], [train[i] for i in sorted(picked)]
 
 
+def split_domain(docs: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """(train, held-out, calibration) documents: what `load_domain` trains and evaluates on,
+    and what `check_corpus` reports."""
+    train, heldout = split_heldout(docs)
+    train, calibration = split_calibration(train)
+    return train, heldout, calibration
+
+
 def read_documents(folder: Path) -> list[str]:
     """All documents of the `.txt` files in `folder`; fail naming any file that is not UTF-8."""
     docs: list[str] = []
@@ -332,8 +340,7 @@ def load_domain(data_dir: Path, name: str) -> Domain:
     docs = read_documents(folder)
     if not docs:  # only blank lines in its files
         raise _no_text(folder)
-    train, heldout = split_heldout(docs)
-    train, calibration = split_calibration(train)
+    train, heldout, calibration = split_domain(docs)
     return Domain(name=name, train=train, heldout=heldout, calibration=calibration)
 
 

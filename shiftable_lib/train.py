@@ -257,25 +257,21 @@ def language_model_phase(
     seed: int,
     profile: Profile,
     device,
-    replay: Collection[Tensor] = (),
+    replay: Tensor | None = None,
 ) -> Phase:
     """Next-token loss on random windows of `data` under `routing`; held-out ppl as the score.
 
-    With `replay` (token streams of other text), `profile.branch_replay` of each batch's rows
-    are windows of those, each from one chosen at random."""
+    With `replay` (a token stream of other text), `profile.branch_replay` of each batch's rows
+    are windows of it."""
     sampler = WindowSampler(data.train, profile.context, seed)
-    others = [WindowSampler(t, profile.context, seed + 1 + i) for i, t in enumerate(replay)]
-    mixed = round(profile.batch_size * profile.branch_replay) if others else 0
-    choose = torch.Generator().manual_seed(seed)
+    other = WindowSampler(replay, profile.context, seed + 1) if replay is not None else None
+    mixed = round(profile.batch_size * profile.branch_replay) if other else 0
     rows = distributed.world().rows
 
     def sample() -> Tensor:
         if not mixed:
             return sampler.sample(profile.batch_size)
-        picks = torch.randint(len(others), (mixed,), generator=choose).tolist()
-        return torch.cat(
-            [sampler.sample(profile.batch_size - mixed), *(others[i].sample(1) for i in picks)]
-        )
+        return torch.cat([sampler.sample(profile.batch_size - mixed), other.sample(mixed)])
 
     def loss() -> tuple[Tensor, int]:
         batch = rows(sample()).to(device, non_blocking=True)
@@ -292,18 +288,18 @@ def language_model_phase(
 def train_branch(
     model: ShiftableLM,
     data: DomainTokens,
-    others: dict[str, DomainTokens],
+    general: DomainTokens | None,
     profile: Profile,
     device,
     progress: ProgressFn,
 ) -> dict:
     """Train one specialist's attention in every layer on its own domain, gate forced to it,
-    with some general text of `others` in each batch (`profile.branch_replay`). Not the other
+    with some of the `general` text in each batch (`profile.branch_replay`). Not the other
     specialists' text: a branch that learnt it would carry it, and deleting the branch later
     would make that domain worse."""
     name = data.name
     params = [p for b in model.blocks for p in b.attn.experts[name].parameters() if p.dim() == 2]
-    replay = [d.train for n, d in others.items() if n == GENERAL and d.train.numel() > 1]
+    replay = general.train if general is not None and general.train.numel() > 1 else None
     phase = language_model_phase(
         specialist_phase(name), model, data, params, specialist_steps(data.train.numel(), profile),
         profile.specialist_lr, Routing(force=(name,)), profile.seed + zlib.crc32(name.encode()),
@@ -436,7 +432,7 @@ def train_specialists(
     report = {}
     for name in specialists:
         model.add_specialist(name)
-        report[name] = train_branch(model, data[name], data, profile, device, progress)
+        report[name] = train_branch(model, data[name], data.get(GENERAL), profile, device, progress)
     model.wake_specialists(specialists, split=True)
     report["gate"] = train_gate(model, data, list(model.experts), profile, device, progress)
     report["calibration"] = calibrate_all(model, data, device)
@@ -495,7 +491,7 @@ def add_specialist(
     """
     model = _copy(model)
     model.add_specialist(new.name)
-    report = {new.name: train_branch(model, new, replay, profile, device, progress)}
+    report = {new.name: train_branch(model, new, replay.get(GENERAL), profile, device, progress)}
     model.wake_specialists([new.name], split=False)
     report["gate"] = train_gate(
         model, {**replay, new.name: new}, [new.name], profile, device, progress,
@@ -526,8 +522,9 @@ def calibrate_rows(
     better: Collection[str] = (GENERAL,),
 ) -> dict:
     """Lower the gate bias of specialist `name` in every layer by the least offset that leaves
-    the other domains' text (`texts`: each one's text that no part of the model was trained
-    on, `DomainTokens.unseen`) as the model without `name` predicts it: each domain's
+    the other domains' text (`texts`, per domain: for the first training the text no part of
+    the model was trained on, `DomainTokens.unseen`; for an add, that and the training text)
+    as the model without `name` predicts it: each domain's
     perplexity no more than `target` (a fraction) worse (if `worse`), the perplexity of those
     in `better` no more than `target` better, and no window more than `window_target` nats a
     token worse.

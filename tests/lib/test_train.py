@@ -179,7 +179,7 @@ def test_a_branch_batch_mixes_in_general_text(home, monkeypatch):
         return loss(self, idx, targets, routing)
 
     monkeypatch.setattr(ShiftableLM, "loss", recording)
-    train.train_branch(model, data["ds"], data, PROFILE, "cpu", train._silent)
+    train.train_branch(model, data["ds"], data["general"], PROFILE, "cpu", train._silent)
     mixed = round(PROFILE.batch_size * PROFILE.branch_replay)
     assert mixed > 0 and batches
     for batch in batches:
@@ -201,7 +201,7 @@ def test_replay_keeps_a_branch_close_to_the_base_on_general_text(home):
         model = train._copy(generalist)
         model.add_specialist("ds")
         mixed = replace(profile, branch_replay=share)
-        train.train_branch(model, data["ds"], data, mixed, "cpu", train._silent)
+        train.train_branch(model, data["ds"], data["general"], mixed, "cpu", train._silent)
         held = data["general"].heldout
         forced, base = Routing(force=("ds",)), Routing(force=("general",))
         return math.log(
