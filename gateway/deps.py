@@ -139,9 +139,10 @@ class Gateway:
     async def model_info(self) -> inference_pb2.GetModelInfoResponse | None:
         """Inference's model info, from a replica that has a model if any has: each call goes
         to the next replica (round robin), and /generate reaches a loaded one the same way (a
-        replica with no model refuses it, and the call is retried on another)."""
+        replica with no model refuses it, and the call is retried on another). One try more
+        than the replicas the registry knows: one that has not reported yet may answer first."""
         info = None
-        for _ in range(max(1, len(self.serving.replicas))):
+        for _ in range(len(self.serving.replicas) + 1):
             try:
                 info = await self.backends.inference.GetModelInfo(
                     inference_pb2.GetModelInfoRequest(), timeout=1.0

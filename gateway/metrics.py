@@ -96,8 +96,12 @@ class Metrics:
         return StreamTimer(self)
 
     def observe_state(
-        self, info: inference_pb2.GetModelInfoResponse | None, running: list[registry_pb2.Operation]
+        self,
+        info: inference_pb2.GetModelInfoResponse | None,
+        running: list[registry_pb2.Operation] | None,
     ) -> None:
+        """The inference server's load and the unfinished operations, at scrape time; either
+        is None when its service does not answer (its series are then left out)."""
         if info is not None:
             self.queue_depth.set(info.queued)
             self.active_streams.set(info.active_streams)
@@ -109,6 +113,8 @@ class Metrics:
         else:
             self.model_loaded.set(0)
         self.training_progress.clear()
+        if running is None:
+            return
         for op in running:
             kind = enum_name(registry_pb2.OperationKind, op.kind)
             self.training_progress.labels(op.id, kind, op.target).set(op.progress.fraction)

@@ -18,6 +18,7 @@ the gate learns to tell the new one from the rest; the other specialists stay bi
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 import zlib
@@ -328,12 +329,13 @@ def train_gate(
     (times `batches`): short windows put more of the batch at the start of a window, where the
     gate has the least evidence and does its worst routing, for the same tokens.
 
-    The features come from a no-grad forward of the trunk. On a CPU, where that forward's
-    arithmetic is the phase's cost, each domain's windows run only the experts that can weigh
-    on them: the base, their own, and those whose rows train (the other specialists' weights
-    on them are what the gate was trained to keep small). Training one new row then costs the
-    same however many specialists the model has. On a GPU one forward of every expert costs
-    about what one of three does (the step is bound by kernel launches), so all run."""
+    The features come from a no-grad forward of the trunk, whose arithmetic and kernel
+    launches are most of the phase's cost. When some specialists' rows do not train (an add),
+    a step's windows of those domains all come from one of them, in turn, and the step runs
+    only the base, that specialist and the experts whose rows train: the frozen specialists'
+    weights on the other domains are what the gate was trained to keep small. Each frozen
+    domain gets its share of the windows over the phase, and a step costs the same however
+    many specialists the model has, on a CPU (arithmetic) and a GPU (launches) alike."""
     experts = model.experts
     names = [n for n in data if n in experts]
     params = [
@@ -348,10 +350,10 @@ def train_gate(
     }
     total = profile.gate_rows * batches
     rows_per = [total // len(names) + (i < total % len(names)) for i in range(len(names))]
-    rows_per = [max(1, r) for r in rows_per]
-    labels = torch.cat(
-        [torch.full((r,), experts.index(n)) for n, r in zip(names, rows_per, strict=True)]
-    )
+    rows_per = dict(zip(names, (max(1, r) for r in rows_per), strict=True))
+    frozen = [n for n in names if n != GENERAL and n not in rows_of]
+    trained = [n for n in names if n not in frozen]
+    frozen_rows = sum(rows_per[n] for n in frozen)
     weights = torch.tensor(
         [
             (profile.gate_base_weight if e == GENERAL else 1.0)
@@ -362,37 +364,30 @@ def train_gate(
     )
     context = min(s.context for s in samplers.values())
     world = distributed.world()
-    rows = world.rows  # this rank's rows of the global batch (all of it alone)
-    # a weighted mean over the *global* batch: each rank divides its weighted sum by its share
-    # of the global weight, so that DDP's mean over the ranks is the one-process loss
-    share = weights[labels.to(device)].sum() / world.size
-    local = rows(labels)
-    if torch.device(device).type == "cpu":
-        groups = [
-            (int(n), _routing_for(experts, {GENERAL, experts[int(e)], *rows_of}))
-            for e, n in zip(*local.unique_consecutive(return_counts=True), strict=True)
-        ]
-    else:
-        groups = [(len(local), Routing())]
-    targets_of = local.to(device)
+    turn = itertools.count()
 
-    def features(batch: Tensor) -> list[Tensor]:
-        """Per layer, the gate features of every row of `batch`, group by group."""
-        parts, start = [], 0
-        for n, routing in groups:
-            parts.append(model.trunk(batch[start : start + n], routing, features_only=True))
-            start += n
-        return [torch.cat(layer) for layer in zip(*(p.features for p in parts), strict=True)]
+    def draw() -> tuple[Tensor, Tensor, Routing]:
+        """A step's windows, their domains (expert indices) and the experts that run."""
+        counts = {n: rows_per[n] for n in trained}
+        allowed = {GENERAL, *rows_of}
+        if frozen:
+            this = frozen[next(turn) % len(frozen)]
+            counts[this] = frozen_rows
+            allowed.add(this)
+        batch = torch.cat([samplers[n].sample(r)[:, :context] for n, r in counts.items()])
+        labels = torch.cat([torch.full((r,), experts.index(n)) for n, r in counts.items()])
+        return batch, labels, _routing_for(experts, allowed)
 
     def loss() -> tuple[Tensor, int]:
-        batch = torch.cat(
-            [samplers[n].sample(r)[:, :context] for n, r in zip(names, rows_per, strict=True)]
-        )
-        batch = rows(batch).to(device)
+        batch, labels, routing = draw()
+        # a weighted mean over the *global* batch: each rank divides its weighted sum by its
+        # share of the global weight, so that DDP's mean over the ranks is the one-process loss
+        share = weights[labels.to(device)].sum() / world.size
+        batch, labels = world.rows(batch).to(device), world.rows(labels).to(device)
         model.eval()  # features as inference sees them (no dropout); only gate rows learn
         with torch.no_grad():
-            feats = features(batch)
-        targets = targets_of.repeat_interleave(batch.shape[1])
+            feats = model.trunk(batch, routing, features_only=True).features
+        targets = labels.repeat_interleave(batch.shape[1])
         w = weights[targets] / (share * batch.shape[1])
         count = torch.arange(1, batch.shape[1] + 1, device=device).view(1, -1, 1)
         ce = sum(

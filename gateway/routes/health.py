@@ -38,7 +38,18 @@ async def health(gw: GatewayDep) -> dict:
     # a first start is over once its operation has recorded the specialists, a moment after
     # the model serves: until then the stack is not ready, though /generate already answers
     up = all(s["status"] == "SERVING" for s in services.values())
-    ready = initialized and up and first_start is None
+    # and the serving version is what every replica loaded, by the registry's records and by
+    # the replica that answered: not so while a hot swap or a fallback is under way
+    agreed = info is not None and version.id == info.version_id and loaded(gw.serving)
+    ready = initialized and up and first_start is None and agreed
+    # a replica that cannot load the serving version (it says why in `replicas`)
+    broken = bool(version.id) and any(version.id in r.load_error for r in gw.serving.replicas)
+    if ready:
+        status = "ok"
+    elif initialized and (not up or broken):
+        status = "degraded"
+    else:
+        status = "loading" if initialized and first_start is None else "initializing"
     try:
         specialists = await gw.specialists()
     except grpc.aio.AioRpcError:
@@ -49,7 +60,7 @@ async def health(gw: GatewayDep) -> dict:
         **artifact_paths(version.artifact_dir),
         "specialists": specialists,
         "ready": ready,
-        "status": "ok" if ready else ("degraded" if initialized and not up else "initializing"),
+        "status": status,
         "serving_version": version.id or None,
         "loaded_version": gw.serving.loaded_version_id or None,
         "profile": version.profile or None,
@@ -62,6 +73,16 @@ async def health(gw: GatewayDep) -> dict:
             for r in gw.serving.replicas
         ],
     }
+
+
+def loaded(serving: R.ServingState) -> bool:
+    """Whether the registry records the serving version as loaded, by every live replica."""
+    version = serving.version.id
+    return (
+        bool(version)
+        and serving.loaded_version_id == version
+        and all(r.version_id == version for r in serving.replicas)
+    )
 
 
 @router.get("/livez")
@@ -96,9 +117,13 @@ async def metrics(gw: GatewayDep) -> Response:
     """Prometheus text: requests, tokens, time to first token, inter-token latency, queue
     depth, active streams and training progress."""
     info = await gw.model_info()
-    running = await gw.backends.registry.ListOperations(
-        R.ListOperationsRequest(unfinished_only=True), timeout=2.0
-    )
-    gw.metrics.observe_state(info, list(running.operations))
+    try:  # the registry being down is no reason to lose the rest of the scrape
+        running = await gw.backends.registry.ListOperations(
+            R.ListOperationsRequest(unfinished_only=True), timeout=2.0
+        )
+        operations: list | None = list(running.operations)
+    except grpc.aio.AioRpcError:
+        operations = None
+    gw.metrics.observe_state(info, operations)
     body, content_type = gw.metrics.render()
     return Response(body, media_type=content_type)

@@ -78,13 +78,17 @@ def test_servers_on_their_own_addresses_reach_each_other_by_the_dial_settings(
                 except httpx.HTTPError:
                     return False
 
-            wait_for(ready, timeout=120)
-            health = http.get("/health").json()
-            assert health["initialized"] and health["ready"], health
+            wait_for(ready, timeout=120)  # this gateway generates
+
+            def both_loaded() -> dict | None:  # and both replicas serve what the registry does
+                health = http.get("/health").json()
+                return health if health["ready"] and len(health["replicas"]) == 2 else None
+
+            health = wait_for(both_loaded, timeout=60)
+            assert health["initialized"] and health["status"] == "ok", health
             assert {n: s["address"] for n, s in health["services"].items()} == {
                 n: env[f"SMA_{n.upper()}_ADDR"] for n in HOSTS
             }
-            wait_for(lambda: len(http.get("/health").json()["replicas"]) == 2, timeout=30)
             before = {r: info(h, port) for r, h in REPLICAS.items()}
             assert {i.version_id for i in before.values()} == {health["serving_version"]}
             for _ in range(6):  # the gateway spreads calls over both replicas

@@ -121,42 +121,71 @@ def test_the_add_trains_the_new_gate_row_for_its_own_number_of_steps(home):
     assert (gate[-1].step, gate[-1].total) == (30, 30)
 
 
-def test_an_adds_gate_phase_runs_at_most_three_experts_a_window_on_a_cpu(home, monkeypatch):
-    """Each domain's windows run the base, their own expert and the new one: a step of the
-    add's gate phase costs the same however many specialists the model has."""
+def test_an_adds_gate_phase_runs_three_experts_a_step(home, monkeypatch):
+    """A step of an add's gate phase runs one forward of the base, the new expert and one of
+    the frozen specialists, whose domain gives the step's windows of frozen domains, in turn:
+    it costs the same however many specialists the model has, and each frozen domain still
+    gets its share of the windows. When every row trains, each step runs every expert."""
     tok, data = _data(home)
     generalist, _ = train.train_generalist(data["general"], tok, PROFILE, "cpu")
     replay = dict(data)
     full, _ = train.train_specialists(generalist, replay, PROFILE, "cpu")
-    full.add_specialist("more")  # a third specialist, untrained: one more expert to skip
+    full.add_specialist("more")  # a third specialist, untrained and with no text: never run
     full.wake_specialists(["more"], split=False)
     new = train.DomainTokens("new", data["dl"].train, data["dl"].heldout, data["dl"].heldout_docs)
-    ran: list[tuple[str, ...]] = []
+    ran: list[tuple[tuple[str, ...], int]] = []  # experts run, rows
     trunk = ShiftableLM.trunk
 
     def counting(self, idx, routing=SOFT, features_only=False):
         if features_only and self.training is False and isinstance(routing, Routing):
-            ran.append(
-                tuple(
-                    e
-                    for e, ok in zip(self.experts, routing.allowed(self.experts), strict=True)
-                    if ok
-                )
-            )
+            allowed = routing.allowed(self.experts)
+            ran.append((tuple(e for e, ok in zip(self.experts, allowed, strict=True) if ok), 0))
         return trunk(self, idx, routing, features_only)
 
     monkeypatch.setattr(ShiftableLM, "trunk", counting)
     model, _ = train.add_specialist(full, new, replay, PROFILE, "cpu")
-    first_step = ran[: len(replay) + 1]  # one forward per domain, the new one's too
     assert model.experts == ("general", "ds", "dl", "more", "new")
-    general_and_new = ("general", "new")  # general's windows, and the new domain's
-    expected = [
-        general_and_new,
-        ("general", "ds", "new"),
-        ("general", "dl", "new"),
-        general_and_new,
-    ]
-    assert sorted(first_step) == sorted(expected)
+    gate_steps = [e for e, _ in ran][: PROFILE.add_gate_steps]
+    assert gate_steps[:4] == [("general", "ds", "new"), ("general", "dl", "new")] * 2
+    assert gate_steps.count(("general", "ds", "new")) == PROFILE.add_gate_steps // 2
+
+    ran.clear()
+    train.train_gate(model, {**replay, "new": new}, list(model.experts), PROFILE, "cpu", _quiet)
+    assert ran and {e for e, _ in ran} == {model.experts}
+    assert len(ran) == PROFILE.gate_steps  # one forward a step
+
+
+def test_a_gate_step_draws_every_domains_share_of_windows(home, monkeypatch):
+    """Frozen domains share one slot of a step's windows in turn; general and the domains whose
+    rows train are in every step; over the phase each domain gets an equal share."""
+    tok, data = _data(home)
+    generalist, _ = train.train_generalist(data["general"], tok, PROFILE, "cpu")
+    replay = dict(data)
+    full, _ = train.train_specialists(generalist, replay, PROFILE, "cpu")
+    full.add_specialist("new")
+    full.wake_specialists(["new"], split=False)
+    new = train.DomainTokens("new", data["general"].heldout, data["dl"].heldout, [])
+    texts = {**replay, "new": new}
+    drawn: list[tuple[str, int]] = []
+    sample = train.WindowSampler.sample
+
+    def recording(self, n):
+        drawn.append((next(k for k, d in texts.items() if d.train is self.tokens), n))
+        return sample(self, n)
+
+    monkeypatch.setattr(train.WindowSampler, "sample", recording)
+    train.train_gate(full, texts, ["new"], PROFILE, "cpu", _quiet, steps=4, batches=2)
+    rows = PROFILE.gate_rows * 2
+    each = rows // 4
+    steps = [drawn[i : i + 3] for i in range(0, len(drawn), 3)]
+    assert len(steps) == 4
+    for i, step in enumerate(steps):
+        frozen = ("ds", "dl")[i % 2]
+        assert sorted(step) == sorted([("general", each), ("new", each), (frozen, 2 * each)])
+
+
+def _quiet(_: train.Progress) -> None:
+    pass
 
 
 def _windows_of(stream: torch.Tensor, row: torch.Tensor) -> bool:
