@@ -9,7 +9,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 HOME_DIR ?= sma-home
 PROFILE  ?= cpu
 
-.PHONY: install browser run test lint bench protos clean
+.PHONY: install browser run test lint bench protos protos-release clean
 
 install: $(STAMP) $(NPM_STAMP)
 
@@ -62,6 +62,11 @@ bench: $(VENV)/.bench-installed
 protos: install
 	node_modules/.bin/buf lint protos
 	$(BIN)/python scripts/gen_protos.py
+
+# Record the current wire contract as the last release: `make test` checks every later change
+# against it with `buf breaking`.
+protos-release: install
+	node_modules/.bin/buf build protos -o protos/released.binpb
 
 clean:
 	rm -rf $(VENV) node_modules build *.egg-info .pytest_cache .ruff_cache

@@ -9,27 +9,34 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from importlib.resources import files
 
 import grpc
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.backends import error_status, http_status
 from gateway.deps import FRONTEND, Gateway
 from gateway.metrics import Metrics
-from gateway.routes import generate, health, operations, specialists, versions
+from gateway.openai import OpenAIError, error_body
+from gateway.routes import generate, health, openai, operations, specialists, versions
+from shiftable_lib import logs
 from shiftable_lib.auth import Keys
 from shiftable_lib.auth import Scope as KeyScope
 from shiftable_lib.config import Settings
 from shiftable_lib.errors import ShiftableError
 from shiftable_lib.sampling import MAX_PROMPT_CHARS
+
+access = logging.getLogger("sma.gateway.access")
 
 # room for the longest prompt as JSON may spell it: a character outside the BMP escaped as a
 # surrogate pair is 12 bytes (\ud83d\ude00); the rest of a body (stop strings, ...) fits the
@@ -52,7 +59,7 @@ class LimitBody:
             return
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
-            response = JSONResponse({"detail": TOO_LARGE}, status_code=413)
+            response = _refusal(scope.get("path", ""), 413, TOO_LARGE)
             await response(scope, receive, send)
             return
         received = 0
@@ -70,9 +77,8 @@ class LimitBody:
 
 
 # what anyone may read: the page itself (it asks for a key), probes, metrics, the API's schema
-OPEN_PATHS = frozenset(
-    {"/", "/health", "/livez", "/readyz", "/metrics", "/docs", "/redoc", "/openapi.json"}
-)
+OPEN_PATHS = frozenset({"/", "/health", "/livez", "/readyz", "/metrics", "/docs", "/openapi.json"})
+OPEN_PREFIXES = ("/static/", "/docs-assets/")  # the page's files, the API docs' files
 # what changes the model: an admin key's only
 ADMIN_ROUTES = [
     ("POST", re.compile(r"/specialists")),
@@ -127,7 +133,7 @@ class RequireKey:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        if scope["type"] != "http" or path in OPEN_PATHS or path.startswith("/static/"):
+        if scope["type"] != "http" or path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
             await self.app(scope, receive, send)
             return
         admin = any(scope["method"] == m and r.fullmatch(path) for m, r in ADMIN_ROUTES)
@@ -136,12 +142,54 @@ class RequireKey:
         if refusal is None:
             await self.app(scope, receive, send)
             return
-        response = JSONResponse(
-            {"detail": refusal.message},
-            status_code=403 if refusal.forbidden else 401,
-            headers=None if refusal.forbidden else {"WWW-Authenticate": "Bearer"},
+        response = _refusal(
+            path,
+            403 if refusal.forbidden else 401,
+            refusal.message,
+            None if refusal.forbidden else {"WWW-Authenticate": "Bearer"},
         )
         await response(scope, receive, send)
+
+
+class RequestIds:
+    """Give every request an id: the caller's `X-Request-Id` (if usable), else a new one. It
+    is in the reply's `X-Request-Id`, in each gRPC call made for the request (and so in the
+    services' log lines), and in the access log line written when the reply is sent."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request = logs.accept_request_id(given)
+        token = logs.request_id.set(request)
+        started, status = time.perf_counter(), 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"x-request-id", request.encode()),
+                ]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            access.info(
+                '%s "%s %s" %d %.1f ms',
+                (scope.get("client") or ("-",))[0],
+                scope["method"],
+                scope.get("path", ""),
+                status,
+                1000 * (time.perf_counter() - started),
+            )
+            logs.request_id.reset(token)
 
 
 class CountRequests:
@@ -188,6 +236,8 @@ def create_app(settings: Settings) -> FastAPI:
         version="1",
         summary="A language model that grows domain specialists at runtime",
         lifespan=lifespan,
+        docs_url=None,  # served below from a packaged copy, not a CDN: it works offline
+        redoc_url=None,  # ReDoc's page loads its logo from a CDN whatever it is given
     )
     app.state.gateway = gw
     app.add_middleware(LimitBody)
@@ -200,41 +250,90 @@ def create_app(settings: Settings) -> FastAPI:
             allow_headers=["Authorization", "Content-Type"],
         )
     app.add_middleware(AllowHosts, hosts=settings.hosts())
-    app.add_middleware(CountRequests, metrics=gw.metrics)  # added last: outermost
+    app.add_middleware(CountRequests, metrics=gw.metrics)
+    app.add_middleware(RequestIds)  # added last: outermost, so every reply has its id
 
     @app.exception_handler(RequestValidationError)
-    async def invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
         """FastAPI's 422, without the `input` each error would echo: a reply never repeats
-        what was sent (a megabyte of prompt, or a secret pasted in the wrong field)."""
+        what was sent (a megabyte of prompt, or a secret pasted in the wrong field). The
+        OpenAI-compatible routes answer 400 in OpenAI's shape, naming the first bad field."""
         errors = [{k: v for k, v in e.items() if k not in ("input", "ctx")} for e in exc.errors()]
+        if request.url.path in openai.PATHS:
+            return JSONResponse(_openai_invalid(errors), status_code=400)
         return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
 
     @app.exception_handler(grpc.aio.AioRpcError)
-    async def grpc_error(_: Request, exc: grpc.aio.AioRpcError) -> JSONResponse:
-        return JSONResponse({"detail": exc.details()}, status_code=http_status(exc.code()))
+    async def grpc_error(request: Request, exc: grpc.aio.AioRpcError) -> JSONResponse:
+        return _refusal(request.url.path, http_status(exc.code()), exc.details() or "")
 
     @app.exception_handler(ShiftableError)
-    async def domain_error(_: Request, exc: ShiftableError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=error_status(exc))
+    async def domain_error(request: Request, exc: ShiftableError) -> JSONResponse:
+        return _refusal(request.url.path, error_status(exc), str(exc))
 
     @app.exception_handler(ValueError)
-    async def value_error(_: Request, exc: ValueError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=400)
+    async def value_error(request: Request, exc: ValueError) -> JSONResponse:
+        return _refusal(request.url.path, 400, str(exc))
 
-    for module in (health, specialists, generate, operations, versions):
+    @app.exception_handler(OpenAIError)
+    async def openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
+        body = error_body(exc.status, exc.message, exc.param, exc.code)
+        return JSONResponse(body, status_code=exc.status)
+
+    for module in (health, specialists, generate, operations, versions, openai):
         app.include_router(module.router)
+    _serve_api_docs(app)
     if FRONTEND.is_dir():
         app.mount("/static", StaticFiles(directory=FRONTEND), name="static")
     return app
+
+
+DOCS_ASSETS = "/docs-assets"  # Swagger UI's files, from the fastapi-offline package
+
+
+def _serve_api_docs(app: FastAPI) -> None:
+    """`/docs` (Swagger UI), whose script, style and icon come from this server: FastAPI's
+    default page loads them from a CDN, and is blank without internet."""
+    app.mount(
+        DOCS_ASSETS,
+        StaticFiles(directory=str(files("fastapi_offline") / "static")),
+        name="docs-assets",
+    )
+    openapi = app.openapi_url or "/openapi.json"
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=openapi,
+            title=f"{app.title} API",
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS}/favicon.png",
+        )
+
+
+def _refusal(path: str, status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    """A refusal as the route's API shapes it: `{"detail"}`, or OpenAI's `{"error"}`."""
+    body = error_body(status, message) if path in openai.PATHS else {"detail": message}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _openai_invalid(errors: list[dict]) -> dict:
+    """OpenAI's 400 for a body that fails the schema: the first error, naming its field."""
+    first = errors[0] if errors else {}
+    where = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(where) or None
+    if first.get("type") == "extra_forbidden":
+        message = f"Unrecognized request argument supplied: {param}"
+    else:
+        message = f"{param}: {first.get('msg', 'invalid value')}" if param else "invalid body"
+    return error_body(400, message, param)
 
 
 def main(settings: Settings) -> None:
     """`sma serve gateway`: run the app with uvicorn on settings.host:settings.port."""
     import uvicorn
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     tls = settings.tls()  # HTTPS with the same certificate as the services' gRPC
     uvicorn.run(
         create_app(settings),

@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from shiftable_lib import logs
 from shiftable_lib.auth import bearer
 from shiftable_lib.config import GRPC_SERVICES, Settings
 from shiftable_lib.errors import Busy, Conflict, NotFound, Overloaded, ShiftableError, Unavailable
@@ -82,13 +83,20 @@ HEALTH_NAMES = {
 
 
 class _KeyedCall:
-    """Adds `authorization: Bearer <key>` to a call's metadata: the services check it."""
+    """Adds the request's id (`x-request-id`, for the services' log lines) and, with a key,
+    `authorization: Bearer <key>` (the services check it) to a call's metadata."""
 
     def __init__(self, key: str) -> None:
-        self.pair = ("authorization", bearer(key))
+        self.pairs = [("authorization", bearer(key))] if key else []
 
     def _with_key(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        metadata = grpc.aio.Metadata(*(details.metadata or ()), self.pair)
+        pairs = [*self.pairs]
+        request = logs.request_id.get()
+        if request != "-":
+            pairs.append((logs.METADATA_KEY, request))
+        if not pairs:
+            return details
+        metadata = grpc.aio.Metadata(*(details.metadata or ()), *pairs)
         return grpc.aio.ClientCallDetails(
             details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
         )
@@ -110,7 +118,8 @@ class _KeyedStream(_KeyedCall, grpc.aio.UnaryStreamClientInterceptor):
 
 
 def present_key(key: str) -> list[grpc.aio.ClientInterceptor]:
-    """Channel interceptors that present `key` on every unary and server-streaming call."""
+    """Channel interceptors that present `key` (if any) and the request's id on every unary
+    and server-streaming call."""
     return [_KeyedUnary(key), _KeyedStream(key)]
 
 
@@ -137,8 +146,7 @@ class Backends:
         # calls over every address the name resolves to, not just the first, and retry a call
         # that a replica going away refuses on another one
         spread = [("grpc.service_config", json.dumps(INFERENCE_SERVICE_CONFIG))]
-        key = settings.keys().internal
-        interceptors = present_key(key) if key else None
+        interceptors = present_key(settings.keys().internal)  # and the request's id
         tls = settings.tls()
         credentials = grpc.ssl_channel_credentials(**tls.client()) if tls else None
 

@@ -30,6 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from shiftable_lib import logs
 from shiftable_lib.auth import NO_KEYS, Keys, Scope, bearer
 from shiftable_lib.config import TLS
 from shiftable_lib.errors import (
@@ -91,6 +92,16 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
     await context.abort(code, _message(exc))
 
 
+def _take_request_id(context: grpc.aio.ServicerContext) -> None:
+    """The caller's request id (metadata `x-request-id`) for this call's log lines; each call
+    runs in a task of its own, so it ends with the call."""
+    for key, value in context.invocation_metadata() or ():
+        if key == logs.METADATA_KEY:
+            logs.request_id.set(logs.accept_request_id(str(value)))
+            return
+    logs.request_id.set("-")
+
+
 def rpc(method: Callable) -> Callable:
     """Map typed errors to gRPC codes for a unary (`async def`) or streaming (`async def` with
     `yield`) servicer method. `context.abort` inside the method passes through untouched."""
@@ -98,6 +109,7 @@ def rpc(method: Callable) -> Callable:
 
         @functools.wraps(method)
         async def stream(self, request, context):
+            _take_request_id(context)
             try:
                 async for item in method(self, request, context):
                     yield item
@@ -110,6 +122,7 @@ def rpc(method: Callable) -> Callable:
 
     @functools.wraps(method)
     async def unary(self, request, context):
+        _take_request_id(context)
         try:
             return await method(self, request, context)
         except (asyncio.CancelledError, grpc.aio.AbortError):
@@ -354,8 +367,5 @@ def timestamp(moment: datetime | None) -> Timestamp | None:
 
 
 def run(main: Awaitable[None]) -> None:
-    """Entry point of a `sma serve` process."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    """Entry point of a `sma serve` process (`sma serve` has configured its logging)."""
     asyncio.run(main)

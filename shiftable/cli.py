@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 
+from shiftable_lib import logs
 from shiftable_lib.config import PROFILES, Settings
 from shiftable_lib.corpus import Corpus
 from shiftable_lib.errors import ShiftableError
@@ -236,6 +237,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
+    logs.configure(settings.log_format, settings.log_level)
     if args.service == "gateway":
         from gateway.app import main as serve
     elif args.service == "registry":

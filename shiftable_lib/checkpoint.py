@@ -48,6 +48,14 @@ __all__ = [
 
 FORMAT = 1
 CHECKED_FILES = ("model.safetensors", "tokenizer.json")  # recorded in config.json's "files"
+# how a chat becomes a prompt for a model trained from scratch to continue text: the messages'
+# texts, a blank line apart, and the model continues the last (a Jinja template, as Hugging
+# Face tokenizers carry one; a version records its own in config.json's "chat_template")
+PLAIN_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ message['content'] }}{% if not loop.last %}\n\n{% endif %}"
+    "{%- endfor -%}"
+)
 
 
 @dataclass
@@ -61,6 +69,10 @@ class ModelVersion:
     profile: Profile
     meta: dict
     metrics: dict
+
+    @property
+    def chat_template(self) -> str:
+        return self.meta.get("chat_template") or PLAIN_CHAT_TEMPLATE
 
 
 def next_version_id(models_dir: Path) -> str:
@@ -94,6 +106,7 @@ def save_version(
             "model": model.cfg.to_dict(),
             "profile": profile.to_dict(),
             "files": {name: _fingerprint(tmp / name) for name in CHECKED_FILES},
+            "chat_template": PLAIN_CHAT_TEMPLATE,
             **(meta or {}),
         }
         write_file(tmp / "config.json", json.dumps(config, indent=2, sort_keys=True).encode())

@@ -8,6 +8,7 @@ import re
 import socket
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -285,6 +286,12 @@ class Settings(BaseSettings):
     )
     cors_origins: str = Field(
         default="", description="origins whose pages may call the API, comma-separated; '' = none"
+    )
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="servers' log lines: text, or one JSON object a line"
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="the least severe log lines the servers write"
     )
     max_drift: float = Field(
         default=0.5,

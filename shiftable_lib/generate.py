@@ -42,6 +42,16 @@ PREFILL_CHUNK = 256
 _CAPTURE_LOCK = threading.Lock()
 
 
+@dataclass(frozen=True)
+class Logprob:
+    """A token's log-probability under the model, and the most likely alternatives there
+    (token id, log-probability), most likely first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclass
 class Sequence:
     """One request's state while it generates."""
@@ -60,6 +70,9 @@ class Sequence:
     error: str = ""  # why it ended, when finish_reason is "error" (its batch goes on)
     gate_total: Tensor | None = None  # (L, E) gate weights summed over generating positions
     prefilled: int = 0  # prompt tokens in the cache so far, while prefilled a chunk per step
+    # per prompt token, its log-probability given the ones before it (None for the first),
+    # when the request scores its prompt; complete once the prompt is in the cache
+    prompt_logprobs: list[Logprob | None] = field(default_factory=list)
 
     @property
     def gate_mean(self) -> Tensor | None:
@@ -80,9 +93,10 @@ class TokenEvent:
     """What one step produced for one sequence: its new token and the text it completes."""
 
     seq: Sequence
-    token_id: int
+    token_id: int | None  # None when a sequence ends without one (scored its prompt only)
     text: str
     finish_reason: str | None
+    logprob: Logprob | None = None  # when the request asks for log-probabilities
 
 
 def sample(logits: Tensor, seqs: list[Sequence]) -> list[int | None]:
@@ -115,6 +129,21 @@ def sample(logits: Tensor, seqs: list[Sequence]) -> list[int | None]:
         else:
             out[i] = int(torch.multinomial(row.softmax(-1), 1, generator=s.generator))
     return out
+
+
+def logprobs_of(logits: Tensor, targets: list[int], top: list[int]) -> list[Logprob]:
+    """Per row of `logits` (n, V): the log-probability of `targets[i]` and the `top[i]` most
+    likely tokens', in one transfer from the device."""
+    logp = logits.float().log_softmax(-1)
+    index = torch.tensor(targets, device=logits.device).unsqueeze(-1)
+    chosen = logp.gather(-1, index).squeeze(-1).tolist()
+    k = max(top, default=0)
+    values, ids = logp.topk(k, -1) if k else (logp[:, :0], logp[:, :0].long())
+    values, ids = values.tolist(), ids.tolist()
+    return [
+        Logprob(t, c, tuple(zip(ids[i][: top[i]], values[i][: top[i]], strict=True)))
+        for i, (t, c) in enumerate(zip(targets, chosen, strict=True))
+    ]
 
 
 def _held_back(text: str, stops: tuple[str, ...]) -> int:
@@ -247,6 +276,11 @@ class Engine:
         params.validate(context)
         allowed = params.routing.allowed(self.model.experts)
         ids, truncated = self.prompt_ids(prompt, context - params.max_new_tokens)
+        if truncated and not params.truncate:
+            raise ValueError(
+                f"the prompt has {len(ids) + truncated} tokens and max_new_tokens is "
+                f"{params.max_new_tokens}: together more than the model's context of {context}"
+            )
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little")
         seq = Sequence(
             id=next(self._ids),
@@ -335,14 +369,17 @@ class Engine:
         assert seq is not None
         start = seq.prefilled
         chunk = seq.prompt_ids[start : start + self.prefill_chunk]
-        logits, gates = self.model.prefill(
+        logits, gates, every = self.model.prefill(
             self.cache,
             torch.tensor([slot], device=self.device),
             torch.tensor([chunk], device=self.device),
             torch.tensor([len(chunk)], device=self.device),
             self._rows([seq]),
             start,
+            every=seq.params.prompt_logprobs,
         )
+        if every is not None:
+            self._score_prompt(seq, every[0], start)
         seq.prefilled += len(chunk)
         if seq.prefilled < len(seq.prompt_ids):
             return []
@@ -359,7 +396,26 @@ class Engine:
         for i, s in enumerate(seqs):
             idx[i, : len(s.prompt_ids)] = torch.tensor(s.prompt_ids)
         slots = torch.arange(first, first + len(seqs), device=self.device)
-        return self.model.prefill(self.cache, slots, idx, lengths, self._rows(seqs))
+        scored = any(s.params.prompt_logprobs for s in seqs)
+        logits, gates, every = self.model.prefill(
+            self.cache, slots, idx, lengths, self._rows(seqs), every=scored
+        )
+        if every is not None:
+            for i, s in enumerate(seqs):
+                if s.params.prompt_logprobs:
+                    self._score_prompt(s, every[i, : len(s.prompt_ids)], 0)
+        return logits, gates
+
+    def _score_prompt(self, seq: Sequence, logits: Tensor, start: int) -> None:
+        """Record the log-probabilities of the prompt tokens that `logits` (T, V), the scores
+        at prompt positions `start`.., predict: position p predicts token p + 1."""
+        if start == 0:
+            seq.prompt_logprobs.append(None)  # the first token has nothing before it
+        ids = seq.prompt_ids
+        n = min(len(logits), len(ids) - 1 - start)  # the last position predicts the output
+        if n > 0:
+            k = seq.params.logprobs or 0
+            seq.prompt_logprobs += logprobs_of(logits[:n], ids[start + 1 : start + 1 + n], [k] * n)
 
     def _rows(self, seqs: list[Sequence]) -> RouteTable:
         return RouteTable.from_rows(
@@ -376,10 +432,28 @@ class Engine:
 
     def _emit(self, seqs: list[Sequence], logits: Tensor) -> list[TokenEvent]:
         tokens = sample(logits, seqs)
-        return [
-            self._advance(seq, token) if token is not None else self._fail(seq)
-            for seq, token in zip(seqs, tokens, strict=True)
+        scores: list[Logprob | None] = [None] * len(seqs)
+        asked = [
+            i
+            for i, (s, t) in enumerate(zip(seqs, tokens, strict=True))
+            if s.params.logprobs is not None and t is not None and s.params.max_new_tokens
         ]
+        if asked:
+            found = logprobs_of(
+                logits[asked], [tokens[i] for i in asked], [seqs[i].params.logprobs for i in asked]
+            )
+            for i, score in zip(asked, found, strict=True):
+                scores[i] = score
+        events = []
+        for seq, token, score in zip(seqs, tokens, scores, strict=True):
+            if not seq.params.max_new_tokens:  # it scored its prompt, and asks for no more
+                seq.finish_reason = "length"
+                events.append(TokenEvent(seq, None, "", "length"))
+            elif token is None:
+                events.append(self._fail(seq))
+            else:
+                events.append(self._advance(seq, token, score))
+        return events
 
     def _fail(self, seq: Sequence) -> TokenEvent:
         """End one sequence whose step went wrong; the rest of the batch goes on."""
@@ -388,7 +462,7 @@ class Engine:
         log.error("sequence %d ended: %s", seq.id, seq.error)
         return TokenEvent(seq, -1, "", "error")
 
-    def _advance(self, seq: Sequence, token: int) -> TokenEvent:
+    def _advance(self, seq: Sequence, token: int, score: Logprob | None = None) -> TokenEvent:
         """Record one token, decide whether the sequence is done, and say what text it adds."""
         seq.output_ids.append(token)
         stops = seq.params.stop
@@ -409,7 +483,7 @@ class Engine:
         delta = seq.pending[: len(seq.pending) - keep]
         seq.pending = seq.pending[len(delta) :]
         seq.text += delta
-        return TokenEvent(seq, token, delta, seq.finish_reason)
+        return TokenEvent(seq, token, delta, seq.finish_reason, score)
 
     def _release(self, i: int) -> None:
         self.active[i].gate_total = self.gate_sums[i].cpu()

@@ -259,6 +259,7 @@ def _finish(
     meta = {
         "kind": kind,
         "parent": current.id,
+        "chat_template": current.chat_template,
         "corpus_digests": digests,
         "corpus_tokens": {  # a sampled corpus keeps the count of the version before
             n: int(d.train.numel()) if d.whole else current.meta.get("corpus_tokens", {}).get(n, 0)

@@ -416,11 +416,12 @@ class ShiftableLM(nn.Module):
         lengths: Tensor,
         routes: RouteTable,
         start: int = 0,
-    ) -> tuple[Tensor, Tensor]:
+        every: bool = False,
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Run prompts (right-padded to a common length) into `slots` of the cache, at
         positions from `start` on (the slots hold the prompts' first `start` tokens already).
-        Returns the logits at each prompt's last real token (n, V) and the gate weights there
-        (L, n, E)."""
+        Returns the logits at each prompt's last real token (n, V), the gate weights there
+        (L, n, E), and with `every` the logits at every position (n, T, V), else None."""
         self._check_cache(cache)
         positions = torch.arange(start, start + idx.shape[1], device=idx.device)
         x = self.wte(idx) + self.wpe(positions)
@@ -428,8 +429,11 @@ class ShiftableLM(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, step, i)
         cache.lengths[slots] = start + lengths
-        last = self.head(self.ln_f(x[step.rows, step.last]))
-        return last, self._stack_gates(step.gates, routes, idx.shape[0])
+        gates = self._stack_gates(step.gates, routes, idx.shape[0])
+        if every:
+            logits = self.head(self.ln_f(x))
+            return logits[step.rows, step.last], gates, logits
+        return self.head(self.ln_f(x[step.rows, step.last])), gates, None
 
     def decode(
         self, cache: KVCache, tokens: Tensor, routes: RouteTable, span: int | None = None

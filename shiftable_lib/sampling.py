@@ -31,6 +31,7 @@ MAX_STOP_CHARS = 256  # one stop string's length
 MAX_NAME_CHARS = 64  # an expert's name (a specialist name, or "general")
 MAX_TOP_K_EXPERTS = 64
 MAX_ROUTING_NAMES = 64  # names in `force` or `exclude`
+MAX_LOGPROBS = 20  # most likely alternatives reported per token (OpenAI's top_logprobs bound)
 
 ROUTING_MODES = ("soft", "top1", "topk")
 
@@ -92,11 +93,26 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     routing: Routing = SOFT
     ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
+    # the log-probability of each generated token under the model (its raw distribution, before
+    # temperature, top-k and top-p) with this many most likely alternatives; None: none
+    logprobs: int | None = None
+    # also score the prompt: each prompt token's log-probability given the tokens before it
+    # (with `logprobs` alternatives); with it, max_new_tokens may be 0 (score only)
+    prompt_logprobs: bool = False
+    # a prompt that does not fit the context with max_new_tokens loses its first tokens; with
+    # False it is refused instead (what the OpenAI API does)
+    truncate: bool = True
 
     def validate(self, context: int) -> None:
         """Raise ValueError with a sentence a user can act on if any field is out of range."""
-        if not 1 <= self.max_new_tokens < context:
-            raise ValueError(f"max_new_tokens must be between 1 and {context - 1} (the context)")
+        least = 0 if self.prompt_logprobs else 1
+        if not least <= self.max_new_tokens < context:
+            raise ValueError(
+                f"max_new_tokens must be between {least} and {context - 1} (the context)"
+                + ("; 0 only when the prompt is scored" if least else "")
+            )
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be between 0 and {MAX_LOGPROBS}")
         if not (math.isfinite(self.temperature) and 0 <= self.temperature <= MAX_TEMPERATURE):
             raise ValueError(f"temperature must be between 0 and {MAX_TEMPERATURE:g} (0 = greedy)")
         if not 0 <= self.top_k <= MAX_TOP_K:

@@ -78,3 +78,48 @@ class StreamDecoder:
         text = self.tok.decode(self.ids[self.prefix_offset :])
         self.prefix_offset = self.read_offset = len(self.ids)
         return text[len(prefix) :]
+
+
+def _byte_alphabet() -> dict[str, int]:
+    """Byte-level BPE writes each byte as one printable character: printable Latin-1 bytes as
+    themselves, the rest as the characters from U+0100 on, in byte order. Character -> byte."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = [b for b in range(256) if b not in printable]
+    chars = printable + [0x100 + i for i in range(len(others))]
+    return {chr(c): b for b, c in zip(printable + others, chars, strict=True)}
+
+
+class Vocabulary:
+    """Every token's exact bytes and a readable text, for reporting tokens one by one (log-
+    probabilities, /tokenize): a byte-level token may hold part of a UTF-8 character, whose
+    bytes its text writes as \\xNN escapes so that no two tokens read the same."""
+
+    def __init__(self, tok: Tokenizer) -> None:
+        self.tok = tok
+        alphabet = _byte_alphabet()
+        special = {t.content for t in tok.get_added_tokens_decoder().values()}
+        table = []
+        for i in range(tok.get_vocab_size()):
+            piece = tok.id_to_token(i) or ""
+            if piece not in special and piece and all(c in alphabet for c in piece):
+                table.append(bytes(alphabet[c] for c in piece))
+            elif piece in special:
+                table.append(piece.encode())
+            else:
+                table.append(tok.decode([i], skip_special_tokens=False).encode())
+        self.bytes = table
+        self.texts = [b.decode("utf-8", "backslashreplace") for b in table]
+
+    def __len__(self) -> int:
+        return len(self.bytes)
+
+    def check(self, ids: Iterable[int]) -> list[int]:
+        """`ids` as a list, or ValueError naming the first id that is not a token here."""
+        out = list(ids)
+        for i in out:
+            if not 0 <= i < len(self.bytes):
+                raise ValueError(f"token id {i} is not in the vocabulary (0 to {len(self) - 1})")
+        return out
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tok.decode(self.check(ids), skip_special_tokens=False)

@@ -49,13 +49,19 @@ async def generate(gw: GatewayDep, body: GenerateBody, request: Request) -> dict
     }
 
 
-async def _stream(
+def _stream(
     gw: Gateway, body: GenerateBody, client: str
+) -> AsyncIterator[inference_pb2.GenerateResponse]:
+    return stream_generation(gw, body.to_proto(), client)
+
+
+async def stream_generation(
+    gw: Gateway, request: inference_pb2.GenerateRequest, client: str
 ) -> AsyncIterator[inference_pb2.GenerateResponse]:
     """Messages of one Generate call, in one of `client`'s slots (429 when it has none left);
     the call is cancelled if the consumer stops."""
     with gw.client_stream(client):
-        call = gw.backends.inference.Generate(body.to_proto())
+        call = gw.backends.inference.Generate(request)
         timer = gw.metrics.stream_timer()
         try:
             async for message in call:

@@ -62,7 +62,8 @@ from services.inference.messages import (
     Submit,
 )
 from shiftable_lib.errors import Overloaded, Unavailable
-from shiftable_lib.sampling import Routing, SamplingParams, validate_prompt
+from shiftable_lib.sampling import MAX_PROMPT_CHARS, Routing, SamplingParams, validate_prompt
+from shiftable_lib.tokenizer import EOS, Vocabulary, encode
 
 log = logging.getLogger("sma.inference")
 
@@ -103,6 +104,7 @@ class InferenceCore:
         self.max_queue = max_queue
         self._threads = threads or torch.get_num_threads()  # the worker's torch threads
         self._version: LoadedVersion | None = None
+        self._vocabularies: dict[str, Vocabulary] = {}  # by version id
         self._load_lock = asyncio.Lock()
         self._swapping = False
         self._load_error = ""
@@ -144,16 +146,28 @@ class InferenceCore:
                 raise
             finally:
                 self._swapping = False
+            vocabulary = await asyncio.to_thread(Vocabulary, loaded.tokenizer)
+            self._vocabularies = {
+                **{k: v for k, v in self._vocabularies.items() if k == self.version_id},
+                loaded.id: vocabulary,
+            }  # this one and the one before, whose streams may still be running
             self._version = loaded
             self._load_error = ""
 
-    async def generate(self, prompt: str, params: SamplingParams) -> AsyncIterator[Chunk]:
+    async def generate(
+        self, prompt: str | list[int], params: SamplingParams
+    ) -> AsyncIterator[Chunk]:
         """Stream a completion as `Chunk`s: one per decode step, or several steps merged into
         one when the consumer falls behind; the last one carries the finish reason, usage and
-        gate means. Stopping early (closing the iterator, or cancelling the task that reads
-        it) cancels the sequence at once and frees its slot."""
+        gate means. `prompt` is text or token ids. Stopping early (closing the iterator, or
+        cancelling the task that reads it) cancels the sequence at once and frees its slot."""
         version = self._require_model()
-        validate_prompt(prompt)
+        if isinstance(prompt, str):
+            validate_prompt(prompt)
+        else:
+            if len(prompt) > MAX_PROMPT_CHARS:
+                raise ValueError(f"the prompt is {len(prompt)} tokens; at most {MAX_PROMPT_CHARS}")
+            self.vocabulary().check(prompt)
         params.validate(version.cfg.context)
         params.routing.allowed(version.cfg.experts)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
@@ -189,6 +203,19 @@ class InferenceCore:
         validate_prompt(prompt)
         return await self._call(lambda call_id: Inspect(call_id, prompt, routing))
 
+    def vocabulary(self, version_id: str = "") -> Vocabulary:
+        """The tokens of `version_id` (one that serves or served last), else of the serving
+        version."""
+        self._require_model()
+        found = self._vocabularies.get(version_id) if version_id else None
+        return found or self._vocabularies[self.version_id or ""]
+
+    def tokenize(self, text: str) -> tuple[list[int], Vocabulary]:
+        """`text` as the serving version's token ids, and its vocabulary."""
+        validate_prompt(text)
+        vocabulary = self.vocabulary()
+        return encode(vocabulary.tok, text), vocabulary
+
     def info(self) -> Info:
         version = self._version
         cfg = version.cfg if version else None
@@ -212,6 +239,8 @@ class InferenceCore:
             decode_seconds=retired.seconds + stats.seconds,
             swapping=self._swapping,
             load_error=self._load_error,
+            eos_token=EOS if version else "",
+            chat_template=version.chat_template if version else "",
         )
 
     def close(self) -> None:
@@ -381,6 +410,9 @@ def _merge_pending(first: Chunk | Exception, queue: asyncio.Queue[Chunk | Except
                 following,
                 text=item.text + following.text,
                 token_ids=item.token_ids + following.token_ids,
+                logprobs=item.logprobs + following.logprobs,
+                prompt=item.prompt,
+                prompt_logprobs=item.prompt_logprobs,
             )
     if isinstance(item, Exception):
         raise item

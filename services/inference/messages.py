@@ -15,6 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tokenizers import Tokenizer
+
+from shiftable_lib.generate import Logprob
 from shiftable_lib.model import ModelConfig
 from shiftable_lib.sampling import Routing, SamplingParams
 
@@ -42,6 +45,11 @@ class Chunk:
     finish_reason: str | None = None
     usage: Usage | None = None
     gate_means: dict[str, float] | None = None
+    logprobs: tuple[Logprob, ...] = ()  # one per token id, when the request asks for them
+    # the first chunk's, when the request scores its prompt: per prompt token (as the model
+    # read it), its log-probability given the ones before it (None for the first)
+    prompt: tuple[int, ...] = ()
+    prompt_logprobs: tuple[Logprob | None, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -78,6 +86,8 @@ class Info:
     decode_seconds: float  # wall time spent in those steps; / steps is the mean step time
     swapping: bool
     load_error: str
+    eos_token: str = ""
+    chat_template: str = ""
 
 
 @dataclass(frozen=True)
@@ -87,6 +97,8 @@ class LoadedVersion:
     id: str
     cfg: ModelConfig
     profile: str
+    tokenizer: Tokenizer  # for /tokenize and the text of tokens, on the server's side
+    chat_template: str
 
 
 @dataclass(frozen=True)
@@ -111,7 +123,7 @@ class Submit:
     """Start a stream; the worker answers with `Chunks` for it, or one `StreamFailed`."""
 
     stream_id: int
-    prompt: str
+    prompt: str | list[int]  # text, or token ids
     params: SamplingParams
 
 

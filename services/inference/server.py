@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 
 import grpc
@@ -20,6 +21,7 @@ from services.inference.follower import follow_registry
 from services.inference.messages import Chunk
 from shiftable_lib import jobs
 from shiftable_lib.config import Settings
+from shiftable_lib.generate import Logprob
 from shiftable_lib.sampling import (
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_K_EXPERTS,
@@ -28,8 +30,10 @@ from shiftable_lib.sampling import (
     SamplingParams,
     default_max_new_tokens,
 )
+from shiftable_lib.tokenizer import Vocabulary
 from sma.v1 import inference_pb2, inference_pb2_grpc
 
+log = logging.getLogger("sma.inference")
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
 # Clients keep one connection per replica for as long as it lives, so a replica added later
 # would get no calls until something reconnects. Ending each connection after a minute (new
@@ -79,12 +83,45 @@ def sampling_params(request: inference_pb2.GenerateRequest, context: int) -> Sam
         stop=tuple(request.stop),
         routing=routing_from_proto(request.routing),
         ignore_eos=request.ignore_eos,
+        logprobs=request.logprobs if request.HasField("logprobs") else None,
+        prompt_logprobs=request.prompt_logprobs,
+        truncate=not request.no_truncation,
     )
 
 
-def generate_response(chunk: Chunk) -> inference_pb2.GenerateResponse:
+def prompt_of(request: inference_pb2.GenerateRequest) -> str | list[int]:
+    if request.prompt and request.prompt_token_ids:
+        raise ValueError("give the prompt as text or as token ids, not both")
+    return list(request.prompt_token_ids) or request.prompt
+
+
+def token_logprob(
+    vocabulary: Vocabulary, token_id: int, score: Logprob | None
+) -> inference_pb2.TokenLogprob:
+    entry = inference_pb2.TokenLogprob(
+        token_id=token_id,
+        token=vocabulary.texts[token_id],
+        token_bytes=vocabulary.bytes[token_id],
+    )
+    if score is not None:
+        entry.logprob = score.logprob
+        entry.top.extend(
+            inference_pb2.TokenLogprob(
+                token_id=t, token=vocabulary.texts[t], token_bytes=vocabulary.bytes[t], logprob=v
+            )
+            for t, v in score.top
+        )
+    return entry
+
+
+def generate_response(chunk: Chunk, vocabulary: Vocabulary) -> inference_pb2.GenerateResponse:
     response = inference_pb2.GenerateResponse(
         text=chunk.text, token_ids=chunk.token_ids, version_id=chunk.version_id
+    )
+    response.logprobs.extend(token_logprob(vocabulary, s.token_id, s) for s in chunk.logprobs)
+    response.prompt_logprobs.extend(
+        token_logprob(vocabulary, t, s)
+        for t, s in zip(chunk.prompt, chunk.prompt_logprobs, strict=True)
     )
     if chunk.finish_reason is not None:
         response.finish_reason = _FINISH[chunk.finish_reason]
@@ -114,9 +151,17 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         params = sampling_params(request, self.core.info().context)
         # aclosing: however the handler ends (cancelled, deadline, write failed), the core's
         # stream is closed now, not at garbage collection, so the slot frees at once
-        async with contextlib.aclosing(self.core.generate(request.prompt, params)) as chunks:
+        async with contextlib.aclosing(self.core.generate(prompt_of(request), params)) as chunks:
             async for chunk in chunks:
-                yield generate_response(chunk)
+                if chunk.usage is not None:  # the last: one line a generation
+                    log.info(
+                        "generated %d tokens after %d prompt tokens (%s) with %s",
+                        chunk.usage.completion_tokens,
+                        chunk.usage.prompt_tokens,
+                        chunk.finish_reason,
+                        chunk.version_id,
+                    )
+                yield generate_response(chunk, self.core.vocabulary(chunk.version_id))
 
     @rpc
     async def InspectGates(
@@ -160,7 +205,29 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             load_error=info.load_error,
             decode_steps=info.steps,
             decode_seconds=info.decode_seconds,
+            eos_token=info.eos_token,
+            chat_template=info.chat_template,
         )
+
+    @rpc
+    async def Tokenize(
+        self, request: inference_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.TokenizeResponse:
+        ids, vocabulary = self.core.tokenize(request.text)
+        info = self.core.info()
+        return inference_pb2.TokenizeResponse(
+            token_ids=ids,
+            tokens=[vocabulary.texts[i] for i in ids],
+            version_id=info.version_id,
+            context=info.context,
+        )
+
+    @rpc
+    async def Detokenize(
+        self, request: inference_pb2.DetokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.DetokenizeResponse:
+        text = self.core.vocabulary().decode(request.token_ids)
+        return inference_pb2.DetokenizeResponse(text=text, version_id=self.core.info().version_id)
 
 
 def main(settings: Settings) -> None:

@@ -59,7 +59,7 @@ from services.inference.messages import (
 )
 from shiftable_lib import checkpoint
 from shiftable_lib.errors import Unavailable
-from shiftable_lib.generate import Engine, Sequence
+from shiftable_lib.generate import Engine, Sequence, TokenEvent
 from shiftable_lib.sampling import Routing, SamplingParams
 from shiftable_lib.tokenizer import encode_apart
 
@@ -99,6 +99,7 @@ class _Request:
     seq: Sequence
     engine: Engine
     version_id: str
+    started: bool = False  # whether its first chunk has gone
 
 
 _Prepared = tuple[Engine, LoadedVersion]
@@ -192,7 +193,14 @@ class Worker:
         """Reading weights and allocating a KV cache take a while: a helper thread does it."""
         version = checkpoint.load_version(self.models_dir, version_id, self.device)
         engine = Engine(version.model, version.tokenizer, self.max_batch, self.cuda_graphs)
-        return engine, LoadedVersion(version_id, version.model.cfg, version.profile.name)
+        loaded = LoadedVersion(
+            version_id,
+            version.model.cfg,
+            version.profile.name,
+            version.tokenizer,
+            version.chat_template,
+        )
+        return engine, loaded
 
     def load(self, call_id: int, version_id: str) -> None:
         """The helper thread's part of a `Load`: the step loop adopts what it prepared."""
@@ -226,9 +234,9 @@ class Worker:
 
     # ---- streams ------------------------------------------------------------------------------
 
-    def submit(self, stream_id: int, prompt: str, params: SamplingParams) -> None:
+    def submit(self, stream_id: int, prompt: str | list[int], params: SamplingParams) -> None:
         engine = self.engine
-        if engine is not None and len(prompt) > TOKENIZE_APART_CHARS:
+        if engine is not None and isinstance(prompt, str) and len(prompt) > TOKENIZE_APART_CHARS:
             self.tokenizing[stream_id] = engine, self.engine_version
             threading.Thread(
                 target=self.tokenize, args=(stream_id, engine, prompt, params), daemon=True
@@ -311,7 +319,7 @@ class Worker:
                     self.forget(request)
                     self.conn.send(StreamFailed(request.stream_id, RuntimeError(event.seq.error)))
                     continue
-                chunk = Chunk(event.text, (event.token_id,), request.version_id)
+                chunk = _chunk(request, event)
                 if event.finish_reason is not None:
                     self.forget(request)
                     chunk = _final(request, chunk)
@@ -377,6 +385,24 @@ class Worker:
         self.tokenizing.clear()
         self.engine, self.draining = None, []
         self.publish(chunks, force=True)
+
+
+def _chunk(request: _Request, event: TokenEvent) -> Chunk:
+    """What one step added to a stream; the first also carries the scored prompt, if asked."""
+    chunk = Chunk(
+        event.text,
+        () if event.token_id is None else (event.token_id,),
+        request.version_id,
+        logprobs=() if event.logprob is None else (event.logprob,),
+    )
+    if not request.started:
+        request.started = True
+        seq = request.seq
+        if seq.params.prompt_logprobs:
+            chunk = dataclasses.replace(
+                chunk, prompt=tuple(seq.prompt_ids), prompt_logprobs=tuple(seq.prompt_logprobs)
+            )
+    return chunk
 
 
 def _final(request: _Request, chunk: Chunk) -> Chunk:

@@ -43,7 +43,7 @@ def test_kv_cache_decoding_equals_full_recomputation_on_a_ragged_batch(
     lengths = torch.tensor([4, 11, 7])
     routes = RouteTable.build(shiftable.experts, [routing] * 3, "cpu")
     with torch.no_grad():
-        logits, _ = shiftable.prefill(cache, torch.arange(3), full_idx[:, :11], lengths, routes)
+        logits, _, _ = shiftable.prefill(cache, torch.arange(3), full_idx[:, :11], lengths, routes)
         for i in range(3):
             torch.testing.assert_close(logits[i], full[i, lengths[i] - 1], rtol=0, atol=1e-5)
         for _ in range(15):
@@ -72,11 +72,11 @@ def test_a_prompt_prefilled_in_chunks_equals_one_prefilled_whole(
     routes = RouteTable.build(shiftable.experts, [routing], "cpu")
     slot = torch.tensor([2])
     with torch.no_grad():
-        logits, gates = shiftable.prefill(whole, slot, idx, torch.tensor([37]), routes)
+        logits, gates, _ = shiftable.prefill(whole, slot, idx, torch.tensor([37]), routes)
         for start in range(0, 37, 16):  # 16 + 16 + 5
             chunk = idx[:, start : start + 16]
             length = torch.tensor([chunk.shape[1]])
-            last, last_gates = shiftable.prefill(chunked, slot, chunk, length, routes, start)
+            last, last_gates, _ = shiftable.prefill(chunked, slot, chunk, length, routes, start)
     torch.testing.assert_close(last, logits, rtol=0, atol=1e-5)
     torch.testing.assert_close(last_gates, gates, rtol=0, atol=1e-6)
     assert chunked.lengths.tolist() == whole.lengths.tolist() == [0, 0, 37]
@@ -281,6 +281,8 @@ def test_gate_weights_of_the_completion_are_reported(shiftable, tokenizer):
         (SamplingParams(max_new_tokens=8, top_p=0), "top_p"),
         (SamplingParams(max_new_tokens=8, stop=("",)), "stop"),
         (SamplingParams(max_new_tokens=8, routing=Routing(force=("law",))), "law"),
+        (SamplingParams(max_new_tokens=8, logprobs=21), "logprobs"),
+        (SamplingParams(max_new_tokens=8, logprobs=-1), "logprobs"),
     ],
 )
 def test_bad_parameters_are_refused_before_anything_is_queued(
@@ -426,3 +428,48 @@ def test_a_sequence_whose_scores_go_bad_ends_alone(shiftable, tokenizer, monkeyp
     for seq in (seqs[0], seqs[2], seqs[3]):
         assert seq.finish_reason == "length" and len(seq.output_ids) == 8
     assert not engine.active  # the failed sequence's slot is free again
+
+
+@pytest.mark.parametrize("chunk", [256, 7], ids=["whole", "in-chunks"])
+@pytest.mark.parametrize("routing", [Routing(), Routing(force=("ds",))])
+def test_scored_prompt_and_output_logprobs_equal_a_full_forwards_log_softmax(
+    shiftable, tokenizer, chunk, routing
+):
+    """Each prompt token's log-probability given the ones before it, and each generated one's,
+    are the log-softmax of one forward over the whole text, with the top alternatives, also
+    beside another request in the batch and when the prompt is prefilled in chunks."""
+    engine = Engine(shiftable, tokenizer, max_batch=2, prefill_chunk=chunk)
+    params = replace(GREEDY, logprobs=3, prompt_logprobs=True, routing=routing, max_new_tokens=5)
+    other = engine.submit("tensor gradient", replace(GREEDY, temperature=0.8, seed=1))
+    seq = engine.submit("the list of numpy array mean values", params)
+    events = []
+    while engine.has_work():
+        events += [e for e in engine.step() if e.seq is seq]
+    assert other.finish_reason == "length"
+    ids = seq.prompt_ids + seq.output_ids
+    with torch.no_grad():
+        logits, _ = shiftable(torch.tensor([ids]), routing)
+    expected = logits[0].float().log_softmax(-1)
+    assert seq.prompt_logprobs[0] is None and len(seq.prompt_logprobs) == len(seq.prompt_ids)
+    scores = seq.prompt_logprobs[1:] + [e.logprob for e in events]
+    assert [s.token_id for s in scores] == ids[1:]
+    for p, score in enumerate(scores):  # position p predicts token p + 1
+        assert score.logprob == pytest.approx(expected[p, ids[p + 1]].item(), abs=1e-4)
+        top = expected[p].topk(3)
+        assert [t for t, _ in score.top] == top.indices.tolist()
+        assert [v for _, v in score.top] == pytest.approx(top.values.tolist(), abs=1e-4)
+    # greedy: each generated token is the most likely one, with its own log-probability
+    assert all(e.logprob.top[0] == (e.token_id, e.logprob.logprob) for e in events)
+
+
+def test_a_prompt_scored_with_no_new_tokens_ends_after_its_prefill(shiftable, tokenizer):
+    engine = Engine(shiftable, tokenizer)
+    params = SamplingParams(max_new_tokens=0, temperature=0, prompt_logprobs=True)
+    seq = engine.submit("the list of numpy", params)
+    events = engine.step()
+    assert [(e.token_id, e.text, e.finish_reason) for e in events] == [(None, "", "length")]
+    assert not seq.output_ids and not engine.has_work()
+    assert len(seq.prompt_logprobs) == len(seq.prompt_ids)
+    assert all(s.top == () for s in seq.prompt_logprobs[1:])  # no alternatives asked for
+    with pytest.raises(ValueError, match="only when the prompt is scored"):
+        engine.submit("the list", replace(params, prompt_logprobs=False))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,36 @@ def test_buf_lint_passes_with_default_rules() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     config = (ROOT / "protos" / "buf.yaml").read_text()
     assert "except" not in config and "use:" not in config  # the default rule set, untouched
+
+
+def _breaking(module: Path) -> subprocess.CompletedProcess:
+    against = ROOT / "protos" / "released.binpb"
+    return subprocess.run(
+        [str(BUF), "breaking", str(module), "--against", str(against)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_the_contract_breaks_nothing_of_the_last_release(tmp_path: Path) -> None:
+    """`buf breaking` against the released contract passes; and it bites: the same protos
+    with a field of GenerateRequest removed fail it."""
+    if not BUF.exists():
+        pytest.fail("buf is missing: `make install` puts it in node_modules/ (npm ci)")
+    done = _breaking(ROOT / "protos")
+    assert done.returncode == 0, done.stdout + done.stderr
+    copy = tmp_path / "protos"
+    shutil.copytree(
+        ROOT / "protos", copy, ignore=shutil.ignore_patterns("*.py", "*.pyi", "*.binpb")
+    )
+    proto = copy / "sma" / "v1" / "inference.proto"
+    text = proto.read_text()
+    assert "  bool ignore_eos = 9;\n" in text
+    proto.write_text(text.replace("  bool ignore_eos = 9;\n", ""))
+    broken = _breaking(copy)
+    assert broken.returncode != 0 and "ignore_eos" in broken.stdout + broken.stderr
 
 
 def test_checked_in_stubs_match_the_protos(tmp_path: Path) -> None:

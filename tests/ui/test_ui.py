@@ -110,6 +110,24 @@ def test_the_page_loads_offline_with_no_console_errors(
     assert console.errors == [], console.errors
 
 
+def test_the_api_docs_render_offline_from_this_server_alone(
+    page: Page, console: Console, ui_stack: Stack
+) -> None:
+    """Swagger UI (`/docs`) loads its script, style and icon from the gateway (FastAPI's
+    default page fetches them from a CDN and is blank offline) and renders the schema; there
+    is no ReDoc page, whose logo comes from a CDN whatever it is given."""
+    ui_stack.wait_ready()
+    requests: list[str] = []
+    page.on("request", lambda request: requests.append(request.url))
+    page.goto(ui_stack.url + "/docs")
+    expect(page.locator(".opblock").first).to_be_visible(timeout=30_000)
+    assert any(url.endswith("/openapi.json") for url in requests)
+    outside = [u for u in requests if not u.startswith((ui_stack.url, "data:", "blob:"))]
+    assert outside == []
+    assert console.errors == [], console.errors
+    assert ui_stack.http.get("/redoc").status_code == 404
+
+
 # Records the reply's length at every DOM change and at every painted frame until it completes.
 WATCH_GROWTH = """() => {
   const log = document.getElementById('log');

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16sma/v1/inference.proto\x12\x06sma.v1\"c\n\x07Routing\x12!\n\x04mode\x18\x01 \x01(\x0e\x32\x13.sma.v1.RoutingMode\x12\x15\n\rtop_k_experts\x18\x02 \x01(\x05\x12\r\n\x05\x66orce\x18\x03 \x03(\t\x12\x0f\n\x07\x65xclude\x18\x04 \x03(\t\"Z\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x1f\n\x17truncated_prompt_tokens\x18\x03 \x01(\x05\".\n\x0c\x45xpertWeight\x12\x0e\n\x06\x65xpert\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x01\"\x88\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x1b\n\x0emax_new_tokens\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12 \n\x07routing\x18\x08 \x01(\x0b\x32\x0f.sma.v1.Routing\x12\x12\n\nignore_eos\x18\t \x01(\x08\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\xbc\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12+\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x14.sma.v1.FinishReason\x12\x1c\n\x05usage\x18\x04 \x01(\x0b\x32\r.sma.v1.Usage\x12(\n\ngate_means\x18\x05 \x03(\x0b\x32\x14.sma.v1.ExpertWeight\x12\x12\n\nversion_id\x18\x06 \x01(\t\"G\n\x13InspectGatesRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12 \n\x07routing\x18\x02 \x01(\x0b\x32\x0f.sma.v1.Routing\"0\n\nLayerGates\x12\x0c\n\x04mean\x18\x01 \x03(\x01\x12\x14\n\x0cper_position\x18\x02 \x03(\x01\"\x90\x01\n\x14InspectGatesResponse\x12\x0f\n\x07\x65xperts\x18\x01 \x03(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\t\x12\"\n\x06layers\x18\x03 \x03(\x0b\x32\x12.sma.v1.LayerGates\x12\x12\n\nversion_id\x18\x04 \x01(\t\x12\x1f\n\x17truncated_prompt_tokens\x18\x05 \x01(\x05\"\x15\n\x13GetModelInfoRequest\"\xfb\x02\n\x14GetModelInfoResponse\x12\x12\n\nversion_id\x18\x01 \x01(\t\x12\x13\n\x0bspecialists\x18\x02 \x03(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x0f\n\x07profile\x18\x04 \x01(\t\x12\x0f\n\x07\x63ontext\x18\x05 \x01(\x05\x12\x0f\n\x07n_layer\x18\x06 \x01(\x05\x12\x0f\n\x07\x64_model\x18\x07 \x01(\x05\x12\x12\n\nvocab_size\x18\x08 \x01(\x05\x12\x11\n\tmax_batch\x18\t \x01(\x05\x12\x11\n\tmax_queue\x18\n \x01(\x05\x12\x16\n\x0e\x61\x63tive_streams\x18\x0b \x01(\x05\x12\x0e\n\x06queued\x18\x0c \x01(\x05\x12\x18\n\x10tokens_generated\x18\r \x01(\x03\x12\x16\n\x0erequests_total\x18\x0e \x01(\x03\x12\x10\n\x08swapping\x18\x0f \x01(\x08\x12\x12\n\nload_error\x18\x10 \x01(\t\x12\x14\n\x0c\x64\x65\x63ode_steps\x18\x11 \x01(\x03\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\x12 \x01(\x01*p\n\x0bRoutingMode\x12\x1c\n\x18ROUTING_MODE_UNSPECIFIED\x10\x00\x12\x15\n\x11ROUTING_MODE_SOFT\x10\x01\x12\x15\n\x11ROUTING_MODE_TOP1\x10\x02\x12\x15\n\x11ROUTING_MODE_TOPK\x10\x03*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x32\xe2\x01\n\tInference\x12?\n\x08Generate\x12\x17.sma.v1.GenerateRequest\x1a\x18.sma.v1.GenerateResponse0\x01\x12I\n\x0cInspectGates\x12\x1b.sma.v1.InspectGatesRequest\x1a\x1c.sma.v1.InspectGatesResponse\x12I\n\x0cGetModelInfo\x12\x1b.sma.v1.GetModelInfoRequest\x1a\x1c.sma.v1.GetModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16sma/v1/inference.proto\x12\x06sma.v1\"c\n\x07Routing\x12!\n\x04mode\x18\x01 \x01(\x0e\x32\x13.sma.v1.RoutingMode\x12\x15\n\rtop_k_experts\x18\x02 \x01(\x05\x12\r\n\x05\x66orce\x18\x03 \x03(\t\x12\x0f\n\x07\x65xclude\x18\x04 \x03(\t\"Z\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x1f\n\x17truncated_prompt_tokens\x18\x03 \x01(\x05\".\n\x0c\x45xpertWeight\x12\x0e\n\x06\x65xpert\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x01\"\xf6\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x1b\n\x0emax_new_tokens\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12 \n\x07routing\x18\x08 \x01(\x0b\x32\x0f.sma.v1.Routing\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x18\n\x10prompt_token_ids\x18\n \x03(\x05\x12\x15\n\x08logprobs\x18\x0b \x01(\x05H\x04\x88\x01\x01\x12\x17\n\x0fprompt_logprobs\x18\x0c \x01(\x08\x12\x15\n\rno_truncation\x18\r \x01(\x08\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x0b\n\t_logprobs\"\x89\x01\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x13\n\x0btoken_bytes\x18\x03 \x01(\x0c\x12\x14\n\x07logprob\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12!\n\x03top\x18\x05 \x03(\x0b\x32\x14.sma.v1.TokenLogprobB\n\n\x08_logprob\"\x93\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12+\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x14.sma.v1.FinishReason\x12\x1c\n\x05usage\x18\x04 \x01(\x0b\x32\r.sma.v1.Usage\x12(\n\ngate_means\x18\x05 \x03(\x0b\x32\x14.sma.v1.ExpertWeight\x12\x12\n\nversion_id\x18\x06 \x01(\t\x12&\n\x08logprobs\x18\x07 \x03(\x0b\x32\x14.sma.v1.TokenLogprob\x12-\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x14.sma.v1.TokenLogprob\"G\n\x13InspectGatesRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12 \n\x07routing\x18\x02 \x01(\x0b\x32\x0f.sma.v1.Routing\"0\n\nLayerGates\x12\x0c\n\x04mean\x18\x01 \x03(\x01\x12\x14\n\x0cper_position\x18\x02 \x03(\x01\"\x90\x01\n\x14InspectGatesResponse\x12\x0f\n\x07\x65xperts\x18\x01 \x03(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\t\x12\"\n\x06layers\x18\x03 \x03(\x0b\x32\x12.sma.v1.LayerGates\x12\x12\n\nversion_id\x18\x04 \x01(\t\x12\x1f\n\x17truncated_prompt_tokens\x18\x05 \x01(\x05\"\x15\n\x13GetModelInfoRequest\"\xa5\x03\n\x14GetModelInfoResponse\x12\x12\n\nversion_id\x18\x01 \x01(\t\x12\x13\n\x0bspecialists\x18\x02 \x03(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x0f\n\x07profile\x18\x04 \x01(\t\x12\x0f\n\x07\x63ontext\x18\x05 \x01(\x05\x12\x0f\n\x07n_layer\x18\x06 \x01(\x05\x12\x0f\n\x07\x64_model\x18\x07 \x01(\x05\x12\x12\n\nvocab_size\x18\x08 \x01(\x05\x12\x11\n\tmax_batch\x18\t \x01(\x05\x12\x11\n\tmax_queue\x18\n \x01(\x05\x12\x16\n\x0e\x61\x63tive_streams\x18\x0b \x01(\x05\x12\x0e\n\x06queued\x18\x0c \x01(\x05\x12\x18\n\x10tokens_generated\x18\r \x01(\x03\x12\x16\n\x0erequests_total\x18\x0e \x01(\x03\x12\x10\n\x08swapping\x18\x0f \x01(\x08\x12\x12\n\nload_error\x18\x10 \x01(\t\x12\x14\n\x0c\x64\x65\x63ode_steps\x18\x11 \x01(\x03\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\x12 \x01(\x01\x12\x11\n\teos_token\x18\x13 \x01(\t\x12\x15\n\rchat_template\x18\x14 \x01(\t\"\x1f\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\"Z\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0e\n\x06tokens\x18\x02 \x03(\t\x12\x12\n\nversion_id\x18\x03 \x01(\t\x12\x0f\n\x07\x63ontext\x18\x04 \x01(\x05\"&\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"6\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x12\n\nversion_id\x18\x02 \x01(\t*p\n\x0bRoutingMode\x12\x1c\n\x18ROUTING_MODE_UNSPECIFIED\x10\x00\x12\x15\n\x11ROUTING_MODE_SOFT\x10\x01\x12\x15\n\x11ROUTING_MODE_TOP1\x10\x02\x12\x15\n\x11ROUTING_MODE_TOPK\x10\x03*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x32\xe6\x02\n\tInference\x12?\n\x08Generate\x12\x17.sma.v1.GenerateRequest\x1a\x18.sma.v1.GenerateResponse0\x01\x12I\n\x0cInspectGates\x12\x1b.sma.v1.InspectGatesRequest\x1a\x1c.sma.v1.InspectGatesResponse\x12I\n\x0cGetModelInfo\x12\x1b.sma.v1.GetModelInfoRequest\x1a\x1c.sma.v1.GetModelInfoResponse\x12=\n\x08Tokenize\x12\x17.sma.v1.TokenizeRequest\x1a\x18.sma.v1.TokenizeResponse\x12\x43\n\nDetokenize\x12\x19.sma.v1.DetokenizeRequest\x1a\x1a.sma.v1.DetokenizeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sma.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROUTINGMODE']._serialized_start=1408
-  _globals['_ROUTINGMODE']._serialized_end=1520
-  _globals['_FINISHREASON']._serialized_start=1523
-  _globals['_FINISHREASON']._serialized_end=1670
+  _globals['_ROUTINGMODE']._serialized_start=2008
+  _globals['_ROUTINGMODE']._serialized_end=2120
+  _globals['_FINISHREASON']._serialized_start=2123
+  _globals['_FINISHREASON']._serialized_end=2270
   _globals['_ROUTING']._serialized_start=34
   _globals['_ROUTING']._serialized_end=133
   _globals['_USAGE']._serialized_start=135
@@ -42,19 +42,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXPERTWEIGHT']._serialized_start=227
   _globals['_EXPERTWEIGHT']._serialized_end=273
   _globals['_GENERATEREQUEST']._serialized_start=276
-  _globals['_GENERATEREQUEST']._serialized_end=540
-  _globals['_GENERATERESPONSE']._serialized_start=543
-  _globals['_GENERATERESPONSE']._serialized_end=731
-  _globals['_INSPECTGATESREQUEST']._serialized_start=733
-  _globals['_INSPECTGATESREQUEST']._serialized_end=804
-  _globals['_LAYERGATES']._serialized_start=806
-  _globals['_LAYERGATES']._serialized_end=854
-  _globals['_INSPECTGATESRESPONSE']._serialized_start=857
-  _globals['_INSPECTGATESRESPONSE']._serialized_end=1001
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1003
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1024
-  _globals['_GETMODELINFORESPONSE']._serialized_start=1027
-  _globals['_GETMODELINFORESPONSE']._serialized_end=1406
-  _globals['_INFERENCE']._serialized_start=1673
-  _globals['_INFERENCE']._serialized_end=1899
+  _globals['_GENERATEREQUEST']._serialized_end=650
+  _globals['_TOKENLOGPROB']._serialized_start=653
+  _globals['_TOKENLOGPROB']._serialized_end=790
+  _globals['_GENERATERESPONSE']._serialized_start=793
+  _globals['_GENERATERESPONSE']._serialized_end=1068
+  _globals['_INSPECTGATESREQUEST']._serialized_start=1070
+  _globals['_INSPECTGATESREQUEST']._serialized_end=1141
+  _globals['_LAYERGATES']._serialized_start=1143
+  _globals['_LAYERGATES']._serialized_end=1191
+  _globals['_INSPECTGATESRESPONSE']._serialized_start=1194
+  _globals['_INSPECTGATESRESPONSE']._serialized_end=1338
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1340
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1361
+  _globals['_GETMODELINFORESPONSE']._serialized_start=1364
+  _globals['_GETMODELINFORESPONSE']._serialized_end=1785
+  _globals['_TOKENIZEREQUEST']._serialized_start=1787
+  _globals['_TOKENIZEREQUEST']._serialized_end=1818
+  _globals['_TOKENIZERESPONSE']._serialized_start=1820
+  _globals['_TOKENIZERESPONSE']._serialized_end=1910
+  _globals['_DETOKENIZEREQUEST']._serialized_start=1912
+  _globals['_DETOKENIZEREQUEST']._serialized_end=1950
+  _globals['_DETOKENIZERESPONSE']._serialized_start=1952
+  _globals['_DETOKENIZERESPONSE']._serialized_end=2006
+  _globals['_INFERENCE']._serialized_start=2273
+  _globals['_INFERENCE']._serialized_end=2631
 # @@protoc_insertion_point(module_scope)

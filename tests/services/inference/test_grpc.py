@@ -7,12 +7,16 @@ import asyncio
 import contextlib
 import logging
 import socket
+from dataclasses import replace
 
 import grpc
 import pytest
+import torch
 
 from services.inference import follower
+from shiftable_lib import checkpoint
 from shiftable_lib.config import Settings
+from shiftable_lib.tokenizer import encode
 from sma.v1 import inference_pb2
 from tests.services.inference.conftest import (
     EXPERTS,
@@ -91,8 +95,18 @@ def test_errors_map_to_grpc_status_codes(models):
                 ({"max_new_tokens": 500}, grpc.StatusCode.INVALID_ARGUMENT),
                 ({"routing": {"mode": 9}}, grpc.StatusCode.INVALID_ARGUMENT),
                 ({"routing": {"force": ["nope"]}}, grpc.StatusCode.NOT_FOUND),
+                ({"logprobs": 21}, grpc.StatusCode.INVALID_ARGUMENT),
+                ({"max_new_tokens": 0}, grpc.StatusCode.INVALID_ARGUMENT),
+                ({"prompt_token_ids": [1]}, grpc.StatusCode.INVALID_ARGUMENT),  # and a text
             ]:
                 assert await code(stub.Generate(generate(**fields))) == expected
+            too_long = inference_pb2.GenerateRequest(prompt_token_ids=[1] * 60, max_new_tokens=8)
+            too_long.no_truncation = True
+            assert await code(stub.Generate(too_long)) == grpc.StatusCode.INVALID_ARGUMENT
+            outside = inference_pb2.GenerateRequest(prompt_token_ids=[10**6])
+            assert await code(stub.Generate(outside)) == grpc.StatusCode.INVALID_ARGUMENT
+            bad_ids = inference_pb2.DetokenizeRequest(token_ids=[-1])
+            assert await code(stub.Detokenize(bad_ids)) == grpc.StatusCode.INVALID_ARGUMENT
             busy = stub.Generate(generate(max_new_tokens=63, ignore_eos=True))
             await busy.read()
             assert await code(stub.Generate(generate())) == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -206,3 +220,61 @@ def test_extreme_sampling_values_and_oversized_prompts_hurt_no_other_stream(mode
             assert await stream(stub) == (20, inference_pb2.FINISH_REASON_LENGTH)
 
     asyncio.run(scenario())
+
+
+def test_logprobs_token_id_prompts_and_the_tokenizer_over_grpc(models):
+    """A prompt given as token ids generates what its text does; the log-probabilities of the
+    scored prompt and of the output are the library's full-forward log-softmax, with each
+    token's text and bytes; Tokenize and Detokenize use the serving version's tokenizer."""
+
+    async def scenario() -> tuple:
+        async with running_core(models) as core, serving(core) as stub:
+            tokens = await stub.Tokenize(inference_pb2.TokenizeRequest(text=PROMPTS[1]))
+            back = await stub.Detokenize(
+                inference_pb2.DetokenizeRequest(token_ids=tokens.token_ids)
+            )
+            request = inference_pb2.GenerateRequest(
+                prompt_token_ids=tokens.token_ids,
+                max_new_tokens=6,
+                temperature=0,
+                ignore_eos=True,
+                logprobs=2,
+                prompt_logprobs=True,
+            )
+            scored = [m async for m in stub.Generate(request)]
+            only = inference_pb2.GenerateRequest(
+                prompt=PROMPTS[1], max_new_tokens=0, prompt_logprobs=True
+            )
+            alone = [m async for m in stub.Generate(only)]
+            info = await stub.GetModelInfo(inference_pb2.GetModelInfoRequest())
+            return tokens, back, scored, alone, info
+
+    tokens, back, scored, alone, info = asyncio.run(scenario())
+    loaded = checkpoint.load_version(models, SHIFTABLE)
+    assert list(tokens.token_ids) == encode(loaded.tokenizer, PROMPTS[1])
+    assert "".join(tokens.tokens) == PROMPTS[1] and back.text == PROMPTS[1]
+    assert (tokens.version_id, tokens.context) == (SHIFTABLE, loaded.model.cfg.context)
+    ref = reference(models, SHIFTABLE, PROMPTS[1], replace(GREEDY, max_new_tokens=6))
+    assert [i for m in scored for i in m.token_ids] == ref.output_ids
+    prompt = list(scored[0].prompt_logprobs)
+    assert [p.token_id for p in prompt] == list(tokens.token_ids)
+    assert not prompt[0].HasField("logprob") and all(p.HasField("logprob") for p in prompt[1:])
+    assert all(not m.prompt_logprobs for m in scored[1:])
+    out = [e for m in scored for e in m.logprobs]
+    assert [e.token_id for e in out] == ref.output_ids
+    ids = list(tokens.token_ids) + ref.output_ids
+    with torch.no_grad():
+        logits, _ = loaded.model(torch.tensor([ids]))
+    expected = logits[0].log_softmax(-1)
+    for p, entry in enumerate(prompt[1:] + out):
+        assert entry.logprob == pytest.approx(expected[p, ids[p + 1]].item(), abs=1e-4)
+        assert [t.token_id for t in entry.top] == expected[p].topk(2).indices.tolist()
+        assert entry.token_bytes.decode("utf-8", "backslashreplace") == entry.token
+    # a prompt scored alone: one message, no new token, the same scores
+    assert len(alone) == 1 and not alone[0].token_ids
+    assert alone[0].finish_reason == inference_pb2.FINISH_REASON_LENGTH
+    assert alone[0].usage.completion_tokens == 0
+    assert [p.logprob for p in alone[0].prompt_logprobs[1:]] == pytest.approx(
+        [p.logprob for p in prompt[1:]], abs=1e-5
+    )
+    assert info.eos_token == "<|endoftext|>" and "messages" in info.chat_template
