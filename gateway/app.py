@@ -22,6 +22,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.backends import error_status, http_status
@@ -275,6 +276,11 @@ def create_app(settings: Settings) -> FastAPI:
     async def value_error(request: Request, exc: ValueError) -> JSONResponse:
         return _refusal(request.url.path, 400, str(exc))
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """FastAPI's own refusals (a body that is not JSON, one over the limit while read)."""
+        return _refusal(request.url.path, exc.status_code, str(exc.detail), exc.headers)
+
     @app.exception_handler(OpenAIError)
     async def openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
         body = error_body(exc.status, exc.message, exc.param, exc.code)
@@ -312,6 +318,9 @@ def _serve_api_docs(app: FastAPI) -> None:
         )
 
 
+_TYPES = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
+
 def _refusal(path: str, status: int, message: str, headers: dict | None = None) -> JSONResponse:
     """A refusal as the route's API shapes it: `{"detail"}`, or OpenAI's `{"error"}`."""
     body = error_body(status, message) if path in openai.PATHS else {"detail": message}
@@ -319,9 +328,11 @@ def _refusal(path: str, status: int, message: str, headers: dict | None = None) 
 
 
 def _openai_invalid(errors: list[dict]) -> dict:
-    """OpenAI's 400 for a body that fails the schema: the first error, naming its field."""
+    """OpenAI's 400 for a body that fails the schema: the first error, naming its field (the
+    field names of its location, without list positions or the union member tried)."""
     first = errors[0] if errors else {}
-    where = [str(p) for p in first.get("loc", ()) if p != "body"]
+    loc = first.get("loc", ())
+    where = [p for p in loc[1:] if isinstance(p, str) and p.isidentifier() and p not in _TYPES]
     param = ".".join(where) or None
     if first.get("type") == "extra_forbidden":
         message = f"Unrecognized request argument supplied: {param}"

@@ -10,10 +10,12 @@ original `/generate` drops its first tokens.
 from __future__ import annotations
 
 import codecs
+import functools
 import secrets
 import time
 from typing import Annotated, Any, Literal
 
+from jinja2 import Template
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, Field
@@ -35,7 +37,6 @@ from sma.v1 import inference_pb2
 
 MODEL = "shiftable"
 MAX_CHOICES = 16  # `n` times the prompts of one request: each is a stream of its own
-MAX_PROMPTS = 64  # prompts in one completions request (a batch, as the API allows)
 MAX_MESSAGES = 1024
 
 # finish reasons as OpenAI names them: the end of text is a natural stop
@@ -83,7 +84,7 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     include_usage: bool = False
-    continuous_usage_stats: bool = False  # vLLM's; usage comes in the last chunk only
+    continuous_usage_stats: bool = False  # vLLM's; only false: usage comes once, at the end
 
 
 class Common(BaseModel):
@@ -121,6 +122,10 @@ class Common(BaseModel):
             raise OpenAIError(400, "logit_bias is not supported", "logit_bias")
         if self.stream_options is not None and not self.stream:
             raise OpenAIError(400, "stream_options is only allowed with stream", "stream_options")
+        if self.stream_options is not None and self.stream_options.continuous_usage_stats:
+            raise OpenAIError(
+                400, "usage in every chunk is not supported: use include_usage", "stream_options"
+            )
         stops = self.stops()
         if len(stops) > MAX_STOP_STRINGS:
             raise OpenAIError(400, f"at most {MAX_STOP_STRINGS} stop strings", "stop")
@@ -206,11 +211,14 @@ class CompletionBody(Common):
             Field(min_length=1),
         ]
     )
-    max_tokens: int | None = Field(default=16, ge=0, le=MAX_NEW_TOKENS)
+    max_tokens: int | None = Field(default=16, ge=0, le=MAX_NEW_TOKENS, description="null = 16")
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: bool | None = False
     best_of: int | None = Field(default=None, ge=1, le=MAX_CHOICES)
     suffix: str | None = None
+
+    def limit(self) -> int:
+        return 16 if self.max_tokens is None else self.max_tokens
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
@@ -226,14 +234,12 @@ class CompletionBody(Common):
             raise OpenAIError(400, "suffix is not supported", "suffix")
         if self.best_of is not None and self.best_of != (self.n or 1):
             raise OpenAIError(400, "best_of other than n is not supported", "best_of")
-        if self.max_tokens == 0 and not (self.echo and self.logprobs is not None):
+        if self.limit() == 0 and not (self.echo and self.logprobs is not None):
             raise OpenAIError(
                 400,
                 "max_tokens may be 0 only to score the prompt (echo and logprobs)",
                 "max_tokens",
             )
-        if len(self.prompts()) > MAX_PROMPTS:
-            raise OpenAIError(400, f"at most {MAX_PROMPTS} prompts in one request", "prompt")
         if len(self.prompts()) * (self.n or 1) > MAX_CHOICES:
             raise OpenAIError(400, f"at most {MAX_CHOICES} choices (prompts times n)", "n")
 
@@ -313,7 +319,21 @@ class DetokenizeBody(BaseModel):
 
 # ---- chat template -------------------------------------------------------------------------------
 
-_JINJA = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+def _raise(message: str) -> None:
+    raise TemplateError(message)
+
+
+# as Hugging Face renders chat templates: sandboxed, loop controls, `raise_exception`
+_JINJA = ImmutableSandboxedEnvironment(
+    trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+)
+_JINJA.globals["raise_exception"] = _raise
+
+
+@functools.lru_cache(maxsize=8)
+def _template(source: str) -> Template:
+    return _JINJA.from_string(source)
 
 
 def render_chat(
@@ -322,7 +342,7 @@ def render_chat(
     """The prompt a chat becomes under the model version's template (Hugging Face's variables:
     `messages`, `add_generation_prompt`, `bos_token`, `eos_token`)."""
     try:
-        return _JINJA.from_string(template).render(
+        return _template(template).render(
             messages=[
                 {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                 for m in messages

@@ -60,7 +60,7 @@ def configure_torch(settings: Settings) -> torch.device:
     return distributed.init(train.pick_device(settings.device))
 
 
-def _tokenize(settings: Settings, tok, names: list[str]) -> dict[str, DomainTokens]:
+def tokenize_domains(settings: Settings, tok, names: list[str]) -> dict[str, DomainTokens]:
     return {n: tokenize_domain(tok, load_domain(settings.data_dir, n)) for n in names}
 
 
@@ -213,7 +213,7 @@ def _train_specialists(
     """Every branch anew; `digests` are those of `specialists` hashed already, if any."""
     started = time.perf_counter()
     names = [GENERAL, *specialists]
-    data = _tokenize(settings, current.tokenizer, names)
+    data = tokenize_domains(settings, current.tokenizer, names)
     model, report = train.train_specialists(current.model, data, current.profile, device, progress)
     general = {k: v for k, v in current.meta.get("corpus_digests", {}).items() if k == GENERAL}
     return _finish(
@@ -403,7 +403,7 @@ def evaluate_current(settings: Settings) -> dict:
     device = configure_torch(settings)
     current = load_current(settings, device)
     names = [n for n in current.model.experts if (settings.data_dir / n).is_dir()]
-    data = _tokenize(settings, current.tokenizer, names)
+    data = tokenize_domains(settings, current.tokenizer, names)
     result = evaluate.evaluate(current.model, data, current.profile, device)
     result["version"] = current.id
     result["profile"] = current.profile.name

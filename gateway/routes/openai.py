@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import grpc
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from gateway.backends import RPC_TIMEOUT, http_status
 from gateway.deps import EVENT_STREAM, Gateway, GatewayDep, client_of
@@ -42,6 +43,7 @@ from gateway.routes.generate import stream_generation
 from sma.v1 import inference_pb2
 
 router = APIRouter(tags=["OpenAI-compatible"])
+DISCONNECT_POLL_S = 0.5  # how often a whole (not streamed) reply checks the client is there
 
 # the paths whose refusals take OpenAI's error shape (app.py's handlers ask)
 PATHS = frozenset(
@@ -147,6 +149,31 @@ async def _drain(choice: Choice) -> None:
         choice.take(message)
 
 
+async def _drain_all(choices: list[Choice], request: Request) -> None:
+    """Read every choice to its end; the first failure cancels the others, and so does the
+    client going away (their decode slots free at once, not when they would have ended)."""
+    tasks = [asyncio.create_task(_drain(c)) for c in choices]
+    try:
+        pending: set[asyncio.Task] = set(tasks)
+        while pending:
+            done, pending = await asyncio.wait(
+                pending, timeout=DISCONNECT_POLL_S, return_when=asyncio.FIRST_EXCEPTION
+            )
+            for task in done:
+                if task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+            if pending and await request.is_disconnected():
+                raise OpenAIError(499, "the client closed the request")
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await _close(choices)
+    for c in choices:
+        if c.last is None:
+            raise OpenAIError(502, "a generation stream ended before its last message")
+
+
 async def _prompt_text(gw: Gateway, prompt: str | list[int]) -> str:
     if isinstance(prompt, str):
         return prompt
@@ -174,7 +201,9 @@ def _sse(data: dict | str) -> str:
 
 async def _merged(choices: list[Choice]) -> AsyncIterator[tuple[Choice, object]]:
     """Every choice's messages as they arrive, the first ones first; a failure ends them all."""
-    queue: asyncio.Queue[tuple[Choice, object]] = asyncio.Queue()
+    # bounded: a slow reader holds the streams back (the inference server then merges their
+    # deltas) instead of the gateway buffering them
+    queue: asyncio.Queue[tuple[Choice, object]] = asyncio.Queue(maxsize=4 * len(choices))
     done = object()
 
     async def pump(choice: Choice) -> None:
@@ -208,15 +237,30 @@ async def _merged(choices: list[Choice]) -> AsyncIterator[tuple[Choice, object]]
 def _stream_error(exc: Exception) -> str:
     if isinstance(exc, grpc.aio.AioRpcError):
         return _sse(error_body(http_status(exc.code()), exc.details() or "generation failed"))
+    if isinstance(exc, OpenAIError):
+        return _sse(error_body(exc.status, exc.message, exc.param, exc.code))
     return _sse(error_body(500, str(exc) or "generation failed"))
 
 
-def _streaming(events: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(
-        events,
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+class _Streamed(StreamingResponse):
+    """An SSE reply that closes its choices' streams however it ends: also when the client
+    goes before the first chunk, and the body was never read."""
+
+    def __init__(self, events: AsyncIterator[str], choices: list[Choice]) -> None:
+        super().__init__(
+            events,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self.events, self.choices = events, choices
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with contextlib.suppress(Exception):
+                await self.events.aclose()  # type: ignore[attr-defined]
+            await _close(self.choices)
 
 
 # ---- completions ---------------------------------------------------------------------------------
@@ -234,18 +278,15 @@ async def completions(
     echo = bool(body.echo)
 
     def make(prompt: str | list[int], i: int) -> inference_pb2.GenerateRequest:
-        return body.request(prompt, body.max_tokens, specialists, body.logprobs, echo, i)
+        return body.request(prompt, body.limit(), specialists, body.logprobs, echo, i)
 
     choices = _choices(gw, request, body.prompts(), body.n or 1, make)
     await _start(gw, choices)
     rid, created = new_id("cmpl"), now()
     head = {"id": rid, "object": "text_completion", "created": created, "model": body.model}
     if body.stream:
-        return _streaming(_completion_events(gw, body, choices, head))
-    try:
-        await asyncio.gather(*(_drain(c) for c in choices))
-    finally:
-        await _close(choices)
+        return _Streamed(_completion_events(gw, body, choices, head), choices)
+    await _drain_all(choices, request)
     out = []
     for c in choices:
         prompt = await _prompt_text(gw, c.prompt) if echo else ""
@@ -299,18 +340,21 @@ async def _events(
     extra = {"usage": None} if include_usage else {}
     started: set[int] = set()
     try:
-        async for choice, message in _merged(choices):
-            assert isinstance(message, inference_pb2.GenerateResponse)
-            choice.take(message)
-            first = choice.index not in started
-            started.add(choice.index)
-            added = await entry(choice, message, first)
-            finish = FINISH.get(message.finish_reason) if message.finish_reason else None
-            part = {"index": choice.index, **added, "finish_reason": finish}
-            if finish:
-                part["gate_weights"] = gate_weights(message)
-            chunk = {**head, "system_fingerprint": message.version_id, "choices": [part]}
-            yield _sse({**chunk, **extra})
+        async with contextlib.aclosing(_merged(choices)) as merged:
+            async for choice, message in merged:
+                assert isinstance(message, inference_pb2.GenerateResponse)
+                choice.take(message)
+                first = choice.index not in started
+                started.add(choice.index)
+                added = await entry(choice, message, first)
+                finish = FINISH.get(message.finish_reason) if message.finish_reason else None
+                part = {"index": choice.index, **added, "finish_reason": finish}
+                if finish:
+                    part["gate_weights"] = gate_weights(message)
+                chunk = {**head, "system_fingerprint": message.version_id, "choices": [part]}
+                yield _sse({**chunk, **extra})
+        if any(c.last is None for c in choices):
+            raise OpenAIError(502, "a generation stream ended before its last message")
         if include_usage:
             yield _sse({**head, "choices": [], "usage": _usage(choices, body.n or 1)})
     except Exception as exc:
@@ -347,7 +391,7 @@ async def chat_completions(
     ids, context = list(tokens.token_ids), tokens.context
     limit = body.limit()
     if limit is None:  # the rest of the context, as vLLM gives a chat that names no limit
-        limit = context - len(ids)
+        limit = context - max(len(ids), 1)  # an empty prompt is one token (end of text)
         if limit < 1:
             raise OpenAIError(
                 400,
@@ -366,11 +410,8 @@ async def chat_completions(
     head = {"id": rid, "object": "chat.completion", "created": created, "model": body.model}
     if body.stream:
         head["object"] = "chat.completion.chunk"
-        return _streaming(_chat_events(body, choices, head))
-    try:
-        await asyncio.gather(*(_drain(c) for c in choices))
-    finally:
-        await _close(choices)
+        return _Streamed(_chat_events(body, choices, head), choices)
+    await _drain_all(choices, request)
     out = [
         {
             "index": c.index,

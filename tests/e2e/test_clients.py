@@ -17,6 +17,7 @@ import openai
 import pytest
 import torch
 
+from bench import api_eval
 from shiftable_lib import checkpoint
 from tests.conftest import synthetic_documents, write_domain
 from tests.e2e.conftest import Stack, wait_for
@@ -143,6 +144,16 @@ def _offsets(tokens: list[str]) -> list[int]:
     return out
 
 
+def test_perplexity_through_the_api_is_sma_evals(stack: Stack) -> None:
+    """`bench/api_eval.py` on this stack: each domain's held-out perplexity scored from
+    outside (echo + logprobs) is `sma eval`'s, but for the one prediction a window's last
+    token would make, which a prompt that fills the context leaves out."""
+    result = api_eval.measure(stack.home, stack.url, "cpu")
+    assert set(result["domains"]) == {"general", "ds", "dl"}
+    for row in result["domains"].values():
+        assert math.isfinite(row["api"]) and abs(row["difference"]) < 0.03, row
+
+
 def test_a_specialist_model_forces_that_specialist(client: openai.OpenAI) -> None:
     forced = client.completions.create(
         model="shiftable:ds", prompt=PROMPT, max_tokens=4, temperature=0
@@ -222,6 +233,37 @@ def test_refusals_come_in_openais_shape(client: openai.OpenAI, kwargs, error, pa
     assert body.get("param") == param
     if error is openai.NotFoundError and param == "model":
         assert body["code"] == "model_not_found"
+
+
+def test_refusals_outside_the_schema_come_in_openais_shape_too(stack: Stack) -> None:
+    """A body that is not JSON, an unknown route method, an unsupported stream option."""
+    broken = stack.http.post(
+        "/v1/completions", content=b"{not json", headers={"Content-Type": "application/json"}
+    )
+    assert broken.status_code == 400 and broken.json()["error"]["type"] == "invalid_request_error"
+    wrong = stack.http.get("/v1/completions")
+    assert wrong.status_code == 405 and "error" in wrong.json()
+    usage = stack.http.post(
+        "/v1/completions",
+        json={
+            "model": "shiftable",
+            "prompt": PROMPT,
+            "stream": True,
+            "stream_options": {"continuous_usage_stats": True},
+        },
+    )
+    assert usage.status_code == 400 and usage.json()["error"]["param"] == "stream_options"
+    typed = stack.http.post("/v1/completions", json={"model": "shiftable", "prompt": 5})
+    assert typed.status_code == 400 and typed.json()["error"]["param"] == "prompt"
+
+
+def test_an_empty_chat_still_generates(client: openai.OpenAI) -> None:
+    for limit in (3, None):
+        reply = client.chat.completions.create(
+            model="shiftable", messages=[{"role": "user", "content": ""}], max_tokens=limit
+        )
+        assert reply.choices[0].finish_reason in ("stop", "length")
+        assert reply.usage.completion_tokens >= 1
 
 
 def test_a_prompt_that_does_not_fit_is_refused_not_cut(stack: Stack, client: openai.OpenAI) -> None:

@@ -45,7 +45,7 @@ def test_an_add_that_overlaps_the_general_text_is_within_the_limit_or_not_publis
     assert metrics["training"]["calibration"]["gate_offset"] >= 0
     old = checkpoint.load_version(models, before, "cpu")
     new = checkpoint.load_version(models, result.version, "cpu")
-    data = jobs._tokenize(settings, old.tokenizer, [GENERAL, "ds", "dl"])
+    data = jobs.tokenize_domains(settings, old.tokenizer, [GENERAL, "ds", "dl"])
     windows = old.profile.eval_windows
     for name, d in data.items():  # the version's figures, measured again on what was written
         before_ppl, after_ppl = (
@@ -109,7 +109,7 @@ def test_deleting_any_specialist_of_a_first_training_leaves_the_general_text_as_
     current = checkpoint.load_version(models, current_version(models), "cpu")
     calibration = current.metrics["training"]["calibration"]
     assert all(calibration[n]["gate_offset"] >= 0 for n in ("ds", "dl"))
-    data = jobs._tokenize(settings, current.tokenizer, list(current.model.experts))
+    data = jobs.tokenize_domains(settings, current.tokenizer, list(current.model.experts))
     rows = _training_windows(data[GENERAL].train, current.profile.context)
 
     def deleting(model) -> dict[str, float]:
