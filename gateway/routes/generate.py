@@ -62,10 +62,10 @@ async def stream_generation(
     the call is cancelled if the consumer stops."""
     with gw.client_stream(client):
         call = gw.backends.inference.Generate(request)
-        timer = gw.metrics.stream_timer()
+        timer = gw.metrics.stream_timer(request)
         try:
             async for message in call:
-                timer.tick(len(message.token_ids))
+                timer.tick(message)
                 yield message
         finally:
             call.cancel()

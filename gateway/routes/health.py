@@ -125,5 +125,6 @@ async def metrics(gw: GatewayDep) -> Response:
     except grpc.aio.AioRpcError:
         operations = None
     gw.metrics.observe_state(info, operations)
+    gw.metrics.observe_replicas(gw.serving)
     body, content_type = gw.metrics.render()
     return Response(body, media_type=content_type)

@@ -64,6 +64,21 @@ def test_a_killed_server_is_restarted_and_the_stack_recovers(stack: Stack) -> No
     assert sorted(stack.http.get("/specialists").json()) == ["dl", "ds"]  # state survived
 
 
+def test_metrics_answer_while_the_registry_does_not(stack: Stack) -> None:
+    """A registry that does not answer (stopped, not dead: nothing restarts it) costs the
+    scrape its operations series, not the scrape."""
+    stack.wait_ready(60)
+    pid = stack.pids()["registry"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        reply = stack.http.get("/metrics", timeout=30)
+        assert reply.status_code == 200, reply.text
+        assert "sma_http_requests_total" in reply.text and "sma_model_loaded 1.0" in reply.text
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    stack.wait_ready(60)
+
+
 def test_health_says_initialized_only_when_generate_answers(stack: Stack) -> None:
     """A restarted inference server takes a moment to load its model: until it has, /health is
     not initialized and /readyz answers 503, while /livez answers all along."""

@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.schemas import sse
 from sma.v1 import inference_pb2, inference_pb2_grpc
@@ -300,6 +301,51 @@ def test_metrics_expose_serving_and_training_figures(stack: Stack) -> None:
     assert 'method="POST",route="/generate",status="200"' in text
     assert 'method="POST",route="/generate/stream",status="200"' in text  # counted once sent
     assert 'method="POST",route="/generate",status="422"' in text
+
+
+def _scrape(stack: Stack) -> dict[tuple[str, tuple], float]:
+    """Every sample of /metrics as prometheus_client's parser reads it: (name, labels) ->
+    value."""
+    text = stack.http.get("/metrics").text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_metrics_parse_and_count_a_known_workload(stack: Stack) -> None:
+    """Four generations of known length, one forced to a specialist: the counters move by
+    exactly that much, and each live replica's loaded version is there."""
+    before = _scrape(stack)
+    greedy = {"prompt": "the list", "temperature": 0, "ignore_eos": True}
+    replies = [stack.http.post("/generate", json={**greedy, "max_new_tokens": 4}) for _ in range(3)]
+    forced = {**greedy, "max_new_tokens": 2, "routing": {"force": ["ds"]}}
+    replies.append(stack.http.post("/generate", json=forced))
+    assert all(r.status_code == 200 for r in replies)
+    after = _scrape(stack)
+
+    def moved(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert moved("sma_completion_tokens_total") == 14
+    assert moved("sma_prompt_tokens_total") == sum(
+        r.json()["usage"]["prompt_tokens"] for r in replies
+    )
+    assert moved("sma_finish_reasons_total", reason="length") == 4
+    assert moved("sma_generation_seconds_count") == 4
+    assert moved("sma_specialist_requests_total", expert="ds", how="forced") == 1
+    routed = sum(
+        after[k] - before.get(k, 0.0)
+        for k in after
+        if k[0] == "sma_specialist_requests_total" and ("how", "routed") in k[1]
+    )
+    assert routed == 3
+    assert moved("sma_generated_tokens_total") == 14
+    version = stack.http.get("/health").json()["serving_version"]
+    loaded = [k for k in after if k[0] == "sma_replica_loaded_version"]
+    assert loaded and all(dict(k[1])["version"] == version for k in loaded)
 
 
 def test_add_specialist_trains_publishes_and_serves_it(stack: Stack) -> None:
