@@ -501,13 +501,23 @@ class Coordinator:
 
 def loaded_everywhere(serving: R.ServingState, version: str) -> bool:
     """Whether every live replica serves `version`; OperationFailed naming those that cannot
-    load it. Without replica reports, the last report (`loaded_version_id`) decides."""
+    load it."""
+    if broken := cannot_load(serving, version):
+        raise OperationFailed(f"{version} did not load on every replica: {'; '.join(broken)}")
+    return serves_everywhere(serving, version)
+
+
+def serves_everywhere(serving: R.ServingState, version: str) -> bool:
+    """Whether every live replica reports serving `version`. Without replica reports, the
+    last report (`loaded_version_id`) decides."""
     if not serving.replicas:
         return serving.loaded_version_id == version
-    broken = [f"{r.id}: {r.load_error}" for r in serving.replicas if version in r.load_error]
-    if broken:
-        raise OperationFailed(f"{version} did not load on every replica: {'; '.join(broken)}")
     return all(r.version_id == version for r in serving.replicas)
+
+
+def cannot_load(serving: R.ServingState, version: str) -> list[str]:
+    """The replicas that report they cannot load `version`, each with its reason."""
+    return [f"{r.id}: {r.load_error}" for r in serving.replicas if version in r.load_error]
 
 
 def _reason(exc: BaseException) -> str:

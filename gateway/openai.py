@@ -20,6 +20,7 @@ from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, Field
 
+from gateway.schemas import RoutingBody
 from shiftable_lib.sampling import (
     DEFAULT_TOP_K_EXPERTS,
     MAX_LOGPROBS,
@@ -153,16 +154,7 @@ class Common(BaseModel):
                     400, "name the specialist in `model` or in `force`, not both", "force"
                 )
             force = [name]
-        return inference_pb2.Routing(
-            mode={
-                "soft": inference_pb2.ROUTING_MODE_SOFT,
-                "top1": inference_pb2.ROUTING_MODE_TOP1,
-                "topk": inference_pb2.ROUTING_MODE_TOPK,
-            }[self.mode],
-            top_k_experts=self.k,
-            force=force,
-            exclude=self.exclude,
-        )
+        return RoutingBody(mode=self.mode, k=self.k, force=force, exclude=self.exclude).to_proto()
 
     def request(
         self,

@@ -8,6 +8,7 @@ import grpc
 from fastapi import APIRouter
 from fastapi.responses import FileResponse, HTMLResponse, Response
 
+from gateway.coordinator import cannot_load, serves_everywhere
 from gateway.deps import FRONTEND, GatewayDep, R
 from gateway.schemas import artifact_paths
 from sma.v1 import inference_pb2
@@ -40,10 +41,15 @@ async def health(gw: GatewayDep) -> dict:
     up = all(s["status"] == "SERVING" for s in services.values())
     # and the serving version is what every replica loaded, by the registry's records and by
     # the replica that answered: not so while a hot swap or a fallback is under way
-    agreed = info is not None and version.id == info.version_id and loaded(gw.serving)
+    agreed = (
+        info is not None
+        and bool(version.id)
+        and version.id == info.version_id
+        and serves_everywhere(gw.serving, version.id)
+    )
     ready = initialized and up and first_start is None and agreed
     # a replica that cannot load the serving version (it says why in `replicas`)
-    broken = bool(version.id) and any(version.id in r.load_error for r in gw.serving.replicas)
+    broken = bool(version.id) and bool(cannot_load(gw.serving, version.id))
     if ready:
         status = "ok"
     elif initialized and (not up or broken):
@@ -73,16 +79,6 @@ async def health(gw: GatewayDep) -> dict:
             for r in gw.serving.replicas
         ],
     }
-
-
-def loaded(serving: R.ServingState) -> bool:
-    """Whether the registry records the serving version as loaded, by every live replica."""
-    version = serving.version.id
-    return (
-        bool(version)
-        and serving.loaded_version_id == version
-        and all(r.version_id == version for r in serving.replicas)
-    )
 
 
 @router.get("/livez")

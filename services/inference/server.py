@@ -98,6 +98,8 @@ def prompt_of(request: inference_pb2.GenerateRequest) -> str | list[int]:
 def token_logprob(
     vocabulary: Vocabulary, token_id: int, score: Logprob | None
 ) -> inference_pb2.TokenLogprob:
+    """A token with its text and bytes, and its log-probability and the alternatives there
+    when it was scored (each alternative an entry of its own, with no alternatives)."""
     entry = inference_pb2.TokenLogprob(
         token_id=token_id,
         token=vocabulary.texts[token_id],
@@ -105,12 +107,7 @@ def token_logprob(
     )
     if score is not None:
         entry.logprob = score.logprob
-        entry.top.extend(
-            inference_pb2.TokenLogprob(
-                token_id=t, token=vocabulary.texts[t], token_bytes=vocabulary.bytes[t], logprob=v
-            )
-            for t, v in score.top
-        )
+        entry.top.extend(token_logprob(vocabulary, t, Logprob(t, v)) for t, v in score.top)
     return entry
 
 
