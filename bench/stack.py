@@ -63,13 +63,14 @@ Samples = list[tuple[int, float]]  # (tokens, seconds) of each round
 
 
 def free_port_block(n: int = 4, host: str = "127.0.0.1") -> int:
-    """A port P with P .. P+n-1 all free: a gateway port whose derived gRPC ports are free too
-    (the benchmarks and the tests start stacks side by side with it)."""
+    """A port P with P .. P+n-1 all free, and P+1001 .. P+n+999: a gateway port whose derived
+    gRPC and metrics ports are free too (the benchmarks and the tests start stacks side by side
+    with it)."""
     rng = random.Random()
     for _ in range(200):
         base = rng.randrange(20_000, 60_000)
         try:
-            for port in range(base, base + n):
+            for port in [*range(base, base + n), *range(base + 1001, base + n + 1000)]:
                 with socket.socket() as s:
                     s.bind((host, port))
         except OSError:

@@ -37,6 +37,7 @@ from shiftable_lib.config import Settings
 from shiftable_lib.errors import ShiftableError
 from shiftable_lib.sampling import MAX_PROMPT_CHARS
 
+log = logging.getLogger("sma.gateway")
 access = logging.getLogger("sma.gateway.access")
 
 # room for the longest prompt as JSON may spell it: a character outside the BMP escaped as a
@@ -169,10 +170,12 @@ class RequestIds:
         token = logs.request_id.set(request)
         started, status = time.perf_counter(), 500
 
+        started_reply = False
+
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started_reply
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started_reply = message["status"], True
                 message["headers"] = [
                     *message.get("headers", []),
                     (b"x-request-id", request.encode()),
@@ -181,6 +184,14 @@ class RequestIds:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:
+            # a bug: logged here with the request's id, and answered here, so that the reply
+            # carries the id the user can quote (Starlette's own 500 would come without it)
+            log.exception("unexpected error serving %s %s", scope["method"], scope.get("path"))
+            if not started_reply:
+                status = 500
+                message = f"internal server error (request id {request})"
+                await _refusal(scope.get("path", ""), 500, message)(scope, receive, send_with_id)
         finally:
             access.info(
                 '%s "%s %s" %d %.1f ms',

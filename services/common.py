@@ -30,6 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from services.metrics import Continuation, ServerMetrics, with_behaviour
 from shiftable_lib import logs
 from shiftable_lib.auth import NO_KEYS, Keys, Scope, bearer
 from shiftable_lib.config import TLS
@@ -181,9 +182,7 @@ class RequireKey(grpc.aio.ServerInterceptor):
         self.admin = {f"/{s.name}/{m}" for s in services for m in s.admin}
 
     async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
+        self, continuation: Continuation, details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
         if handler is None or details.method.startswith(self.OPEN):
@@ -213,15 +212,7 @@ def _refusing(
         await context.abort(code, message)
         yield  # a generator, as a streaming handler must be
 
-    shape = {"request_deserializer": handler.request_deserializer}
-    shape["response_serializer"] = handler.response_serializer
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(unary, **shape)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(streaming, **shape)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(unary, **shape)
-    return grpc.stream_stream_rpc_method_handler(streaming, **shape)
+    return with_behaviour(handler, unary, streaming)
 
 
 def key_metadata(keys: Keys) -> Metadata:
@@ -249,14 +240,20 @@ async def start_server(
     options: Sequence[tuple[str, Any]] = (),
     keys: Keys = NO_KEYS,
     tls: TLS | None = None,
+    metrics: ServerMetrics | None = None,
 ) -> Server:
     """Bind and start a server with health (NOT_SERVING) and reflection for `services`;
     `options` adds to or overrides the gRPC server's channel arguments. With `keys`, every
     call but health and reflection needs an API key (RequireKey). With `tls`, it takes only
     TLS connections, and with `tls.client_auth` only from clients whose certificate `tls.ca`
-    signed."""
+    signed. With `metrics`, every call is counted and timed there (refused ones too)."""
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    if metrics is not None:  # first: it sees what the others make of a call
+        interceptors.append(metrics.interceptor())
+    if keys.enabled:
+        interceptors.append(RequireKey(keys, services))
     server = grpc.aio.server(
-        interceptors=[RequireKey(keys, services)] if keys.enabled else None,
+        interceptors=interceptors or None,
         options=[
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
             ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
@@ -297,12 +294,13 @@ async def serve(
     options: Sequence[tuple[str, Any]] = (),
     keys: Keys = NO_KEYS,
     tls: TLS | None = None,
+    metrics: ServerMetrics | None = None,
 ) -> None:
     """Run until SIGTERM/SIGINT: start the server, await `start(server)` (which calls
     `server.ready()` when the service can answer), then on a signal report NOT_SERVING, stop
     taking RPCs, give in-flight ones `grace_s` seconds and await `stop()`. A `start` that
     raises stops the server the same way and exits non-zero, so a supervisor restarts it."""
-    server = await start_server(address, services, options, keys, tls)
+    server = await start_server(address, services, options, keys, tls, metrics)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.stopping.set)

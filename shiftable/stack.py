@@ -78,6 +78,12 @@ def stack_env(settings: Settings) -> dict[str, str]:
 def check_ports(settings: Settings) -> None:
     """Raise OSError naming the first port of the stack that is already taken."""
     ports = {"gateway": settings.port, **{n: settings.grpc_port(n) for n in GRPC_SERVICES}}
+    if settings.metrics_port > 0:  # every service would serve /metrics on that one port here
+        raise OSError(
+            f"SMA_METRICS_PORT={settings.metrics_port} is one port for every service (a pod "
+            "each, in a cluster); the stack runs them on one host: leave it 0 (each service's "
+            "gRPC port + 1000) or -1 (none)"
+        )
     if len(set(ports.values())) != len(ports):
         raise OSError(f"the stack's ports collide: {ports}")
     for name, port in ports.items():

@@ -265,6 +265,13 @@ class Settings(BaseSettings):
     registry_addr: str = Field(default="", description="registry to dial; '' = host:port here")
     training_addr: str = Field(default="", description="training to dial; '' = host:port here")
     inference_addr: str = Field(default="", description="inference to dial; '' = host:port here")
+    metrics_port: int = Field(
+        default=0,
+        ge=-1,
+        le=65535,
+        description="HTTP port of each gRPC server's Prometheus /metrics: 0 = its gRPC port + "
+        "1000, -1 = none (the gateway's is /metrics on its own port)",
+    )
     replica_id: str = Field(
         default="",
         description="this server's id among its replicas (a pod's name); '' = the host name",
@@ -416,6 +423,15 @@ class Settings(BaseSettings):
         if explicit:
             return explicit
         return (50051 if self.port == 8000 else self.port + 1) + offset
+
+    def metrics_port_of(self, service: str) -> int | None:
+        """The HTTP port of `service`'s /metrics: `SMA_METRICS_PORT` (one port for every
+        service: in a cluster each pod has its own address), else its gRPC port + 1000; None
+        when there is none."""
+        if self.metrics_port == -1:
+            return None
+        port = self.metrics_port or self.grpc_port(service) + 1000
+        return port if port <= 65535 else None
 
     def grpc_bind(self, service: str) -> str:
         """Where the `service` server listens: `host` and its gRPC port."""

@@ -13,6 +13,8 @@ import json
 import logging
 import re
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import UTC, datetime
 
@@ -21,6 +23,17 @@ METADATA_KEY = "x-request-id"  # gRPC metadata (lower case); HTTP: X-Request-Id
 _VALID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"
+
+
+@contextmanager
+def bound(value: str) -> Iterator[None]:
+    """Lines written inside carry `value`: for work done on a request's behalf outside the
+    call that made it (a queued job that starts later)."""
+    token = request_id.set(value)
+    try:
+        yield
+    finally:
+        request_id.reset(token)
 
 
 def new_request_id() -> str:

@@ -110,8 +110,8 @@ def _model(info: inference_pb2.GetModelInfoResponse | None) -> dict | None:
 
 @router.get("/metrics", include_in_schema=False)
 async def metrics(gw: GatewayDep) -> Response:
-    """Prometheus text: requests, tokens, time to first token, inter-token latency, queue
-    depth, active streams and training progress."""
+    """Prometheus text: requests, tokens, time to first token, inter-token latency, finished
+    generations, replicas' versions and training progress."""
     info = await gw.model_info()
     try:  # the registry being down is no reason to lose the rest of the scrape
         running = await gw.backends.registry.ListOperations(

@@ -14,11 +14,13 @@ import logging
 from collections.abc import AsyncIterator
 
 import grpc
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from services.common import Server, Service, rpc, run, serve
 from services.inference.core import InferenceCore
 from services.inference.follower import follow_registry
 from services.inference.messages import Chunk
+from services.metrics import ServerMetrics, expose
 from shiftable_lib import jobs
 from shiftable_lib.config import Settings
 from shiftable_lib.generate import Logprob
@@ -227,6 +229,47 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         return inference_pb2.DetokenizeResponse(text=text, version_id=self.core.info().version_id)
 
 
+class InferenceCollector:
+    """This replica's load and running totals, read from the core at scrape time."""
+
+    def __init__(self, core: InferenceCore) -> None:
+        self.core = core
+
+    def collect(self) -> list[Metric]:
+        info = self.core.info()
+        counter, gauge = CounterMetricFamily, GaugeMetricFamily
+        version = gauge(
+            "sma_inference_loaded_version",
+            "1 for the version this replica serves",
+            labels=["version"],
+        )
+        if info.version_id:
+            version.add_metric([info.version_id], 1)
+        return [
+            counter("sma_inference_requests", "generations accepted", value=info.requests_total),
+            counter(
+                "sma_inference_generated_tokens", "tokens generated", value=info.tokens_generated
+            ),
+            counter("sma_inference_decode_steps", "decode steps run", value=info.steps),
+            counter(
+                "sma_inference_decode_seconds", "time in decode steps", value=info.decode_seconds
+            ),
+            gauge("sma_inference_active_streams", "sequences decoding", value=info.active_streams),
+            gauge(
+                "sma_inference_queued_requests", "requests waiting for a slot", value=info.queued
+            ),
+            gauge("sma_inference_max_batch", "decode slots", value=info.max_batch),
+            gauge("sma_inference_max_queue", "requests that may wait", value=info.max_queue),
+            gauge("sma_inference_swapping", "1 while a version loads", value=int(info.swapping)),
+            gauge(
+                "sma_inference_model_loaded",
+                "1 when a version serves",
+                value=int(bool(version.samples)),
+            ),
+            version,
+        ]
+
+
 def main(settings: Settings) -> None:
     """`sma serve inference`: serve on the inference port, following the registry."""
     device = jobs.configure_torch(settings)
@@ -243,6 +286,9 @@ def main(settings: Settings) -> None:
     )
 
     tls, keys = settings.tls(), settings.keys()
+    metrics = ServerMetrics()
+    metrics.add(InferenceCollector(core))
+    expose(metrics, settings, "inference")
 
     async def start(server: Server) -> None:
         await follow_registry(
@@ -261,5 +307,6 @@ def main(settings: Settings) -> None:
             options=CONNECTION_AGE,
             keys=keys,
             tls=tls,
+            metrics=metrics,
         )
     )

@@ -18,6 +18,7 @@ from typing import ParamSpec, TypeVar
 import grpc
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from services.common import (
     EnumMap,
@@ -30,6 +31,7 @@ from services.common import (
     serve,
     timestamp,
 )
+from services.metrics import ServerMetrics, expose
 from services.registry.schema import (
     REPLICA_LEASE_S,
     ModelVersion,
@@ -465,6 +467,53 @@ def _serving_pb(serving: ServingState) -> registry_pb2.ServingState:
     )
 
 
+class RegistryCollector:
+    """The registry's records by state and what serves, read from the store at scrape time
+    (the store takes calls from any thread, one at a time)."""
+
+    def __init__(self, servicer: RegistryServicer) -> None:
+        self.servicer = servicer
+
+    def collect(self) -> list[Metric]:
+        try:
+            census = self.servicer.store.census()
+        except Unavailable:  # not open yet, or closed
+            return []
+        specialists = GaugeMetricFamily(
+            "sma_registry_specialists", "specialists by state", labels=["state"]
+        )
+        for labels, n in census.specialists.items():
+            specialists.add_metric(list(labels), n)
+        operations = GaugeMetricFamily(
+            "sma_registry_operations",
+            "operations recorded, by kind and state",
+            labels=["kind", "state"],
+        )
+        for labels, n in census.operations.items():
+            operations.add_metric(list(labels), n)
+        versions = GaugeMetricFamily(
+            "sma_registry_versions", "model versions recorded", census.versions
+        )
+        serving = GaugeMetricFamily(
+            "sma_registry_serving_version",
+            "1 for the version the registry serves",
+            labels=["version"],
+        )
+        if census.serving.version is not None:
+            serving.add_metric([census.serving.version.id], 1)
+        replicas = GaugeMetricFamily(
+            "sma_registry_replicas",
+            "live inference replicas, by the version each serves",
+            labels=["version"],
+        )
+        by_version: dict[str, int] = {}
+        for replica in census.serving.replicas:
+            by_version[replica.version_id] = by_version.get(replica.version_id, 0) + 1
+        for version, n in by_version.items():
+            replicas.add_metric([version], n)
+        return [specialists, operations, versions, serving, replicas]
+
+
 def main(settings: Settings) -> None:
     """`sma serve registry`: serve `<home>/state/registry.db` until SIGTERM."""
     tls, keys = settings.tls(), settings.keys()
@@ -475,6 +524,9 @@ def main(settings: Settings) -> None:
                 settings.state_dir / "registry.db",
                 TrainingVersions(training, key_metadata(keys)),
             )
+            metrics = ServerMetrics()
+            metrics.add(RegistryCollector(servicer))
+            expose(metrics, settings, "registry")
             await serve(
                 settings.grpc_bind("registry"),
                 [servicer.service()],
@@ -482,6 +534,7 @@ def main(settings: Settings) -> None:
                 stop=servicer.stop,
                 keys=keys,
                 tls=tls,
+                metrics=metrics,
             )
 
     run(main())

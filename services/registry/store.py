@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -42,6 +42,15 @@ from services.registry.schema import (
 from shiftable_lib.config import check_max_drift
 from shiftable_lib.corpus import validate_specialist_name
 from shiftable_lib.errors import AlreadyExists, Conflict, NotFound
+
+
+@dataclass(frozen=True)
+class Census:
+    specialists: dict[tuple[str, ...], int]  # (state,) -> how many
+    operations: dict[tuple[str, ...], int]  # (kind, state) -> how many
+    versions: int
+    serving: ServingState
+
 
 R = TypeVar("R")  # a record: Specialist, Operation or ModelVersion
 MAX_LEASE_S = 3600.0
@@ -305,6 +314,22 @@ class RegistryStore:
     def get_serving(self) -> ServingState:
         with self._tx() as db:
             return _serving(db)
+
+    def census(self) -> Census:
+        """How many records of each kind there are, by state, and what serves."""
+        with self._tx() as db:
+
+            def count(sql: str) -> dict[tuple[str, ...], int]:
+                return {tuple(row[:-1]): row[-1] for row in db.execute(sql)}
+
+            return Census(
+                specialists=count("SELECT state, COUNT(*) FROM specialists GROUP BY state"),
+                operations=count(
+                    "SELECT kind, state, COUNT(*) FROM operations GROUP BY kind, state"
+                ),
+                versions=db.execute("SELECT COUNT(*) FROM versions").fetchone()[0],
+                serving=_serving(db),
+            )
 
     def report_loaded(
         self,

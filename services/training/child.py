@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Protocol
 from services.training.home import no_generalist
 from services.training.job import Failed, JobKind, JobProgress, Outcome, Published, Task
 from services.training.progress import FractionEstimate
+from shiftable_lib import logs
 from shiftable_lib.config import Settings
 from shiftable_lib.errors import Conflict, ShiftableError
 from shiftable_lib.plan import PlannedPhase
@@ -106,6 +107,8 @@ def main(conn: Connection, task: Task, run: Runner) -> None:
     `ranks.relay` over torchrun), then send its outcome."""
     die_with_parent(task.parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the server, which cancels us
+    logs.configure(task.log_format, task.log_level)  # a spawned process starts with none
+    logs.request_id.set(task.trace)
     conn.send(run(conn, task))
     conn.close()
 

@@ -45,7 +45,7 @@ from services.training.job import (
     Published,
     Task,
 )
-from shiftable_lib import versions
+from shiftable_lib import logs, versions
 from shiftable_lib.config import Settings, check_max_drift, get_profile
 from shiftable_lib.corpus import require_corpus, validate_specialist_name
 from shiftable_lib.errors import AlreadyExists, Conflict, NotFound, Unavailable
@@ -98,6 +98,9 @@ class JobManager:
         self._changed: dict[str, asyncio.Event] = {}
         self._queue: collections.deque[Job] = collections.deque()
         self._running: _Run | None = None
+        # jobs finished since the start, by kind and state; replaced, never changed in place,
+        # so that another thread (a metrics scrape) may read it
+        self.finished: dict[tuple[JobKind, JobState], int] = {}
         self._closed = False
         self._mp = multiprocessing.get_context("spawn")
 
@@ -161,6 +164,7 @@ class JobManager:
             request_id=request_id,
             base_version=base_version,
             max_drift=max_drift,
+            trace=logs.request_id.get(),
         )
         self._jobs[job.id] = job
         self._changed[job.id] = asyncio.Event()
@@ -175,6 +179,13 @@ class JobManager:
     def list_jobs(self) -> list[Job]:
         """Every job kept, oldest first."""
         return [replace(job) for job in self._jobs.values()]
+
+    def running(self) -> Job | None:
+        run = self._running
+        return replace(run.job) if run is not None else None
+
+    def queued(self) -> int:
+        return len(self._queue)
 
     async def cancel(self, job_id: str) -> Job:
         """Drop a queued job, or stop a running one's child (SIGTERM, then SIGKILL after
@@ -226,11 +237,13 @@ class JobManager:
         """Start the next queued job if none runs."""
         while self._running is None and self._queue and not self._closed:
             job = self._queue.popleft()
-            try:
-                self._launch(job)
-            except Exception as exc:  # cannot start a process (fds, memory): fail this job only
-                log.exception("cannot start %s", job.id)
-                self._finish(job, JobState.FAILED, error=f"cannot start training process: {exc}")
+            with logs.bound(job.trace):
+                try:
+                    self._launch(job)
+                except Exception as exc:  # cannot start a process (fds, memory): this job fails
+                    log.exception("cannot start %s", job.id)
+                    error = f"cannot start training process: {exc}"
+                    self._finish(job, JobState.FAILED, error=error)
 
     def _launch(self, job: Job) -> None:
         s = self.settings
@@ -249,6 +262,9 @@ class JobManager:
             parent_pid=os.getpid(),
             nproc=s.nproc_per_node,
             max_drift=s.max_drift if job.max_drift is None else job.max_drift,
+            trace=job.trace,
+            log_format=s.log_format,
+            log_level=s.log_level,
         )
         receiver, sender = self._mp.Pipe(duplex=False)
         run_job = ranks.relay if task.nproc > 1 else child.run_job
@@ -298,6 +314,9 @@ class JobManager:
 
     def _on_message(self, run: _Run, message: JobProgress | Outcome) -> None:
         if isinstance(message, JobProgress):
+            if message.phase != run.job.progress.phase:
+                with logs.bound(run.job.trace):
+                    log.info("%s: %s", run.job.id, message.phase)
             run.job.progress = message  # monotonic already: FractionEstimate in the child
             self._notify(run.job)
         else:
@@ -305,28 +324,30 @@ class JobManager:
 
     def _on_exit(self, run: _Run) -> None:
         job, outcome = run.job, run.outcome
-        self._running = None
-        if isinstance(outcome, Published):  # it published, even if a cancel came too late
-            job.version_id = outcome.version or ""
-            job.message = outcome.message
-            job.progress = JobProgress("done", 1, 1, 1.0)
-            self._finish(job, JobState.SUCCEEDED)
-        else:
-            if run.cancel_reason:
-                state, error = JobState.CANCELLED, run.cancel_reason
-            elif isinstance(outcome, Failed):
-                state, error = JobState.FAILED, outcome.error
+        with logs.bound(job.trace):  # its own lines, and a removal's
+            self._running = None
+            if isinstance(outcome, Published):  # it published, even if a cancel came too late
+                job.version_id = outcome.version or ""
+                job.message = outcome.message
+                job.progress = JobProgress("done", 1, 1, 1.0)
+                self._finish(job, JobState.SUCCEEDED)
             else:
-                state, error = JobState.FAILED, _exit_reason(run.process.exitcode)
-            self._discard(run)
-            self._finish(job, state, error=error)
+                if run.cancel_reason:
+                    state, error = JobState.CANCELLED, run.cancel_reason
+                elif isinstance(outcome, Failed):
+                    state, error = JobState.FAILED, outcome.error
+                else:
+                    state, error = JobState.FAILED, _exit_reason(run.process.exitcode)
+                self._discard(run)
+                self._finish(job, state, error=error)
         run.done.set()
         self._pump()
 
     async def _stop(self, run: _Run, reason: str) -> None:
         if not run.cancel_reason:
             run.cancel_reason = reason
-            log.info("stopping %s (process %s): %s", run.job.id, run.process.pid, reason)
+            with logs.bound(run.job.trace):
+                log.info("stopping %s (process %s): %s", run.job.id, run.process.pid, reason)
             run.process.terminate()
         try:
             async with asyncio.timeout(self.kill_after_s):
@@ -340,7 +361,10 @@ class JobManager:
         job.state = state
         job.error = error
         job.finished_at = datetime.now(UTC)
-        log.info("%s %s%s", job.id, state.name, f": {error}" if error else "")
+        key = (job.kind, state)
+        self.finished = {**self.finished, key: self.finished.get(key, 0) + 1}
+        with logs.bound(job.trace):
+            log.info("%s %s%s", job.id, state.name, f": {error}" if error else "")
         self._notify(job)
         self._forget_old_jobs()
 

@@ -67,6 +67,7 @@ class Job:
     request_id: str = ""  # the caller's idempotency key, such as an operation's id
     base_version: str = ""  # the version it builds on; CURRENT when empty
     max_drift: float | None = None  # ADD, REMOVE: percent; None = the server's setting
+    trace: str = "-"  # the id of the request that submitted it, for its log lines
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,9 @@ class Task:
     parent_pid: int
     nproc: int = 1  # > 1: the job runs as that many data-parallel processes (ranks.py)
     max_drift: float | None = None  # ADD, REMOVE: percent; None = the server's setting
+    trace: str = "-"  # the job's request id: the child's log lines carry it too
+    log_format: str = "text"
+    log_level: str = "INFO"
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,10 @@ from collections.abc import AsyncIterator
 from dataclasses import asdict
 
 import grpc
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from services.common import EnumMap, Server, Service, rpc, run, serve, timestamp
+from services.metrics import ServerMetrics, expose
 from services.training.core import JobManager
 from services.training.home import VersionRecord, describe_version
 from services.training.job import Job, JobKind, JobState
@@ -137,9 +139,46 @@ def training_service(manager: JobManager) -> Service:
     )
 
 
+class TrainingCollector:
+    """Jobs finished since the start, the queue, and the running job's progress, read from
+    the manager at scrape time (from the metrics thread: it only reads references the event
+    loop replaces whole)."""
+
+    def __init__(self, manager: JobManager) -> None:
+        self.manager = manager
+
+    def collect(self) -> list[Metric]:
+        m = self.manager
+        finished = CounterMetricFamily(
+            "sma_training_jobs", "jobs finished, by kind and outcome", labels=["kind", "state"]
+        )
+        for (kind, state), count in m.finished.items():
+            finished.add_metric([kind.name.lower(), state.name.lower()], count)
+        labels = ["job", "kind", "specialist"]
+        fraction = GaugeMetricFamily(
+            "sma_training_progress", "fraction done of the running job", labels=labels
+        )
+        eta = GaugeMetricFamily(
+            "sma_training_eta_seconds", "time left of the running job", labels=labels
+        )
+        speed = GaugeMetricFamily(
+            "sma_training_tokens_per_second", "the running job's training speed", labels=labels
+        )
+        if (job := m.running()) is not None:
+            values = [job.id, job.kind.name.lower(), job.specialist]
+            fraction.add_metric(values, job.progress.fraction)
+            eta.add_metric(values, job.progress.eta_s)
+            speed.add_metric(values, job.progress.tokens_per_s)
+        queued = GaugeMetricFamily("sma_training_queued_jobs", "jobs waiting to run", m.queued())
+        return [finished, fraction, eta, speed, queued]
+
+
 def main(settings: Settings) -> None:
     """`sma serve training`: serve until SIGTERM/SIGINT, then cancel the jobs."""
     manager = JobManager(settings)
+    metrics = ServerMetrics()
+    metrics.add(TrainingCollector(manager))
+    expose(metrics, settings, "training")
 
     async def start(server: Server) -> None:
         manager.start()
@@ -153,5 +192,6 @@ def main(settings: Settings) -> None:
             stop=manager.close,
             keys=settings.keys(),
             tls=settings.tls(),
+            metrics=metrics,
         )
     )

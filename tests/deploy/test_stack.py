@@ -59,7 +59,7 @@ KINDS = {
     "HorizontalPodAutoscaler": 1,
     "PodDisruptionBudget": 2,
     "Ingress": 1,
-    "NetworkPolicy": 4,
+    "NetworkPolicy": 5,
 }
 
 
@@ -144,7 +144,8 @@ def test_each_container_listens_where_its_settings_say(stack: Stack) -> None:
         settings = stack.settings(workload)
         assert settings.host in WILDCARD_HOSTS, f"{service} must listen on the pod's interfaces"
         ports = [p["containerPort"] for p in container(workload)["ports"]]
-        assert ports == [port_of(service, settings)], service
+        metrics = [] if service == "gateway" else [settings.metrics_port_of(service)]
+        assert ports == [port_of(service, settings), *metrics], service
         for other in GRPC_SERVICES:  # explicit: a derived port would follow SMA_PORT silently
             assert getattr(settings, f"{other}_port"), f"SMA_{other.upper()}_PORT is not set"
         get_profile(settings.profile)  # a profile the code knows
@@ -301,6 +302,33 @@ def test_network_policies_admit_exactly_who_dials_whom(stack: Stack) -> None:
                 wanted = source is not None and dest in DIALS.get(source, set())
             assert allowed is wanted, f"{source or 'outside'} -> {dest}:{port}"
             assert not admits(policies, labels.get(source), labels[dest], 9999), dest
+
+
+def metrics_port_of(service: str, settings: Settings) -> int | None:
+    """Where `sma serve <service>` answers /metrics with these settings."""
+    return settings.port if service == "gateway" else settings.metrics_port_of(service)
+
+
+def test_prometheus_finds_every_services_metrics(stack: Stack) -> None:
+    """The scrape annotations and the PodMonitor name, for each pod, the port its settings
+    serve /metrics on, and the network policies let a scrape in from outside the namespace."""
+    (monitor,) = render(DEPLOY / "stack" / "monitoring")
+    assert monitor["kind"] == "PodMonitor"
+    endpoints = {e["port"]: e["path"] for e in monitor["spec"]["podMetricsEndpoints"]}
+    policies = stack.all("NetworkPolicy")
+    for service, workload in stack.workloads().items():
+        settings = stack.settings(workload)
+        port = metrics_port_of(service, settings)
+        assert port is not None, f"{service} serves no /metrics"
+        annotations = workload["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true", service
+        assert int(annotations["prometheus.io/port"]) == port, service
+        assert annotations["prometheus.io/path"] == "/metrics", service
+        named = {p["name"]: p["containerPort"] for p in container(workload)["ports"]}
+        assert selects(monitor["spec"]["selector"], pod_labels(workload)), service
+        assert any(named.get(name) == port for name in endpoints), service
+        assert all(path == "/metrics" for path in endpoints.values())
+        assert admits(policies, None, pod_labels(workload), port), f"outside -> {service}:{port}"
 
 
 def test_only_training_and_inference_get_gpus(stack: Stack) -> None:

@@ -41,6 +41,11 @@ class Stack:
         offset = ("registry", "training", "inference").index(service)
         return f"127.0.0.1:{self.port + 1 + offset}"
 
+    def metrics_url(self, service: str) -> str:
+        """A gRPC server's /metrics: its gRPC port + 1000, as `sma up` derives it."""
+        port = int(self.grpc_address(service).rpartition(":")[2]) + 1000
+        return f"http://127.0.0.1:{port}/metrics"
+
     def start(self) -> Stack:
         env = {**os.environ, "SMA_THREADS": "1", "SMA_TRAIN_THREADS": "1", "SMA_MAX_BATCH": "8"}
         env.update(self.env)

@@ -345,6 +345,9 @@ def test_the_client_package_streams_and_watches_an_add_without_torch(
     lines = _log_lines(stack, request_id)
     assert any("sma.gateway.access" in line and "/specialists" in line for line in lines)
     assert any("sma.training" in line and "web" in line for line in lines), lines
+    # the job's own lines too, written as it runs and ends, long after the call that queued it
+    job_lines = _log_lines(stack, request_id, expected=4)
+    assert any("sma.training" in line and "SUCCEEDED" in line for line in job_lines), job_lines
 
 
 def _log_lines(stack: Stack, request_id: str, expected: int = 2) -> list[str]:

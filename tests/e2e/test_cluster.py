@@ -21,6 +21,7 @@ from collections.abc import Iterator
 import grpc
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.loopback import STACK, LoopbackCluster, Pod, render
 from sma.v1 import inference_pb2, inference_pb2_grpc, training_pb2, training_pb2_grpc
@@ -97,9 +98,22 @@ def test_the_original_rest_contract_through_one_gateway(cluster: LoopbackCluster
         assert http.delete("/specialists/nobody").status_code == 404
 
 
+def scraped_requests(pod: Pod) -> float:
+    """`sma_inference_requests_total` as Prometheus would scrape it from the pod's `metrics`
+    port (the one its annotations name)."""
+    reply = httpx.get(f"http://{pod.ip}:{pod.port('metrics')}/metrics", timeout=10)
+    samples = {
+        s.name: s.value
+        for family in text_string_to_metric_families(reply.text)
+        for s in family.samples
+    }
+    return samples["sma_inference_requests_total"]
+
+
 def test_streams_spread_over_both_replicas(cluster: LoopbackCluster) -> None:
     replicas = cluster.of("inference")
     before = {p.name: info(cluster, p).requests_total for p in replicas}
+    scraped = {p.name: scraped_requests(p) for p in replicas}
     body = {"prompt": "tensor gradient", "max_new_tokens": 8}
     url = cluster.url(cluster.of("gateway")[0])
 
@@ -116,6 +130,10 @@ def test_streams_spread_over_both_replicas(cluster: LoopbackCluster) -> None:
     assert len(results) == 8 and all(events[-1] == "done" for events in results), results
     after = {p.name: info(cluster, p).requests_total for p in replicas}
     assert all(after[name] > before[name] for name in before), (before, after)
+    # each replica's own /metrics counts its share, and the shares add up to the 8 streams
+    shares = {p.name: scraped_requests(p) - scraped[p.name] for p in replicas}
+    assert shares == {name: after[name] - before[name] for name in before}
+    assert sum(shares.values()) == 8
 
 
 def test_the_other_gateway_finishes_an_operation_whose_gateway_died(

@@ -16,6 +16,7 @@ def no_stack_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in (
         "HOST",
         "PORT",
+        "METRICS_PORT",
         *(f"{s.upper()}_{k}" for s in GRPC_SERVICES for k in "PORT ADDR".split()),
     ):
         monkeypatch.delenv(f"SMA_{name}", raising=False)
@@ -32,6 +33,25 @@ def test_one_machine_binds_and_dials_the_same_ports() -> None:
         "127.0.0.1:9002",
         "127.0.0.1:9003",
     ]
+
+
+def test_each_grpc_server_has_a_metrics_port_of_its_own_on_one_machine() -> None:
+    settings = Settings()
+    assert [settings.metrics_port_of(s) for s in GRPC_SERVICES] == [51051, 51052, 51053]
+    assert Settings(port=9000).metrics_port_of("inference") == 10003
+    # a pod each: one port for all; -1: none; past the last port: none rather than a bad one
+    assert {Settings(metrics_port=9090).metrics_port_of(s) for s in GRPC_SERVICES} == {9090}
+    assert Settings(metrics_port=-1).metrics_port_of("registry") is None
+    assert Settings(port=65000).metrics_port_of("inference") is None
+    with pytest.raises(ValidationError):
+        Settings(metrics_port=70000)
+
+
+def test_the_stack_refuses_one_metrics_port_for_its_three_servers() -> None:
+    from shiftable.stack import check_ports
+
+    with pytest.raises(OSError, match="SMA_METRICS_PORT=9090 is one port for every service"):
+        check_ports(Settings(metrics_port=9090))
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::"])

@@ -18,16 +18,20 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.stack import free_port_block
 from services.common import dial, start_server
-from services.registry.server import OPERATION_ID_KEY, RegistryServicer
+from services.metrics import ServerMetrics
+from services.registry.server import OPERATION_ID_KEY, RegistryCollector, RegistryServicer
 from services.registry.versions import TrainingVersions
 from services.training.core import JobManager
 from services.training.server import training_service
+from shiftable_lib.auth import NO_KEYS, Keys
 from shiftable_lib.config import Settings
 from sma.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 
@@ -41,7 +45,9 @@ class Registry:
     started and stopped in the order `services.common.serve` uses (which cannot run here: it
     installs signal handlers, and only the main thread may)."""
 
-    def __init__(self, db: Path) -> None:
+    def __init__(
+        self, db: Path, metrics: ServerMetrics | None = None, keys: Keys = NO_KEYS
+    ) -> None:
         self.home = db.parent.parent
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -53,7 +59,8 @@ class Registry:
         async def start() -> tuple[RegistryServicer, Any]:
             self.training_channel = dial(address)  # channels connect on their first call
             servicer = RegistryServicer(db, TrainingVersions(self.training_channel))
-            return servicer, await start_server(address, [servicer.service(), training])
+            services = [servicer.service(), training]
+            return servicer, await start_server(address, services, keys=keys, metrics=metrics)
 
         self.servicer, self.server = self.run(start())
         self.starter = asyncio.run_coroutine_threadsafe(self.servicer.start(self.server), self.loop)
@@ -578,3 +585,67 @@ def test_going_back_is_an_explicit_rollback(registry: Registry) -> None:
     assert error.code() == grpc.StatusCode.NOT_FOUND
     assert "training service holds no model version 'v0002'" in error.details()
     assert stub.GetServing(pb.GetServingRequest()).serving.version.id == "v0004"
+
+
+# metrics
+
+
+def test_every_call_is_counted_by_method_and_code_and_the_records_by_state(db: Path) -> None:
+    """The gRPC server series count each call once under the code it ended with (a call
+    refused for its key, one the client cancelled, one that failed), and the registry's own
+    series follow its records; both served over HTTP as Prometheus scrapes them."""
+    metrics = ServerMetrics()
+    admin = "admin-key-" + "x" * 16
+    registry = Registry(db, metrics, Keys.parse("", admin))
+    try:
+        servicer = registry.servicer
+        metrics.add(RegistryCollector(servicer))
+        endpoint = metrics.serve("127.0.0.1", 0)
+        key = (("authorization", f"Bearer {admin}"),)
+        stub = registry.stub
+        stub.ListSpecialists(pb.ListSpecialistsRequest(), timeout=TIMEOUT, metadata=key)
+        refused = failure(stub.ListSpecialists, pb.ListSpecialistsRequest())  # no key
+        assert refused.code() is grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as missing:
+            stub.GetSpecialist(
+                pb.GetSpecialistRequest(name="nobody"), timeout=TIMEOUT, metadata=key
+            )
+        assert missing.value.code() is grpc.StatusCode.NOT_FOUND
+        op = stub.CreateOperation(
+            pb.CreateOperationRequest(kind=pb.OPERATION_KIND_ADD_SPECIALIST, target="ds"),
+            timeout=TIMEOUT,
+            metadata=key,
+        ).operation
+        watch = stub.WatchOperation(pb.WatchOperationRequest(id=op.id), timeout=60, metadata=key)
+        next(watch)
+        watch.cancel()
+
+        def samples() -> dict[tuple[str, tuple], float]:
+            text = httpx.get(f"http://127.0.0.1:{endpoint.port}/metrics", timeout=TIMEOUT).text
+            return {
+                (s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text)
+                for s in family.samples
+            }
+
+        def handled(method: str, code: str, kind: str = "unary") -> float:
+            labels = {"grpc_type": kind, "grpc_service": "sma.v1.Registry"}
+            labels |= {"grpc_method": method, "grpc_code": code}
+            key = ("grpc_server_handled_total", tuple(sorted(labels.items())))
+            return samples().get(key, 0.0)
+
+        assert until(lambda: handled("WatchOperation", "CANCELLED", "server_stream") == 1)
+        assert handled("ListSpecialists", "OK") == 1
+        assert handled("ListSpecialists", "UNAUTHENTICATED") == 1
+        assert handled("GetSpecialist", "NOT_FOUND") == 1
+        assert handled("CreateOperation", "OK") == 1
+        got = samples()
+        watched = {"grpc_type": "server_stream", "grpc_service": "sma.v1.Registry"}
+        watched["grpc_method"] = "WatchOperation"
+        assert got[("grpc_server_msg_sent_total", tuple(sorted(watched.items())))] == 1
+        pending = (("kind", "add_specialist"), ("state", "pending"))
+        assert got[("sma_registry_operations", pending)] == 1
+        assert got[("sma_registry_versions", ())] == 0
+        endpoint.close()
+    finally:
+        registry.close()
