@@ -8,6 +8,7 @@ import math
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from shiftable_lib import logs
 from shiftable_lib.config import PROFILES, Settings
@@ -113,6 +114,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     for r in results:
         print(r.message)
         _print_metrics(r.metrics)
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from shiftable_lib import jobs
+
+    settings = _settings(args)
+    done = jobs.import_base(settings, Path(args.path), args.context or 0, args.profile)
+    cfg = done.cfg
+    print(
+        f"imported {done.source['name']} ({done.family}: {cfg.n_layer} layers, d={cfg.d_model}, "
+        f"{cfg.n_head} heads / {cfg.kv_heads} key-value heads, context {cfg.context}, "
+        f"vocabulary {cfg.vocab_size}) as {done.version}, now the current version"
+    )
     return 0
 
 
@@ -293,6 +308,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="publish only if no other domain's held-out perplexity gets worse than this "
         "(default: SMA_MAX_DRIFT, 0.5)",
     )
+    i = sub.add_parser(
+        "import",
+        parents=[common],
+        help="make a pretrained model (a Hugging Face directory or a .gguf file) the generalist",
+    )
+    i.add_argument("path", help="a local model directory or .gguf file (nothing is downloaded)")
+    i.add_argument(
+        "--context",
+        type=int,
+        help="positions the model serves (default: the checkpoint's, at most 2048)",
+    )
+    i.add_argument(
+        "--profile",
+        choices=list(PROFILES),
+        help="training settings for specialists grown on it (default $SMA_PROFILE or cpu)",
+    )
+    i.set_defaults(func=cmd_import)
+
     a = sub.add_parser(
         "add-specialist", parents=[common, drift], help="add one specialist (incremental)"
     )

@@ -49,17 +49,20 @@ class KVCache:
         slots: int,
         experts: tuple[str, ...],
         n_layer: int,
-        n_head: int,
+        kv_heads: int,
+        head_dim: int,
         d_model: int,
         context: int,
         device,
         dtype: torch.dtype,
     ) -> KVCache:
         """Every slot empty, in the layout that decoding on `device` in `dtype` reads fastest:
-        position-major for the compiled loop (on a CPU, with one torch thread)."""
-        E, hd = len(experts), d_model // n_head
+        position-major for the compiled loop (on a CPU, with one torch thread). Each expert
+        keeps `kv_heads` heads of keys and values (fewer than its query heads, with grouped-
+        query attention) of `head_dim` each."""
+        E, hd = len(experts), head_dim
         position_major = kernels.supports(torch.empty(0, device=device, dtype=dtype))
-        heads = E * n_head
+        heads = E * kv_heads
         shape = (slots, context, heads, hd) if position_major else (slots, heads, context, hd)
         return cls(
             k=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)],
@@ -148,20 +151,39 @@ class KVCache:
         return k[:n, heads, :span], v[:n, heads, :span]
 
 
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = False
+) -> Tensor:
+    """SDPA, with as many or fewer key/value heads than query heads (each key/value head then
+    serves a group of consecutive query heads, as grouped-query attention does)."""
+    grouped = k.shape[-3] != q.shape[-3]
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=grouped
+    )
+
+
 def decode_attention(
     q: Tensor, cache: KVCache, layer: int, heads: slice, pos: Tensor, keep: Tensor
 ) -> Tensor:
     """Attention of one new query per row (n, H, 1, hd) over the cache's `heads` of slots
-    0..n-1 up to positions `pos`; `keep` (n, 1, 1, span) is True exactly there."""
+    0..n-1 up to positions `pos`; `keep` (n, 1, 1, span) is True exactly there.
+
+    With grouped-query attention the cache holds fewer heads than the queries: each of its
+    heads serves G consecutive query heads, which are then that head's G query rows (one
+    position each), so every path below reads each key and value once."""
     if cache.position_major and kernels.supports(q):
         return kernels.decode_attention(q, cache.k[layer], cache.v[layer], heads, pos)
-    n, span = keep.shape[0], keep.shape[-1]
+    n, H, _, hd = q.shape
+    span = keep.shape[-1]
     keys, values = cache.span(layer, n, span, heads)
+    q = q.view(n, keys.shape[1], -1, hd)  # (n, H_kv, G, hd)
     if q.device.type != "cpu" or n < BATCHED_DECODE_ROWS:
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=keep)
-    scores = torch.matmul(q, keys.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)
-    weights = scores.masked_fill_(~keep, float("-inf")).softmax(-1)
-    return torch.matmul(weights.to(values.dtype), values)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=keep)
+    else:
+        scores = torch.matmul(q, keys.transpose(-1, -2)).mul_(hd**-0.5)
+        weights = scores.masked_fill_(~keep, float("-inf")).softmax(-1)
+        out = torch.matmul(weights.to(values.dtype), values)
+    return out.view(n, H, 1, hd)
 
 
 class Prefill:
@@ -177,6 +199,7 @@ class Prefill:
 
     dropout = 0.0
     skip_unused = False  # a cache holds every expert's keys: later tokens may weigh any of them
+    rotary: tuple[Tensor, Tensor] | None = None  # set by the model, at the prompts' positions
 
     def __init__(
         self,
@@ -217,7 +240,7 @@ class Prefill:
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         self.cache.store(layer, self.slots, self.heads, k, v, self.start)
         if not self.start:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return attention(q, k, v, causal=True)
         T, end = q.shape[2], self.start + q.shape[2]
         keys, values = self.cache.prefix(layer, self.slots, end, self.heads)
         # query i (at position start + i) sees every key up to its own position
@@ -225,7 +248,7 @@ class Prefill:
             torch.arange(end, device=q.device)
             <= self.start + torch.arange(T, device=q.device)[:, None]
         )
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=seen)
+        return attention(q, keys, values, mask=seen)
 
 
 class Decode:
@@ -239,6 +262,7 @@ class Decode:
 
     dropout = 0.0
     skip_unused = False  # a cache holds every expert's keys: later tokens may weigh any of them
+    rotary: tuple[Tensor, Tensor] | None = None  # set by the model, at the new positions
 
     def __init__(
         self, cache: KVCache, tokens: Tensor, routes: RouteTable, span: int | None

@@ -74,6 +74,12 @@ class ModelVersion:
     def chat_template(self) -> str:
         return self.meta.get("chat_template") or PLAIN_CHAT_TEMPLATE
 
+    @property
+    def stop_tokens(self) -> tuple[str, ...]:
+        """The tokens that end a generation: an imported model's own (config.json's
+        "eos_tokens"), else () for our EOS."""
+        return tuple(self.meta.get("eos_tokens") or ())
+
 
 def next_version_id(models_dir: Path) -> str:
     ids = version_ids(models_dir)
@@ -120,10 +126,22 @@ def save_version(
     return version
 
 
+def serving_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The dtype a model serves in: bfloat16 on a GPU for `auto` (half the memory traffic of a
+    decode step, which is bound by it), float32 on a CPU (bfloat16 matmuls are slow there)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
 def load_version(
-    models_dir: Path, version: str, device: str | torch.device = "cpu"
+    models_dir: Path,
+    version: str,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> ModelVersion:
-    """Load a complete version, once its files pass their check (VersionInvalid otherwise)."""
+    """Load a complete version, once its files pass their check (VersionInvalid otherwise),
+    onto `device` in `dtype`."""
     path = models_dir / version
     if not VERSION_PATTERN.match(version) or not path.is_dir():
         raise NotFound(f"no model version {version!r} in {models_dir}")
@@ -148,7 +166,7 @@ def load_version(
     return ModelVersion(
         id=version,
         path=path,
-        model=model.to(device).eval(),
+        model=model.to(device, dtype).eval(),
         tokenizer=load_tokenizer(path / "tokenizer.json"),
         profile=profile,
         meta=meta,

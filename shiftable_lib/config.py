@@ -332,6 +332,11 @@ class Settings(BaseSettings):
     )
     max_batch: int = Field(default=32, ge=1, description="sequences decoded together")
     max_queue: int = Field(default=64, ge=0, description="requests waiting beyond max_batch")
+    serve_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        default="auto",
+        description="the inference server's weights and KV cache: auto = bfloat16 on a GPU, "
+        "float32 on a CPU",
+    )
     cuda_graphs: bool = Field(
         default=True, description="replay the decode step from CUDA graphs on a GPU; off = eager"
     )

@@ -29,7 +29,7 @@ from shiftable_lib.cache import KVCache
 from shiftable_lib.model import ShiftableLM
 from shiftable_lib.routing import RouteTable
 from shiftable_lib.sampling import SamplingParams
-from shiftable_lib.tokenizer import StreamDecoder, encode, eos_id
+from shiftable_lib.tokenizer import StreamDecoder, encode, separator_id, stop_ids
 
 FINISH_REASONS = ("length", "stop", "eos", "cancelled", "error")
 log = logging.getLogger("sma.generate")
@@ -238,11 +238,14 @@ class Engine:
         max_batch: int = 8,
         cuda_graphs: bool = True,
         prefill_chunk: int = PREFILL_CHUNK,
+        stop_tokens: tuple[str, ...] = (),
     ) -> None:
         self.model = model.eval()
         self.prefill_chunk = prefill_chunk
         self.tok = tokenizer
-        self.eos = eos_id(tokenizer)
+        self.stop_tokens = stop_tokens  # the version's own; () = our EOS
+        self.stops = stop_ids(tokenizer, stop_tokens)
+        self.eos = separator_id(tokenizer, stop_tokens)
         self.device = model.wte.weight.device
         self.cache = model.new_cache(max_batch)
         if self.cache.position_major:
@@ -466,7 +469,7 @@ class Engine:
         """Record one token, decide whether the sequence is done, and say what text it adds."""
         seq.output_ids.append(token)
         stops = seq.params.stop
-        if token == self.eos and not seq.params.ignore_eos:
+        if token in self.stops and not seq.params.ignore_eos:
             seq.finish_reason = "eos"
         else:
             seq.pending += seq.decoder.push(token)

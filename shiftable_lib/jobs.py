@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
 
-from shiftable_lib import checkpoint, distributed, evaluate, plan, train
+from shiftable_lib import checkpoint, distributed, evaluate, plan, pretrained, train
 from shiftable_lib.config import Profile, Settings, available_cpus, get_profile
 from shiftable_lib.corpus import (
     GENERAL,
@@ -33,7 +33,7 @@ from shiftable_lib.corpus import (
     validate_specialist_name,
 )
 from shiftable_lib.errors import AlreadyExists, Conflict, DriftTooLarge, NotFound
-from shiftable_lib.model import ShiftableLM
+from shiftable_lib.model import ModelConfig, ShiftableLM
 from shiftable_lib.tokenizer import train_tokenizer
 from shiftable_lib.train import DomainTokens, ProgressFn, tokenize_domain
 
@@ -101,6 +101,41 @@ def _publish(
         checkpoint.set_current(settings.models_dir, version)
     world.barrier()  # the other ranks read what rank 0 wrote
     return str(world.broadcast(version))
+
+
+@dataclass
+class Imported:
+    version: str
+    family: str
+    cfg: ModelConfig
+    source: dict
+
+
+def import_base(
+    settings: Settings, path: Path, context: int = 0, profile_name: str | None = None
+) -> Imported:
+    """Make a pretrained checkpoint (`pretrained.read_pretrained`) the current version: the
+    generalist, without specialists, with its tokenizer, chat template and stop tokens. The
+    profile gives the training settings of the specialists grown on it later; its model sizes
+    are the checkpoint's."""
+    read = pretrained.read_pretrained(path, context)
+    model = read.model()
+    cfg = read.cfg
+    profile = replace(
+        get_profile(profile_name or settings.profile),
+        vocab_size=cfg.vocab_size,
+        context=cfg.context,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        d_model=cfg.d_model,
+    )
+    meta = {
+        "chat_template": read.chat_template or checkpoint.PLAIN_CHAT_TEMPLATE,
+        "eos_tokens": list(read.eos_tokens),
+        "base": {"family": read.family, **read.source},
+    }
+    version = _publish(settings, model, read.tokenizer, profile, {}, meta)
+    return Imported(version, read.family, cfg, read.source)
 
 
 def load_current(settings: Settings, device: torch.device | str = "cpu") -> checkpoint.ModelVersion:

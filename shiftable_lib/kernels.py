@@ -30,9 +30,10 @@ from torch import Tensor
 log = logging.getLogger("sma.kernels")
 
 
-def _attend(q, k, v, h0, pos, out):  # pragma: no cover - runs compiled (numba), see _kernel
-    """out[s, h] = softmax(q[s, h] . k[s, :L, h0 + h] / sqrt(hd)) @ v[s, :L, h0 + h], with
-    L = pos[s] + 1; q, out (n, H, hd); k, v (slots, context, all heads, hd)."""
+def _attend(q, k, v, h0, group, pos, out):  # pragma: no cover - runs compiled (numba)
+    """out[s, h] = softmax(q[s, h] . k[s, :L, c] / sqrt(hd)) @ v[s, :L, c], with L = pos[s] + 1
+    and c = h0 + h // group (grouped-query attention: `group` query heads share a key/value
+    head); q, out (n, H, hd); k, v (slots, context, all heads, hd)."""
     n, H, hd = q.shape
     scale = np.float32(1.0 / math.sqrt(hd))
     scores = np.empty((H, k.shape[1]), dtype=np.float32)
@@ -45,7 +46,7 @@ def _attend(q, k, v, h0, pos, out):  # pragma: no cover - runs compiled (numba),
         for t in range(span):  # scores, keeping each head's maximum
             kt = k[s, t]
             for h in range(H):
-                kh, qh = kt[h0 + h], qs[h]
+                kh, qh = kt[h0 + h // group], qs[h]
                 dot = np.float32(0.0)
                 for j in range(hd):
                     dot += qh[j] * kh[j]
@@ -64,7 +65,7 @@ def _attend(q, k, v, h0, pos, out):  # pragma: no cover - runs compiled (numba),
         for t in range(span):  # the weighted sum of the values
             vt = v[s, t]
             for h in range(H):
-                p, vh, ah = scores[h, t], vt[h0 + h], acc[h]
+                p, vh, ah = scores[h, t], vt[h0 + h // group], acc[h]
                 for j in range(hd):
                     ah[j] += p * vh[j]
         for h in range(H):
@@ -106,8 +107,12 @@ def supports(t: Tensor) -> bool:
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, heads: slice, pos: Tensor) -> Tensor:
     """Attention of one query per row, q (n, H, 1, hd), over a position-major cache layer
     k, v (slots, context, all heads, hd): row s attends to positions 0..pos[s] of slot s, with
-    the cache's heads `heads` (H of them). Returns (n, H, 1, hd), as SDPA would."""
+    the cache's heads `heads` (H of them, or H / G with grouped-query attention, each serving
+    G consecutive query heads). Returns (n, H, 1, hd), as SDPA would."""
     n, H, _, hd = q.shape
+    whole = isinstance(heads.start, int) and isinstance(heads.stop, int)
+    kv_heads = heads.stop - heads.start if whole else 0
+    group = H // kv_heads if kv_heads > 0 else 0
     # the loop runs without bounds checks: whatever it is given must fit
     if not (
         k.shape == v.shape
@@ -116,7 +121,8 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, heads: slice, pos: Tensor)
         and hd == k.shape[3]
         and heads.step is None
         and heads.start >= 0
-        and heads.stop - heads.start == H
+        and group > 0
+        and group * kv_heads == H
         and heads.stop <= k.shape[2]
     ):
         raise ValueError(f"{n} rows and heads {heads} do not fit a cache of {tuple(k.shape)}")
@@ -129,6 +135,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, heads: slice, pos: Tensor)
         k.numpy(),
         v.numpy(),
         heads.start,
+        group,
         pos.contiguous().numpy(),
         out.numpy(),
     )

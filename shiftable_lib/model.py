@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, replace
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from shiftable_lib.cache import Decode, KVCache, Prefill
+from shiftable_lib.cache import Decode, KVCache, Prefill, attention
 from shiftable_lib.corpus import GENERAL, validate_specialist_name
 from shiftable_lib.errors import AlreadyExists, NotFound
 from shiftable_lib.losses import FusedLinearCrossEntropy
@@ -36,6 +36,10 @@ DORMANT_LOGIT = -1.0e4
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """The shape of a model. The defaults are the from-scratch GPT (LayerNorm, learned
+    positions, GELU, biases only in the norms, tied head); an imported model sets what its
+    family does differently (`shiftable_lib.pretrained`)."""
+
     vocab_size: int
     context: int
     n_layer: int
@@ -43,11 +47,42 @@ class ModelConfig:
     d_model: int
     specialists: tuple[str, ...] = ()
     dropout: float = 0.0  # on embeddings and residual branches, in training only
+    n_kv_head: int = 0  # key/value heads (grouped-query attention); 0 = n_head
+    d_ff: int = 0  # the MLP's hidden width; 0 = 4 * d_model
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = 1e-5
+    positions: Literal["learned", "rope"] = "learned"
+    rope_theta: float = 10000.0
+    mlp: Literal["gelu", "swiglu"] = "gelu"  # gelu: tanh-approximated, as GPT-2
+    qkv_bias: bool = False
+    proj_bias: bool = False  # the attention's output projection
+    mlp_bias: bool = False
+    tied: bool = True  # the output head is the token embedding
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model {self.d_model} is not a multiple of n_head {self.n_head}")
+        if self.n_head % self.kv_heads:
+            raise ValueError(f"n_head {self.n_head} is not a multiple of n_kv_head {self.kv_heads}")
+        if self.positions == "rope" and self.head_dim % 2:
+            raise ValueError(f"rotary positions need an even head size, not {self.head_dim}")
 
     @property
     def experts(self) -> tuple[str, ...]:
         """Expert names in gate-column order: the base (`general`) first."""
         return (GENERAL, *self.specialists)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def hidden(self) -> int:
+        return self.d_ff or 4 * self.d_model
 
     def to_dict(self) -> dict:
         return {**asdict(self), "specialists": list(self.specialists)}
@@ -77,7 +112,10 @@ class Step(Protocol):
         """Take note of a layer's gate features and weights."""
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """Each head's attention output for queries q, given the new positions' k and v."""
+        """Each head's attention output for queries q, given the new positions' k and v (with
+        grouped-query attention, fewer heads of k and v than of q)."""
+
+    rotary: tuple[Tensor, Tensor] | None  # cos, sin at the new positions: (..., T, hd)
 
 
 class Expert(nn.Module):
@@ -88,12 +126,14 @@ class Expert(nn.Module):
     against `Tensor` is a token-identity question that a mean of hidden states blurs).
     """
 
-    def __init__(self, d_model: int, vocab_size: int) -> None:
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
-        self.proj = nn.Linear(d_model, d_model, bias=False)
-        self.gate = nn.Parameter(torch.zeros(d_model + 1))  # [w; b]: logit = w . m_t + b + ...
-        self.gate_tokens = nn.Parameter(torch.zeros(vocab_size))  # ... mean of u[x_s], s <= t
+        d, hd = cfg.d_model, cfg.head_dim
+        # rows: the query heads, then the key heads, then the value heads
+        self.qkv = nn.Linear(d, (cfg.n_head + 2 * cfg.kv_heads) * hd, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(d, d, bias=cfg.proj_bias)
+        self.gate = nn.Parameter(torch.zeros(d + 1))  # [w; b]: logit = w . m_t + b + ...
+        self.gate_tokens = nn.Parameter(torch.zeros(cfg.vocab_size))  # ... mean of u[x_s], s <= t
 
 
 class MixedAttention(nn.Module):
@@ -101,8 +141,9 @@ class MixedAttention(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.n_head = cfg.n_head
-        self.experts = nn.ModuleDict({GENERAL: Expert(cfg.d_model, cfg.vocab_size)})
+        self.n_head, self.kv_heads, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
+        self.qkv_bias, self.proj_bias = cfg.qkv_bias, cfg.proj_bias
+        self.experts = nn.ModuleDict({GENERAL: Expert(cfg)})
         self._joined: dict[tuple, tuple[tuple, list[Tensor], Tensor]] = {}
 
     def forward(self, h: Tensor, step: Step, layer: int) -> Tensor:
@@ -113,6 +154,8 @@ class MixedAttention(nn.Module):
         elif step.skip_unused:
             experts, weights = _skip_unused(experts, weights)
         q, k, v = self.qkv(h, experts)
+        if step.rotary is not None:
+            q, k = rotate(q, *step.rotary), rotate(k, *step.rotary)
         return self.mix(step.attend(layer, q, k, v), weights, experts)
 
     def weigh(self, h: Tensor, step: Step, layer: int) -> Tensor | None:
@@ -175,43 +218,92 @@ class MixedAttention(nn.Module):
         return logits.softmax(-1)
 
     def qkv(self, h: Tensor, experts: list[Expert]) -> tuple[Tensor, Tensor, Tensor]:
-        """q, k, v as (B, E*H, T, hd): every expert's heads side by side, one matmul."""
-        B, T, d = h.shape
+        """q as (B, E*H, T, hd) and k, v as (B, E*H_kv, T, hd): every expert's heads side by
+        side, one matmul."""
+        B, T, _ = h.shape
+        E, H, Hkv, hd = len(experts), self.n_head, self.kv_heads, self.head_dim
         w = self.joined([e.qkv.weight for e in experts], 0)
-        qkv = F.linear(h, w).view(B, T, len(experts), 3, self.n_head, d // self.n_head)
-        q, k, v = qkv.permute(3, 0, 2, 4, 1, 5).reshape(3, B, -1, T, d // self.n_head).unbind(0)
+        b = self.joined([e.qkv.bias for e in experts], 0) if self.qkv_bias else None
+        qkv = F.linear(h, w, b)
+        if Hkv == H:  # one permute serves all three
+            qkv = qkv.view(B, T, E, 3, H, hd).permute(3, 0, 2, 4, 1, 5)
+            q, k, v = qkv.reshape(3, B, E * H, T, hd).unbind(0)
+            return q, k, v
+        q, k, v = qkv.view(B, T, E, H + 2 * Hkv, hd).split([H, Hkv, Hkv], dim=3)
+        q = q.permute(0, 2, 3, 1, 4).reshape(B, E * H, T, hd)
+        k = k.permute(0, 2, 3, 1, 4).reshape(B, E * Hkv, T, hd)
+        v = v.permute(0, 2, 3, 1, 4).reshape(B, E * Hkv, T, hd)
         return q, k, v
 
     def mix(self, heads: Tensor, weights: Tensor | None, experts: list[Expert]) -> Tensor:
-        """Project every expert's heads and sum them, weighted: one matmul over [g_e * a_e]."""
+        """Project every expert's heads and sum them, weighted: one matmul over [g_e * a_e]
+        (and the output biases, weighted alike)."""
         B, _, T, hd = heads.shape
         E = len(experts)
         a = heads.view(B, E, self.n_head, T, hd).permute(0, 3, 1, 2, 4).reshape(B, T, E, -1)
         if weights is not None:
             a = a * weights.unsqueeze(-1).to(a.dtype)
         w = self.joined([e.proj.weight for e in experts], 1)
-        return F.linear(a.reshape(B, T, -1), w)
+        out = F.linear(a.reshape(B, T, -1), w)
+        if self.proj_bias:
+            b = self.joined([e.proj.bias for e in experts], 0, stack=True)  # (E, d)
+            out = out + (b[0] if weights is None else weights.to(out.dtype) @ b)
+        return out
 
 
 class MLP(nn.Module):
-    def __init__(self, d_model: int) -> None:
+    """GELU (GPT-2's, tanh-approximated) or SwiGLU, whose gate and up projections are the two
+    halves of `fc`."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.fc = nn.Linear(d_model, 4 * d_model, bias=False)
-        self.proj = nn.Linear(4 * d_model, d_model, bias=False)
+        self.swiglu = cfg.mlp == "swiglu"
+        width = 2 * cfg.hidden if self.swiglu else cfg.hidden
+        self.fc = nn.Linear(cfg.d_model, width, bias=cfg.mlp_bias)
+        self.proj = nn.Linear(cfg.hidden, cfg.d_model, bias=cfg.mlp_bias)
 
     def forward(self, x: Tensor) -> Tensor:
         # the weights, not the Linear modules, are called: a small model's decode step is bound
         # by the cost of each Python-level call, not by its arithmetic
-        return F.linear(F.gelu(F.linear(x, self.fc.weight), approximate="tanh"), self.proj.weight)
+        h = F.linear(x, self.fc.weight, self.fc.bias)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return F.linear(h, self.proj.weight, self.proj.bias)
+
+
+def norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+
+
+def rotary_table(cfg: ModelConfig) -> tuple[Tensor, Tensor]:
+    """cos and sin of every position's rotation angles (context, hd), in the rotate-half
+    layout (Hugging Face's): the angle of pair i appears at i and at i + hd/2."""
+    hd = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    angles = torch.outer(torch.arange(cfg.context, dtype=torch.float64), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary position embedding of x (..., T, hd), cos and sin broadcasting to it."""
+    half = x.shape[-1] // 2
+    turned = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + turned * sin
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.d_model)
+        self.ln_1 = norm(cfg)
         self.attn = MixedAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.d_model)
-        self.mlp = MLP(cfg.d_model)
+        self.ln_2 = norm(cfg)
+        self.mlp = MLP(cfg)
 
     def forward(self, x: Tensor, step: Step, layer: int) -> Tensor:
         x = x + _dropout(self.attn(self.ln_1(x), step, layer), step.dropout)
@@ -257,9 +349,16 @@ class Sequences:
 
     skip_unused = True  # nothing is cached, so an expert no position weighs is not needed
 
-    def __init__(self, idx: Tensor, routes: RouteTable, dropout: float, dtype: torch.dtype):
+    def __init__(
+        self,
+        idx: Tensor,
+        routes: RouteTable,
+        dropout: float,
+        dtype: torch.dtype,
+        rotary: tuple[Tensor, Tensor] | None,
+    ):
         T = idx.shape[1]
-        self.idx, self.routes, self.dropout = idx, routes, dropout
+        self.idx, self.routes, self.dropout, self.rotary = idx, routes, dropout, rotary
         self.count = torch.arange(1, T + 1, device=idx.device, dtype=dtype).view(1, T, 1)
         self.trace = Trace(only=routes.single)
 
@@ -271,22 +370,28 @@ class Sequences:
         self.trace.gates.append(weights)
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return attention(q, k, v, causal=True)
 
 
 class ShiftableLM(nn.Module):
-    """Decoder-only LM: token + position embeddings, pre-norm blocks, tied output head."""
+    """Decoder-only LM: token embeddings, learned or rotary positions, pre-norm blocks, a tied
+    or separate output head."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = replace(cfg, specialists=())
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.wpe = nn.Embedding(cfg.context, cfg.d_model)
+        self.wpe = nn.Embedding(cfg.context, cfg.d_model) if cfg.positions == "learned" else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.ln_f = norm(cfg)
+        self.lm_head = None if cfg.tied else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.positions == "rope":  # recomputed, never saved: a checkpoint holds weights only
+            cos, sin = rotary_table(cfg)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
-            if name.endswith(("proj.weight",)):  # residual projections, as GPT-2
+            if name.endswith("proj.weight"):  # residual projections, as GPT-2
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
         for name in cfg.specialists:
             self.add_specialist(name)
@@ -295,6 +400,8 @@ class ShiftableLM(nn.Module):
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, nn.Linear | nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
     @property
     def experts(self) -> tuple[str, ...]:
@@ -320,7 +427,7 @@ class ShiftableLM(nn.Module):
             raise AlreadyExists(f"specialist {name!r} already exists")
         for block in self.blocks:
             base = block.attn.experts[GENERAL]
-            expert = Expert(self.cfg.d_model, self.cfg.vocab_size)
+            expert = Expert(self.cfg)
             expert = expert.to(base.qkv.weight.device, base.qkv.weight.dtype)
             expert.load_state_dict(base.state_dict())
             with torch.no_grad():
@@ -374,11 +481,31 @@ class ShiftableLM(nn.Module):
         """Mean next-token cross-entropy, without materialising the logits when training."""
         hidden = self.trunk(idx, routing).hidden.flatten(0, 1)
         if torch.is_grad_enabled() and hidden.device.type == "cpu":
-            return FusedLinearCrossEntropy.apply(hidden, self.wte.weight, targets.flatten())
+            return FusedLinearCrossEntropy.apply(hidden, self.head_weight, targets.flatten())
         return F.cross_entropy(self.head(hidden).float(), targets.flatten())
 
+    @property
+    def head_weight(self) -> Tensor:
+        return self.wte.weight if self.lm_head is None else self.lm_head.weight
+
     def head(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.wte.weight)  # tied embeddings
+        return F.linear(x, self.head_weight)
+
+    def embed(self, idx: Tensor, positions: Tensor) -> Tensor:
+        """Token embeddings, plus learned position embeddings where the model has them."""
+        x = self.wte(idx)
+        return x if self.wpe is None else x + self.wpe(positions)
+
+    def rotary(self, positions: Tensor, per_row: bool = False) -> tuple[Tensor, Tensor] | None:
+        """cos and sin at `positions`, to broadcast over queries (n, heads, T, hd): the same
+        T positions for every row (T, hd), or with `per_row` one position per row (n, 1, 1,
+        hd). None without rotary positions."""
+        if self.wpe is not None:
+            return None
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        if per_row:
+            return cos[:, None, None], sin[:, None, None]
+        return cos, sin
 
     def trunk(
         self, idx: Tensor, routing: Routing | list[Routing] = SOFT, features_only: bool = False
@@ -390,8 +517,9 @@ class ShiftableLM(nn.Module):
         B, T = idx.shape
         routes = RouteTable.for_batch(self.experts, routing, B, idx.device)
         dropout = self.cfg.dropout if self.training else 0.0
-        x = _dropout(self.wte(idx) + self.wpe(torch.arange(T, device=idx.device)), dropout)
-        step = Sequences(idx, routes, dropout, x.dtype)
+        positions = torch.arange(T, device=idx.device)
+        x = _dropout(self.embed(idx, positions), dropout)
+        step = Sequences(idx, routes, dropout, x.dtype, self.rotary(positions))
         for i, block in enumerate(self.blocks):
             if features_only and i == len(self.blocks) - 1 and routes.single is None:
                 block.attn.weigh(block.ln_1(x), step, i)
@@ -405,7 +533,7 @@ class ShiftableLM(nn.Module):
     def new_cache(self, slots: int, device=None, dtype: torch.dtype | None = None) -> KVCache:
         """Preallocate generation state for `slots` sequences of up to `context` tokens."""
         p, cfg = self.wte.weight, self.cfg
-        dims = (cfg.n_layer, cfg.n_head, cfg.d_model, cfg.context)
+        dims = (cfg.n_layer, cfg.kv_heads, cfg.head_dim, cfg.d_model, cfg.context)
         return KVCache.allocate(slots, self.experts, *dims, device or p.device, dtype or p.dtype)
 
     def prefill(
@@ -424,8 +552,9 @@ class ShiftableLM(nn.Module):
         (L, n, E), and with `every` the logits at every position (n, T, V), else None."""
         self._check_cache(cache)
         positions = torch.arange(start, start + idx.shape[1], device=idx.device)
-        x = self.wte(idx) + self.wpe(positions)
+        x = self.embed(idx, positions)
         step = Prefill(cache, slots, idx, lengths, routes, x.dtype, start)
+        step.rotary = self.rotary(positions)
         for i, block in enumerate(self.blocks):
             x = block(x, step, i)
         cache.lengths[slots] = start + lengths
@@ -446,7 +575,8 @@ class ShiftableLM(nn.Module):
         self._check_cache(cache)
         n = tokens.shape[0]
         step = Decode(cache, tokens, routes, span)
-        x = (self.wte(tokens) + self.wpe(step.pos)).unsqueeze(1)  # (n, 1, d)
+        step.rotary = self.rotary(step.pos, per_row=True)
+        x = self.embed(tokens, step.pos).unsqueeze(1)  # (n, 1, d)
         for i, block in enumerate(self.blocks):
             x = block(x, step, i)
         cache.lengths[:n] += 1

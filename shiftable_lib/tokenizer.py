@@ -34,6 +34,27 @@ def eos_id(tok: Tokenizer) -> int:
     return tok.token_to_id(EOS)
 
 
+def stop_ids(tok: Tokenizer, stop_tokens: Iterable[str] = ()) -> set[int]:
+    """The ids of the tokens that end a generation: `stop_tokens` (a version's own, such as
+    an instruct model's `<|im_end|>`), else our EOS."""
+    ids = {i for t in stop_tokens if (i := tok.token_to_id(t)) is not None}
+    return ids or {eos_id(tok)}
+
+
+def separator_id(tok: Tokenizer, stop_tokens: Iterable[str] = ()) -> int:
+    """The token between documents (in training text, and before an empty prompt): our EOS
+    where the vocabulary has it (pretrained byte-level vocabularies mostly do), else the first
+    of the version's stop tokens."""
+    found = eos_id(tok)
+    if found is None:
+        for token in stop_tokens:
+            if (found := tok.token_to_id(token)) is not None:
+                break
+    if found is None:
+        raise ValueError(f"the vocabulary has no {EOS} and no stop token to separate documents")
+    return found
+
+
 def encode(tok: Tokenizer, text: str) -> list[int]:
     return tok.encode(text, add_special_tokens=False).ids
 

@@ -34,7 +34,7 @@ from shiftable_lib import distributed
 from shiftable_lib.config import Profile
 from shiftable_lib.corpus import GENERAL, Domain
 from shiftable_lib.evaluate import autocast, perplexity, window_losses
-from shiftable_lib.model import ModelConfig, ShiftableLM
+from shiftable_lib.model import Expert, ModelConfig, ShiftableLM
 from shiftable_lib.plan import GATE, GENERALIST, specialist_phase, specialist_steps
 from shiftable_lib.sampling import Routing
 from shiftable_lib.tokenizer import encode_documents, eos_id
@@ -241,6 +241,12 @@ def train_generalist(
     return model, run_phase(phase, model, profile, device, progress)
 
 
+def branch_params(expert: Expert) -> list[nn.Parameter]:
+    """An expert's attention weights (and biases, where the family has them): all but its gate
+    rows, which are trained apart."""
+    return [p for n, p in expert.named_parameters() if n not in ("gate", "gate_tokens")]
+
+
 def generalist_params(model: ShiftableLM) -> list[nn.Parameter]:
     """Every weight but the gate rows: with one expert the gate never runs, so its rows get no
     gradient (and DDP wants no unused parameter)."""
@@ -299,7 +305,7 @@ def train_branch(
     specialists' text: a branch that learnt it would carry it, and deleting the branch later
     would make that domain worse."""
     name = data.name
-    params = [p for b in model.blocks for p in b.attn.experts[name].parameters() if p.dim() == 2]
+    params = [p for b in model.blocks for p in branch_params(b.attn.experts[name])]
     replay = general.train if general is not None and general.train.numel() > 1 else None
     phase = language_model_phase(
         specialist_phase(name), model, data, params, specialist_steps(data.train.numel(), profile),

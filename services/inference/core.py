@@ -96,9 +96,11 @@ class InferenceCore:
         max_queue: int = 64,
         threads: int = 0,
         cuda_graphs: bool = True,
+        dtype: str = "auto",
     ) -> None:
         self.models_dir = models_dir
         self.cuda_graphs = cuda_graphs  # the worker's engines replay CUDA graphs on a GPU
+        self.dtype = dtype  # of the weights and KV cache (checkpoint.serving_dtype)
         self.device = torch.device(device)
         self.max_batch = max_batch
         self.max_queue = max_queue
@@ -239,7 +241,7 @@ class InferenceCore:
             decode_seconds=retired.seconds + stats.seconds,
             swapping=self._swapping,
             load_error=self._load_error,
-            eos_token=EOS if version else "",
+            eos_token=((version.stop_tokens or (EOS,))[0]) if version else "",
             chat_template=version.chat_template if version else "",
         )
 
@@ -294,7 +296,11 @@ class InferenceCore:
         process = context.Process(
             target=worker.main,
             args=(child, self.models_dir, str(self.device), self.max_batch, self._threads),
-            kwargs={"version_id": version_id, "cuda_graphs": self.cuda_graphs},
+            kwargs={
+                "version_id": version_id,
+                "cuda_graphs": self.cuda_graphs,
+                "dtype": self.dtype,
+            },
             name="sma-inference-worker",
             daemon=True,
         )

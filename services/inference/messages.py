@@ -99,6 +99,7 @@ class LoadedVersion:
     profile: str
     tokenizer: Tokenizer  # for /tokenize and the text of tokens, on the server's side
     chat_template: str
+    stop_tokens: tuple[str, ...] = ()  # () = our EOS
 
 
 @dataclass(frozen=True)

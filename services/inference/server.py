@@ -280,6 +280,7 @@ def main(settings: Settings) -> None:
         settings.max_queue,
         threads=settings.decode_threads(),
         cuda_graphs=settings.cuda_graphs,
+        dtype=settings.serve_dtype,
     )
     service = Service(
         SERVICE_NAME, inference_pb2_grpc.add_InferenceServicer_to_server, InferenceServicer(core)

@@ -75,13 +75,14 @@ def main(
     threads: int,
     version_id: str | None = None,
     cuda_graphs: bool = True,
+    dtype: str = "auto",
 ) -> None:
     """Entry point of the worker process. `version_id` is set for a worker that replaces one
     that died: it serves what that one served, without waiting to be asked."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server process decides when it ends
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     torch.set_num_threads(threads)
-    worker = Worker(conn, models_dir, torch.device(device), max_batch, cuda_graphs)
+    worker = Worker(conn, models_dir, torch.device(device), max_batch, cuda_graphs, dtype)
     if version_id is not None:
         try:
             worker.adopt(*worker.prepare(version_id))
@@ -115,12 +116,14 @@ class Worker:
         device: torch.device,
         max_batch: int,
         cuda_graphs: bool = True,
+        dtype: str = "auto",
     ) -> None:
         self.conn = conn
         self.models_dir = models_dir
         self.device = device
         self.max_batch = max_batch
         self.cuda_graphs = cuda_graphs
+        self.dtype = checkpoint.serving_dtype(dtype, device)
         self.engine: Engine | None = None
         self.engine_version = ""
         self.draining: list[Engine] = []
@@ -191,14 +194,21 @@ class Worker:
 
     def prepare(self, version_id: str) -> _Prepared:
         """Reading weights and allocating a KV cache take a while: a helper thread does it."""
-        version = checkpoint.load_version(self.models_dir, version_id, self.device)
-        engine = Engine(version.model, version.tokenizer, self.max_batch, self.cuda_graphs)
+        version = checkpoint.load_version(self.models_dir, version_id, self.device, self.dtype)
+        engine = Engine(
+            version.model,
+            version.tokenizer,
+            self.max_batch,
+            self.cuda_graphs,
+            stop_tokens=version.stop_tokens,
+        )
         loaded = LoadedVersion(
             version_id,
             version.model.cfg,
             version.profile.name,
             version.tokenizer,
             version.chat_template,
+            version.stop_tokens,
         )
         return engine, loaded
 
@@ -338,7 +348,13 @@ class Worker:
                 self.conn.send(StreamFailed(request.stream_id, error))
         replacement = None
         if engine is self.engine:
-            self.engine = Engine(engine.model, engine.tok, engine.max_batch, self.cuda_graphs)
+            self.engine = Engine(
+                engine.model,
+                engine.tok,
+                engine.max_batch,
+                self.cuda_graphs,
+                stop_tokens=engine.stop_tokens,
+            )
             replacement = self.engine
         else:
             self.draining.remove(engine)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 
 import pytest
@@ -473,3 +474,41 @@ def test_a_prompt_scored_with_no_new_tokens_ends_after_its_prefill(shiftable, to
     assert all(s.top == () for s in seq.prompt_logprobs[1:])  # no alternatives asked for
     with pytest.raises(ValueError, match="only when the prompt is scored"):
         engine.submit("the list", replace(params, prompt_logprobs=False))
+
+
+def test_a_versions_own_stop_tokens_end_its_generations(shiftable, tokenizer) -> None:
+    """An imported model stops at its own end token (an instruct model's `<|im_end|>`), not
+    ours: whatever token the version names ends a greedy generation where it comes, with
+    finish reason "eos"; `ignore_eos` goes past it."""
+    params = SamplingParams(max_new_tokens=6, temperature=0)
+    (free,) = complete(Engine(shiftable, tokenizer, max_batch=2), ["the list of"], params)
+    assert len(free.output_ids) == 6
+    stop = tokenizer.id_to_token(free.output_ids[2])
+    engine = Engine(shiftable, tokenizer, max_batch=2, stop_tokens=(stop,))
+    (stopped,) = complete(engine, ["the list of"], params)
+    first = free.output_ids.index(free.output_ids[2])  # where that token first comes
+    assert stopped.output_ids == free.output_ids[: first + 1]
+    assert stopped.finish_reason == "eos"
+    (past,) = complete(engine, ["the list of"], replace(params, ignore_eos=True))
+    assert past.output_ids == free.output_ids
+
+
+def test_a_bfloat16_model_decodes_what_float32_does_within_its_precision(shiftable) -> None:
+    """The inference server's weights and KV cache are bfloat16 on a GPU: every path of a
+    decode step runs in it (here on the CPU, PyTorch's), with logits close to float32's."""
+    half = copy.deepcopy(shiftable).to(torch.bfloat16)
+    idx = torch.randint(
+        0, shiftable.cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0)
+    )
+    routes = RouteTable.for_batch(shiftable.experts, SOFT, 2, idx.device)
+    with torch.no_grad():
+        outs = []
+        for model in (shiftable, half):
+            cache = model.new_cache(2)
+            assert cache.k[0].dtype == model.wte.weight.dtype
+            model.prefill(cache, torch.arange(2), idx[:, :8], torch.tensor([8, 8]), routes)
+            steps = [model.decode(cache, idx[:, t], routes)[0].float() for t in range(8, 12)]
+            outs.append(torch.stack(steps))
+    full, bf16 = outs
+    assert (bf16 - full).abs().max() < 0.05 * full.abs().max()
+    assert (bf16.argmax(-1) == full.argmax(-1)).float().mean() > 0.9

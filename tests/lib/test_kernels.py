@@ -37,6 +37,38 @@ def test_compiled_attention_equals_sdpa_and_ignores_what_lies_past_each_row(head
     torch.testing.assert_close(kernels.decode_attention(q, k, v, heads, pos), got)
 
 
+@pytest.mark.parametrize("group", [2, 3])
+@pytest.mark.parametrize("rows", [4, 20], ids=["fused", "batched"])
+def test_grouped_query_attention_reads_each_key_head_for_its_group(group: int, rows: int):
+    """With G query heads per key/value head, the compiled loop and PyTorch's paths
+    (`cache.decode_attention`, fused SDPA below BATCHED_DECODE_ROWS rows, two matrix products
+    from there) equal SDPA over keys and values repeated for each query head."""
+    from shiftable_lib.cache import KVCache, decode_attention
+
+    kv_heads, hd, context = 2, 8, 24
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(rows, kv_heads * group, 1, hd, generator=gen)
+    pos = torch.randint(0, context, (rows,), generator=gen)
+    span = int(pos.max()) + 1
+    keep = (torch.arange(span) <= pos[:, None]).view(rows, 1, 1, span)
+    k, v = position_major_cache(rows, context, kv_heads, hd, seed=4)
+    keys, values = (b[:, :span].transpose(1, 2).repeat_interleave(group, 1) for b in (k, v))
+    expected = F.scaled_dot_product_attention(q, keys, values, attn_mask=keep)
+    heads = slice(0, kv_heads)
+    compiled = kernels.decode_attention(q, k, v, heads, pos)
+    torch.testing.assert_close(compiled, expected, rtol=0, atol=1e-5)
+    head_major = KVCache(
+        k=[k.transpose(1, 2).contiguous()],
+        v=[v.transpose(1, 2).contiguous()],
+        gate_state=[],
+        lengths=pos,
+        experts=("general",),
+    )
+    torch.testing.assert_close(
+        decode_attention(q, head_major, 0, heads, pos, keep), expected, rtol=0, atol=1e-5
+    )
+
+
 def test_compiled_attention_is_only_used_where_it_applies(monkeypatch):
     k = torch.zeros(2, 4, 2, 8)
     q = torch.zeros(1, 2, 1, 8)

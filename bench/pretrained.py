@@ -1,0 +1,181 @@
+"""A pretrained generalist, imported, against `transformers` running the same checkpoint, in
+one run: held-out perplexity and bits per byte per demo domain, and decode speed.
+
+    python -m bench.pretrained CHECKPOINT --home HOME [--device cuda] [--json]
+
+CHECKPOINT is a Hugging Face directory or a GGUF file (`transformers` reads GGUF files too,
+with `accelerate` installed). HOME's demo corpus is built if it has none; the checkpoint is
+imported there (`sma import`) and becomes its current version.
+
+- **Perplexity**: both models score the same windows of each domain's held-out split (`sma
+  eval`'s: `eval_windows` evenly spaced windows of `--window` tokens), under the same autocast
+  (bfloat16 on a GPU). Bits per byte: the windows' summed loss over the UTF-8 bytes they
+  predict.
+- **Decode**: our serving engine (the inference server's dtype, CUDA graphs on a GPU) against
+  `transformers`' `generate` with its static cache in the same dtype, greedy, the same prompts,
+  at batch 1, 16 and 64 (1 on a CPU); median tokens/s of alternating runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from bench.decode import _timed_pair, ours_decode
+from shiftable_lib import checkpoint, jobs
+from shiftable_lib.config import Settings
+from shiftable_lib.demo_corpus import DEMO_DOMAINS, build_demo_corpus
+from shiftable_lib.evaluate import autocast
+from shiftable_lib.sampling import Routing
+
+WINDOWS = 32
+
+
+def load_reference(path: Path, device: torch.device, dtype: torch.dtype):
+    """The checkpoint as `transformers` loads it."""
+    import transformers
+
+    if path.is_dir():
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=dtype
+        )
+    return model.to(device).eval()
+
+
+def windows(tokens: torch.Tensor, length: int, count: int) -> torch.Tensor:
+    """`sma eval`'s windows: `count` evenly spaced, non-overlapping, `length + 1` tokens each."""
+    n = (tokens.numel() - 1) // length
+    picks = torch.linspace(0, n - 1, min(count, n)).round().long().unique()
+    return torch.stack([tokens[i * length : i * length + length + 1] for i in picks.tolist()])
+
+
+@torch.no_grad()
+def scores(forward, rows: torch.Tensor, device: torch.device) -> tuple[float, int]:
+    """Summed next-token loss (nats) of `rows` and how many predictions it sums."""
+    total, count = 0.0, 0
+    for chunk in rows.split(8):
+        chunk = chunk.to(device)
+        with autocast(device):
+            logits = forward(chunk[:, :-1])
+        loss = F.cross_entropy(
+            logits.flatten(0, 1).float(), chunk[:, 1:].flatten(), reduction="sum"
+        )
+        total += loss.item()
+        count += chunk[:, 1:].numel()
+    return total, count
+
+
+def predicted_bytes(tok, rows: torch.Tensor) -> int:
+    return sum(
+        len(tok.decode(row[1:].tolist(), skip_special_tokens=False).encode()) for row in rows
+    )
+
+
+def measure(checkpoint_path: Path, home: Path, device_name: str, window: int) -> dict:
+    settings = Settings(home=home, device=device_name)
+    device = jobs.configure_torch(settings)
+    if not (settings.data_dir / "general").is_dir():
+        build_demo_corpus(settings.data_dir)
+    imported = jobs.import_base(settings, checkpoint_path)
+    served = checkpoint.serving_dtype("auto", device)
+    version = checkpoint.load_version(settings.models_dir, imported.version, device)
+    ours, tok = version.model, version.tokenizer
+    theirs = load_reference(checkpoint_path, device, torch.float32)
+    base = Routing()
+
+    domains = {}
+    data = jobs.tokenize_domains(settings, tok, list(DEMO_DOMAINS))
+    for name, d in data.items():
+        rows = windows(d.heldout, window, WINDOWS)
+        nbytes = predicted_bytes(tok, rows)
+        ours_nats, n = scores(lambda x: ours(x, base)[0], rows, device)
+        their_nats, _ = scores(lambda x: theirs(x).logits, rows, device)
+        domains[name] = {
+            "windows": len(rows),
+            "ppl": math.exp(ours_nats / n),
+            "transformers_ppl": math.exp(their_nats / n),
+            "difference": math.exp((ours_nats - their_nats) / n) - 1,
+            "bits_per_byte": ours_nats / math.log(2) / nbytes,
+        }
+
+    # decode: both in the serving dtype
+    ours = ours.to(served)
+    theirs = theirs.to(served)
+    batches = (1, 16, 64) if device.type == "cuda" else (1,)
+    new_tokens = 128 if device.type == "cuda" else 32
+    prompt_ids = [row[:32].tolist() for row in windows(data["general"].heldout, 32, 64)]
+    prompts = [tok.decode(p) for p in prompt_ids]
+    decode = {}
+    for batch in batches:
+        ours_run = ours_decode(ours, tok, batch, new_tokens, prompts)
+        ids = [tok.encode(p).ids[:32] for p in prompts[:batch]]
+        width = min(len(i) for i in ids)
+        theirs_run = _reference_decode(theirs, [i[:width] for i in ids], new_tokens, device)
+        rate, reference = _timed_pair(ours_run, theirs_run, repeats=3)
+        decode[batch] = {"ours": rate, "transformers": reference, "ratio": rate / reference}
+    return {
+        "checkpoint": imported.source,
+        "version": imported.version,
+        "device": str(device),
+        "window": window,
+        "dtype": str(served).removeprefix("torch."),
+        "domains": domains,
+        "decode": decode,
+    }
+
+
+def _reference_decode(model, ids: list[list[int]], new_tokens: int, device: torch.device):
+    prompt = torch.tensor(ids, device=device)
+
+    @torch.inference_mode()
+    def run() -> int:
+        out = model.generate(
+            input_ids=prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            cache_implementation="static",
+            pad_token_id=0,
+        )
+        return (out.shape[1] - prompt.shape[1]) * prompt.shape[0]
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--home", type=Path, required=True)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--window", type=int, default=512, help="tokens a scored window holds")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    result = measure(args.checkpoint, args.home, args.device, args.window)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"{result['checkpoint']['name']} on {result['device']}, {result['window']}-token windows")
+    print("| domain | ppl | transformers | difference | bits/byte |")
+    print("|---|---|---|---|---|")
+    for name, d in result["domains"].items():
+        print(
+            f"| {name} | {d['ppl']:.3f} | {d['transformers_ppl']:.3f} | "
+            f"{100 * d['difference']:+.3f}% | {d['bits_per_byte']:.3f} |"
+        )
+    print(f"decode ({result['dtype']}), tokens/s")
+    print("| batch | ours | transformers (static cache) | ratio |")
+    print("|---|---|---|---|")
+    for batch, d in result["decode"].items():
+        print(f"| {batch} | {d['ours']:.0f} | {d['transformers']:.0f} | {d['ratio']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
