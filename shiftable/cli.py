@@ -28,7 +28,7 @@ from shiftable_lib.train import Progress
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    keys = ("home", "device", "port")
+    keys = ("home", "device", "port", "base")
     overrides = {k: v for k in keys if (v := getattr(args, k, None)) is not None}
     if getattr(args, "command", None) in ("serve", "up") and args.profile:
         overrides["profile"] = args.profile
@@ -271,6 +271,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     return up(_settings(args))
 
 
+BASE_HELP = (
+    "a pretrained model (Hugging Face directory or .gguf file) to import as the generalist "
+    "when there is none, instead of training one (default $SMA_BASE)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sma", description=__doc__)
     common = argparse.ArgumentParser(add_help=False)
@@ -291,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train the generalist if there is none, then every specialist",
     )
     t.add_argument("--profile", choices=list(PROFILES), help="default $SMA_PROFILE or cpu")
+    t.add_argument("--base", type=Path, help=BASE_HELP)
     t.add_argument(
         "--nproc-per-node",
         type=int,
@@ -377,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     stack = argparse.ArgumentParser(add_help=False, parents=[common])
     stack.add_argument("--profile", choices=list(PROFILES), help="for a first training")
     stack.add_argument("--port", type=int, help="gateway port (default $SMA_PORT or 8000)")
+    stack.add_argument("--base", type=Path, help=BASE_HELP)
     s = sub.add_parser("serve", parents=[stack], help="run one server of the stack")
     s.add_argument("service", choices=["registry", "training", "inference", "gateway"])
     s.set_defaults(func=cmd_serve)

@@ -69,6 +69,8 @@ def stack_env(settings: Settings) -> dict[str, str]:
         SMA_PORT=str(settings.port),
         PYTHONUNBUFFERED="1",
     )
+    if settings.base is not None:  # the training service imports it at a first start
+        env["SMA_BASE"] = str(settings.base.resolve())
     for name in GRPC_SERVICES:
         env[f"SMA_{name.upper()}_PORT"] = str(settings.grpc_port(name))
         env[f"SMA_{name.upper()}_ADDR"] = ""  # the stack's own servers, whatever the shell says

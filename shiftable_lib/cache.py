@@ -8,6 +8,7 @@ each slot's running sums, keys and values go into the cache, and decoding attend
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -162,11 +163,20 @@ def attention(
     )
 
 
+def visible(pos: Tensor, span: int, dtype: torch.dtype) -> Tensor:
+    """The additive attention mask of one query per row at positions `pos` (n,) over `span`
+    cached positions: 0 up to each row's position, -inf past it, (n, 1, 1, span). Made once a
+    step: given a boolean mask, SDPA would turn it into this in every layer."""
+    seen = torch.arange(span, device=pos.device) <= pos[:, None]
+    mask = torch.zeros(seen.shape, dtype=dtype, device=pos.device).masked_fill_(~seen, -math.inf)
+    return mask.view(-1, 1, 1, span)
+
+
 def decode_attention(
-    q: Tensor, cache: KVCache, layer: int, heads: slice, pos: Tensor, keep: Tensor
+    q: Tensor, cache: KVCache, layer: int, heads: slice, pos: Tensor, mask: Tensor
 ) -> Tensor:
     """Attention of one new query per row (n, H, 1, hd) over the cache's `heads` of slots
-    0..n-1 up to positions `pos`; `keep` (n, 1, 1, span) is True exactly there.
+    0..n-1 up to positions `pos`; `mask` (n, 1, 1, span) is `visible`'s.
 
     With grouped-query attention the cache holds fewer heads than the queries: each of its
     heads serves G consecutive query heads, which are then that head's G query rows (one
@@ -174,14 +184,14 @@ def decode_attention(
     if cache.position_major and kernels.supports(q):
         return kernels.decode_attention(q, cache.k[layer], cache.v[layer], heads, pos)
     n, H, _, hd = q.shape
-    span = keep.shape[-1]
+    span = mask.shape[-1]
     keys, values = cache.span(layer, n, span, heads)
     q = q.view(n, keys.shape[1], -1, hd)  # (n, H_kv, G, hd)
     if q.device.type != "cpu" or n < BATCHED_DECODE_ROWS:
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=keep)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.to(q.dtype))
     else:
         scores = torch.matmul(q, keys.transpose(-1, -2)).mul_(hd**-0.5)
-        weights = scores.masked_fill_(~keep, float("-inf")).softmax(-1)
+        weights = scores.add_(mask).softmax(-1)
         out = torch.matmul(weights.to(values.dtype), values)
     return out.view(n, H, 1, hd)
 
@@ -271,8 +281,7 @@ class Decode:
         self.cache, self.idx, self.routes = cache, tokens, routes
         self.pos = cache.lengths[:n]
         span = span or int(self.pos.max()) + 1
-        positions = torch.arange(span, device=tokens.device)
-        self.keep = (positions <= self.pos[:, None]).view(n, 1, 1, span)
+        self.mask = visible(self.pos, span, cache.k[0].dtype)
         self.count = (self.pos + 1).float().view(n, 1)
         self.heads = cache.heads_for(routes)
         self.rows = cache.rows_at(self.pos, self.heads)
@@ -290,4 +299,4 @@ class Decode:
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         self.cache.write(layer, self.rows, self.heads, k, v)
-        return decode_attention(q, self.cache, layer, self.heads, self.pos, self.keep)
+        return decode_attention(q, self.cache, layer, self.heads, self.pos, self.mask)

@@ -81,6 +81,15 @@ class ModelVersion:
         return tuple(self.meta.get("eos_tokens") or ())
 
 
+INHERITED = ("chat_template", "eos_tokens", "base")  # a version's traits its children keep
+
+
+def inherited(meta: dict) -> dict:
+    """What a version grown from one recorded with `meta` records the same: its chat template,
+    its stop tokens, the checkpoint its base was imported from."""
+    return {key: meta[key] for key in INHERITED if key in meta}
+
+
 def next_version_id(models_dir: Path) -> str:
     ids = version_ids(models_dir)
     return f"v{(int(ids[-1][1:]) + 1 if ids else 1):04d}"
@@ -94,13 +103,23 @@ def save_version(
     metrics: dict,
     meta: dict | None = None,
 ) -> str:
-    """Write a new complete version directory and return its id (it does not become current)."""
+    """Write a new complete version directory and return its id (it does not become current).
+
+    A version grown from an imported base (`meta["base"]`) stores only the tensors that differ
+    from the base's (the specialists' branches, the gate rows) and names the base version and
+    its file's digest ("delta_of"); the import itself stores everything and becomes the base.
+    """
     models_dir.mkdir(parents=True, exist_ok=True)
     version = next_version_id(models_dir)
+    meta = dict(meta or {})
     tmp = models_dir / f".tmp-{version}-{os.getpid()}"
     tmp.mkdir()
     try:
         state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+        if "base" in meta and "version" not in meta["base"]:  # the import: it is the base
+            meta["base"] = {**meta["base"], "version": version}
+        elif "base" in meta:
+            state, meta["delta_of"] = _delta(models_dir, meta["base"]["version"], state)
         save_file(state, str(tmp / "model.safetensors"))
         with open(tmp / "model.safetensors", "rb+") as f:
             os.fsync(f.fileno())
@@ -113,7 +132,7 @@ def save_version(
             "profile": profile.to_dict(),
             "files": {name: _fingerprint(tmp / name) for name in CHECKED_FILES},
             "chat_template": PLAIN_CHAT_TEMPLATE,
-            **(meta or {}),
+            **meta,
         }
         write_file(tmp / "config.json", json.dumps(config, indent=2, sort_keys=True).encode())
         write_file(tmp / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True).encode())
@@ -158,7 +177,10 @@ def load_version(
     try:
         cfg = ModelConfig.from_dict(meta["model"])
         model = ShiftableLM(cfg)
-        model.load_state_dict(load_file(str(path / "model.safetensors"), device="cpu"), strict=True)
+        state = load_file(str(path / "model.safetensors"), device="cpu")
+        if "delta_of" in meta:
+            state = {**_base_state(models_dir, version, meta["delta_of"]), **state}
+        model.load_state_dict(state, strict=True)
         profile = Profile.from_dict(meta["profile"])
     except (KeyError, TypeError, ValueError, RuntimeError, OSError) as exc:
         raise VersionInvalid(f"{version}: its files do not make a model ({exc})") from exc
@@ -172,6 +194,32 @@ def load_version(
         meta=meta,
         metrics=_read_json(metrics_path, version) if metrics_path.is_file() else {},
     )
+
+
+def _delta(
+    models_dir: Path, base: str, state: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors of `state` that the base version's file lacks or holds otherwise, and what
+    names that file: its version, size and SHA-256."""
+    path = models_dir / base / "model.safetensors"
+    if not path.is_file():
+        raise VersionInvalid(f"the base version {base} is missing: nothing can grow from it")
+    held = load_file(str(path), device="cpu")
+    changed = {
+        k: v for k, v in state.items() if k not in held or not torch.equal(held[k].to(v.dtype), v)
+    }
+    return changed, {"version": base, **_fingerprint(path)}
+
+
+def _base_state(models_dir: Path, version: str, base: dict) -> dict[str, torch.Tensor]:
+    """The weights of the base version a delta names, once its file is the one it names."""
+    path = models_dir / str(base.get("version", "")) / "model.safetensors"
+    if _fingerprint(path) != {k: base.get(k) for k in ("bytes", "sha256")}:
+        raise VersionInvalid(
+            f"{version}: it holds only what differs from {base.get('version')}, whose "
+            "model.safetensors is missing or not the file it grew from"
+        )
+    return load_file(str(path), device="cpu")
 
 
 def _fingerprint(path: Path) -> dict:

@@ -251,6 +251,11 @@ class Settings(BaseSettings):
     home: Path = Field(default=Path("sma-home"), description="data, artifacts and state")
     profile: str = Field(default="cpu", description="tiny | cpu | gpu | gpt2-small")
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
+    base: Path | None = Field(
+        default=None,
+        description="a pretrained model (a Hugging Face directory or a .gguf file) that a "
+        "first training imports as the generalist, instead of training one",
+    )
     threads: int = Field(
         default=0,
         description="CPU threads for torch; 0 = all cores (the decode worker: all but one)",

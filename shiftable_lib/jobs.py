@@ -138,6 +138,16 @@ def import_base(
     return Imported(version, read.family, cfg, read.source)
 
 
+def _import_generalist(
+    settings: Settings, profile_name: str | None, progress: ProgressFn
+) -> JobResult:
+    progress(train.Progress(plan.IMPORT, 0, 1, float("nan"), 0.0, 0.0))
+    # every rank reads the checkpoint; rank 0 writes the version (`_publish`)
+    version = import_base(settings, settings.base, profile_name=profile_name).version
+    progress(train.Progress(plan.IMPORT, 1, 1, float("nan"), 0.0, 0.0))
+    return JobResult(version, f"imported {settings.base.name} as {version}", {})
+
+
 def load_current(settings: Settings, device: torch.device | str = "cpu") -> checkpoint.ModelVersion:
     version = checkpoint.current_version(settings.models_dir)
     if version is None:
@@ -168,7 +178,9 @@ def train_all(
         _build_demo_corpus(settings, progress)
         decision = plan.decide_train_all(settings, profile_name)
         on_plan(decision.phases)
-    if decision.generalist:
+    if decision.generalist and settings.base is not None:
+        results.append(_import_generalist(settings, profile_name, progress))
+    elif decision.generalist:
         results.append(
             train_generalist(settings, profile_name or settings.profile, device, progress)
         )
@@ -294,7 +306,8 @@ def _finish(
     meta = {
         "kind": kind,
         "parent": current.id,
-        "chat_template": current.chat_template,
+        # what an imported base brought, kept by every version grown from it
+        **checkpoint.inherited(current.meta),
         "corpus_digests": digests,
         "corpus_tokens": {  # a sampled corpus keeps the count of the version before
             n: int(d.train.numel()) if d.whole else current.meta.get("corpus_tokens", {}).get(n, 0)

@@ -115,7 +115,9 @@ class Step(Protocol):
         """Each head's attention output for queries q, given the new positions' k and v (with
         grouped-query attention, fewer heads of k and v than of q)."""
 
-    rotary: tuple[Tensor, Tensor] | None  # cos, sin at the new positions: (..., T, hd)
+    # cos and signed sin (`rotary_table`) at the new positions, shaped to broadcast over the
+    # fused qkv's (B, T, E, heads, hd): (T, 1, 1, hd), or (B, 1, 1, 1, hd) for one per row
+    rotary: tuple[Tensor, Tensor] | None
 
 
 class Expert(nn.Module):
@@ -153,9 +155,7 @@ class MixedAttention(nn.Module):
             experts = [experts[step.routes.single]]
         elif step.skip_unused:
             experts, weights = _skip_unused(experts, weights)
-        q, k, v = self.qkv(h, experts)
-        if step.rotary is not None:
-            q, k = rotate(q, *step.rotary), rotate(k, *step.rotary)
+        q, k, v = self.qkv(h, experts, step.rotary)
         return self.mix(step.attend(layer, q, k, v), weights, experts)
 
     def weigh(self, h: Tensor, step: Step, layer: int) -> Tensor | None:
@@ -217,19 +217,24 @@ class MixedAttention(nn.Module):
             logits = logits.masked_fill((k > 0) & (rank >= k), float("-inf"))
         return logits.softmax(-1)
 
-    def qkv(self, h: Tensor, experts: list[Expert]) -> tuple[Tensor, Tensor, Tensor]:
+    def qkv(
+        self, h: Tensor, experts: list[Expert], rotary: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """q as (B, E*H, T, hd) and k, v as (B, E*H_kv, T, hd): every expert's heads side by
-        side, one matmul."""
+        side, one matmul; with `rotary`, q and k rotated to their positions."""
         B, T, _ = h.shape
         E, H, Hkv, hd = len(experts), self.n_head, self.kv_heads, self.head_dim
         w = self.joined([e.qkv.weight for e in experts], 0)
         b = self.joined([e.qkv.bias for e in experts], 0) if self.qkv_bias else None
         qkv = F.linear(h, w, b)
-        if Hkv == H:  # one permute serves all three
+        if Hkv == H and rotary is None:  # one permute serves all three
             qkv = qkv.view(B, T, E, 3, H, hd).permute(3, 0, 2, 4, 1, 5)
             q, k, v = qkv.reshape(3, B, E * H, T, hd).unbind(0)
             return q, k, v
-        q, k, v = qkv.view(B, T, E, H + 2 * Hkv, hd).split([H, Hkv, Hkv], dim=3)
+        qkv = qkv.view(B, T, E, H + 2 * Hkv, hd)
+        q, k, v = qkv.split([H, Hkv, Hkv], dim=3)
+        if rotary is not None:  # q and k lie side by side: rotated together
+            q, k = rotate(qkv[..., : H + Hkv, :], *rotary).split([H, Hkv], dim=3)
         q = q.permute(0, 2, 3, 1, 4).reshape(B, E * H, T, hd)
         k = k.permute(0, 2, 3, 1, 4).reshape(B, E * Hkv, T, hd)
         v = v.permute(0, 2, 3, 1, 4).reshape(B, E * Hkv, T, hd)
@@ -281,20 +286,21 @@ def norm(cfg: ModelConfig) -> nn.Module:
 
 
 def rotary_table(cfg: ModelConfig) -> tuple[Tensor, Tensor]:
-    """cos and sin of every position's rotation angles (context, hd), in the rotate-half
-    layout (Hugging Face's): the angle of pair i appears at i and at i + hd/2."""
+    """cos and signed sin of every position's rotation angles (context, hd), in the
+    rotate-half layout (Hugging Face's): pair i is the coordinates i and i + hd/2, turned by
+    the same angle. The sin of the first half is negated, for `rotate`."""
     hd = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
     angles = torch.outer(torch.arange(cfg.context, dtype=torch.float64), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().float(), angles.sin().float()
+    sin = angles.sin()
+    return torch.cat([angles, angles], -1).cos().float(), torch.cat([-sin, sin], -1).float()
 
 
-def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotary position embedding of x (..., T, hd), cos and sin broadcasting to it."""
-    half = x.shape[-1] // 2
-    turned = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + turned * sin
+def rotate(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
+    """Rotary position embedding of x (..., hd): x cos + rotate_half(x) sin, where
+    rotate_half(x) = [-x2, x1] is x rolled by half a head with the sign in the table (three
+    kernels, where slicing and concatenating take six)."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), signed_sin)
 
 
 class Block(nn.Module):
@@ -497,15 +503,15 @@ class ShiftableLM(nn.Module):
         return x if self.wpe is None else x + self.wpe(positions)
 
     def rotary(self, positions: Tensor, per_row: bool = False) -> tuple[Tensor, Tensor] | None:
-        """cos and sin at `positions`, to broadcast over queries (n, heads, T, hd): the same
-        T positions for every row (T, hd), or with `per_row` one position per row (n, 1, 1,
-        hd). None without rotary positions."""
+        """cos and signed sin at `positions`, to broadcast over the fused qkv (n, T, E, heads,
+        hd): the same T positions for every row (T, 1, 1, hd), or with `per_row` one position
+        per row (n, 1, 1, 1, hd). None without rotary positions."""
         if self.wpe is not None:
             return None
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         if per_row:
-            return cos[:, None, None], sin[:, None, None]
-        return cos, sin
+            return cos[:, None, None, None], sin[:, None, None, None]
+        return cos[:, None, None], sin[:, None, None]
 
     def trunk(
         self, idx: Tensor, routing: Routing | list[Routing] = SOFT, features_only: bool = False

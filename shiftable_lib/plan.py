@@ -32,6 +32,7 @@ from shiftable_lib.tokenizer import load_tokenizer
 DEMO_CORPUS = "demo corpus"
 TOKENIZER = "tokenizer"
 GENERALIST = "generalist"
+IMPORT = "import"
 GATE = "gate"
 # evaluating and publishing a version: the library reports no progress for it, so whoever
 # follows a plan enters it when the phase before it ends
@@ -119,7 +120,9 @@ def decide_train_all(
     else:
         reason = "" if found else NO_SPECIALISTS
     phases = [PlannedPhase(DEMO_CORPUS)] if demo else []
-    if config is None:
+    if config is None and settings.base is not None:
+        phases.append(PlannedPhase(IMPORT))
+    elif config is None:
         phases += [
             PlannedPhase(TOKENIZER),
             PlannedPhase(GENERALIST, profile.generalist_steps),

@@ -54,13 +54,19 @@ def version_config(models_dir: Path, version: str) -> dict:
 def check_sizes(models_dir: Path, version: str, config: dict) -> None:
     """VersionInvalid when a file config.json records is missing or not of its recorded size:
     the quick half of the check a load makes (which also compares digests)."""
-    for name, recorded in config.get("files", {}).items():
-        path = models_dir / version / name
+    files = [(version, name, recorded) for name, recorded in config.get("files", {}).items()]
+    if base := config.get("delta_of"):  # a delta: its base's weights are part of it
+        files.append((str(base.get("version", "")), "model.safetensors", base))
+    for owner, name, recorded in files:
+        if not VERSION_PATTERN.match(owner):
+            raise VersionInvalid(f"{version}: config.json names no version in {owner!r}")
+        path = models_dir / owner / name
+        shown = name if owner == version else f"{owner}/{name}, which it grew from,"
         size = path.stat().st_size if path.is_file() else None
         if size is None:
-            raise VersionInvalid(f"{version}: {name} is missing")
+            raise VersionInvalid(f"{version}: {shown} is missing")
         if size != recorded.get("bytes"):
             raise VersionInvalid(
-                f"{version}: {name} is {size} bytes, not the {recorded.get('bytes')} it was "
+                f"{version}: {shown} is {size} bytes, not the {recorded.get('bytes')} it was "
                 "written with"
             )

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from tests.cli.test_cli import sma
-from tests.conftest import synthetic_documents
+from tests.conftest import synthetic_documents, write_domain
 from tests.hf_models import TEMPLATE, hf_model, save_hf
 
 
@@ -53,3 +53,39 @@ def test_a_path_that_holds_no_model_is_refused_and_nothing_is_written(tmp_path: 
     assert not (home / "artifacts" / "models").exists() or not any(
         (home / "artifacts" / "models").iterdir()
     )
+
+
+def test_train_with_a_base_imports_it_then_grows_the_specialists_on_it(
+    tmp_path: Path, tokenizer
+) -> None:
+    """`sma train --base` where there is no model: the checkpoint is the generalist (v0001),
+    the specialists grow on it (v0002), and what the checkpoint brought (its chat template,
+    its stop tokens, where it came from) is kept by the versions grown from it."""
+    folder = save_hf(hf_model("qwen2", tokenizer.get_vocab_size()), tokenizer, tmp_path / "qwen")
+    home = tmp_path / "home"
+    write_domain(home / "data", "general", synthetic_documents("general", 40))
+    write_domain(home / "data", "ds", synthetic_documents("ds", 40))
+    done = sma(home, "train", "--base", str(folder))
+    assert "imported qwen as v0001" in done.stdout, done.stdout
+    models = home / "artifacts" / "models"
+    first = json.loads((models / "v0001" / "config.json").read_text())
+    grown = json.loads((models / "v0002" / "config.json").read_text())
+    assert grown["model"]["specialists"] == ["ds"] and grown["parent"] == "v0001"
+    for key in ("chat_template", "eos_tokens", "base"):
+        assert grown[key] == first[key], key
+    assert grown["model"]["n_kv_head"] == 1 and grown["model"]["qkv_bias"] is True
+    # v0002 holds only what differs from the base: the branch and the gate rows
+    assert grown["delta_of"]["version"] == "v0001" == first["base"]["version"]
+    weights = {v: (models / v / "model.safetensors").stat().st_size for v in ("v0001", "v0002")}
+    assert weights["v0002"] < weights["v0001"] / 2, weights
+    out = sma(home, "generate", "the array", "--max-new-tokens", "4", "--force", "ds")
+    assert out.stdout.startswith("the array")
+    # a second `sma train` has a model: the base is not imported again
+    again = sma(home, "train", "--base", str(folder))
+    assert "imported" not in again.stdout and not (models / "v0003").exists()
+    # without the base's weights the delta is no model, and says why
+    base = models / "v0001" / "model.safetensors"
+    base.write_bytes(base.read_bytes()[:-8] + b"\0" * 8)  # same size, other bytes
+    broken = sma(home, "generate", "the array", check=False)
+    assert broken.returncode == 2
+    assert "holds only what differs from v0001" in broken.stderr, broken.stderr

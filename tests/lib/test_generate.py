@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from shiftable_lib.cache import BATCHED_DECODE_ROWS, KVCache, decode_attention
+from shiftable_lib.cache import BATCHED_DECODE_ROWS, KVCache, decode_attention, visible
 from shiftable_lib.generate import Engine, complete, stream
 from shiftable_lib.routing import RouteTable
 from shiftable_lib.sampling import SOFT, Routing, SamplingParams
@@ -146,7 +146,8 @@ def test_batched_decode_attention_equals_sdpa_and_ignores_positions_past_each_ro
 
     def attend(k: torch.Tensor) -> torch.Tensor:
         cache = KVCache([k], [values], [], lengths)  # head-major
-        return decode_attention(q, cache, 0, slice(0, heads), lengths - 1, keep)
+        mask = visible(lengths - 1, span, q.dtype)
+        return decode_attention(q, cache, 0, slice(0, heads), lengths - 1, mask)
 
     batched = attend(keys)
     fused = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=keep)

@@ -43,7 +43,7 @@ def test_grouped_query_attention_reads_each_key_head_for_its_group(group: int, r
     """With G query heads per key/value head, the compiled loop and PyTorch's paths
     (`cache.decode_attention`, fused SDPA below BATCHED_DECODE_ROWS rows, two matrix products
     from there) equal SDPA over keys and values repeated for each query head."""
-    from shiftable_lib.cache import KVCache, decode_attention
+    from shiftable_lib.cache import KVCache, decode_attention, visible
 
     kv_heads, hd, context = 2, 8, 24
     gen = torch.Generator().manual_seed(3)
@@ -65,7 +65,10 @@ def test_grouped_query_attention_reads_each_key_head_for_its_group(group: int, r
         experts=("general",),
     )
     torch.testing.assert_close(
-        decode_attention(q, head_major, 0, heads, pos, keep), expected, rtol=0, atol=1e-5
+        decode_attention(q, head_major, 0, heads, pos, visible(pos, span, q.dtype)),
+        expected,
+        rtol=0,
+        atol=1e-5,
     )
 
 
