@@ -78,7 +78,9 @@ def predicted_bytes(tok, rows: torch.Tensor) -> int:
     )
 
 
-def measure(checkpoint_path: Path, home: Path, device_name: str, window: int) -> dict:
+def measure(
+    checkpoint_path: Path, home: Path, device_name: str, window: int, count: int = WINDOWS
+) -> dict:
     settings = Settings(home=home, device=device_name)
     device = jobs.configure_torch(settings)
     if not (settings.data_dir / "general").is_dir():
@@ -93,7 +95,7 @@ def measure(checkpoint_path: Path, home: Path, device_name: str, window: int) ->
     domains = {}
     data = jobs.tokenize_domains(settings, tok, list(DEMO_DOMAINS))
     for name, d in data.items():
-        rows = windows(d.heldout, window, WINDOWS)
+        rows = windows(d.heldout, window, count)
         nbytes = predicted_bytes(tok, rows)
         ours_nats, n = scores(lambda x: ours(x, base)[0], rows, device)
         their_nats, _ = scores(lambda x: theirs(x).logits, rows, device)
@@ -156,9 +158,12 @@ def main() -> None:
     parser.add_argument("--home", type=Path, required=True)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--window", type=int, default=512, help="tokens a scored window holds")
+    parser.add_argument(
+        "--windows", type=int, default=WINDOWS, help="windows scored per domain (fewer on a CPU)"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    result = measure(args.checkpoint, args.home, args.device, args.window)
+    result = measure(args.checkpoint, args.home, args.device, args.window, args.windows)
     if args.json:
         print(json.dumps(result, indent=2))
         return

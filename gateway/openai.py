@@ -20,7 +20,7 @@ from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.schemas import RoutingBody
+from gateway.schemas import MAX_MESSAGES, ChatMessage, RoutingBody
 from shiftable_lib.sampling import (
     DEFAULT_TOP_K_EXPERTS,
     MAX_LOGPROBS,
@@ -38,7 +38,6 @@ from sma.v1 import inference_pb2
 
 MODEL = "shiftable"
 MAX_CHOICES = 16  # `n` times the prompts of one request: each is a stream of its own
-MAX_MESSAGES = 1024
 
 # finish reasons as OpenAI names them: the end of text is a natural stop
 FINISH = {
@@ -234,26 +233,6 @@ class CompletionBody(Common):
             )
         if len(self.prompts()) * (self.n or 1) > MAX_CHOICES:
             raise OpenAIError(400, f"at most {MAX_CHOICES} choices (prompts times n)", "n")
-
-
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
-    name: str | None = Field(default=None, max_length=256)
-
-    def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
-        return self.content or ""
 
 
 class ResponseFormat(BaseModel):

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from google.protobuf.timestamp_pb2 import Timestamp
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from shiftable_lib.config import MAX_DRIFT
 from shiftable_lib.sampling import (
@@ -71,12 +71,44 @@ class RoutingBody(BaseModel):
         )
 
 
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = Field(default=None, max_length=256)
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+MAX_MESSAGES = 1024  # of a chat
+
+
 class GenerateBody(BaseModel):
-    """POST /generate and /generate/stream. The first four fields are the original API's."""
+    """POST /generate and /generate/stream. `prompt` and the next three fields are the original
+    API's; `messages` may take the prompt's place."""
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field(max_length=MAX_PROMPT_CHARS)
+    prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
+    messages: list[ChatMessage] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_MESSAGES,
+        description="instead of `prompt`: a chat, made a prompt by the serving model's chat "
+        "template (an instruct model's own; the messages a blank line apart for ours), ready "
+        "for the assistant's turn",
+    )
     max_new_tokens: int | None = Field(
         default=None,
         ge=1,
@@ -95,9 +127,16 @@ class GenerateBody(BaseModel):
     routing: RoutingBody = Field(default_factory=RoutingBody)
     ignore_eos: bool = Field(default=False, description="exactly max_new_tokens (benchmarks)")
 
-    def to_proto(self) -> inference_pb2.GenerateRequest:
+    @model_validator(mode="after")
+    def _one_prompt(self) -> GenerateBody:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give either `prompt` or `messages`")
+        return self
+
+    def to_proto(self, prompt: str | None = None) -> inference_pb2.GenerateRequest:
+        """The request, for `prompt` (`messages` rendered), else the body's prompt."""
         request = inference_pb2.GenerateRequest(
-            prompt=self.prompt,
+            prompt=self.prompt if prompt is None else prompt,
             temperature=self.temperature,
             top_k=self.top_k,
             top_p=max(self.top_p, FLOAT32_TINY),

@@ -26,6 +26,7 @@ from shiftable_lib.config import Profile
 from shiftable_lib.durable import fsync_dir, write_file
 from shiftable_lib.errors import NotFound, VersionInvalid
 from shiftable_lib.model import ModelConfig, ShiftableLM
+from shiftable_lib.sampling import PLAIN_CHAT_TEMPLATE, chat_template_of
 from shiftable_lib.tokenizer import load_tokenizer
 from shiftable_lib.versions import (
     CURRENT,
@@ -48,14 +49,6 @@ __all__ = [
 
 FORMAT = 1
 CHECKED_FILES = ("model.safetensors", "tokenizer.json")  # recorded in config.json's "files"
-# how a chat becomes a prompt for a model trained from scratch to continue text: the messages'
-# texts, a blank line apart, and the model continues the last (a Jinja template, as Hugging
-# Face tokenizers carry one; a version records its own in config.json's "chat_template")
-PLAIN_CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{ message['content'] }}{% if not loop.last %}\n\n{% endif %}"
-    "{%- endfor -%}"
-)
 
 
 @dataclass
@@ -72,7 +65,7 @@ class ModelVersion:
 
     @property
     def chat_template(self) -> str:
-        return self.meta.get("chat_template") or PLAIN_CHAT_TEMPLATE
+        return chat_template_of(self.meta.get("chat_template"))
 
     @property
     def stop_tokens(self) -> tuple[str, ...]:

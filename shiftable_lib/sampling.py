@@ -14,6 +14,33 @@ from dataclasses import dataclass
 
 from shiftable_lib.errors import NotFound
 
+# how a chat becomes a prompt for a model trained from scratch to continue text: the messages'
+# texts, a blank line apart, and the model continues the last (a Jinja template, as Hugging
+# Face tokenizers carry one; a version records its own in config.json's "chat_template")
+# The blank line is an expression: chat templates render with trim_blocks (as Hugging Face's
+# do), which would take the first newline after a `{% endif %}` away.
+PLAIN_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ message['content'] }}{{ '\\n\\n' if not loop.last else '' }}"
+    "{%- endfor -%}"
+)
+# what versions written before recorded: it rendered the messages a single newline apart
+_PLAIN_BEFORE = (
+    "{%- for message in messages -%}"
+    "{{ message['content'] }}{% if not loop.last %}\n\n{% endif %}"
+    "{%- endfor -%}"
+)
+
+
+def chat_template_of(recorded: str | None) -> str:
+    """The template a version renders chats with: the one it records, else (none, or the
+    plain one as earlier versions wrote it) the plain one."""
+    return PLAIN_CHAT_TEMPLATE if recorded in (None, "", _PLAIN_BEFORE) else recorded
+
+
+def is_plain(template: str) -> bool:
+    return chat_template_of(template) == PLAIN_CHAT_TEMPLATE
+
 DEFAULT_MAX_NEW_TOKENS = 64  # or half the context, if smaller: the prompt keeps the rest
 DEFAULT_TEMPERATURE = 1.0
 DEFAULT_TOP_K = 0  # the whole vocabulary

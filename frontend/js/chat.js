@@ -1,9 +1,11 @@
 // The chat: a conversation kept in the browser, sent as one prompt, the reply streamed by SSE.
 //
-// The model is a plain language model: it continues text. A conversation is therefore one
-// document: each message starts a new paragraph and each reply continues it. Before sending, the
-// oldest turns are dropped until the prompt fits the model's context, estimated from the
-// characters-per-token ratio the server's own usage reports.
+// A model trained here is a plain language model: it continues text. A conversation is then one
+// document: each message starts a new paragraph and each reply continues it. An imported instruct
+// model has a chat template of its own (/health says "own"): the conversation is then sent as
+// `messages`, which the server renders with that template. Before sending, the oldest turns are
+// dropped until the prompt fits the model's context, estimated from the characters-per-token
+// ratio the server's own usage reports.
 
 import { ApiError, events } from "./api.js";
 
@@ -34,6 +36,7 @@ export class Chat {
     this.turns = load(STORE, []); // [{role: "user" | "model", text, meta?}]
     this.charsPerToken = 2.5; // refined from every reply's usage
     this.context = null;
+    this.ownTemplate = false; // the model's own chat template renders `messages`
     this.controller = null;
     for (const turn of this.turns) this.render(turn);
     this.restoreSettings();
@@ -68,6 +71,11 @@ export class Chat {
     if (!chosen || Number(chosen) > context - 1) {
       fields.max_new_tokens.value = String(Math.min(64, Math.floor(context / 2)));
     }
+  }
+
+  // "own" when the serving model has a chat template of its own (from /health).
+  setChatTemplate(kind) {
+    this.ownTemplate = kind === "own";
   }
 
   // The generation settings, or a sentence saying which one is out of range.
@@ -123,7 +131,14 @@ export class Chat {
       }
       if (dropped) pieces[0] = pieces[0].replace(/^\n\n/, "");
     }
-    return { text: pieces.join(""), dropped };
+    const messages = [
+      ...this.turns.slice(dropped).map((t) => ({
+        role: t.role === "user" ? "user" : "assistant",
+        content: t.text,
+      })),
+      { role: "user", content: message },
+    ];
+    return { text: pieces.join(""), messages, dropped };
   }
 
   async send() {
@@ -134,7 +149,7 @@ export class Chat {
     if (error) return;
     const turns = this.turns; // "New conversation" during the reply replaces it
     const routing = this.takeRouting();
-    const { text, dropped } = this.buildPrompt(message, params.max_new_tokens);
+    const { text, messages, dropped } = this.buildPrompt(message, params.max_new_tokens);
     const user = { role: "user", text: message };
     const reply = { role: "model", text: "", meta: { streaming: true } };
     const userEl = this.render(user);
@@ -142,7 +157,9 @@ export class Chat {
     prompt.value = "";
     this.busy(true);
     this.controller = new AbortController();
-    const body = { prompt: text, ...params, routing };
+    const body = this.ownTemplate
+      ? { messages, ...params, routing }
+      : { prompt: text, ...params, routing };
     let done = null;
     try {
       for await (const { event, data } of events("/generate/stream", {
@@ -162,7 +179,7 @@ export class Chat {
       }
       if (!done) throw new ApiError(502, "the stream ended before the reply was complete");
       reply.meta = summarize(done, dropped, routing);
-      this.learnRatio(text, done.usage);
+      this.learnRatio(done.prompt ?? text, done.usage);
     } catch (err) {
       if (err.name === "AbortError") {
         reply.meta = { stopped: true };
@@ -185,7 +202,7 @@ export class Chat {
     this.turns.push(user, reply);
     this.save();
     this.renderMeta(replyEl, reply.meta);
-    if (done) this.onReply({ prompt: text, completion: reply.text, done, routing });
+    if (done) this.onReply({ prompt: done.prompt ?? text, completion: reply.text, done, routing });
   }
 
   learnRatio(text, usage) {

@@ -18,5 +18,6 @@ const chat = new Chat({
 watchHealth((health) => {
   renderStatus(health);
   if (health?.model?.context) chat.setContext(health.model.context);
+  if (health?.model) chat.setChatTemplate(health.model.chat_template);
   if (health) specialists.refresh();
 });

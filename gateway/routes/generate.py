@@ -10,7 +10,9 @@ from fastapi.responses import StreamingResponse
 
 from gateway.backends import RPC_TIMEOUT, http_status
 from gateway.deps import EVENT_STREAM, Gateway, GatewayDep, client_of, refusals
+from gateway.openai import OpenAIError, render_chat
 from gateway.schemas import FINISH, GenerateBody, InspectBody, gate_summary, sse, usage
+from shiftable_lib.errors import Unavailable
 from sma.v1 import inference_pb2
 
 router = APIRouter()
@@ -34,25 +36,33 @@ GENERATION_REFUSALS = refusals(
 async def generate(gw: GatewayDep, body: GenerateBody, request: Request) -> dict:
     """The whole completion at once (the original API's shape, plus usage and gate weights)."""
     await gw.require_model()
+    prompt = await _prompt(gw, body)
     parts: list[str] = []
     last = None
-    async for message in _stream(gw, body, client_of(request)):
+    async for message in stream_generation(gw, body.to_proto(prompt), client_of(request)):
         parts.append(message.text)
         last = message
     completion = "".join(parts)
     return {
-        "prompt": body.prompt,
+        "prompt": prompt,
         "completion": completion,
-        "full_text": body.prompt + completion,
+        "full_text": prompt + completion,
         "specialists": list(gw.serving.version.specialists),  # no registry call per request
         **_final(last),
     }
 
 
-def _stream(
-    gw: Gateway, body: GenerateBody, client: str
-) -> AsyncIterator[inference_pb2.GenerateResponse]:
-    return stream_generation(gw, body.to_proto(), client)
+async def _prompt(gw: Gateway, body: GenerateBody) -> str:
+    """The body's prompt, or its messages as the serving model's chat template renders them."""
+    if body.messages is None:
+        return str(body.prompt)
+    info = await gw.model_info()
+    if info is None:
+        raise Unavailable(NO_MODEL)
+    try:
+        return render_chat(info.chat_template, body.messages, info.eos_token)
+    except OpenAIError as exc:
+        raise ValueError(exc.message) from None
 
 
 async def stream_generation(
@@ -83,8 +93,10 @@ async def generate_stream(
     finish reason, usage and gate weights. Errors before the first token are plain HTTP
     errors; a later one is an `error` event."""
     await gw.require_model()
-    messages = _stream(gw, body, client_of(request))
+    prompt = await _prompt(gw, body)
+    messages = stream_generation(gw, body.to_proto(prompt), client_of(request))
     first = await anext(messages)  # bad parameters raise here, as a 4xx
+    rendered = {"prompt": prompt} if body.messages is not None else {}
 
     async def events() -> AsyncIterator[str]:
         text = []
@@ -94,7 +106,8 @@ async def generate_stream(
                 text.append(message.text)
                 yield sse("token", {"text": message.text, "token_ids": list(message.token_ids)})
                 if message.finish_reason:
-                    yield sse("done", {"completion": "".join(text), **_final(message)})
+                    done = {"completion": "".join(text), **rendered, **_final(message)}
+                    yield sse("done", done)
                     return
                 message = await anext(messages)
         except StopAsyncIteration:

@@ -11,6 +11,7 @@ from fastapi.responses import FileResponse, HTMLResponse, Response
 from gateway.coordinator import cannot_load, serves_everywhere
 from gateway.deps import FRONTEND, GatewayDep, R
 from gateway.schemas import artifact_paths
+from shiftable_lib.sampling import is_plain
 from sma.v1 import inference_pb2
 
 router = APIRouter()
@@ -105,6 +106,8 @@ def _model(info: inference_pb2.GetModelInfoResponse | None) -> dict | None:
         "max_batch": info.max_batch,
         "active_streams": info.active_streams,
         "queued": info.queued,
+        # "own": an instruct model's template, which chats go through (`messages`)
+        "chat_template": "plain" if is_plain(info.chat_template) else "own",
     }
 
 

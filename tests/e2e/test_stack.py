@@ -97,6 +97,29 @@ def test_generate_keeps_the_original_contract(stack: Stack) -> None:
     assert out["finish_reason"] in ("length", "eos")
 
 
+def test_a_chat_is_a_prompt_by_the_models_template(stack: Stack) -> None:
+    """`messages` in place of `prompt`: a model trained here has the plain template (the
+    messages a blank line apart), which /health reports; the reply shows the prompt made."""
+    assert stack.health()["model"]["chat_template"] == "plain"
+    chat = [
+        {"role": "user", "content": "the list"},
+        {"role": "assistant", "content": "of arrays"},
+        {"role": "user", "content": "the dict"},
+    ]
+    body = {"messages": chat, "max_new_tokens": 4, "temperature": 0}
+    out = stack.http.post("/generate", json=body).json()
+    assert out["prompt"] == "the list\n\nof arrays\n\nthe dict"
+    assert out["full_text"] == out["prompt"] + out["completion"]
+    same = stack.http.post("/generate", json={**body, "messages": None, "prompt": out["prompt"]})
+    assert same.json()["completion"] == out["completion"]
+    with stack.http.stream("POST", "/generate/stream", json=body) as response:
+        events = list(sse_events(response))
+    assert events[-1][0] == "done" and events[-1][1]["prompt"] == out["prompt"]
+    for bad in ({"max_new_tokens": 4}, {**body, "prompt": "the"}, {**body, "messages": []}):
+        refused = stack.http.post("/generate", json=bad)
+        assert refused.status_code == 422, bad
+
+
 def test_stream_deltas_concatenate_to_the_completion(stack: Stack) -> None:
     body = {"prompt": "tensor gradient", "max_new_tokens": 16, "temperature": 0.0}
     whole = stack.http.post("/generate", json=body).json()

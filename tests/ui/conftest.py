@@ -141,14 +141,31 @@ class Console:
             self.errors.append(message.text)
 
 
-@pytest.fixture
-def page(browser: Browser, ui_stack: Stack) -> Iterator[Page]:
-    """A fresh browser context (empty localStorage) at 1280x800."""
+@contextlib.contextmanager
+def fresh_page(browser: Browser) -> Iterator[Page]:
+    """A page in a fresh browser context (empty localStorage) at 1280x800."""
     context = browser.new_context(viewport={"width": 1280, "height": 800})
     try:
         yield context.new_page()
     finally:
         context.close()
+
+
+@contextlib.contextmanager
+def ready_stack(home: Path, env: dict | None = None) -> Iterator[Stack]:
+    """A stack on `home`, once it serves; stopped afterwards."""
+    running = Stack(home, env=env).start()
+    try:
+        running.wait_ready()
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture
+def page(browser: Browser, ui_stack: Stack) -> Iterator[Page]:
+    with fresh_page(browser) as page:
+        yield page
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import pytest
 from playwright.sync_api import Browser, Page, expect
 
 from tests.e2e.conftest import Stack, tiny_home
-from tests.ui.conftest import Console
+from tests.ui.conftest import Console, fresh_page, ready_stack
 from tests.ui.test_ui import SLOW, last_reply, send
 
 pytestmark = pytest.mark.slow
@@ -22,21 +22,14 @@ ADMIN_KEY = "ui-admin-key-0123456789"
 @pytest.fixture(scope="module")
 def keyed_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     keys = {"SMA_API_KEY": USER_KEY, "SMA_ADMIN_KEY": ADMIN_KEY}
-    running = Stack(tiny_home(tmp_path_factory.mktemp("ui-keys")), env=keys).start()
-    try:
-        running.wait_ready()
+    with ready_stack(tiny_home(tmp_path_factory.mktemp("ui-keys")), keys) as running:
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture
 def keyed_page(browser: Browser, keyed_stack: Stack) -> Iterator[Page]:
-    context = browser.new_context(viewport={"width": 1280, "height": 800})
-    try:
-        yield context.new_page()
-    finally:
-        context.close()
+    with fresh_page(browser) as page:
+        yield page
 
 
 def test_the_page_asks_for_the_key_once_and_keeps_it(keyed_page: Page, keyed_stack: Stack) -> None:

@@ -1,0 +1,72 @@
+"""The chat on an imported instruct model, in real headless Chromium against the real stack:
+the conversation goes to the server as `messages`, which the model's own chat template renders
+(a model trained here gets one prompt of paragraphs instead: test_ui.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from playwright.sync_api import Browser, Page, expect
+
+from shiftable_lib import jobs
+from shiftable_lib.config import Settings
+from tests.conftest import synthetic_documents, write_domain
+from tests.e2e.conftest import Stack
+from tests.hf_models import hf_model, save_hf
+from tests.ui.conftest import Console, fresh_page, ready_stack
+from tests.ui.test_ui import last_reply, open_ui, send, settings
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def instruct_stack(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Iterator[Stack]:
+    """A stack serving a tiny Qwen2 with a chat template of its own and one specialist grown
+    on it (`sma train --base`)."""
+    root = tmp_path_factory.mktemp("ui-instruct")
+    folder = save_hf(hf_model("qwen2", tokenizer.get_vocab_size()), tokenizer, root / "qwen")
+    home = root / "home"
+    write_domain(home / "data", "general", synthetic_documents("general", 40))
+    write_domain(home / "data", "ds", synthetic_documents("ds", 40))
+    jobs.train_all(Settings(home=home, profile="tiny", device="cpu", base=folder))
+    with ready_stack(home) as running:
+        yield running
+
+
+@pytest.fixture
+def instruct_page(browser: Browser, instruct_stack: Stack) -> Iterator[Page]:
+    with fresh_page(browser) as page:
+        yield page
+
+
+def test_the_chat_goes_through_the_models_own_template(
+    instruct_page: Page, instruct_stack: Stack
+) -> None:
+    page, console = instruct_page, Console(instruct_page)
+    health = instruct_stack.health()
+    assert health["model"]["chat_template"] == "own"
+    open_ui(page, instruct_stack)
+    settings(page, 6, 0.0)
+    with page.expect_request("**/generate/stream") as request:
+        send(page, "the array")
+    assert request.value.post_data_json["messages"] == [{"role": "user", "content": "the array"}]
+    assert "prompt" not in request.value.post_data_json
+    expect(last_reply(page).locator(".meta")).to_contain_text("tokens")
+    first = last_reply(page).locator(".text").inner_text()
+    with page.expect_request("**/generate/stream") as request:
+        send(page, "the list")
+    assert request.value.post_data_json["messages"] == [
+        {"role": "user", "content": "the array"},
+        {"role": "assistant", "content": first},
+        {"role": "user", "content": "the list"},
+    ]
+    expect(page.locator(".turn")).to_have_count(4)
+    expect(last_reply(page).locator(".meta")).to_contain_text("tokens")
+    # the server rendered the template: what /generate answers for the same chat
+    reply = instruct_stack.http.post(
+        "/generate", json={"messages": [{"role": "user", "content": "the array"}]}
+    ).json()
+    assert reply["prompt"] == "<|im_start|>the array<|im_end|>"
+    assert reply["full_text"] == reply["prompt"] + reply["completion"]
+    assert console.errors == [], console.errors
