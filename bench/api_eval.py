@@ -52,7 +52,8 @@ def measure(home: Path, url: str, device: str = "auto") -> dict:
     context, windows = current.profile.context, current.profile.eval_windows
     names = [n for n in current.model.experts if (settings.data_dir / n).is_dir()]
     rows = {}
-    for name, d in jobs.tokenize_domains(settings, current.tokenizer, names).items():
+    data = jobs.tokenize_domains(settings, current.tokenizer, names, current.stop_tokens)
+    for name, d in data.items():
         tokens = d.heldout
         n = (tokens.numel() - 1) // context
         picks = torch.linspace(0, n - 1, min(windows, n)).round().long().unique().tolist()

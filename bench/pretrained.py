@@ -93,7 +93,7 @@ def measure(
     base = Routing()
 
     domains = {}
-    data = jobs.tokenize_domains(settings, tok, list(DEMO_DOMAINS))
+    data = jobs.tokenize_domains(settings, tok, list(DEMO_DOMAINS), version.stop_tokens)
     for name, d in data.items():
         rows = windows(d.heldout, window, count)
         nbytes = predicted_bytes(tok, rows)

@@ -60,15 +60,24 @@ def configure_torch(settings: Settings) -> torch.device:
     return distributed.init(train.pick_device(settings.device))
 
 
-def tokenize_domains(settings: Settings, tok, names: list[str]) -> dict[str, DomainTokens]:
-    return {n: tokenize_domain(tok, load_domain(settings.data_dir, n)) for n in names}
+def tokenize_domains(
+    settings: Settings, tok, names: list[str], stop_tokens: tuple[str, ...] = ()
+) -> dict[str, DomainTokens]:
+    """The domains `names` as token streams; `stop_tokens` are the version's (the document
+    separator is among them where the vocabulary has no EOS of ours)."""
+    return {n: tokenize_domain(tok, load_domain(settings.data_dir, n), stop_tokens) for n in names}
 
 
-def _replay(settings: Settings, tok, names: list[str]) -> dict[str, DomainTokens]:
+def _replay(
+    settings: Settings, tok, names: list[str], stop_tokens: tuple[str, ...] = ()
+) -> dict[str, DomainTokens]:
     """The other domains of an add or a removal, those of `names` whose corpus is there, each
     read up to REPLAY_CHARS: what its gate phase and its checks need of them."""
     present = [n for n in names if (settings.data_dir / n).is_dir()]
-    return {n: tokenize_domain(tok, sampled(load_domain(settings.data_dir, n))) for n in present}
+    return {
+        n: tokenize_domain(tok, sampled(load_domain(settings.data_dir, n)), stop_tokens)
+        for n in present
+    }
 
 
 def _digests(settings: Settings, names: list[str]) -> dict[str, str]:
@@ -260,7 +269,7 @@ def _train_specialists(
     """Every branch anew; `digests` are those of `specialists` hashed already, if any."""
     started = time.perf_counter()
     names = [GENERAL, *specialists]
-    data = tokenize_domains(settings, current.tokenizer, names)
+    data = tokenize_domains(settings, current.tokenizer, names, current.stop_tokens)
     model, report = train.train_specialists(current.model, data, current.profile, device, progress)
     general = {k: v for k, v in current.meta.get("corpus_digests", {}).items() if k == GENERAL}
     return _finish(
@@ -355,8 +364,9 @@ def add_specialist(
     on_plan(plan.plan_add_specialist(settings, name, current.meta))
     started = time.perf_counter()
     digest = corpus_digest(folder)
-    new = tokenize_domain(current.tokenizer, load_domain(settings.data_dir, name))
-    replay = _replay(settings, current.tokenizer, [GENERAL, *current.model.cfg.specialists])
+    stops = current.stop_tokens
+    new = tokenize_domain(current.tokenizer, load_domain(settings.data_dir, name), stops)
+    replay = _replay(settings, current.tokenizer, [GENERAL, *current.model.cfg.specialists], stops)
     limit = settings.max_drift if max_drift is None else max_drift
     model, report = train.add_specialist(
         current.model, new, replay, current.profile, device, progress, drift_target(limit)
@@ -409,7 +419,7 @@ def remove_specialist(
     if not any((settings.data_dir / n).is_dir() for n in remaining):  # nothing to recalibrate on
         recalibrate_steps = 0
     on_plan(plan.plan_remove_specialist(recalibrate_steps))
-    data = _replay(settings, current.tokenizer, remaining)
+    data = _replay(settings, current.tokenizer, remaining, current.stop_tokens)
     model, report = train.remove_specialist(
         current.model, name, data, current.profile, device, recalibrate_steps, progress
     )
@@ -451,7 +461,7 @@ def evaluate_current(settings: Settings) -> dict:
     device = configure_torch(settings)
     current = load_current(settings, device)
     names = [n for n in current.model.experts if (settings.data_dir / n).is_dir()]
-    data = tokenize_domains(settings, current.tokenizer, names)
+    data = tokenize_domains(settings, current.tokenizer, names, current.stop_tokens)
     result = evaluate.evaluate(current.model, data, current.profile, device)
     result["version"] = current.id
     result["profile"] = current.profile.name

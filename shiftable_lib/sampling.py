@@ -41,6 +41,7 @@ def chat_template_of(recorded: str | None) -> str:
 def is_plain(template: str) -> bool:
     return chat_template_of(template) == PLAIN_CHAT_TEMPLATE
 
+
 DEFAULT_MAX_NEW_TOKENS = 64  # or half the context, if smaller: the prompt keeps the rest
 DEFAULT_TEMPERATURE = 1.0
 DEFAULT_TOP_K = 0  # the whole vocabulary

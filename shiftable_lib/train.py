@@ -37,7 +37,7 @@ from shiftable_lib.evaluate import autocast, perplexity, window_losses
 from shiftable_lib.model import Expert, ModelConfig, ShiftableLM
 from shiftable_lib.plan import GATE, GENERALIST, specialist_phase, specialist_steps
 from shiftable_lib.sampling import Routing
-from shiftable_lib.tokenizer import encode_documents, eos_id
+from shiftable_lib.tokenizer import encode_documents, separator_id
 
 # `calibrate_rows`: an added specialist makes no other domain more than DRIFT_TARGET worse than
 # it is without it (half the default publish limit, for the difference between training and
@@ -93,8 +93,12 @@ class DomainTokens:
         return self.calibration if self.calibration.numel() > context else self.train
 
 
-def tokenize_domain(tok: Tokenizer, domain: Domain) -> DomainTokens:
-    eos = eos_id(tok)
+def tokenize_domain(
+    tok: Tokenizer, domain: Domain, stop_tokens: tuple[str, ...] = ()
+) -> DomainTokens:
+    """A domain's splits as token streams, each document followed by the separator
+    (`tokenizer.separator_id`: our EOS, else the first of the version's `stop_tokens`)."""
+    eos = separator_id(tok, stop_tokens)
 
     def stream(docs: list[str]) -> tuple[Tensor, list[Tensor]]:
         parts = [torch.tensor([*ids, eos], dtype=torch.long) for ids in encode_documents(tok, docs)]

@@ -205,3 +205,23 @@ def test_what_is_not_supported_is_refused_by_name(tokenizer, tmp_path: Path) -> 
     with pytest.raises(ImportRefused, match="does not exist"):
         read_pretrained(tmp_path / "nothing")
     assert pretrained.FAMILIES == ("gpt2", "llama", "qwen2")
+
+
+def test_documents_are_separated_by_the_versions_own_end_token(tmp_path: Path) -> None:
+    """A vocabulary without our `<|endoftext|>` (Llama 2's and TinyLlama's end with `</s>`):
+    training text separates documents with the version's stop token, and says so when it has
+    none."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from shiftable_lib.corpus import Domain
+    from shiftable_lib.train import tokenize_domain
+
+    vocab = {"</s>": 0, "<unk>": 1, "a": 2, "b": 3}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["</s>"])
+    domain = Domain("ds", train=["a b", "b"], heldout=["a"], calibration=[])
+    tokens = tokenize_domain(tok, domain, stop_tokens=("</s>",))
+    assert tokens.train.tolist() == [2, 3, 0, 3, 0] and tokens.heldout.tolist() == [2, 0]
+    with pytest.raises(ValueError, match="no stop token to separate documents"):
+        tokenize_domain(tok, domain)
