@@ -125,15 +125,17 @@ def import_base(
 ) -> Imported:
     """Make a pretrained checkpoint (`pretrained.read_pretrained`) the current version: the
     generalist, without specialists, with its tokenizer, chat template and stop tokens. The
-    profile gives the training settings of the specialists grown on it later; its model sizes
-    are the checkpoint's."""
+    profile gives the training settings of the specialists grown on it later, their windows
+    included (the profile's length, at most the model's context); its model sizes are the
+    checkpoint's."""
     read = pretrained.read_pretrained(path, context)
     model = read.model()
     cfg = read.cfg
+    chosen = get_profile(profile_name or settings.profile)
     profile = replace(
-        get_profile(profile_name or settings.profile),
+        chosen,
         vocab_size=cfg.vocab_size,
-        context=cfg.context,
+        context=min(chosen.context, cfg.context),  # training and evaluation windows
         n_layer=cfg.n_layer,
         n_head=cfg.n_head,
         d_model=cfg.d_model,

@@ -4,13 +4,12 @@ the conversation goes to the server as `messages`, which the model's own chat te
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
-from shiftable_lib import jobs
-from shiftable_lib.config import Settings
 from tests.conftest import synthetic_documents, write_domain
 from tests.e2e.conftest import Stack
 from tests.hf_models import hf_model, save_hf
@@ -22,15 +21,15 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def instruct_stack(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Iterator[Stack]:
-    """A stack serving a tiny Qwen2 with a chat template of its own and one specialist grown
-    on it (`sma train --base`)."""
+    """A stack whose first start imports a tiny Qwen2 with a chat template of its own
+    (`SMA_BASE`, as `sma up --base` passes it to the training service) and grows one
+    specialist on it."""
     root = tmp_path_factory.mktemp("ui-instruct")
     folder = save_hf(hf_model("qwen2", tokenizer.get_vocab_size()), tokenizer, root / "qwen")
     home = root / "home"
     write_domain(home / "data", "general", synthetic_documents("general", 40))
     write_domain(home / "data", "ds", synthetic_documents("ds", 40))
-    jobs.train_all(Settings(home=home, profile="tiny", device="cpu", base=folder))
-    with ready_stack(home) as running:
+    with ready_stack(home, {"SMA_BASE": str(folder)}) as running:
         yield running
 
 
@@ -46,6 +45,9 @@ def test_the_chat_goes_through_the_models_own_template(
     page, console = instruct_page, Console(instruct_page)
     health = instruct_stack.health()
     assert health["model"]["chat_template"] == "own"
+    assert health["serving_version"] == "v0002" and health["specialists"] == ["ds"]
+    first = json.loads((instruct_stack.home / "artifacts/models/v0001/config.json").read_text())
+    assert first["base"]["name"] == "qwen" and first["model"]["n_kv_head"] == 1
     open_ui(page, instruct_stack)
     settings(page, 6, 0.0)
     with page.expect_request("**/generate/stream") as request:
