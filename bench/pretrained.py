@@ -14,6 +14,10 @@ imported there (`sma import`) and becomes its current version.
 - **Decode**: our serving engine (the inference server's dtype, CUDA graphs on a GPU) against
   `transformers`' `generate` with its static cache in the same dtype, greedy, the same prompts,
   at batch 1, 16 and 64 (1 on a CPU); median tokens/s of alternating runs.
+- **Growing** (`--grow`): the demo's specialists added one at a time on the base (`sma
+  add-specialist`, with the `--profile`'s settings), each add timed; then each domain's
+  held-out perplexity with them against the base's, the routing, and greedy completions of a
+  few prompts by the base alone and by the model with its specialists.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -29,11 +34,15 @@ import torch.nn.functional as F
 from bench.decode import _timed_pair, ours_decode
 from shiftable_lib import checkpoint, jobs
 from shiftable_lib.config import Settings
+from shiftable_lib.corpus import GENERAL
 from shiftable_lib.demo_corpus import DEMO_DOMAINS, build_demo_corpus
+from shiftable_lib.errors import DriftTooLarge
 from shiftable_lib.evaluate import autocast
-from shiftable_lib.sampling import Routing
+from shiftable_lib.generate import Engine, complete
+from shiftable_lib.sampling import Routing, SamplingParams
 
 WINDOWS = 32
+PROMPTS = ("import numpy as np\n\n", "loss = criterion(output, target)\n", "The os module")
 
 
 def load_reference(path: Path, device: torch.device, dtype: torch.dtype):
@@ -79,9 +88,15 @@ def predicted_bytes(tok, rows: torch.Tensor) -> int:
 
 
 def measure(
-    checkpoint_path: Path, home: Path, device_name: str, window: int, count: int = WINDOWS
+    checkpoint_path: Path,
+    home: Path,
+    device_name: str,
+    window: int,
+    count: int = WINDOWS,
+    grow: bool = False,
+    profile: str | None = None,
 ) -> dict:
-    settings = Settings(home=home, device=device_name)
+    settings = Settings(home=home, device=device_name, **({"profile": profile} if profile else {}))
     device = jobs.configure_torch(settings)
     if not (settings.data_dir / "general").is_dir():
         build_demo_corpus(settings.data_dir)
@@ -122,7 +137,7 @@ def measure(
         theirs_run = _reference_decode(theirs, [i[:width] for i in ids], new_tokens, device)
         rate, reference = _timed_pair(ours_run, theirs_run, repeats=3)
         decode[batch] = {"ours": rate, "transformers": reference, "ratio": rate / reference}
-    return {
+    result = {
         "checkpoint": imported.source,
         "version": imported.version,
         "device": str(device),
@@ -130,6 +145,40 @@ def measure(
         "dtype": str(served).removeprefix("torch."),
         "domains": domains,
         "decode": decode,
+    }
+    if grow:
+        del ours, theirs
+        result["grown"] = grow_specialists(settings)
+    return result
+
+
+def grow_specialists(settings: Settings) -> dict:
+    """Add each demo specialist to the imported base, timing each add; then the model's
+    evaluation (`sma eval`'s figures) and greedy completions with and without them."""
+    adds = {}
+    for name in DEMO_DOMAINS[1:]:
+        started = time.perf_counter()
+        try:
+            done = jobs.add_specialist(settings, name)
+            adds[name] = {"seconds": time.perf_counter() - started, "version": done.version}
+        except DriftTooLarge as exc:  # reported, not published: the figures say why
+            adds[name] = {"seconds": time.perf_counter() - started, "refused": str(exc)}
+    device = jobs.configure_torch(settings)
+    current = jobs.load_current(settings, device)
+    served = current.model.to(checkpoint.serving_dtype("auto", device))
+    completions = {}
+    for routing, label in ((Routing(force=(GENERAL,)), "base"), (Routing(), "specialists")):
+        engine = Engine(
+            served, current.tokenizer, max_batch=len(PROMPTS), stop_tokens=current.stop_tokens
+        )
+        params = SamplingParams(max_new_tokens=48, temperature=0, routing=routing)
+        seqs = complete(engine, list(PROMPTS), params)
+        completions[label] = [current.tokenizer.decode(s.output_ids) for s in seqs]
+    return {
+        "version": current.id,
+        "adds": adds,
+        "metrics": current.metrics.get("domains", {}),
+        "completions": dict(zip(PROMPTS, zip(*completions.values(), strict=True), strict=True)),
     }
 
 
@@ -161,9 +210,13 @@ def main() -> None:
     parser.add_argument(
         "--windows", type=int, default=WINDOWS, help="windows scored per domain (fewer on a CPU)"
     )
+    parser.add_argument("--grow", action="store_true", help="then add the demo's specialists")
+    parser.add_argument("--profile", help="the specialists' training settings (with --grow)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    result = measure(args.checkpoint, args.home, args.device, args.window, args.windows)
+    result = measure(
+        args.checkpoint, args.home, args.device, args.window, args.windows, args.grow, args.profile
+    )
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -180,6 +233,20 @@ def main() -> None:
     print("|---|---|---|---|")
     for batch, d in result["decode"].items():
         print(f"| {batch} | {d['ours']:.0f} | {d['transformers']:.0f} | {d['ratio']:.2f} |")
+    if "grown" in result:
+        grown = result["grown"]
+        print(f"grown to {grown['version']}")
+        for name, add in grown["adds"].items():
+            print(f"  add {name}: {add['seconds']:.1f} s {add.get('refused', '')}")
+        print("| domain | ppl with specialists | base | ratio | routing |")
+        print("|---|---|---|---|---|")
+        for name, d in grown["metrics"].items():
+            print(
+                f"| {name} | {d['model_ppl']:.3f} | {d['generalist_ppl']:.3f} | "
+                f"{d['ratio']:.3f} | {d.get('routing', float('nan')):.2f} |"
+            )
+        for prompt, (base, grown_text) in grown["completions"].items():
+            print(f"{prompt!r}\n  base:        {base!r}\n  specialists: {grown_text!r}")
 
 
 if __name__ == "__main__":
