@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from bench.decode import _timed_pair, ours_decode
+from gateway.openai import render_chat
+from gateway.schemas import ChatMessage
 from shiftable_lib import checkpoint, jobs
 from shiftable_lib.config import Settings
 from shiftable_lib.corpus import GENERAL
@@ -39,10 +41,17 @@ from shiftable_lib.demo_corpus import DEMO_DOMAINS, build_demo_corpus
 from shiftable_lib.errors import DriftTooLarge
 from shiftable_lib.evaluate import autocast
 from shiftable_lib.generate import Engine, complete
-from shiftable_lib.sampling import Routing, SamplingParams
+from shiftable_lib.sampling import Routing, SamplingParams, is_plain
 
 WINDOWS = 32
+# what the completions continue: raw text for a model without a chat template of its own, else
+# a question each (an instruct model closes its turn at once after raw text)
 PROMPTS = ("import numpy as np\n\n", "loss = criterion(output, target)\n", "The os module")
+QUESTIONS = (
+    "How do I compute the mean of each column of a numpy array?",
+    "Write a PyTorch training step: forward, loss, backward and the optimizer.",
+    "What does Python's os module do?",
+)
 
 
 def load_reference(path: Path, device: torch.device, dtype: torch.dtype):
@@ -166,19 +175,27 @@ def grow_specialists(settings: Settings) -> dict:
     device = jobs.configure_torch(settings)
     current = jobs.load_current(settings, device)
     served = current.model.to(checkpoint.serving_dtype("auto", device))
+    if is_plain(current.chat_template):
+        shown, prompts = list(PROMPTS), list(PROMPTS)
+    else:
+        shown = list(QUESTIONS)
+        chats = [[ChatMessage(role="user", content=q)] for q in QUESTIONS]
+        eos = (current.stop_tokens or ("",))[0]
+        prompts = [render_chat(current.chat_template, chat, eos) for chat in chats]
     completions = {}
     for routing, label in ((Routing(force=(GENERAL,)), "base"), (Routing(), "specialists")):
         engine = Engine(
-            served, current.tokenizer, max_batch=len(PROMPTS), stop_tokens=current.stop_tokens
+            served, current.tokenizer, max_batch=len(prompts), stop_tokens=current.stop_tokens
         )
-        params = SamplingParams(max_new_tokens=48, temperature=0, routing=routing)
-        seqs = complete(engine, list(PROMPTS), params)
+        new = min(64, current.model.cfg.context // 2)
+        params = SamplingParams(max_new_tokens=new, temperature=0, routing=routing)
+        seqs = complete(engine, prompts, params)
         completions[label] = [current.tokenizer.decode(s.output_ids) for s in seqs]
     return {
         "version": current.id,
         "adds": adds,
         "metrics": current.metrics.get("domains", {}),
-        "completions": dict(zip(PROMPTS, zip(*completions.values(), strict=True), strict=True)),
+        "completions": dict(zip(shown, zip(*completions.values(), strict=True), strict=True)),
     }
 
 
