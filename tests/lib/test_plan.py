@@ -104,9 +104,9 @@ def test_an_add_reads_only_a_sample_of_large_other_corpora(home: Path, monkeypat
     read: dict[str, int] = {}
     real = jobs.tokenize_domain
 
-    def counting(tok, domain):
+    def counting(tok, domain, *rest):
         read[domain.name] = sum(map(len, domain.train))
-        return real(tok, domain)
+        return real(tok, domain, *rest)
 
     monkeypatch.setattr(jobs, "tokenize_domain", counting)
     monkeypatch.setattr(jobs, "sampled", lambda d: corpus_module.sampled(d, 2_000))
