@@ -18,9 +18,7 @@ import math
 import urllib.request
 from pathlib import Path
 
-import torch
-
-from shiftable_lib import jobs
+from shiftable_lib import evaluate, jobs
 from shiftable_lib.config import Settings
 
 
@@ -54,12 +52,9 @@ def measure(home: Path, url: str, device: str = "auto") -> dict:
     rows = {}
     data = jobs.tokenize_domains(settings, current.tokenizer, names, current.stop_tokens)
     for name, d in data.items():
-        tokens = d.heldout
-        n = (tokens.numel() - 1) // context
-        picks = torch.linspace(0, n - 1, min(windows, n)).round().long().unique().tolist()
         total, count = 0.0, 0
-        for i in picks:
-            scored = api_logprobs(url, tokens[i * context : (i + 1) * context].tolist())
+        for row in evaluate.held_out_windows(d.heldout, context, windows):
+            scored = api_logprobs(url, row[:-1].tolist())  # what fits a prompt: all but the last
             total -= sum(scored)
             count += len(scored)
         outside = math.exp(total / count)

@@ -8,7 +8,7 @@ with `accelerate` installed). HOME's demo corpus is built if it has none; the ch
 imported there (`sma import`) and becomes its current version.
 
 - **Perplexity**: both models score the same windows of each domain's held-out split (`sma
-  eval`'s: `eval_windows` evenly spaced windows of `--window` tokens), under the same autocast
+  eval`'s choice of `--windows` evenly spaced windows of `--window` tokens), under the same autocast
   (bfloat16 on a GPU). Bits per byte: the windows' summed loss over the UTF-8 bytes they
   predict.
 - **Decode**: our serving engine (the inference server's dtype, CUDA graphs on a GPU) against
@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from bench.decode import _timed_pair, ours_decode
 from gateway.openai import render_chat
@@ -39,7 +38,7 @@ from shiftable_lib.config import Settings
 from shiftable_lib.corpus import GENERAL
 from shiftable_lib.demo_corpus import DEMO_DOMAINS, build_demo_corpus
 from shiftable_lib.errors import DriftTooLarge
-from shiftable_lib.evaluate import autocast
+from shiftable_lib.evaluate import held_out_windows, row_losses
 from shiftable_lib.generate import Engine, complete
 from shiftable_lib.sampling import Routing, SamplingParams, is_plain
 
@@ -65,29 +64,6 @@ def load_reference(path: Path, device: torch.device, dtype: torch.dtype):
             path.parent, gguf_file=path.name, dtype=dtype
         )
     return model.to(device).eval()
-
-
-def windows(tokens: torch.Tensor, length: int, count: int) -> torch.Tensor:
-    """`sma eval`'s windows: `count` evenly spaced, non-overlapping, `length + 1` tokens each."""
-    n = (tokens.numel() - 1) // length
-    picks = torch.linspace(0, n - 1, min(count, n)).round().long().unique()
-    return torch.stack([tokens[i * length : i * length + length + 1] for i in picks.tolist()])
-
-
-@torch.no_grad()
-def scores(forward, rows: torch.Tensor, device: torch.device) -> tuple[float, int]:
-    """Summed next-token loss (nats) of `rows` and how many predictions it sums."""
-    total, count = 0.0, 0
-    for chunk in rows.split(8):
-        chunk = chunk.to(device)
-        with autocast(device):
-            logits = forward(chunk[:, :-1])
-        loss = F.cross_entropy(
-            logits.flatten(0, 1).float(), chunk[:, 1:].flatten(), reduction="sum"
-        )
-        total += loss.item()
-        count += chunk[:, 1:].numel()
-    return total, count
 
 
 def predicted_bytes(tok, rows: torch.Tensor) -> int:
@@ -119,16 +95,17 @@ def measure(
     domains = {}
     data = jobs.tokenize_domains(settings, tok, list(DEMO_DOMAINS), version.stop_tokens)
     for name, d in data.items():
-        rows = windows(d.heldout, window, count)
-        nbytes = predicted_bytes(tok, rows)
-        ours_nats, n = scores(lambda x: ours(x, base)[0], rows, device)
-        their_nats, _ = scores(lambda x: theirs(x).logits, rows, device)
+        rows = held_out_windows(d.heldout, window, count)
+        # each row predicts as many tokens: the mean of the rows' means is the mean loss
+        mine = row_losses(lambda x: ours(x, base)[0], rows, device).double()
+        reference = row_losses(lambda x: theirs(x).logits, rows, device).double()
+        nats = mine.sum().item() * (rows.shape[1] - 1)
         domains[name] = {
             "windows": len(rows),
-            "ppl": math.exp(ours_nats / n),
-            "transformers_ppl": math.exp(their_nats / n),
-            "difference": math.exp((ours_nats - their_nats) / n) - 1,
-            "bits_per_byte": ours_nats / math.log(2) / nbytes,
+            "ppl": math.exp(mine.mean().item()),
+            "transformers_ppl": math.exp(reference.mean().item()),
+            "difference": math.exp((mine - reference).mean().item()) - 1,
+            "bits_per_byte": nats / math.log(2) / predicted_bytes(tok, rows),
         }
 
     # decode: both in the serving dtype
@@ -136,7 +113,7 @@ def measure(
     theirs = theirs.to(served)
     batches = (1, 16, 64) if device.type == "cuda" else (1,)
     new_tokens = 128 if device.type == "cuda" else 32
-    prompt_ids = [row[:32].tolist() for row in windows(data["general"].heldout, 32, 64)]
+    prompt_ids = [row[:32].tolist() for row in held_out_windows(data["general"].heldout, 32, 64)]
     prompts = [tok.decode(p) for p in prompt_ids]
     decode = {}
     for batch in batches:

@@ -168,9 +168,7 @@ class RequestIds:
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         request = logs.accept_request_id(given)
         token = logs.request_id.set(request)
-        started, status = time.perf_counter(), 500
-
-        started_reply = False
+        started, status, started_reply = time.perf_counter(), 500, False
 
         async def send_with_id(message: Message) -> None:
             nonlocal status, started_reply
@@ -188,8 +186,7 @@ class RequestIds:
             # a bug: logged here with the request's id, and answered here, so that the reply
             # carries the id the user can quote (Starlette's own 500 would come without it)
             log.exception("unexpected error serving %s %s", scope["method"], scope.get("path"))
-            if not started_reply:
-                status = 500
+            if not started_reply:  # (status is still 500)
                 message = f"internal server error (request id {request})"
                 await _refusal(scope.get("path", ""), 500, message)(scope, receive, send_with_id)
         finally:

@@ -4,7 +4,7 @@ how often the gate routes a held-out document to its own domain's expert."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from typing import Protocol
 
@@ -37,25 +37,40 @@ def perplexity(
     model: ShiftableLM, tokens: Tensor, context: int, windows: int, routing: Routing, device
 ) -> float:
     """Perplexity on up to `windows` evenly spaced, non-overlapping windows of `tokens`."""
-    model.eval()
-    T = min(context, tokens.numel() - 1)
-    n = (tokens.numel() - 1) // T
-    if n == 0:
+    rows = held_out_windows(tokens, context, windows)
+    if not len(rows):
         return float("nan")
-    picks = torch.linspace(0, n - 1, min(windows, n)).round().long().unique()
-    rows = torch.stack([tokens[i * T : i * T + T + 1] for i in picks.tolist()])
     return math.exp(window_losses(model, rows, routing, device).double().mean().item())
+
+
+def held_out_windows(tokens: Tensor, length: int, count: int) -> Tensor:
+    """Up to `count` evenly spaced, non-overlapping windows of `tokens`, each `length` tokens
+    (fewer when `tokens` is shorter) and the one after them: (k, length + 1), k = 0 when
+    `tokens` holds no window. What `sma eval` scores, and the benchmarks that compare with it."""
+    T = min(length, tokens.numel() - 1)
+    n = (tokens.numel() - 1) // T if T > 0 else 0
+    if n == 0:
+        return tokens.new_zeros((0, max(T, 0) + 1))
+    picks = torch.linspace(0, n - 1, min(count, n)).round().long().unique()
+    return torch.stack([tokens[i * T : i * T + T + 1] for i in picks.tolist()])
 
 
 @torch.no_grad()
 def window_losses(model: ShiftableLM, rows: Tensor, routing: Routing, device) -> Tensor:
     """Each row's mean next-token loss under `routing` (rows: (n, T + 1) windows; on the CPU)."""
     model.eval()
+    return row_losses(lambda idx: model(idx, routing)[0], rows, device)
+
+
+@torch.no_grad()
+def row_losses(forward: Callable[[Tensor], Tensor], rows: Tensor, device) -> Tensor:
+    """Each row's mean next-token loss, `forward` giving the logits of a batch of inputs (any
+    causal LM: ours, or a reference run on the same windows)."""
     out = []
     for chunk in rows.split(16):
         chunk = chunk.to(device)
         with autocast(device):
-            logits, _ = model(chunk[:, :-1], routing)
+            logits = forward(chunk[:, :-1])
         ce = F.cross_entropy(logits.flatten(0, 1).float(), chunk[:, 1:].flatten(), reduction="none")
         out.append(ce.view(len(chunk), -1).mean(-1).cpu())
     return torch.cat(out)

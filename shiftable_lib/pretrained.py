@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,7 +114,8 @@ def _read_hf(folder: Path, context: int) -> Pretrained:
         raise ImportRefused(f"{folder} has no *.safetensors weights{also}")
     if not (folder / "tokenizer.json").is_file():
         raise ImportRefused(f"{folder} has no tokenizer.json")
-    weights = _Weights(_safetensors(files))
+    tensors = _safetensors(files)
+    weights = _Weights(tensors, tensors.__getitem__)
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     if family == "gpt2":
         cfg = _gpt2_config(config, context)
@@ -228,27 +229,24 @@ def _llama_config(config: dict, family: str, context: int) -> ModelConfig:
 
 
 class _Weights:
-    """A checkpoint's tensors by name, each taken at most once: what is left at the end is a
-    weight we would silently drop, so it is refused."""
+    """A checkpoint's tensors by name, read (a GGUF tensor: dequantised) when taken, each at
+    most once: what is left at the end is a weight we would silently drop, so it is refused."""
 
-    def __init__(self, tensors: dict[str, Tensor], ignore: Callable[[str], bool] | None = None):
-        self.tensors = tensors
-        self.ignore = ignore or (lambda _: False)
+    def __init__(self, names: Iterable[str], read: Callable[[str], Tensor]) -> None:
+        self.names, self.read = set(names), read
+        self.ignore: Callable[[str], bool] = lambda _: False
         self.used: set[str] = set()
 
     def take(self, *names: str) -> Tensor:
         """The first of `names` the checkpoint has (prefixes differ between savers)."""
         for name in names:
-            if name in self.tensors:
+            if name in self.names:
                 self.used.add(name)
-                return self.tensors[name].float()
+                return self.read(name).float()
         raise ImportRefused(f"the checkpoint has no {names[0]}")
 
-    def has(self, name: str) -> bool:
-        return name in self.tensors
-
     def check_all_used(self) -> None:
-        left = sorted(n for n in self.tensors if n not in self.used and not self.ignore(n))
+        left = sorted(n for n in self.names if n not in self.used and not self.ignore(n))
         if left:
             raise ImportRefused(
                 f"the checkpoint holds weights this family has no place for: {left[0]}"
@@ -382,9 +380,7 @@ def _read_gguf(path: Path, context: int) -> Pretrained:
         )
     tensors = {t.name: t for t in reader.tensors}
 
-    def tensor(name: str) -> Tensor:
-        if name not in tensors:
-            raise ImportRefused(f"{path.name} has no tensor {name}")
+    def tensor(name: str) -> Tensor:  # one `_Weights` found in the file
         t = tensors[name]
         data = gguf.quants.dequantize(t.data, t.tensor_type)
         shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists the fastest dimension first
@@ -394,7 +390,7 @@ def _read_gguf(path: Path, context: int) -> Pretrained:
     cfg = _gguf_config(
         fields, arch, tokenizer.get_vocab_size(), "output.weight" in tensors, context
     )
-    weights = _Weights({name: _Lazy(tensor, name) for name in tensors})  # type: ignore[misc]
+    weights = _Weights(tensors, tensor)
     state = _gguf_state(weights, cfg, arch)
     weights.check_all_used()
     return Pretrained(
@@ -406,16 +402,6 @@ def _read_gguf(path: Path, context: int) -> Pretrained:
         eos_tokens=eos,
         source={"format": "gguf", "name": path.name, "sha256": _digest([path])},
     )
-
-
-class _Lazy:
-    """A GGUF tensor, dequantised when taken."""
-
-    def __init__(self, read: Callable[[str], Tensor], name: str) -> None:
-        self.read, self.name = read, name
-
-    def float(self) -> Tensor:
-        return self.read(self.name)
 
 
 def _gguf_config(fields: dict, arch: str, vocab: int, untied: bool, context: int) -> ModelConfig:
