@@ -40,6 +40,9 @@ PREFILL_CHUNK = 256
 # one CUDA graph capture at a time per process: torch captures on one shared side stream, and
 # the inference worker may build engines in several threads (a hot swap, a failed step)
 _CAPTURE_LOCK = threading.Lock()
+# The shortest attention span a decode graph is captured for; longer ones double up to the
+# context (docs/benchmarks.md has what reading only the cached part of the context saves).
+MIN_SPAN = 128
 
 
 @dataclass(frozen=True)
@@ -158,14 +161,18 @@ def _held_back(text: str, stops: tuple[str, ...]) -> int:
 
 
 class DecodeGraphs:
-    """`ShiftableLM.decode` captured as CUDA graphs, one per batch-size bucket, and replayed.
+    """`ShiftableLM.decode` captured as CUDA graphs, one per batch-size bucket and attention
+    span, and replayed.
 
-    A graph replays fixed shapes and fixed memory, so each bucket's graph decodes `bucket` rows
-    over the whole context (positions past a row's length are masked, as in eager decoding),
-    from a static token buffer into static outputs (the captured routing reads no per-row
-    routing tensors, so those need no buffers). A batch of n rows runs the
-    smallest bucket >= n; the rows past n are free cache slots, reset to position 0 first, so
-    they decode a throw-away token there (a slot is prefilled afresh before it is used again).
+    A graph replays fixed shapes and fixed memory, so each graph decodes `bucket` rows over
+    the first `span` cached positions (positions past a row's length are masked, as in eager
+    decoding), from a static token buffer into static outputs (the captured routing reads no
+    per-row routing tensors, so those need no buffers). A batch of n rows whose longest row
+    holds p tokens runs the smallest bucket >= n and the smallest span > p: attention over the
+    whole context would cost a short sequence as much as a full one, and with one query per
+    row it is the largest part of a small model's step. The rows past n are free cache slots,
+    reset to position 0 first, so they decode a throw-away token there (a slot is prefilled
+    afresh before it is used again).
 
     Only the routing that almost every request uses is captured: every expert allowed, soft
     mixing (for the generalist, its one expert). Forcing, excluding or top-k requests in a
@@ -180,9 +187,10 @@ class DecodeGraphs:
     def __init__(self, model: ShiftableLM, cache: KVCache, max_batch: int) -> None:
         self.cache = cache
         device, E = model.wte.weight.device, len(model.experts)
-        self.buckets = sorted({min(2**i, max_batch) for i in range(max_batch.bit_length() + 1)})
+        self.buckets = _doublings(1, max_batch)
+        self.spans = _doublings(min(MIN_SPAN, cache.context), cache.context)
         self.tokens = torch.zeros(max_batch, dtype=torch.long, device=device)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] = {}
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] = {}
         self.single: int | None = None  # the captured routing's one expert, if it has one
         self.replays = 0
         with _CAPTURE_LOCK:
@@ -195,37 +203,52 @@ class DecodeGraphs:
     def _capture(self, model: ShiftableLM, device: torch.device, E: int) -> None:
         cache = self.cache
         pool = torch.cuda.graph_pool_handle()
-        for bucket in reversed(self.buckets):  # largest first: the smaller reuse its memory
+        warm = 2  # the first runs initialise lazily (cuBLAS handles, workspaces)
+        # largest first: the smaller reuse their memory
+        for bucket in reversed(self.buckets):
             routes = RouteTable.from_rows([[True] * E] * bucket, [0] * bucket, device)
             tokens = self.tokens[:bucket]
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                for _ in range(2):  # lazy initialisation (cuBLAS handles, workspaces)
-                    model.decode(cache, tokens, routes, cache.context)
-            torch.cuda.current_stream(device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: the inference worker captures a new version's graphs in a helper
-            # thread while its step thread keeps decoding the old one
-            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                logits, gates = model.decode(cache, tokens, routes, cache.context)
-            self.graphs[bucket], self.single = (graph, logits, gates), routes.single
+            for span in reversed(self.spans):
+                side = torch.cuda.Stream(device)
+                side.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(side):
+                    for _ in range(warm):  # and each shape's attention plan
+                        model.decode(cache, tokens, routes, span)
+                torch.cuda.current_stream(device).wait_stream(side)
+                warm = 1
+                graph = torch.cuda.CUDAGraph()
+                # thread_local: the inference worker captures a new version's graphs in a
+                # helper thread while its step thread keeps decoding the old one
+                with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                    logits, gates = model.decode(cache, tokens, routes, span)
+                self.graphs[bucket, span] = (graph, logits, gates)
+            self.single = routes.single
 
     def serves(self, routes: RouteTable) -> bool:
         """Whether a batch with these routes can replay a graph (else decode eagerly)."""
         return routes.single == self.single and not routes.any_topk and routes.block is None
 
-    def decode(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
-        """What `ShiftableLM.decode` returns for slots 0..n-1 (n = len(tokens)), by replay.
-        The outputs are views of the graph's buffers: use them before the next call."""
+    def decode(self, tokens: Tensor, span: int) -> tuple[Tensor, Tensor]:
+        """What `ShiftableLM.decode` returns for slots 0..n-1 (n = len(tokens)) whose longest
+        cached length is below `span`, by replay. The outputs are views of the graph's
+        buffers: use them before the next call."""
         n = tokens.shape[0]
         bucket = next(b for b in self.buckets if b >= n)
+        span = next(s for s in self.spans if s >= span)
         self.tokens[:n].copy_(tokens)
         self.cache.lengths[n:bucket].zero_()
-        graph, logits, gates = self.graphs[bucket]
+        graph, logits, gates = self.graphs[bucket, span]
         graph.replay()
         self.replays += 1
         return logits[:n], gates[:, :n]
+
+
+def _doublings(first: int, last: int) -> list[int]:
+    """first, 2 first, 4 first, ... up to and including `last`."""
+    sizes = [first]
+    while sizes[-1] < last:
+        sizes.append(min(2 * sizes[-1], last))
+    return sizes
 
 
 class Engine:
@@ -328,10 +351,10 @@ class Engine:
         if running:
             routes = self._route_table()
             # a graph's padding rows write into the slots past the batch: the filling one's
+            span = max(s.cached for s in self.active) + 1
             if self.graphs is not None and self.filling is None and self.graphs.serves(routes):
-                logits, gates = self.graphs.decode(self._last_tokens())
+                logits, gates = self.graphs.decode(self._last_tokens(), span)
             else:
-                span = max(s.cached for s in self.active) + 1
                 logits, gates = self.model.decode(self.cache, self._last_tokens(), routes, span)
             self.gate_sums[:running] += gates.transpose(0, 1).float()
             events += self._emit(self.active[:running], logits)
