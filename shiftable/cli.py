@@ -28,7 +28,7 @@ from shiftable_lib.train import Progress
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    keys = ("home", "device", "port", "base")
+    keys = ("home", "device", "port", "base", "branch_rank")
     overrides = {k: v for k in keys if (v := getattr(args, k, None)) is not None}
     if getattr(args, "command", None) in ("serve", "up") and args.profile:
         overrides["profile"] = args.profile
@@ -330,6 +330,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--profile",
         choices=list(PROFILES),
         help="training settings for specialists grown on it (default $SMA_PROFILE or cpu)",
+    )
+    i.add_argument(
+        "--branch-rank",
+        type=int,
+        help="rank of each specialist's delta on the base's attention, 0 for a full copy "
+        "(default $SMA_BRANCH_RANK or 64)",
     )
     i.set_defaults(func=cmd_import)
 

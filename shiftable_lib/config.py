@@ -256,6 +256,12 @@ class Settings(BaseSettings):
         description="a pretrained model (a Hugging Face directory or a .gguf file) that a "
         "first training imports as the generalist, instead of training one",
     )
+    branch_rank: int = Field(
+        default=64,
+        ge=0,
+        description="a specialist grown on an imported base: the rank of its delta on the "
+        "base's attention projections (0: a full copy of them); fixed at the import",
+    )
     threads: int = Field(
         default=0,
         description="CPU threads for torch; 0 = all cores (the decode worker: all but one)",

@@ -37,6 +37,10 @@ from shiftable_lib.model import ModelConfig, ShiftableLM
 from shiftable_lib.tokenizer import train_tokenizer
 from shiftable_lib.train import DomainTokens, ProgressFn, tokenize_domain
 
+# the peak learning rate of a low-rank branch's training at the least: the rate that suits a
+# full copy of the attention moves a rank-64 delta too slowly (docs/benchmarks.md)
+LOW_RANK_LR = 2e-3
+
 
 @dataclass(frozen=True)
 class JobResult:
@@ -129,8 +133,8 @@ def import_base(
     included (the profile's length, at most the model's context); its model sizes are the
     checkpoint's."""
     read = pretrained.read_pretrained(path, context)
-    model = read.model()
-    cfg = read.cfg
+    cfg = replace(read.cfg, branch_rank=branch_rank(read.cfg, settings.branch_rank))
+    model = read.model(cfg)
     chosen = get_profile(profile_name or settings.profile)
     profile = replace(
         chosen,
@@ -139,6 +143,7 @@ def import_base(
         n_layer=cfg.n_layer,
         n_head=cfg.n_head,
         d_model=cfg.d_model,
+        specialist_lr=max(chosen.specialist_lr, LOW_RANK_LR if cfg.branch_rank else 0.0),
     )
     meta = {
         "chat_template": read.chat_template or checkpoint.PLAIN_CHAT_TEMPLATE,
@@ -147,6 +152,15 @@ def import_base(
     }
     version = _publish(settings, model, read.tokenizer, profile, {}, meta)
     return Imported(version, read.family, cfg, read.source)
+
+
+def branch_rank(cfg: ModelConfig, rank: int) -> int:
+    """`rank`, where a delta of that rank on the attention projections holds fewer parameters
+    than a copy of them; else 0 (a copy: the same size, and trained more easily)."""
+    width = (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim
+    copy = (width + cfg.d_model) * cfg.d_model
+    delta = rank * (width + cfg.d_model) + rank * 2 * cfg.d_model
+    return rank if delta < copy else 0
 
 
 def _import_generalist(

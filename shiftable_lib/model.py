@@ -1,8 +1,9 @@
 """The model: a causal GPT whose attention in every layer is a gated mixture of named experts.
 
 With no specialists it *is* the generalist (one expert, `general`, no gate work). Adding a
-specialist adds one attention branch per layer — a copy of the base attention — and one row per
-layer of the gate. Every generalist weight is reused as is; training code freezes them.
+specialist adds one attention branch per layer — a copy of the base attention, or a low-rank
+delta on it (`ModelConfig.branch_rank`) — and one row per layer of the gate. Every generalist
+weight is reused as is; training code freezes them.
 
 Per layer, for position t:  y_t = sum_e g_e(t) * Attn_e(h)_t,   g(t) = softmax(W m_t + b)
 where m_t is the normalised mean of the layer input over positions <= t: the gate sees only the
@@ -16,8 +17,9 @@ is exactly zero, so adding it changes no output until it is trained.
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import asdict, dataclass, field, replace
-from typing import Literal, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -58,12 +60,17 @@ class ModelConfig:
     proj_bias: bool = False  # the attention's output projection
     mlp_bias: bool = False
     tied: bool = True  # the output head is the token embedding
+    # a specialist's q/k/v and output projections: 0 = its own copies of the base's; r > 0 = the
+    # base's plus a trained rank-r delta B A, and the base's biases (docs/benchmarks.md compares)
+    branch_rank: int = 0
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_head:
             raise ValueError(f"d_model {self.d_model} is not a multiple of n_head {self.n_head}")
         if self.n_head % self.kv_heads:
             raise ValueError(f"n_head {self.n_head} is not a multiple of n_kv_head {self.kv_heads}")
+        if not 0 <= self.branch_rank <= self.d_model:
+            raise ValueError(f"branch_rank {self.branch_rank} is not in [0, d_model]")
         if self.positions == "rope" and self.head_dim % 2:
             raise ValueError(f"rotary positions need an even head size, not {self.head_dim}")
 
@@ -123,17 +130,28 @@ class Step(Protocol):
 class Expert(nn.Module):
     """One attention branch (fused qkv, output projection) and its row of the layer's gate.
 
+    With `rank` > 0 the branch holds no projections of its own: each is the base expert's plus
+    a rank-`rank` delta, W = W0 + B A (`qkv_b` `qkv_a`, `proj_b` `proj_a`), with the base's
+    biases. B starts at zero, so a new branch is the base until it is trained.
+
     The row scores the causal prefix two ways: a linear read of the mean hidden state (what the
     text is like) and the mean of a learned per-token score (which words it uses: `ndarray`
     against `Tensor` is a token-identity question that a mean of hidden states blurs).
     """
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, rank: int = 0) -> None:
         super().__init__()
         d, hd = cfg.d_model, cfg.head_dim
-        # rows: the query heads, then the key heads, then the value heads
-        self.qkv = nn.Linear(d, (cfg.n_head + 2 * cfg.kv_heads) * hd, bias=cfg.qkv_bias)
-        self.proj = nn.Linear(d, d, bias=cfg.proj_bias)
+        width = (cfg.n_head + 2 * cfg.kv_heads) * hd  # the query, then key, then value heads
+        self.rank = rank
+        if rank:
+            self.qkv_a = nn.Parameter(torch.zeros(rank, d))
+            self.qkv_b = nn.Parameter(torch.zeros(width, rank))
+            self.proj_a = nn.Parameter(torch.zeros(rank, d))
+            self.proj_b = nn.Parameter(torch.zeros(d, rank))
+        else:
+            self.qkv = nn.Linear(d, width, bias=cfg.qkv_bias)
+            self.proj = nn.Linear(d, d, bias=cfg.proj_bias)
         self.gate = nn.Parameter(torch.zeros(d + 1))  # [w; b]: logit = w . m_t + b + ...
         self.gate_tokens = nn.Parameter(torch.zeros(cfg.vocab_size))  # ... mean of u[x_s], s <= t
 
@@ -169,8 +187,9 @@ class MixedAttention(nn.Module):
         step.gated(m, weights)
         return weights
 
-    def joined(self, tensors: list[Tensor], dim: int, stack: bool = False) -> Tensor:
-        """Experts' weights side by side (one matmul serves them all).
+    def joined(self, tensors: list[Tensor | Delta], dim: int, stack: bool = False) -> Tensor:
+        """Experts' weights side by side (one matmul serves them all); a low-rank branch's
+        weight is given as its `Delta` (W0, B, A) and made here, W0 + B A.
 
         Without gradients (serving) the result is kept until any of the tensors changes: the key
         is each tensor's storage and in-place version counter, so an in-place edit, a load or a
@@ -178,19 +197,36 @@ class MixedAttention(nn.Module):
         the version counter, so training calls `ShiftableLM.weights_changed()` after each step.
         With gradients it is built afresh, so that autograd sees the concatenation.
         """
-        if len(tensors) == 1 and not stack:
+        if len(tensors) == 1 and not stack and isinstance(tensors[0], Tensor):
             return tensors[0]
         join = torch.stack if stack else torch.cat
         if torch.is_grad_enabled():
-            return join(tensors, dim)
-        key = tuple((t.data_ptr(), t._version) for t in tensors)
-        slot = (id(tensors[0]), len(tensors), dim, stack)
+            return join([_made(t) for t in tensors], dim)
+        sources = [s for t in tensors for s in ((t,) if isinstance(t, Tensor) else t)]
+        key = tuple((t.data_ptr(), t._version) for t in sources)
+        slot = (dim, stack, *map(id, sources))
         hit = self._joined.get(slot)
         if hit is not None and hit[0] == key:
             return hit[2]
-        out = join(tensors, dim)
-        self._joined[slot] = (key, tensors, out)  # holding `tensors` keeps their storage alive
+        made = [_made(t) for t in tensors]
+        out = made[0] if len(made) == 1 and not stack else join(made, dim)
+        self._joined[slot] = (key, sources, out)  # holding `sources` keeps their storage alive
         return out
+
+    def weights(self, experts: list[Expert], kind: Literal["qkv", "proj"]) -> list[Tensor | Delta]:
+        """Each expert's `kind` projection weight: its own, or the base's with its delta."""
+        base = getattr(self.experts[GENERAL], kind).weight
+        return [
+            Delta(base, getattr(e, f"{kind}_b"), getattr(e, f"{kind}_a"))
+            if e.rank
+            else getattr(e, kind).weight
+            for e in experts
+        ]
+
+    def biases(self, experts: list[Expert], kind: Literal["qkv", "proj"]) -> list[Tensor]:
+        """Each expert's `kind` projection bias: its own, or (a low-rank branch) the base's."""
+        base = getattr(self.experts[GENERAL], kind).bias
+        return [base if e.rank else getattr(e, kind).bias for e in experts]
 
     def token_scores(self, idx: Tensor) -> Tensor:
         """Every expert's per-token gate score for each token of `idx`: (..., E)."""
@@ -224,8 +260,8 @@ class MixedAttention(nn.Module):
         side, one matmul; with `rotary`, q and k rotated to their positions."""
         B, T, _ = h.shape
         E, H, Hkv, hd = len(experts), self.n_head, self.kv_heads, self.head_dim
-        w = self.joined([e.qkv.weight for e in experts], 0)
-        b = self.joined([e.qkv.bias for e in experts], 0) if self.qkv_bias else None
+        w = self.joined(self.weights(experts, "qkv"), 0)
+        b = self.joined(self.biases(experts, "qkv"), 0) if self.qkv_bias else None
         qkv = F.linear(h, w, b)
         if Hkv == H and rotary is None:  # one permute serves all three
             qkv = qkv.view(B, T, E, 3, H, hd).permute(3, 0, 2, 4, 1, 5)
@@ -248,12 +284,26 @@ class MixedAttention(nn.Module):
         a = heads.view(B, E, self.n_head, T, hd).permute(0, 3, 1, 2, 4).reshape(B, T, E, -1)
         if weights is not None:
             a = a * weights.unsqueeze(-1).to(a.dtype)
-        w = self.joined([e.proj.weight for e in experts], 1)
+        w = self.joined(self.weights(experts, "proj"), 1)
         out = F.linear(a.reshape(B, T, -1), w)
         if self.proj_bias:
-            b = self.joined([e.proj.bias for e in experts], 0, stack=True)  # (E, d)
+            b = self.joined(self.biases(experts, "proj"), 0, stack=True)  # (E, d)
             out = out + (b[0] if weights is None else weights.to(out.dtype) @ b)
         return out
+
+
+class Delta(NamedTuple):
+    """A low-rank branch's projection weight, W0 + B A, as its parts."""
+
+    base: Tensor
+    b: Tensor
+    a: Tensor
+
+
+def _made(weight: Tensor | Delta) -> Tensor:
+    if isinstance(weight, Tensor):
+        return weight
+    return weight.base + (weight.b @ weight.a).to(weight.base.dtype)
 
 
 class MLP(nn.Module):
@@ -421,21 +471,30 @@ class ShiftableLM(nn.Module):
     # ---- growing and shrinking ----------------------------------------------------------------
 
     def add_specialist(self, name: str) -> None:
-        """Add a branch per layer, copied from the base attention, with a dormant gate row.
+        """Add a branch per layer, copied from the base attention (or a low-rank delta on it
+        that is zero), with a dormant gate row.
 
         Dormant: its gate weight is exactly 0, and its attention equals the base's, so no output
         changes until it is trained (`wake_specialists` gives it a share of the base's weight).
+        A delta's A starts random (from the name, so that an add is reproducible) and its B at
+        zero: B's gradient is then not zero, and training moves it.
         """
         # checked here too: names also arrive from a version's config.json, and `general`
         # would replace the base's branch
         validate_specialist_name(name)
         if name in self.cfg.specialists:
             raise AlreadyExists(f"specialist {name!r} already exists")
+        rank = self.cfg.branch_rank
+        generator = torch.Generator().manual_seed(zlib.crc32(name.encode()))
         for block in self.blocks:
             base = block.attn.experts[GENERAL]
-            expert = Expert(self.cfg)
-            expert = expert.to(base.qkv.weight.device, base.qkv.weight.dtype)
-            expert.load_state_dict(base.state_dict())
+            expert = Expert(self.cfg, rank)
+            if rank:
+                for a in (expert.qkv_a, expert.proj_a):
+                    a.data.normal_(0.0, a.shape[1] ** -0.5, generator=generator)
+            else:
+                expert.load_state_dict(base.state_dict())
+            expert = expert.to(base.gate.device, base.gate.dtype)
             with torch.no_grad():
                 expert.gate.zero_()
                 expert.gate[-1] = DORMANT_LOGIT

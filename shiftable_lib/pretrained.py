@@ -50,9 +50,10 @@ class Pretrained:
     eos_tokens: tuple[str, ...] = ()
     source: dict = field(default_factory=dict)  # what it was read from: format, name, sha256
 
-    def model(self) -> ShiftableLM:
-        """The generalist, in float32, with the checkpoint's weights (and dormant gate rows)."""
-        model = ShiftableLM(self.cfg)
+    def model(self, cfg: ModelConfig | None = None) -> ShiftableLM:
+        """The generalist, in float32, with the checkpoint's weights (and dormant gate rows);
+        `cfg`: the checkpoint's with other choices of ours (`branch_rank`)."""
+        model = ShiftableLM(cfg or self.cfg)
         expected = model.state_dict()
         missing = [k for k in expected if k not in self.state and not _is_gate(k)]
         if missing:

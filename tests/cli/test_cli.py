@@ -13,8 +13,16 @@ import pytest
 from tests.conftest import synthetic_documents, write_domain
 
 
-def sma(home: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "SMA_HOME": str(home), "SMA_PROFILE": "tiny", "SMA_THREADS": "2"}
+def sma(
+    home: Path, *args: str, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "SMA_HOME": str(home),
+        "SMA_PROFILE": "tiny",
+        "SMA_THREADS": "2",
+        **(env or {}),
+    }
     done = subprocess.run(
         [sys.executable, "-m", "shiftable.cli", *args],
         capture_output=True,

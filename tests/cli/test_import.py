@@ -7,7 +7,9 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
+from shiftable_lib import jobs
 from tests.cli.test_cli import sma
 from tests.conftest import synthetic_documents, write_domain
 from tests.hf_models import TEMPLATE, hf_model, save_hf
@@ -60,12 +62,14 @@ def test_train_with_a_base_imports_it_then_grows_the_specialists_on_it(
 ) -> None:
     """`sma train --base` where there is no model: the checkpoint is the generalist (v0001),
     the specialists grow on it (v0002), and what the checkpoint brought (its chat template,
-    its stop tokens, where it came from) is kept by the versions grown from it."""
+    its stop tokens, where it came from) is kept by the versions grown from it. The branch is
+    a rank-4 delta on the base's attention (`SMA_BRANCH_RANK`), which is all v0002 stores
+    besides the gate rows."""
     folder = save_hf(hf_model("qwen2", tokenizer.get_vocab_size()), tokenizer, tmp_path / "qwen")
     home = tmp_path / "home"
     write_domain(home / "data", "general", synthetic_documents("general", 40))
     write_domain(home / "data", "ds", synthetic_documents("ds", 40))
-    done = sma(home, "train", "--base", str(folder))
+    done = sma(home, "train", "--base", str(folder), env={"SMA_BRANCH_RANK": "4"})
     assert "imported qwen as v0001" in done.stdout, done.stdout
     models = home / "artifacts" / "models"
     first = json.loads((models / "v0001" / "config.json").read_text())
@@ -74,10 +78,14 @@ def test_train_with_a_base_imports_it_then_grows_the_specialists_on_it(
     for key in ("chat_template", "eos_tokens", "base"):
         assert grown[key] == first[key], key
     assert grown["model"]["n_kv_head"] == 1 and grown["model"]["qkv_bias"] is True
-    # v0002 holds only what differs from the base: the branch and the gate rows
+    assert grown["model"]["branch_rank"] == 4 == first["model"]["branch_rank"]
+    assert grown["profile"]["specialist_lr"] >= jobs.LOW_RANK_LR
+    # v0002 holds only what differs from the base: the branch's factors and the gate rows
     assert grown["delta_of"]["version"] == "v0001" == first["base"]["version"]
-    weights = {v: (models / v / "model.safetensors").stat().st_size for v in ("v0001", "v0002")}
-    assert weights["v0002"] < weights["v0001"] / 2, weights
+    stored = safe_open(str(models / "v0002" / "model.safetensors"), "pt").keys()
+    ds = {k.rsplit(".", 1)[1] for k in stored if ".experts.ds." in k}
+    assert ds == {"qkv_a", "qkv_b", "proj_a", "proj_b", "gate", "gate_tokens"}, ds
+    assert all(".experts.ds." in k or k.endswith((".gate", ".gate_tokens")) for k in stored)
     out = sma(home, "generate", "the array", "--max-new-tokens", "4", "--force", "ds")
     assert out.stdout.startswith("the array")
     # a second `sma train` has a model: the base is not imported again

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import gguf
@@ -16,6 +17,7 @@ from shiftable_lib import pretrained
 from shiftable_lib.pretrained import ImportRefused, read_pretrained, unpermute
 from shiftable_lib.routing import RouteTable
 from shiftable_lib.sampling import Routing
+from tests.conftest import perturbed
 from tests.hf_models import FAMILIES, TEMPLATE, hf_model, save_hf
 
 ATOL = 1e-4  # float32 on both sides: the order of summation differs, nothing else
@@ -68,15 +70,16 @@ def test_cached_decoding_gives_the_checkpoints_logits_at_every_step(imported, to
             torch.testing.assert_close(logits[0], expected[t], atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("rank", [0, 4])
 def test_a_specialist_grown_on_an_imported_base_changes_nothing_until_trained(
-    imported, tokenizer
+    imported, tokenizer, rank: int
 ) -> None:
     """The invariants of a from-scratch model hold on every family: a new branch (a copy of
-    the base attention, biases included, with a dormant gate row) leaves every logit as it
-    was, woken as well; removing it gives the base back."""
+    the base attention, biases included, or a zero low-rank delta on it, with a dormant gate
+    row) leaves every logit as it was, woken as well; removing it gives the base back."""
     *_, read = imported
     idx = _ids(tokenizer)
-    model = read.model()
+    model = read.model(replace(read.cfg, branch_rank=rank))
     with torch.no_grad():
         before, _ = model(idx)
         model.add_specialist("ds")
@@ -225,3 +228,44 @@ def test_documents_are_separated_by_the_versions_own_end_token(tmp_path: Path) -
     assert tokens.train.tolist() == [2, 3, 0, 3, 0] and tokens.heldout.tolist() == [2, 0]
     with pytest.raises(ValueError, match="no stop token to separate documents"):
         tokenize_domain(tok, domain)
+
+
+def test_a_trained_low_rank_branch_decodes_as_it_scores_whole_sequences(
+    imported, tokenizer
+) -> None:
+    """A low-rank branch's weights are the base's plus B A wherever the model reads them: in
+    whole sequences, in the cache's prefill and decode (whose joined weights are kept between
+    calls, and remade once a factor changes), forced or mixed by the gate."""
+    *_, read = imported
+    model = read.model(replace(read.cfg, branch_rank=3))
+    model.add_specialist("ds")
+    model.wake_specialists(["ds"])
+    perturbed(model, seed=1)  # B != 0: the branch differs from the base
+    idx = _ids(tokenizer, 1)
+    for routing in (Routing(), Routing(force=("ds",))):
+        with torch.no_grad():
+            for _ in range(2):  # the second time from the kept weights, once a factor changed
+                expected = model(idx, routing)[0][0]
+                cache = model.new_cache(1)
+                routes = RouteTable.for_batch(model.experts, routing, 1, idx.device)
+                first = model.prefill(
+                    cache, torch.tensor([0]), idx[:, :5], torch.tensor([5]), routes
+                )
+                torch.testing.assert_close(first[0][0], expected[4], atol=ATOL, rtol=0)
+                for t in range(5, idx.shape[1]):
+                    logits, _ = model.decode(cache, idx[:, t], routes)
+                    torch.testing.assert_close(logits[0], expected[t], atol=ATOL, rtol=0)
+                model.blocks[0].attn.experts["ds"].qkv_b.mul_(3.0)
+    base = model(idx, Routing(force=("general",)))[0]
+    assert not torch.allclose(model(idx, Routing(force=("ds",)))[0], base, atol=1e-3)
+    # what it stores: the factors, not copies of the projections
+    names = [n for n in model.state_dict() if ".experts.ds." in n]
+    assert not any(n.endswith(("qkv.weight", "proj.weight")) for n in names)
+    assert {n.rsplit(".", 1)[1] for n in names} == {
+        "qkv_a",
+        "qkv_b",
+        "proj_a",
+        "proj_b",
+        "gate",
+        "gate_tokens",
+    }
