@@ -269,3 +269,18 @@ def test_a_trained_low_rank_branch_decodes_as_it_scores_whole_sequences(
         "gate",
         "gate_tokens",
     }
+
+
+def test_a_branch_is_a_delta_only_where_that_is_smaller_than_a_copy() -> None:
+    from shiftable_lib.jobs import branch_rank
+    from shiftable_lib.model import ModelConfig
+
+    smol = ModelConfig(
+        vocab_size=49152, context=2048, n_layer=30, n_head=9, n_kv_head=3, d_model=576
+    )
+    assert branch_rank(smol, 64) == 64 and branch_rank(smol, 0) == 0
+    tiny = ModelConfig(vocab_size=64, context=16, n_layer=1, n_head=4, n_kv_head=1, d_model=32)
+    # q, k, v: 48 x 32 and the output 32 x 32 hold 2,560 weights; rank 17 holds 2,448
+    assert branch_rank(tiny, 17) == 17 and branch_rank(tiny, 18) == 0
+    with pytest.raises(ValueError, match="branch_rank"):
+        ModelConfig(vocab_size=64, context=16, n_layer=1, n_head=4, d_model=32, branch_rank=33)
