@@ -235,14 +235,14 @@ def test_a_trained_low_rank_branch_decodes_as_it_scores_whole_sequences(
 ) -> None:
     """A low-rank branch's weights are the base's plus B A wherever the model reads them: in
     whole sequences, in the cache's prefill and decode (whose joined weights are kept between
-    calls, and remade once a factor changes), forced or mixed by the gate."""
+    calls, and remade once a factor changes), forced, mixed by the gate, or its top one."""
     *_, read = imported
     model = read.model(replace(read.cfg, branch_rank=3))
     model.add_specialist("ds")
     model.wake_specialists(["ds"])
     perturbed(model, seed=1)  # B != 0: the branch differs from the base
     idx = _ids(tokenizer, 1)
-    for routing in (Routing(), Routing(force=("ds",))):
+    for routing in (Routing(), Routing(force=("ds",)), Routing(mode="top1")):
         with torch.no_grad():
             for _ in range(2):  # the second time from the kept weights, once a factor changed
                 expected = model(idx, routing)[0][0]
