@@ -25,6 +25,29 @@ log = logging.getLogger("sma.gateway.lifecycle")
 R = registry_pb2
 T = training_pb2
 TERMINAL_JOB = (T.JOB_STATE_SUCCEEDED, T.JOB_STATE_FAILED, T.JOB_STATE_CANCELLED)
+MIRROR_INTERVAL_S = 0.25  # the least time between two writes of a job's progress
+
+
+class ProgressMirror:
+    """Which of a job's reports to write onto its operation: at most one every
+    MIRROR_INTERVAL_S, except the first of a phase and the job's end, which are never skipped. A
+    phase that sends no reports while it runs (an evaluation) then shows as itself, not as the
+    end of the phase before it, however long it takes."""
+
+    def __init__(self) -> None:
+        self.written_at = -float("inf")
+        self.phase: str | None = None
+
+    def due(self, job: training_pb2.Job, now: float) -> bool:
+        phase = job.progress.phase
+        if (
+            job.state in TERMINAL_JOB
+            or phase != self.phase
+            or now - self.written_at > MIRROR_INTERVAL_S
+        ):
+            self.written_at, self.phase = now, phase
+            return True
+        return False
 
 
 class OperationFailed(Exception):
@@ -101,14 +124,12 @@ class TrainingRun:
         return reply.job
 
     async def _follow(self, op: R.Operation, job: training_pb2.Job) -> training_pb2.Job:
-        """Mirror the job's progress onto the operation (at most ~4 writes a second)."""
-        last_update = 0.0
+        """Mirror the job's progress onto the operation (`ProgressMirror` says when)."""
+        mirror = ProgressMirror()
         stream = self.training.WatchJob(T.WatchJobRequest(id=job.id), wait_for_ready=True)
         async for reply in stream:
             job = reply.job
-            now = time.monotonic()
-            if job.state in TERMINAL_JOB or now - last_update > 0.25:
-                last_update = now
+            if mirror.due(job, time.monotonic()):
                 await self.records.update(op.id, progress=job.progress, owner=self.owner)
         return job
 
