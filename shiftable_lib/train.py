@@ -440,11 +440,11 @@ def train_specialists(
         report[name] = train_branch(model, data[name], data.get(GENERAL), profile, device, progress)
     model.wake_specialists(specialists, split=True)
     report["gate"] = train_gate(model, data, list(model.experts), profile, device, progress)
-    report["calibration"] = calibrate_all(model, data, device)
+    report["calibration"] = calibrate_all(model, data, device, profile.context)
     return model, report
 
 
-def calibrate_all(model: ShiftableLM, data: dict[str, DomainTokens], device) -> dict:
+def calibrate_all(model: ShiftableLM, data: dict[str, DomainTokens], device, context: int) -> dict:
     """`calibrate_rows` for every specialist against the general text, after the whole gate
     trained: the general text does not lean on any specialist, so deleting one leaves it as
     it was. Only the side a deletion would show is bounded: general's perplexity no more than
@@ -458,7 +458,7 @@ def calibrate_all(model: ShiftableLM, data: dict[str, DomainTokens], device) -> 
     CALIBRATION_PASSES times in all)."""
     if GENERAL not in data:
         return {}
-    general = {GENERAL: data[GENERAL].unseen(model.cfg.context)}
+    general = {GENERAL: data[GENERAL].unseen(context)}
     started, report = time.perf_counter(), {}
     offsets = dict.fromkeys(model.cfg.specialists, 0.0)
     stale = set(offsets)
@@ -466,7 +466,9 @@ def calibrate_all(model: ShiftableLM, data: dict[str, DomainTokens], device) -> 
         for name in offsets:
             if name not in stale:
                 continue
-            report[name] = calibrate_rows(model, name, general, device, DRIFT_TARGET, worse=False)
+            report[name] = calibrate_rows(
+                model, name, general, device, DRIFT_TARGET, context=context, worse=False
+            )
             offsets[name] += report[name]["gate_offset"]
             stale.discard(name)
             if report[name]["gate_offset"] > 0:
@@ -509,7 +511,7 @@ def add_specialist(
     texts = {n: torch.cat([d.calibration, d.train]) for n, d in replay.items()}
     started = time.perf_counter()
     report["calibration"] = calibrate_rows(
-        model, new.name, texts, device, drift_target, WINDOW_TARGET
+        model, new.name, texts, device, drift_target, WINDOW_TARGET, context=profile.context
     )
     report["calibration"]["seconds"] = round(time.perf_counter() - started, 2)
     return model, report
@@ -525,6 +527,8 @@ def calibrate_rows(
     window_target: float = math.inf,
     worse: bool = True,
     better: Collection[str] = (GENERAL,),
+    *,
+    context: int,
 ) -> dict:
     """Lower the gate bias of specialist `name` in every layer by the least offset that leaves
     the other domains' text (`texts`, per domain: for the first training the text no part of
@@ -532,7 +536,8 @@ def calibrate_rows(
     as the model without `name` predicts it: each domain's
     perplexity no more than `target` (a fraction) worse (if `worse`), the perplexity of those
     in `better` no more than `target` better, and no window more than `window_target` nats a
-    token worse.
+    token worse. Windows are `context` tokens, as training's and evaluation's are (the
+    profile's: an imported model's own context may be far longer).
 
     A gate trained to tell domains apart still sends some text of an overlapping domain to a
     specialist: tables drawn with `|` go to a specialist of pydoc pages, whose margins are
@@ -556,7 +561,7 @@ def calibrate_rows(
     model.eval()
     rows = [b.attn.experts[name].gate for b in model.blocks]
     biases = [r[-1].item() for r in rows]
-    context, column = model.cfg.context, model.experts.index(name)
+    column = model.experts.index(name)
 
     lean = (
         torch.stack(  # per token: how much it pulls the gate to `name` rather than the base
@@ -713,7 +718,7 @@ def remove_specialist(
         report["gate"] = train_gate(
             model, replay, list(model.experts), profile, device, progress, steps=recalibrate_steps
         )
-        report["calibration"] = calibrate_all(model, replay, device)
+        report["calibration"] = calibrate_all(model, replay, device, profile.context)
     return model, report
 
 

@@ -134,7 +134,7 @@ def test_deleting_any_specialist_of_a_first_training_leaves_the_general_text_as_
             dl.gate[-1] += 35.0
     carrier.weights_changed()
     assert deleting(carrier)["dl"] > 4 * train.DRIFT_TARGET  # general text leans on dl
-    report = train.calibrate_all(carrier, data, "cpu")
+    report = train.calibrate_all(carrier, data, "cpu", carrier.cfg.context)
     assert report["dl"]["gate_offset"] > 0
     moved = deleting(carrier)
     assert all(c <= 2 * train.DRIFT_TARGET for c in moved.values()), moved

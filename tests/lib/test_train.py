@@ -259,6 +259,7 @@ def test_calibration_reads_text_no_part_of_the_model_was_trained_on(home, monkey
 
     def recording(model, name, texts, *args, **kwargs):
         read.append(texts)
+        assert kwargs["context"] == PROFILE.context  # the windows training uses
         return calibrate(model, name, texts, *args, **kwargs)
 
     monkeypatch.setattr(train, "calibrate_rows", recording)
