@@ -157,9 +157,9 @@ def import_base(
 def branch_rank(cfg: ModelConfig, rank: int) -> int:
     """`rank`, where a delta of that rank on the attention projections holds fewer parameters
     than a copy of them; else 0 (a copy: the same size, and trained more easily)."""
-    width = (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim
-    copy = (width + cfg.d_model) * cfg.d_model
-    delta = rank * (width + cfg.d_model) + rank * 2 * cfg.d_model
+    width, d = cfg.qkv_width, cfg.d_model
+    copy = (width + d) * d  # q/k/v, then the output projection
+    delta = rank * (width + d) + rank * 2 * d
     return rank if delta < copy else 0
 
 

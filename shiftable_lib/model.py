@@ -88,6 +88,11 @@ class ModelConfig:
         return self.d_model // self.n_head
 
     @property
+    def qkv_width(self) -> int:
+        """Rows of an expert's fused qkv projection: the query, then key, then value heads."""
+        return (self.n_head + 2 * self.kv_heads) * self.head_dim
+
+    @property
     def hidden(self) -> int:
         return self.d_ff or 4 * self.d_model
 
@@ -141,8 +146,7 @@ class Expert(nn.Module):
 
     def __init__(self, cfg: ModelConfig, rank: int = 0) -> None:
         super().__init__()
-        d, hd = cfg.d_model, cfg.head_dim
-        width = (cfg.n_head + 2 * cfg.kv_heads) * hd  # the query, then key, then value heads
+        d, width = cfg.d_model, cfg.qkv_width
         self.rank = rank
         if rank:
             self.qkv_a = nn.Parameter(torch.zeros(rank, d))
@@ -199,17 +203,15 @@ class MixedAttention(nn.Module):
         """
         if len(tensors) == 1 and not stack and isinstance(tensors[0], Tensor):
             return tensors[0]
-        join = torch.stack if stack else torch.cat
         if torch.is_grad_enabled():
-            return join([_made(t) for t in tensors], dim)
+            return _join([_made(t) for t in tensors], dim, stack)
         sources = [s for t in tensors for s in ((t,) if isinstance(t, Tensor) else t)]
         key = tuple((t.data_ptr(), t._version) for t in sources)
         slot = (dim, stack, *map(id, sources))
         hit = self._joined.get(slot)
         if hit is not None and hit[0] == key:
             return hit[2]
-        made = [_made(t) for t in tensors]
-        out = made[0] if len(made) == 1 and not stack else join(made, dim)
+        out = _join([_made(t) for t in tensors], dim, stack)
         self._joined[slot] = (key, sources, out)  # holding `sources` keeps their storage alive
         return out
 
@@ -304,6 +306,12 @@ def _made(weight: Tensor | Delta) -> Tensor:
     if isinstance(weight, Tensor):
         return weight
     return weight.base + (weight.b @ weight.a).to(weight.base.dtype)
+
+
+def _join(tensors: list[Tensor], dim: int, stack: bool) -> Tensor:
+    if stack:
+        return torch.stack(tensors, dim)
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim)
 
 
 class MLP(nn.Module):
