@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -58,11 +57,11 @@ class Variant:
         return cls(0 if kind == "full" else int(kind[1:]), float(lr))
 
 
-def branch(model: ShiftableLM, variant: Variant) -> list[nn.Parameter]:
-    """Add the probe branch, parameterised as `variant` says, and return what trains in it."""
+def branch(model: ShiftableLM, variant: Variant, name: str = PROBE) -> list[nn.Parameter]:
+    """Add branch `name`, parameterised as `variant` says, and return what trains in it."""
     model.cfg = replace(model.cfg, branch_rank=variant.rank)  # the import's choice, overridden
-    model.add_specialist(PROBE)
-    return [p for b in model.blocks for p in train.branch_params(b.attn.experts[PROBE])]
+    model.add_specialist(name)
+    return [p for b in model.blocks for p in train.branch_params(b.attn.experts[name])]
 
 
 def measure(
@@ -83,6 +82,7 @@ def measure(
     tok, prof = version.tokenizer, version.profile
     data = jobs.tokenize_domains(settings, tok, [GENERAL, domain], version.stop_tokens)
     steps = steps or specialist_steps(data[domain].train.numel(), prof)
+    fixed = replace(prof, specialist_min_steps=steps, specialist_max_steps=steps)
     windows = (prof.context, prof.eval_windows)
 
     def ppl(model: ShiftableLM, name: str, routing: Routing) -> float:
@@ -92,16 +92,15 @@ def measure(
     rows = {}
     for variant in variants:
         model = checkpoint.load_version(settings.models_dir, imported.version, device).model
-        params = branch(model, variant)
-        forced = Routing(force=(PROBE,))
-        phase = train.language_model_phase(
-            PROBE, model, data[domain], params, steps, variant.lr, forced,
-            prof.seed + zlib.crc32(domain.encode()), prof, device, data[GENERAL].train,
-        )  # fmt: skip
+        params = branch(model, variant, domain)  # trained as an add trains its branch
+        forced = Routing(force=(domain,))
         if device.type == "cuda":
             torch.cuda.synchronize()
         started = time.perf_counter()
-        trained = train.run_phase(phase, model, prof, device, lambda _: None)
+        trained = train.train_branch(
+            model, data[domain], data[GENERAL], replace(fixed, specialist_lr=variant.lr), device,
+            lambda _: None,
+        )  # fmt: skip
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - started
