@@ -27,10 +27,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bench.pretrained import import_into
 from shiftable_lib import checkpoint, jobs, train
-from shiftable_lib.config import Settings
 from shiftable_lib.corpus import GENERAL
-from shiftable_lib.demo_corpus import build_demo_corpus
 from shiftable_lib.evaluate import perplexity
 from shiftable_lib.model import ShiftableLM
 from shiftable_lib.plan import specialist_steps
@@ -73,12 +72,7 @@ def measure(
     steps: int = 0,
     profile: str | None = None,
 ) -> dict:
-    settings = Settings(home=home, device=device_name, **({"profile": profile} if profile else {}))
-    device = jobs.configure_torch(settings)
-    if not (settings.data_dir / GENERAL).is_dir():
-        build_demo_corpus(settings.data_dir)
-    imported = jobs.import_base(settings, checkpoint_path)
-    version = checkpoint.load_version(settings.models_dir, imported.version, device)
+    settings, device, imported, version = import_into(checkpoint_path, home, device_name, profile)
     tok, prof = version.tokenizer, version.profile
     data = jobs.tokenize_domains(settings, tok, [GENERAL, domain], version.stop_tokens)
     steps = steps or specialist_steps(data[domain].train.numel(), prof)

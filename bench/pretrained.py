@@ -66,6 +66,20 @@ def load_reference(path: Path, device: torch.device, dtype: torch.dtype):
     return model.to(device).eval()
 
 
+def import_into(
+    checkpoint_path: Path, home: Path, device_name: str, profile: str | None
+) -> tuple[Settings, torch.device, jobs.Imported, checkpoint.ModelVersion]:
+    """HOME's settings and device, the checkpoint imported there (its demo corpus built first
+    if it has no general text), and that version loaded."""
+    settings = Settings(home=home, device=device_name, **({"profile": profile} if profile else {}))
+    device = jobs.configure_torch(settings)
+    if not (settings.data_dir / GENERAL).is_dir():
+        build_demo_corpus(settings.data_dir)
+    imported = jobs.import_base(settings, checkpoint_path)
+    version = checkpoint.load_version(settings.models_dir, imported.version, device)
+    return settings, device, imported, version
+
+
 def predicted_bytes(tok, rows: torch.Tensor) -> int:
     return sum(
         len(tok.decode(row[1:].tolist(), skip_special_tokens=False).encode()) for row in rows
@@ -81,13 +95,8 @@ def measure(
     grow: bool = False,
     profile: str | None = None,
 ) -> dict:
-    settings = Settings(home=home, device=device_name, **({"profile": profile} if profile else {}))
-    device = jobs.configure_torch(settings)
-    if not (settings.data_dir / "general").is_dir():
-        build_demo_corpus(settings.data_dir)
-    imported = jobs.import_base(settings, checkpoint_path)
+    settings, device, imported, version = import_into(checkpoint_path, home, device_name, profile)
     served = checkpoint.serving_dtype("auto", device)
-    version = checkpoint.load_version(settings.models_dir, imported.version, device)
     ours, tok = version.model, version.tokenizer
     theirs = load_reference(checkpoint_path, device, torch.float32)
     base = Routing()
