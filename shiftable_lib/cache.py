@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from shiftable_lib import kernels
+from shiftable_lib import fused, kernels
 from shiftable_lib.routing import RouteTable
 
 # From this many rows on, PyTorch's decode attention on a CPU runs as two batched matrix
@@ -193,7 +193,7 @@ def decode_attention(
         scores = torch.matmul(q, keys.transpose(-1, -2)).mul_(hd**-0.5)
         weights = scores.add_(mask).softmax(-1)
         out = torch.matmul(weights.to(values.dtype), values)
-    return out.view(n, H, 1, hd)
+    return out.reshape(n, H, 1, hd)  # a strided result on some paths (float32 on a GPU)
 
 
 class Prefill:
@@ -209,6 +209,7 @@ class Prefill:
 
     dropout = 0.0
     skip_unused = False  # a cache holds every expert's keys: later tokens may weigh any of them
+    fused = False
     rotary: tuple[Tensor, Tensor] | None = None  # set by the model, at the prompts' positions
 
     def __init__(
@@ -280,11 +281,16 @@ class Decode:
         n = tokens.shape[0]
         self.cache, self.idx, self.routes = cache, tokens, routes
         self.pos = cache.lengths[:n]
-        span = span or int(self.pos.max()) + 1
-        self.mask = visible(self.pos, span, cache.k[0].dtype)
         self.count = (self.pos + 1).float().view(n, 1)
         self.heads = cache.heads_for(routes)
-        self.rows = cache.rows_at(self.pos, self.heads)
+        # on a GPU, few rows: the layers run the fused kernels, which write the cache and
+        # attend over each row's own length themselves
+        self.fused = not cache.position_major and fused.applies(tokens, n)
+        self.mask: Tensor | None = None
+        if not self.fused:
+            span = span or int(self.pos.max()) + 1
+            self.mask = visible(self.pos, span, cache.k[0].dtype)
+        self.rows = None if self.fused else cache.rows_at(self.pos, self.heads)
         self.gates: list[Tensor] = []  # per layer (n, E)
 
     def prefix_means(self, layer: int, h: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
@@ -300,3 +306,11 @@ class Decode:
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         self.cache.write(layer, self.rows, self.heads, k, v)
         return decode_attention(q, self.cache, layer, self.heads, self.pos, self.mask)
+
+    def attend_fused(self, layer: int, qkv: Tensor, experts: int) -> Tensor:
+        k, v = self.cache.k[layer], self.cache.v[layer]
+        kv_heads = (self.heads.stop - self.heads.start) // experts
+        q_heads = qkv.shape[-1] // (experts * k.shape[-1]) - 2 * kv_heads
+        first = self.heads.start
+        q = fused.rope_store(qkv, experts, q_heads, kv_heads, self.rotary, self.pos, k, v, first)
+        return fused.attend(q, k, v, self.pos, experts * kv_heads, first)

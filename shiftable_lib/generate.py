@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import operator
 import os
 import threading
 from collections import deque
@@ -102,36 +103,57 @@ class TokenEvent:
     logprob: Logprob | None = None  # when the request asks for log-probabilities
 
 
+@dataclass
+class Launched:
+    """A decode step on its way: its sequences (the batch's rows, in slot order, when it was
+    launched), its sampled tokens on the device and their copy on the way to the host, and
+    (for a step launched ahead) its gate weights, counted once its tokens are taken."""
+
+    seqs: list[Sequence]
+    tokens: Tensor
+    host: Tensor
+    ready: torch.cuda.Event | None  # recorded after the copy to the host (on a GPU)
+    gates: Tensor | None = None
+
+
 def sample(logits: Tensor, seqs: list[Sequence]) -> list[int | None]:
     """One token per row, each row with its own temperature, top-k, top-p and generator; None
     for a row that cannot be sampled (its logits are not finite), which ends that sequence
-    only. Each row is shifted to a maximum of 0 before it is divided by the temperature, so
-    any temperature the API admits, however close to 0, gives probabilities and never inf or
-    NaN: the top logit keeps weight 1 and the rest underflow to 0, as in greedy decoding (and
-    a temperature too small for float32, which would be 0 there, is greedy)."""
+    only (`sample_on_device`, read back)."""
+    return [None if t < 0 else t for t in sample_on_device(logits, seqs).tolist()]
+
+
+def sample_on_device(logits: Tensor, seqs: list[Sequence]) -> Tensor:
+    """`sample`'s tokens as a tensor on the logits' device, -1 for a row that cannot be sampled.
+    Nothing is read back from the device, so a caller may launch more work before it reads them.
+
+    Each row is shifted to a maximum of 0 before it is divided by the temperature, so any
+    temperature the API admits, however close to 0, gives probabilities and never inf or NaN:
+    the top logit keeps weight 1 and the rest underflow to 0, as in greedy decoding (and a
+    temperature too small for float32, which would be 0 there, is greedy)."""
     rows = logits.float()
     # max propagates NaN, and is inf when any score is: one reduction finds the greedy token
-    # and whether the row is fit to sample, and one transfer brings them over for the batch
+    # and whether the row is fit to sample
     top, best = rows.max(-1)
-    picked = torch.where(torch.isfinite(top), best, -1).tolist()
-    out: list[int | None] = [None if t < 0 else t for t in picked]
+    fit = torch.isfinite(top)
+    picked = torch.where(fit, best, -1)
     for i, s in enumerate(seqs):
         p = s.params
-        if p.temperature < GREEDY_BELOW or out[i] is None:
+        if p.temperature < GREEDY_BELOW:
             continue
-        row = (rows[i] - top[i]) / p.temperature
+        # an unfit row samples from zeros (any token), and reads -1 all the same
+        row = torch.where(fit[i], (rows[i] - top[i]) / p.temperature, 0.0)
+        index = None
         if p.top_k or p.top_p < 1:
             row, index = row.sort(descending=True)
             if p.top_k:
                 row[p.top_k :] = float("-inf")
-            if p.top_p < 1:
+            if p.top_p < 1:  # keep the smallest set reaching p
                 cum = row.softmax(-1).cumsum(-1)
-                row[1:][cum[:-1] >= p.top_p] = float("-inf")  # keep the smallest set reaching p
-            choice = torch.multinomial(row.softmax(-1), 1, generator=s.generator)
-            out[i] = int(index[choice])
-        else:
-            out[i] = int(torch.multinomial(row.softmax(-1), 1, generator=s.generator))
-    return out
+                row[1:].masked_fill_(cum[:-1] >= p.top_p, float("-inf"))
+        choice = torch.multinomial(row.softmax(-1), 1, generator=s.generator)[0]
+        picked[i] = torch.where(fit[i], choice if index is None else index[choice], -1)
+    return picked
 
 
 def logprobs_of(logits: Tensor, targets: list[int], top: list[int]) -> list[Logprob]:
@@ -262,6 +284,7 @@ class Engine:
         cuda_graphs: bool = True,
         prefill_chunk: int = PREFILL_CHUNK,
         stop_tokens: tuple[str, ...] = (),
+        look_ahead: bool | None = None,
     ) -> None:
         self.model = model.eval()
         self.prefill_chunk = prefill_chunk
@@ -270,6 +293,11 @@ class Engine:
         self.stops = stop_ids(tokenizer, stop_tokens)
         self.eos = separator_id(tokenizer, stop_tokens)
         self.device = model.wte.weight.device
+        # launch each decode step before reading the last one's tokens (on a GPU by default:
+        # elsewhere the step runs in the calling thread, and nothing would overlap)
+        self.look_ahead = self.device.type == "cuda" if look_ahead is None else look_ahead
+        self._ahead: Launched | None = None
+        self.steps_ahead = 0  # decode steps launched before the last one's tokens were read
         self.cache = model.new_cache(max_batch)
         if self.cache.position_major:
             kernels.warm_up()  # compile the CPU decode attention before the first request
@@ -348,16 +376,18 @@ class Engine:
         """Admit what fits, advance every active sequence by one token, retire finished ones."""
         events: list[TokenEvent] = []
         running = len(self.active)
-        if running:
-            routes = self._route_table()
-            # a graph's padding rows write into the slots past the batch: the filling one's
-            span = max(s.cached for s in self.active) + 1
-            if self.graphs is not None and self.filling is None and self.graphs.serves(routes):
-                logits, gates = self.graphs.decode(self._last_tokens(), span)
-            else:
-                logits, gates = self.model.decode(self.cache, self._last_tokens(), routes, span)
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and any(s.finish_reason is None for s in ahead.seqs):
+            events += self._take(ahead)  # launched in the last step, before its host work
+        elif running:
+            seqs = self.active[:running]
+            span = max(s.cached for s in seqs) + 1
+            logits, gates = self._decode(self._last_tokens(), span)
             self.gate_sums[:running] += gates.transpose(0, 1).float()
-            events += self._emit(self.active[:running], logits)
+            if self._may_look_ahead():
+                events += self._take(self._launch(seqs, logits))
+            else:
+                events += self._emit(seqs, logits)
         admitted = self._admit()
         if admitted:
             first = len(self.active) - len(admitted)
@@ -372,6 +402,86 @@ class Engine:
         return events
 
     # ---- internals ----------------------------------------------------------------------------
+
+    def _decode(self, tokens: Tensor, span: int) -> tuple[Tensor, Tensor]:
+        """One decode step of the active rows, replayed from a graph where one serves."""
+        routes = self._route_table()
+        # a graph's padding rows write into the slots past the batch: the filling one's
+        if self.graphs is not None and self.filling is None and self.graphs.serves(routes):
+            return self.graphs.decode(tokens, span)
+        return self.model.decode(self.cache, tokens, routes, span)
+
+    def _may_look_ahead(self) -> bool:
+        """Whether the next decode step may be launched before this one's tokens are read: the
+        batch will be the same unless a sequence ends on a token the host has yet to read (an
+        EOS, a stop string: that row's step ahead is then thrown away). Not when a queued
+        request would join, a sequence's length ends it, or its log-probabilities are asked
+        (they read this step's logits, which the next step overwrites)."""
+        return (
+            self.look_ahead
+            and self.filling is None
+            and not (self.queue and len(self.active) < self.max_batch)
+            and all(
+                s.finish_reason is None
+                and s.params.logprobs is None
+                and len(s.output_ids) + 2 <= s.params.max_new_tokens
+                for s in self.active
+            )
+        )
+
+    def _launch(
+        self, seqs: list[Sequence], logits: Tensor, gates: Tensor | None = None
+    ) -> Launched:
+        """Sample a step's tokens on the device and start their copy to the host."""
+        tokens = sample_on_device(logits, seqs)
+        if self.device.type != "cuda":
+            return Launched(seqs, tokens, tokens, None, gates)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return Launched(seqs, tokens, host, ready, gates)
+
+    def _take(self, launched: Launched) -> list[TokenEvent]:
+        """Advance a launched step's sequences by its tokens. First, where the batch is still
+        the one it was launched for, launch the next step from its tokens on the device, so
+        that the GPU decodes that one while the host reads and detokenises these."""
+        seqs = launched.seqs
+        same = len(seqs) == len(self.active) and all(map(operator.is_, seqs, self.active))
+        if same and self._may_look_ahead():
+            # the step writes these tokens one position past the cached ones
+            span = max(s.cached for s in seqs) + 2
+            # a row that could not be sampled (-1) decodes token 0, and is thrown away
+            logits, gates = self._decode(launched.tokens.clamp(min=0), span)
+            self._ahead = self._launch(seqs, logits, gates.clone())
+            self.steps_ahead += 1
+        if launched.gates is not None:
+            self._count_gates(launched)
+        if launched.ready is not None:
+            launched.ready.synchronize()
+        events = []
+        for seq, token in zip(seqs, launched.host.tolist(), strict=True):
+            if seq.finish_reason is not None:  # it ended after this step was launched
+                continue
+            events.append(self._fail(seq) if token < 0 else self._advance(seq, token))
+        return events
+
+    def _count_gates(self, launched: Launched) -> None:
+        """Add a step's gate weights to the sums of the sequences that are still running (in
+        the slots they hold now)."""
+        assert launched.gates is not None
+        gates = launched.gates.transpose(0, 1).float()  # (n, L, E)
+        slot = {id(s): i for i, s in enumerate(self.active)}
+        pairs = [
+            (slot[id(s)], j)
+            for j, s in enumerate(launched.seqs)
+            if s.finish_reason is None and id(s) in slot
+        ]
+        if pairs == [(j, j) for j in range(len(launched.seqs))]:
+            self.gate_sums[: len(pairs)] += gates
+        elif pairs:
+            to, of = (torch.tensor(c, device=self.device) for c in zip(*pairs, strict=True))
+            self.gate_sums[to] += gates[of]
 
     def _admit(self) -> list[Sequence]:
         """Queued sequences into free slots: a prompt of up to `prefill_chunk` tokens joins the

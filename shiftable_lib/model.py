@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from shiftable_lib import fused
 from shiftable_lib.cache import Decode, KVCache, Prefill, attention
 from shiftable_lib.corpus import GENERAL, validate_specialist_name
 from shiftable_lib.errors import AlreadyExists, NotFound
@@ -116,6 +117,7 @@ class Step(Protocol):
     routes: RouteTable
     dropout: float  # on embeddings and residual branches: 0 unless training
     skip_unused: bool  # whether experts that no position weighs may go uncomputed
+    fused: bool  # whether the layers run the fused decode kernels, and call `attend_fused`
 
     def prefix_means(self, layer: int, h: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
         """Means over each position's prefix of the layer input and of the token scores."""
@@ -126,6 +128,10 @@ class Step(Protocol):
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Each head's attention output for queries q, given the new positions' k and v (with
         grouped-query attention, fewer heads of k and v than of q)."""
+
+    def attend_fused(self, layer: int, qkv: Tensor, experts: int) -> Tensor:
+        """What `attend` returns, given the fused qkv projection (n, 1, E * (H + 2 H_kv) * hd)
+        of `experts` experts, unrotated: called only where `fused`."""
 
     # cos and signed sin (`rotary_table`) at the new positions, shaped to broadcast over the
     # fused qkv's (B, T, E, heads, hd): (T, 1, 1, hd), or (B, 1, 1, 1, hd) for one per row
@@ -171,14 +177,51 @@ class MixedAttention(nn.Module):
         self._joined: dict[tuple, tuple[tuple, list[Tensor], Tensor]] = {}
 
     def forward(self, h: Tensor, step: Step, layer: int) -> Tensor:
+        experts, weights = self.route(h, step, layer)
+        q, k, v = self.qkv(h, experts, step.rotary)
+        return self.mix(step.attend(layer, q, k, v), weights, experts)
+
+    def fused_residual(self, x: Tensor, norm: nn.Module, step: Step, layer: int) -> Tensor:
+        """x + forward(norm(x)), for a decode step that runs the fused kernels (`fused.py`):
+        the heads' split, rotation and cache write are one kernel; with one expert (no gate
+        reads the normalised input) the norm rides in the qkv product, and the residual add
+        in the output projection's."""
+        if step.routes.single is not None:
+            experts, weights = [list(self.experts.values())[step.routes.single]], None
+            w, b = self.projection(experts, "qkv")
+            qkv = fused.linear(x, w, b, norm=norm)
+        else:
+            h = norm(x)
+            experts, weights = self.route(h, step, layer)
+            qkv = F.linear(h, *self.projection(experts, "qkv"))
+        heads = step.attend_fused(layer, qkv, len(experts))
+        if weights is None:
+            w, b = self.projection(experts, "proj")
+            return fused.linear(heads.view(x.shape), w, b, residual=x)
+        return x + self.mix(heads, weights, experts)
+
+    def route(self, h: Tensor, step: Step, layer: int) -> tuple[list[Expert], Tensor | None]:
+        """The experts a step computes, and their gate weights (None: one expert, no gate)."""
         experts = list(self.experts.values())
         weights = self.weigh(h, step, layer)
         if weights is None:  # one allowed expert: it alone runs
             experts = [experts[step.routes.single]]
         elif step.skip_unused:
             experts, weights = _skip_unused(experts, weights)
-        q, k, v = self.qkv(h, experts, step.rotary)
-        return self.mix(step.attend(layer, q, k, v), weights, experts)
+        return experts, weights
+
+    def projection(
+        self, experts: list[Expert], kind: Literal["qkv", "proj"]
+    ) -> tuple[Tensor, Tensor | None]:
+        """The experts' `kind` weights side by side, and (for qkv, or one expert's output
+        projection) their biases: what one matmul over every expert's heads needs."""
+        w = self.joined(self.weights(experts, kind), 0 if kind == "qkv" else 1)
+        if not (self.qkv_bias if kind == "qkv" else self.proj_bias):
+            return w, None
+        if kind == "proj":
+            assert len(experts) == 1, "mixed output biases are weighed per row: see mix"
+            return w, self.biases(experts, kind)[0]
+        return w, self.joined(self.biases(experts, kind), 0)
 
     def weigh(self, h: Tensor, step: Step, layer: int) -> Tensor | None:
         """Gate weights (..., T, E) within each row's allowed experts; None where every row is
@@ -262,9 +305,7 @@ class MixedAttention(nn.Module):
         side, one matmul; with `rotary`, q and k rotated to their positions."""
         B, T, _ = h.shape
         E, H, Hkv, hd = len(experts), self.n_head, self.kv_heads, self.head_dim
-        w = self.joined(self.weights(experts, "qkv"), 0)
-        b = self.joined(self.biases(experts, "qkv"), 0) if self.qkv_bias else None
-        qkv = F.linear(h, w, b)
+        qkv = F.linear(h, *self.projection(experts, "qkv"))
         if Hkv == H and rotary is None:  # one permute serves all three
             qkv = qkv.view(B, T, E, 3, H, hd).permute(3, 0, 2, 4, 1, 5)
             q, k, v = qkv.reshape(3, B, E * H, T, hd).unbind(0)
@@ -336,6 +377,13 @@ class MLP(nn.Module):
             h = F.gelu(h, approximate="tanh")
         return F.linear(h, self.proj.weight, self.proj.bias)
 
+    def fused_residual(self, x: Tensor, norm: nn.Module) -> Tensor:
+        """x + forward(norm(x)) in two kernels (`fused.py`): the norm, the first product and
+        the activation; the second product and the residual add."""
+        act = "swiglu" if self.swiglu else "gelu_tanh"
+        h = fused.linear(x, self.fc.weight, self.fc.bias, norm=norm, act=act)
+        return fused.linear(h, self.proj.weight, self.proj.bias, residual=x)
+
 
 def norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
@@ -370,6 +418,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: Tensor, step: Step, layer: int) -> Tensor:
+        if step.fused:  # one token per row on a GPU: fewer, fused kernels (`fused.py`)
+            x = self.attn.fused_residual(x, self.ln_1, step, layer)
+            return self.mlp.fused_residual(x, self.ln_2)
         x = x + _dropout(self.attn(self.ln_1(x), step, layer), step.dropout)
         return x + _dropout(self.mlp(self.ln_2(x)), step.dropout)
 
@@ -412,6 +463,7 @@ class Sequences:
     cumulative sums, causal attention within each sequence, every gate kept in a `Trace`."""
 
     skip_unused = True  # nothing is cached, so an expert no position weighs is not needed
+    fused = False
 
     def __init__(
         self,

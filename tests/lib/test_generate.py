@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import replace
 
 import pytest
@@ -412,10 +413,13 @@ def test_any_admitted_sampling_value_samples_and_tiny_temperatures_are_greedy(sh
     assert all(s.output_ids == greedy.output_ids for s in [*seqs, *mixed[:3]])
 
 
-def test_a_sequence_whose_scores_go_bad_ends_alone(shiftable, tokenizer, monkeypatch):
+@pytest.mark.parametrize("look_ahead", [False, True])
+def test_a_sequence_whose_scores_go_bad_ends_alone(shiftable, tokenizer, monkeypatch, look_ahead):
     """A fault in one sequence's logits (as from a diverged model) ends that sequence with an
-    error; the others in its batch decode on to their end."""
-    engine = Engine(shiftable, tokenizer, max_batch=4)
+    error; the others in its batch decode on to their end. With steps launched ahead, the
+    faulty row's next step is launched (from a stand-in token) before the host sees the fault,
+    one token later, and is thrown away."""
+    engine = Engine(shiftable, tokenizer, max_batch=4, look_ahead=look_ahead)
     params = replace(GREEDY, temperature=0.8, max_new_tokens=8)
     seqs = [engine.submit(p, params) for p in ("the list", "tensor", "array", "open the file")]
     decode = shiftable.decode
@@ -431,8 +435,9 @@ def test_a_sequence_whose_scores_go_bad_ends_alone(shiftable, tokenizer, monkeyp
     events = []
     while engine.has_work():
         events += engine.step()
-    assert seqs[1].finish_reason == "error" and len(seqs[1].output_ids) == 3
+    assert seqs[1].finish_reason == "error" and len(seqs[1].output_ids) == 3 + look_ahead
     assert "non-finite" in seqs[1].error
+    assert (engine.steps_ahead > 0) == look_ahead
     assert [e.finish_reason for e in events if e.seq is seqs[1]][-1] == "error"
     for seq in (seqs[0], seqs[2], seqs[3]):
         assert seq.finish_reason == "length" and len(seq.output_ids) == 8
@@ -520,3 +525,101 @@ def test_a_bfloat16_model_decodes_what_float32_does_within_its_precision(shiftab
     full, bf16 = outs
     assert (bf16 - full).abs().max() < 0.05 * full.abs().max()
     assert (bf16.argmax(-1) == full.argmax(-1)).float().mean() > 0.9
+
+
+def _scripted(shiftable, tokenizer, look_ahead: bool, stop: str) -> tuple[list, dict, Engine]:
+    """Requests of every kind joining, leaving and cancelled while a batch decodes."""
+    engine = Engine(shiftable, tokenizer, max_batch=3, look_ahead=look_ahead)
+    sampled = SamplingParams(
+        max_new_tokens=9, temperature=0.9, top_k=20, top_p=0.9, seed=7, ignore_eos=True
+    )
+    plan = {
+        0: [
+            ("the list of", GREEDY),
+            ("numpy array", sampled),
+            ("tensor", replace(GREEDY, max_new_tokens=1)),
+        ],
+        2: [
+            ("open the file", replace(GREEDY, stop=(stop,))),
+            ("array mean", replace(sampled, seed=3, max_new_tokens=2)),
+            ("the list", replace(GREEDY, routing=Routing(force=("ds",)))),
+        ],
+        5: [
+            ("gradient", replace(GREEDY, logprobs=2, max_new_tokens=5)),
+            ("x", replace(GREEDY, routing=Routing(exclude=("dl",)), max_new_tokens=6)),
+            ("y", replace(sampled, routing=Routing(mode="top1"), seed=11)),
+        ],
+    }
+    seqs, events = [], {}
+    for step in range(200):
+        seqs += [engine.submit(p, params) for p, params in plan.get(step, [])]
+        if step == 7 and seqs[1].finish_reason is None:
+            engine.cancel(seqs[1])
+        for e in engine.step():
+            events.setdefault(e.seq.id, []).append((e.token_id, e.text, e.finish_reason, e.logprob))
+        if step > max(plan) and not engine.has_work():
+            break
+    return seqs, events, engine
+
+
+def test_steps_launched_ahead_decode_what_steps_launched_in_turn_do(shiftable, tokenizer):
+    """The next decode step launched before the host reads this one's tokens (what a GPU
+    overlaps) changes nothing a request sees: tokens, text, how each ended, log-probabilities
+    and gate weights, as requests join, end on a stop string or their length, and are
+    cancelled."""
+    free = complete(Engine(shiftable, tokenizer, max_batch=1), ["open the file"], GREEDY)[0]
+    stop = re.findall(r"[a-z]{2,}", free.text)[0][:2]  # complete text, ended by a stop
+    (before, seen, _), (ahead, seen_ahead, engine) = (
+        _scripted(shiftable, tokenizer, flag, stop) for flag in (False, True)
+    )
+    assert engine.steps_ahead > 0 and not engine.active and engine._ahead is None
+    ended = [s.finish_reason for s in before]
+    assert ended[:5] == ["length", "cancelled", "length", "stop", "length"]
+    assert seen_ahead == seen  # each request's events, log-probabilities included
+    assert any(e[3] is not None for stream in seen.values() for e in stream)
+    for a, b in zip(before, ahead, strict=True):
+        assert (a.output_ids, a.text, a.finish_reason) == (b.output_ids, b.text, b.finish_reason)
+        torch.testing.assert_close(a.gate_mean, b.gate_mean, rtol=0, atol=1e-6)
+
+
+def test_a_sequence_that_ends_or_is_cancelled_with_a_step_ahead_is_cut_there(shiftable, tokenizer):
+    """A full batch launches every step ahead: a row's stop string, read a step late, and a
+    cancellation between steps end that row where they would have, and the rows moved into
+    its slot decode on unharmed."""
+    free = complete(Engine(shiftable, tokenizer, max_batch=1), ["open the file"], GREEDY)[0]
+    stop = re.findall(r"[a-z]{2,}", free.text)[0][:2]
+    sampled = replace(GREEDY, temperature=0.8, top_p=0.9, seed=5)
+    asks = [("open the file", replace(GREEDY, stop=(stop,))), ("the list of", GREEDY)]
+    asks += [("numpy array", sampled), ("tensor", replace(sampled, seed=6))]
+    runs = []
+    for look_ahead in (False, True):
+        engine = Engine(shiftable, tokenizer, max_batch=4, look_ahead=look_ahead)
+        seqs = [engine.submit(p, params) for p, params in asks]
+        for _ in range(4):
+            engine.step()
+        engine.cancel(seqs[1])
+        while engine.has_work():
+            engine.step()
+        runs.append((seqs, engine.steps_ahead))
+    (before, _), (ahead, steps_ahead) = runs
+    assert [s.finish_reason for s in ahead] == ["stop", "cancelled", "length", "length"]
+    # every decode step but the last, and the one after each row leaves (the batch changed)
+    assert steps_ahead == GREEDY.max_new_tokens - 1 - 1 - 2
+    for a, b in zip(before, ahead, strict=True):
+        assert (a.output_ids, a.text, a.finish_reason) == (b.output_ids, b.text, b.finish_reason)
+        torch.testing.assert_close(a.gate_mean, b.gate_mean, rtol=0, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_steps_launched_ahead_on_a_gpu_decode_what_steps_launched_in_turn_do(shiftable, tokenizer):
+    """On a GPU (graphs, a pinned copy to the host and an event per step), the same script of
+    requests as on the CPU gives the same events with and without steps launched ahead."""
+    model = shiftable.to("cuda")
+    free = complete(Engine(model, tokenizer, max_batch=1), ["open the file"], GREEDY)[0]
+    stop = re.findall(r"[a-z]{2,}", free.text)[0][:2]
+    (before, seen, _), (ahead, seen_ahead, engine) = (
+        _scripted(model, tokenizer, flag, stop) for flag in (False, True)
+    )
+    assert engine.steps_ahead > 0 and engine.graphs is not None and engine.graphs.replays > 0
+    assert seen_ahead == seen
+    assert [s.output_ids for s in ahead] == [s.output_ids for s in before]
