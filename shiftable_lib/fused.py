@@ -4,8 +4,9 @@ no Triton) nothing here applies and the model runs its PyTorch operations.
 With one new token per row, a layer of a small model is some twenty kernels of a few
 microseconds each, and their launches, not the arithmetic, bound the step (docs/benchmarks.md).
 Here a norm rides in the matrix product that reads its output, an activation and a residual
-add in the product that makes their input, and the split of the fused qkv into heads, with
-rotary positions and the cache write, is one kernel (`triton_decode`).
+add in the product that makes their input; the split of the fused qkv into heads, with rotary
+positions and the cache write, is one kernel, and attention over each row's own cached length
+another (`triton_decode`).
 
 Up to `MAX_ROWS` rows the products are ours; with more, cuBLAS's are the faster and the step
 keeps PyTorch's operations.
@@ -26,9 +27,9 @@ except ImportError:  # no Triton (a CPU-only install): nothing here applies
 
 # one switch for the whole process: benchmarks and tests compare both paths with it
 enabled = True
-MAX_ROWS = 16
-_ACT = {"identity": 0, "swiglu": 1, "gelu_tanh": 2}
+MAX_ROWS = 16  # past this many rows cuBLAS's products are the faster (docs/benchmarks.md)
 ATTENTION_BLOCK = 64  # cached positions a decode attention program reads at a time
+_ACT = {"identity": 0, "swiglu": 1, "gelu_tanh": 2}
 
 
 def applies(x: Tensor, rows: int) -> bool:
@@ -185,9 +186,9 @@ def _norm_args(norm: nn.Module | None, x: Tensor) -> tuple[int, float, Tensor, T
     return 2, norm.eps, norm.weight, norm.bias if norm.bias is not None else norm.weight
 
 
-# (M, N, K, act) -> (kernel, BLOCK_N, BLOCK_K, warps, stages), in place of `_config`'s choice:
-# how the choice was tuned, on the GPU
-CONFIG: dict = {}
+# (M, N, K, act) -> (kernel, BLOCK_N, BLOCK_K, warps, stages) in place of `_config`'s choice,
+# for timing other tiles on a GPU
+CONFIG: dict[tuple[int, int, int, str], tuple[str, int, int, int, int]] = {}
 
 
 def _config(M: int, N: int, K: int) -> tuple[str, int, int, int, int]:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import random
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -37,9 +40,28 @@ def write_domain(data_dir: Path, name: str, docs: list[str], file: str = "corpus
     return folder
 
 
+# documents per domain -> a home trained once in this test session, which callers copy
+_TRAINED: dict[int, Path] = {}
+
+
 def train_tiny_home(home: Path, documents: int = 30) -> Path:
     """A home as `sma train --profile tiny` leaves it: v0001 (the generalist), then v0002 (every
-    domain of VOCAB but general as a specialist). Returns its models folder."""
+    domain of VOCAB but general as a specialist). Returns its models folder.
+
+    The same corpus trains to the same home, so each size is trained once per session and
+    copied into each caller's own `home` (a home that already holds data is trained in place)."""
+    if (home / "data").exists():
+        return _train_tiny(home, documents)
+    if documents not in _TRAINED:
+        template = Path(tempfile.mkdtemp(prefix="sma-tiny-home-"))
+        atexit.register(shutil.rmtree, template, True)
+        _train_tiny(template, documents)
+        _TRAINED[documents] = template
+    shutil.copytree(_TRAINED[documents], home, dirs_exist_ok=True)
+    return home / "artifacts" / "models"
+
+
+def _train_tiny(home: Path, documents: int) -> Path:
     from shiftable_lib import jobs
     from shiftable_lib.config import Settings
 
