@@ -29,7 +29,6 @@ except ImportError:  # no Triton (a CPU-only install): nothing here applies
 enabled = True
 MAX_ROWS = 16  # past this many rows cuBLAS's products are the faster (docs/benchmarks.md)
 ATTENTION_BLOCK = 64  # cached positions a decode attention program reads at a time
-_ACT = {"identity": 0, "swiglu": 1, "gelu_tanh": 2}
 
 
 def applies(x: Tensor, rows: int) -> bool:
@@ -66,7 +65,7 @@ def linear(
     res = residual.reshape(M, N).contiguous() if residual is not None else out
     flags = dict(
         NORM=kind,
-        ACT=_ACT[act],
+        ACT=getattr(_kernels, act.upper()).value,  # IDENTITY, SWIGLU or GELU_TANH
         HAS_NORM_B=norm_b is not norm_w,
         HAS_B=bias is not None,
         HAS_RES=residual is not None,
@@ -177,13 +176,15 @@ def _on(device: torch.device) -> contextlib.AbstractContextManager:
 
 def _norm_args(norm: nn.Module | None, x: Tensor) -> tuple[int, float, Tensor, Tensor]:
     """The kernel's norm kind, epsilon, weight and bias (x where there is none)."""
+    assert _kernels is not None
     if norm is None:
-        return 0, 0.0, x, x
+        return _kernels.NONE.value, 0.0, x, x
     if isinstance(norm, nn.RMSNorm):
         eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
-        return 1, eps, norm.weight, norm.weight
+        return _kernels.RMS.value, eps, norm.weight, norm.weight
     assert isinstance(norm, nn.LayerNorm)
-    return 2, norm.eps, norm.weight, norm.bias if norm.bias is not None else norm.weight
+    bias = norm.bias if norm.bias is not None else norm.weight
+    return _kernels.LAYER.value, norm.eps, norm.weight, bias
 
 
 # (M, N, K, act) -> (kernel, BLOCK_N, BLOCK_K, warps, stages) in place of `_config`'s choice,

@@ -197,7 +197,8 @@ class MixedAttention(nn.Module):
         heads = step.attend_fused(layer, qkv, len(experts))
         if weights is None:
             w, b = self.projection(experts, "proj")
-            return fused.linear(heads.view(x.shape), w, b, residual=x)
+            bias = None if b is None else b[0]
+            return fused.linear(heads.view(x.shape), w, bias, residual=x)
         return x + self.mix(heads, weights, experts)
 
     def route(self, h: Tensor, step: Step, layer: int) -> tuple[list[Expert], Tensor | None]:
@@ -213,15 +214,13 @@ class MixedAttention(nn.Module):
     def projection(
         self, experts: list[Expert], kind: Literal["qkv", "proj"]
     ) -> tuple[Tensor, Tensor | None]:
-        """The experts' `kind` weights side by side, and (for qkv, or one expert's output
-        projection) their biases: what one matmul over every expert's heads needs."""
+        """The experts' `kind` weights side by side, what one matmul over every expert's heads
+        needs, and their biases: for qkv side by side too; for the output projection stacked
+        (E, d), as each expert's is weighed by its gate (`mix`)."""
         w = self.joined(self.weights(experts, kind), 0 if kind == "qkv" else 1)
         if not (self.qkv_bias if kind == "qkv" else self.proj_bias):
             return w, None
-        if kind == "proj":
-            assert len(experts) == 1, "mixed output biases are weighed per row: see mix"
-            return w, self.biases(experts, kind)[0]
-        return w, self.joined(self.biases(experts, kind), 0)
+        return w, self.joined(self.biases(experts, kind), 0, stack=kind == "proj")
 
     def weigh(self, h: Tensor, step: Step, layer: int) -> Tensor | None:
         """Gate weights (..., T, E) within each row's allowed experts; None where every row is
@@ -327,10 +326,9 @@ class MixedAttention(nn.Module):
         a = heads.view(B, E, self.n_head, T, hd).permute(0, 3, 1, 2, 4).reshape(B, T, E, -1)
         if weights is not None:
             a = a * weights.unsqueeze(-1).to(a.dtype)
-        w = self.joined(self.weights(experts, "proj"), 1)
+        w, b = self.projection(experts, "proj")
         out = F.linear(a.reshape(B, T, -1), w)
-        if self.proj_bias:
-            b = self.joined(self.biases(experts, "proj"), 0, stack=True)  # (E, d)
+        if b is not None:
             out = out + (b[0] if weights is None else weights.to(out.dtype) @ b)
         return out
 
