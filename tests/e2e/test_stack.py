@@ -129,7 +129,8 @@ def test_stream_deltas_concatenate_to_the_completion(stack: Stack) -> None:
         events = list(sse_events(response))
     tokens = [data for name, data in events if name == "token"]
     done = [data for name, data in events if name == "done"]
-    assert len(tokens) >= 2 and len(done) == 1
+    # no count of token events: steps that pile up behind a slow reader are merged into one
+    assert tokens and len(done) == 1
     assert "".join(t["text"] for t in tokens) == done[0]["completion"] == whole["completion"]
     assert done[0]["usage"]["completion_tokens"] == sum(len(t["token_ids"]) for t in tokens)
 
@@ -276,7 +277,11 @@ def test_a_reflection_only_client_lists_the_services_and_streams(stack: Stack) -
             response_deserializer=response_cls.FromString,
         )
         replies = list(call(request_cls(prompt="the", max_new_tokens=6, temperature=0), timeout=60))
-        assert len(replies) >= 2 and replies[-1].finish_reason != 0
+        # the server may merge steps that pile up while a slow client reads into one reply
+        tokens = [t for reply in replies for t in reply.token_ids]
+        assert 1 <= len(tokens) <= 6 and "".join(r.text for r in replies)
+        assert replies[-1].finish_reason != 0
+        assert all(r.finish_reason == 0 for r in replies[:-1])
     for service, name in (("registry", "sma.v1.Registry"), ("training", "sma.v1.Training")):
         with grpc.insecure_channel(stack.grpc_address(service)) as channel:
             assert name in ProtoReflectionDescriptorDatabase(channel).get_services()
