@@ -284,7 +284,13 @@ class Coordinator:
             op = await self.records.update(op.id, state=R.OPERATION_STATE_RUNNING, **mine)
             version_id = op.version_id
             if not version_id:
-                job = await self.jobs.run(op)
+                early: list[asyncio.Task[None]] = []
+                try:
+                    job = await self.jobs.run(
+                        op, lambda v: early.append(asyncio.create_task(self._serve_early(op, v)))
+                    )
+                finally:  # a publish is short: let it end before the job's own
+                    await asyncio.gather(*early, return_exceptions=True)
                 version_id = job.version_id
                 if not version_id:  # nothing needed doing: what is on disk stays current
                     current = await self._version("")
@@ -320,6 +326,21 @@ class Coordinator:
             reason = _reason(exc)
             log.warning("operation %s failed: %s", op.id, reason)
             await self._fail(op, reason)
+
+    async def _serve_early(self, op: R.Operation, version_id: str) -> None:
+        """Publish a version the operation's job wrote before its end (a first start's
+        generalist, while the specialists train), so that it serves meanwhile. Nothing waits
+        for it to load, and a failure only costs the wait: the job's last version is published
+        at its end all the same."""
+        try:
+            version = await self._version(version_id)
+            if version is None:
+                return
+            await self._claim(op.id)
+            await self._publish(version.version)
+            log.info("operation %s: serving %s while its training goes on", op.id, version_id)
+        except (LeaseLost, grpc.aio.AioRpcError) as exc:
+            log.warning("could not serve %s before operation %s ends: %s", version_id, op.id, exc)
 
     async def _publish(self, version: common_pb2.ModelVersion) -> None:
         """Publish `version`, retrying while the registry (or the training service it asks

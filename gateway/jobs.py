@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 import grpc
 
@@ -70,9 +71,12 @@ class TrainingRun:
         self.owner = owner
         self.profile = profile
 
-    async def run(self, op: R.Operation) -> training_pb2.Job:
+    async def run(
+        self, op: R.Operation, on_written: Callable[[str], None] | None = None
+    ) -> training_pb2.Job:
         """Follow the operation's training job to its end, starting one when there is none
-        (or none the training service still knows)."""
+        (or none the training service still knows). `on_written` gets each version the job
+        reports before it ends (a first start's generalist), which can serve meanwhile."""
         job_id = op.job_id
         while True:
             try:
@@ -80,7 +84,7 @@ class TrainingRun:
                 if job is None:
                     job = await self._start_job(op)
                     job_id = job.id
-                job = await self._follow(op, job)
+                job = await self._follow(op, job, on_written)
                 if job.state in TERMINAL_JOB:
                     break
                 await asyncio.sleep(1.0)  # the stream ended early (training stopping): re-attach
@@ -123,12 +127,20 @@ class TrainingRun:
             await self.training.CancelJob(T.CancelJobRequest(id=reply.job.id), timeout=RPC_TIMEOUT)
         return reply.job
 
-    async def _follow(self, op: R.Operation, job: training_pb2.Job) -> training_pb2.Job:
-        """Mirror the job's progress onto the operation (`ProgressMirror` says when)."""
+    async def _follow(
+        self, op: R.Operation, job: training_pb2.Job, on_written: Callable[[str], None] | None
+    ) -> training_pb2.Job:
+        """Mirror the job's progress onto the operation (`ProgressMirror` says when), and pass
+        on a version it wrote while it still runs."""
         mirror = ProgressMirror()
+        written = ""
         stream = self.training.WatchJob(T.WatchJobRequest(id=job.id), wait_for_ready=True)
         async for reply in stream:
             job = reply.job
+            running = job.state == T.JOB_STATE_RUNNING
+            if on_written and running and job.version_id and job.version_id != written:
+                written = job.version_id
+                on_written(written)
             if mirror.due(job, time.monotonic()):
                 await self.records.update(op.id, progress=job.progress, owner=self.owner)
         return job

@@ -153,7 +153,8 @@ def up(settings: Settings) -> int:
 class FirstStart:
     """The first start's progress in the terminal, from /health: on a terminal one line kept
     up to date (the phase's bar, then the whole start's percentage and ETA); in a log, a line
-    for each phase and every tenth of the way. Then which model serves, once one does."""
+    for each phase and every tenth of the way. Then which model serves, once one does: the
+    generalist, while the specialists train, and the whole model at the end."""
 
     def __init__(self, out: TextIO) -> None:
         self.out = out
@@ -162,6 +163,7 @@ class FirstStart:
         self.phase = ""
         self.tenth = -1
         self.open_line = False
+        self.early = ""  # the version that served while the first start went on
 
     def show(self, health: dict) -> None:
         op = health.get("first_start")
@@ -172,6 +174,11 @@ class FirstStart:
                     self._print(f"sma: model {health['serving_version']} serving", health)
                 self.done = True
             return
+        serving = health.get("loaded_version") if health.get("initialized") else None
+        if serving and serving != self.early:
+            self.end_line()
+            self._print(f"sma: model {serving} serving while the first start goes on", health)
+            self.early = serving
         p = op["progress"]
         line = progress_line(p)
         if not self.phase:  # the first report

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -186,12 +187,15 @@ def train_all(
     progress: ProgressFn = _quiet,
     demo_if_empty: bool = False,
     on_plan: plan.PlanFn = plan.ignore_plan,
+    on_version: Callable[[str], None] = lambda version: None,
 ) -> list[JobResult]:
     """The generalist if there is none, then every specialist found under data/ (full).
 
     With `demo_if_empty` (a first start of the stack), an empty `data/general/` gets the demo
     corpus first. `on_plan` gets the phases to run before the first, and the phases left once
     the demo corpus is in place (see plan.decide_train_all, which makes every decision here).
+    `on_version` gets the generalist's version, written and current, when specialists are
+    trained after it: it can serve meanwhile.
     """
     device = configure_torch(settings)
     decision = plan.decide_train_all(settings, profile_name, demo_if_empty)
@@ -219,6 +223,8 @@ def train_all(
     if decision.reason:
         results.append(JobResult(None, decision.reason, current.metrics))
         return results
+    if results and results[-1].version:
+        on_version(results[-1].version)
     results.append(
         _train_specialists(
             settings, current, decision.specialists, decision.digests, device, progress

@@ -22,7 +22,15 @@ export function describeHealth(health) {
     parts.push(`loading ${health.serving_version}`);
   }
   const down = Object.entries(health.services ?? {}).filter(([, s]) => s.status !== "SERVING");
-  parts.push(down.length ? `degraded: ${down.map(([n]) => n).join(", ")} down` : "ready");
+  if (down.length) parts.push(`degraded: ${down.map(([n]) => n).join(", ")} down`);
+  // the generalist serves while a first start trains the specialists
+  const first = health.first_start;
+  if (first) {
+    const p = first.progress;
+    parts.push(`first start: ${p.phase || "starting"}, ${p.percent.toFixed(0)}%`);
+  } else if (!down.length) {
+    parts.push("ready");
+  }
   return parts.join(" · ");
 }
 
@@ -38,7 +46,7 @@ export function renderStatus(health) {
     if (said !== null) announce(text.textContent);
     said = news;
   }
-  const first = health?.initialized ? null : health?.first_start;
+  const first = health?.first_start;
   bar.hidden = !first;
   if (first) bar.value = first.progress.percent;
 }
@@ -55,7 +63,7 @@ export function watchHealth(onHealth) {
     try {
       onHealth(last);
     } finally {
-      setTimeout(tick, last?.initialized ? 3000 : 1000);
+      setTimeout(tick, last?.initialized && !last?.first_start ? 3000 : 1000);
     }
   }
   tick();

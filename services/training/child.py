@@ -18,7 +18,15 @@ from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Protocol
 
 from services.training.home import no_generalist
-from services.training.job import Failed, JobKind, JobProgress, Outcome, Published, Task
+from services.training.job import (
+    Failed,
+    JobKind,
+    JobProgress,
+    Outcome,
+    Published,
+    Task,
+    Written,
+)
 from services.training.progress import FractionEstimate
 from shiftable_lib import logs
 from shiftable_lib.config import Settings
@@ -73,6 +81,9 @@ class Reporter:
         report (evaluation first, for a removal without recalibration)."""
         self.estimate.plan_rest(phases)
         self.announce_unreported()
+
+    def written(self, version: str) -> None:
+        self.conn.send(Written(version))
 
     def announce_unreported(self) -> None:
         estimate = self.estimate
@@ -157,7 +168,12 @@ def _run_task(task: Task, settings: Settings, reporter: Reporter) -> Published:
             raise Conflict("there is no generalist to train specialists on: run TRAIN_ALL first")
         demo = task.kind is JobKind.TRAIN_ALL  # first start: no general text -> demo corpus
         results = jobs.train_all(
-            settings, task.profile or None, reporter, demo_if_empty=demo, on_plan=reporter.plan
+            settings,
+            task.profile or None,
+            reporter,
+            demo_if_empty=demo,
+            on_plan=reporter.plan,
+            on_version=reporter.written,
         )
     published = [r.version for r in results if r.version]
     return Published(published[-1] if published else None, "; ".join(r.message for r in results))

@@ -44,6 +44,7 @@ from services.training.job import (
     Outcome,
     Published,
     Task,
+    Written,
 )
 from shiftable_lib import logs, versions
 from shiftable_lib.config import Settings, check_max_drift, get_profile
@@ -312,8 +313,13 @@ class JobManager:
         run.process.join()
         deliver(self._on_exit, run)
 
-    def _on_message(self, run: _Run, message: JobProgress | Outcome) -> None:
-        if isinstance(message, JobProgress):
+    def _on_message(self, run: _Run, message: JobProgress | Written | Outcome) -> None:
+        if isinstance(message, Written):  # it serves while the job goes on
+            with logs.bound(run.job.trace):
+                log.info("%s: wrote %s and goes on", run.job.id, message.version)
+            run.job.version_id = message.version
+            self._notify(run.job)
+        elif isinstance(message, JobProgress):
             if message.phase != run.job.progress.phase:
                 with logs.bound(run.job.trace):
                     log.info("%s: %s", run.job.id, message.phase)

@@ -1,6 +1,7 @@
 """A training job as the service sees it, and the messages its child process exchanges with the
-server: the `Task` it is given, then `JobProgress` reports and one outcome, `Published` or
-`Failed`. Plain dataclasses, so that they cross a pipe (pickled) or a rank's stdout (JSON)."""
+server: the `Task` it is given, then `JobProgress` reports (and `Written`, for a version that
+serves before the job ends) and one outcome, `Published` or `Failed`. Plain dataclasses, so that
+they cross a pipe (pickled) or a rank's stdout (JSON)."""
 
 from __future__ import annotations
 
@@ -43,6 +44,14 @@ class JobProgress:
     loss: float = math.nan
     tokens_per_s: float = 0.0
     eta_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Written:
+    """The job wrote `version` and made it current, and goes on training: a first start's
+    generalist, which may serve while the specialists train."""
+
+    version: str
 
 
 @dataclass

@@ -26,11 +26,19 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 from services.training.child import Sender, die_with_parent, run_job
-from services.training.job import Failed, JobKind, JobProgress, Outcome, Published, Task
+from services.training.job import (
+    Failed,
+    JobKind,
+    JobProgress,
+    Outcome,
+    Published,
+    Task,
+    Written,
+)
 
 log = logging.getLogger("sma.training.ranks")
 MARK = "@sma-job "
-KINDS = {cls.__name__: cls for cls in (JobProgress, Published, Failed)}
+KINDS = {cls.__name__: cls for cls in (JobProgress, Written, Published, Failed)}
 
 
 def encode_task(task: Task) -> str:
@@ -87,7 +95,7 @@ def relay(conn: Sender, task: Task) -> Outcome:
         for line in launcher.stdout:
             if line.startswith(MARK):
                 message = _message(line)
-                if isinstance(message, JobProgress):
+                if isinstance(message, JobProgress | Written):
                     conn.send(message)
                 else:
                     outcome = message  # type: ignore[assignment]

@@ -1,5 +1,6 @@
 """`sma up`'s first-start progress in the terminal, from /health answers as the gateway gives
-them: a line per phase and tenth in a log, one line kept up to date on a terminal."""
+them: a line per phase and tenth in a log, one line kept up to date on a terminal; the
+generalist serving while the specialists train, then the whole model."""
 
 from __future__ import annotations
 
@@ -8,10 +9,18 @@ import io
 from shiftable.stack import FirstStart, duration, progress_line
 
 
-def health(phase: str, step: int, total: int, percent: float, eta: float) -> dict:
+def health(
+    phase: str, step: int, total: int, percent: float, eta: float, serving: str | None = None
+) -> dict:
     progress = {"phase": phase, "step": step, "total": total, "percent": percent, "eta_s": eta}
     op = {"progress": progress}
-    return {"initialized": False, "ready": False, "first_start": op, "specialists": []}
+    return {
+        "initialized": serving is not None,
+        "ready": False,
+        "first_start": op,
+        "loaded_version": serving,
+        "specialists": [],
+    }
 
 
 SERVING = {
@@ -27,8 +36,9 @@ START = [
     health("generalist", 100, 800, 12.0, 350),
     health("generalist", 130, 800, 14.5, 330),  # the same tenth: no line in a log
     health("generalist", 700, 800, 61.0, 150),
-    health("specialist:datascience", 50, 260, 70.0, 100),
-    health("gate", 300, 300, 96.0, 12),
+    # the generalist serves while the specialists train
+    health("specialist:datascience", 50, 260, 70.0, 100, serving="v0001"),
+    health("gate", 300, 300, 96.0, 12, serving="v0001"),
 ]
 
 
@@ -51,6 +61,7 @@ def test_a_log_gets_a_line_per_phase_and_tenth_then_the_model_that_serves() -> N
         "sma: first start: tokenizer · 1%",
         "sma: first start: generalist [###.....................] 100/800 · 12% · ETA 5m 50s",
         "sma: first start: generalist [#####################...] 700/800 · 61% · ETA 2m 30s",
+        "sma: model v0001 serving while the first start goes on (specialists: none)",
         "sma: first start: specialist:datascience [#####...................] 50/260 · 70% "
         "· ETA 1m 40s",
         "sma: first start: gate [########################] 300/300 · 96% · ETA 12s",
@@ -65,8 +76,12 @@ def test_a_terminal_gets_one_line_kept_up_to_date() -> None:
         watch.show(answer)
     watch.show(SERVING)
     text = out.getvalue()
-    assert text.count("\n") == 3  # the intro, the progress line when it ends, the model
-    progress = text.split("\n")[1].split("\r")[1:]
+    # the intro, the progress line ended by the generalist serving, that news, the progress
+    # line when it ends, the model
+    assert text.count("\n") == 5
+    lines = text.split("\n")
+    assert lines[2].startswith("sma: model v0001 serving while the first start goes on")
+    progress = lines[1].split("\r")[1:] + lines[3].split("\r")[1:]
     assert len(progress) == len(START) and progress[-1].startswith("gate [####")
 
 

@@ -55,6 +55,13 @@ def test_first_start_serves_a_trained_model(stack: Stack) -> None:
     }
     assert sorted(stack.http.get("/specialists").json()) == ["dl", "ds"]
     assert "Shiftable" in stack.http.get("/").text
+    # the generalist was published as soon as it was written, and served while the
+    # specialists trained
+    versions = stack.http.get("/versions").json()
+    assert [(v["id"], v["serving"], v["specialists"]) for v in versions] == [
+        ("v0002", True, ["dl", "ds"]),
+        ("v0001", False, []),
+    ]
 
 
 def test_the_terminal_shows_where_the_ui_is_and_the_first_start_progress(stack: Stack) -> None:

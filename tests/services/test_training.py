@@ -175,6 +175,17 @@ def test_train_all_publishes_a_version_and_streams_rising_progress(trained: Trai
     phases = {e.progress.phase for e in running}
     assert {"tokenizer", "generalist", "specialist:ds", "specialist:dl", "gate"} <= phases
     assert "evaluate" in phases
+    assert_generalist_reported_while_running(running)
+
+
+def assert_generalist_reported_while_running(running: list[T.Job]) -> None:
+    """The generalist, written and current, is named while the specialists train (it can
+    serve meanwhile), and not before it exists."""
+    named = [e for e in running if e.version_id]
+    assert named and {e.version_id for e in named} == {"v0001"}
+    assert not {"tokenizer", "generalist"} & {e.progress.phase for e in named}
+    first = running.index(named[0])
+    assert all(e.version_id == "v0001" for e in running[first:])
 
 
 def test_health_is_serving(trained: Trained):
@@ -467,8 +478,10 @@ def test_a_job_over_two_processes_publishes_and_streams_progress(tmp_path: Path)
         assert store(harness.models) == (["v0001", "v0002"], "v0002", [])
         fractions = [e.progress.fraction for e in events]
         assert fractions == sorted(fractions) and fractions[-1] == 1.0
-        phases = {e.progress.phase for e in events if e.state == T.JOB_STATE_RUNNING}
+        running = [e for e in events if e.state == T.JOB_STATE_RUNNING]
+        phases = {e.progress.phase for e in running}
         assert {"tokenizer", "generalist", "specialist:ds", "specialist:dl", "gate"} <= phases
+        assert_generalist_reported_while_running(running)  # rank 0's report, relayed
         metrics = json.loads(harness.version(job.version_id).version.metrics_json)
         assert metrics["domains"].keys() == {"general", "ds", "dl"}
 

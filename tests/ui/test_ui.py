@@ -13,9 +13,12 @@ import signal
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 from playwright.sync_api import Page, expect
 
+from sma.v1 import training_pb2 as T
+from sma.v1 import training_pb2_grpc
 from tests.conftest import synthetic_documents, write_domain
 from tests.e2e.conftest import Stack, job_processes, wait_for
 from tests.ui.conftest import Console, SlowLink, descendants, signal_all
@@ -86,12 +89,42 @@ def test_a_first_start_shows_progress_and_a_clear_message(
         page.screenshot(path=shots / "01-first-start.png")
     finally:
         signal_all(job, signal.SIGCONT)
-    expect(page.locator("#status-text")).to_contain_text(
+
+    # The generalist serves as soon as it is written: hold the job still once it names it,
+    # while the specialists train, and chat with it.
+    try:
+        held = hold_when_a_version_is_written(ui_stack, job)
+        assert held.state == T.JOB_STATE_RUNNING and held.version_id == "v0001"
+        expect(status).to_contain_text(
+            re.compile(r"Serving v0001 · cpu · tiny profile · first start: .+, \d+%"), timeout=SLOW
+        )
+        expect(page.locator("#status-progress")).to_be_visible()
+        settings(page, 4, 0.0)
+        send(page, MESSAGE)
+        expect(last_reply(page).locator(".meta")).to_contain_text("4 tokens", timeout=SLOW)
+        assert ui_stack.http.get("/specialists").json() == []  # what serves: none yet
+        page.screenshot(path=shots / "01b-generalist-serves.png")
+    finally:
+        signal_all(job, signal.SIGCONT)
+    expect(status).to_contain_text(
         re.compile(r"Serving v\d+ · cpu · tiny profile · ready"), timeout=SLOW
     )
     expect(page.locator("#status-progress")).to_be_hidden()
     refused = "the server responded with a status of 503"  # the refused message, logged
     assert [e for e in console.errors if refused not in e] == [], console.errors
+
+
+def hold_when_a_version_is_written(stack: Stack, job: list[int]) -> T.Job:
+    """SIGSTOP the first start's job the moment it names a version it wrote; that job."""
+    with grpc.insecure_channel(stack.grpc_address("training")) as channel:
+        stub = training_pb2_grpc.TrainingStub(channel)
+        jobs = stub.ListJobs(T.ListJobsRequest(), timeout=10).jobs
+        (first,) = [j for j in jobs if j.kind == T.JOB_KIND_TRAIN_ALL]
+        for reply in stub.WatchJob(T.WatchJobRequest(id=first.id), timeout=120):
+            if reply.job.version_id:
+                signal_all(job, signal.SIGSTOP)
+                return reply.job
+    raise AssertionError("the first start's job ended without naming a version")
 
 
 def test_the_page_loads_offline_with_no_console_errors(
