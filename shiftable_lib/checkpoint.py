@@ -138,11 +138,28 @@ def save_version(
     return version
 
 
-def serving_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The dtype a model serves in: bfloat16 on a GPU for `auto` (half the memory traffic of a
-    decode step, which is bound by it), float32 on a CPU (bfloat16 matmuls are slow there)."""
+# A decode step reads every weight once. Past the CPU's caches that is bound by memory
+# bandwidth, which bfloat16 halves where the CPU has bfloat16 instructions; a smaller model
+# pays more for the conversions than it saves (docs/benchmarks.md, "bfloat16 on a CPU").
+CPU_BF16_MIN_BYTES = 16 * 2**20  # of float32 weights
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX)."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, check, lambda: False)() for check in checks)
+
+
+def serving_dtype(name: str, device: torch.device, weight_bytes: int = 0) -> torch.dtype:
+    """The dtype a model of `weight_bytes` (its float32 weights) serves in. For `auto`:
+    bfloat16 on a GPU (half the memory traffic of a decode step, which is bound by it); on a
+    CPU, bfloat16 for a model past CPU_BF16_MIN_BYTES where the CPU has bfloat16 instructions,
+    else float32 (emulated bfloat16 matmuls are slow)."""
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda":
+            return torch.bfloat16
+        large = weight_bytes >= CPU_BF16_MIN_BYTES
+        return torch.bfloat16 if large and cpu_has_bf16() else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
@@ -150,10 +167,11 @@ def load_version(
     models_dir: Path,
     version: str,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
 ) -> ModelVersion:
     """Load a complete version, once its files pass their check (VersionInvalid otherwise),
-    onto `device` in `dtype`."""
+    onto `device` in `dtype`: a dtype, or a `serving_dtype` name (`auto`, by the model's
+    size and the device)."""
     path = models_dir / version
     if not VERSION_PATTERN.match(version) or not path.is_dir():
         raise NotFound(f"no model version {version!r} in {models_dir}")
@@ -178,6 +196,9 @@ def load_version(
     except (KeyError, TypeError, ValueError, RuntimeError, OSError) as exc:
         raise VersionInvalid(f"{version}: its files do not make a model ({exc})") from exc
     metrics_path = path / "metrics.json"
+    if isinstance(dtype, str):
+        size = sum(p.numel() for p in model.parameters()) * 4
+        dtype = serving_dtype(dtype, torch.device(device), size)
     return ModelVersion(
         id=version,
         path=path,

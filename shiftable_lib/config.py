@@ -346,7 +346,8 @@ class Settings(BaseSettings):
     serve_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         default="auto",
         description="the inference server's weights and KV cache: auto = bfloat16 on a GPU, "
-        "float32 on a CPU",
+        "and on a CPU with bfloat16 instructions for a model of over 16 MiB of float32 "
+        "weights; float32 otherwise",
     )
     cuda_graphs: bool = Field(
         default=True, description="replay the decode step from CUDA graphs on a GPU; off = eager"

@@ -123,7 +123,7 @@ class Worker:
         self.device = device
         self.max_batch = max_batch
         self.cuda_graphs = cuda_graphs
-        self.dtype = checkpoint.serving_dtype(dtype, device)
+        self.dtype = dtype  # a `checkpoint.serving_dtype` name: each version's own choice
         self.engine: Engine | None = None
         self.engine_version = ""
         self.draining: list[Engine] = []

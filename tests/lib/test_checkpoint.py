@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from shiftable_lib import checkpoint
 from shiftable_lib.config import get_profile
 from shiftable_lib.errors import NotFound, VersionInvalid
+from shiftable_lib.model import ShiftableLM
 
 
 def test_a_saved_version_reloads_to_the_same_outputs(tmp_path, shiftable, tokenizer):
@@ -94,3 +96,27 @@ def _edit_config(folder, **model):
     config = json.loads((folder / "config.json").read_text())
     config["model"].update(model)
     (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_auto_serves_bfloat16_on_a_gpu_and_on_a_cpu_only_where_it_pays(
+    tmp_path, shiftable, tokenizer
+):
+    """`auto`: bfloat16 on a GPU; on a CPU only for a model past CPU_BF16_MIN_BYTES of float32
+    weights, and only where the CPU has bfloat16 instructions (this machine's answer)."""
+    cpu, large = torch.device("cpu"), checkpoint.CPU_BF16_MIN_BYTES
+    native = torch.bfloat16 if checkpoint.cpu_has_bf16() else torch.float32
+    assert checkpoint.serving_dtype("auto", torch.device("cuda"), 0) == torch.bfloat16
+    assert checkpoint.serving_dtype("auto", cpu, large - 1) == torch.float32
+    assert checkpoint.serving_dtype("auto", cpu, large) == native
+    assert checkpoint.serving_dtype("float32", cpu, large) == torch.float32
+    assert checkpoint.serving_dtype("bfloat16", cpu, 0) == torch.bfloat16
+
+    small = checkpoint.save_version(tmp_path, shiftable, tokenizer, get_profile("tiny"), {})
+    loaded = checkpoint.load_version(tmp_path, small, "cpu", "auto")
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.float32}
+    # past the threshold (the tiny model with a vocabulary that large): what this CPU pays for
+    vocab = large // (4 * shiftable.cfg.d_model) + 1
+    wide = ShiftableLM(dataclasses.replace(shiftable.cfg, vocab_size=vocab, specialists=()))
+    big = checkpoint.save_version(tmp_path, wide, tokenizer, get_profile("tiny"), {})
+    loaded = checkpoint.load_version(tmp_path, big, "cpu", "auto")
+    assert {p.dtype for p in loaded.model.parameters()} == {native}
