@@ -181,7 +181,7 @@ class FirstStart:
             self.early = serving
         p = op["progress"]
         line = progress_line(p)
-        if not self.phase:  # the first report
+        if not self.phase and not serving:  # the first report, and nothing serves yet
             print(
                 "sma: training the first model; the UI shows its progress, and /generate "
                 "answers once it serves",

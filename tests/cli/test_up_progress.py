@@ -97,3 +97,18 @@ def test_durations_read_as_people_write_them() -> None:
         "0s", "59s", "1m 01s", "59m 59s", "1h 00m", "2h 02m",
     ]  # fmt: skip
     assert progress_line({"phase": "", "step": 0, "total": 0, "percent": 0.0}) == "starting · 0%"
+
+
+def test_a_restart_during_a_first_start_says_the_generalist_serves_and_goes_on() -> None:
+    """Stopped after the generalist served, started again: it serves at once, and the start's
+    specialists train on."""
+    out = io.StringIO()
+    watch = FirstStart(out)
+    watch.show(health("specialist:datascience", 10, 260, 40.0, 300, serving="v0001"))
+    watch.show(SERVING)
+    assert out.getvalue().splitlines() == [
+        "sma: model v0001 serving while the first start goes on (specialists: none)",
+        "sma: first start: specialist:datascience [#.......................] 10/260 · 40% "
+        "· ETA 5m 00s",
+        "sma: model v0002 serving (specialists: datascience, deeplearning)",
+    ]
