@@ -1,13 +1,15 @@
 """Decode speed in float32 and in bfloat16 on this machine, by model size: where `auto` should
 serve bfloat16 (`checkpoint.serving_dtype`, `CPU_BF16_MIN_BYTES`).
 
-    python -m bench.serve_dtype [--device cpu] [--home HOME] [--json]
+    python -m bench.serve_dtype [--device cpu] [--home HOME] [--threads N] [--json]
 
 Each model (random weights of the shapes in `SHAPES`, and HOME's current version if given)
 decodes greedy rows through the serving engine in both dtypes, the two alternating, at batch
-1; median tokens/s of `REPEATS` runs after a warm-up. A decode step reads every weight once:
-past the caches it is bound by memory bandwidth, which bfloat16 halves, where the processor
-computes in bfloat16 natively.
+1; median tokens/s of `REPEATS` runs after a warm-up. On the inference server's torch threads
+(`Settings.decode_threads`: every core but one), unless `--threads` says otherwise: with one,
+float32 decode attention is the compiled loop (`kernels.py`), which bfloat16 does not have.
+A decode step reads every weight once: past the caches it is bound by memory bandwidth, which
+bfloat16 halves, where the processor computes in bfloat16 natively.
 """
 
 from __future__ import annotations
@@ -47,8 +49,10 @@ def measure(
     home: Path | None = None,
     shapes: tuple[tuple[int, int], ...] = SHAPES,
     new_tokens: int = 48,
+    threads: int = 0,
 ) -> dict:
     device = torch.device(device_name)
+    torch.set_num_threads(threads or Settings().decode_threads())
     tok = _bench_tokenizer(VOCAB)
     rows = {}
     for layers, width in shapes:
@@ -88,9 +92,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.serve_dtype", description=__doc__)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--home", type=Path, help="time this home's current version too")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (the server's)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args(argv)
-    result = measure(args.device, args.home)
+    result = measure(args.device, args.home, threads=args.threads)
     print(json.dumps(result, indent=2) if args.json else print_table(result))
 
 

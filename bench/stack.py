@@ -203,7 +203,10 @@ def measure(args: argparse.Namespace, settings: Settings, profile: str) -> dict:
     try:
         wait_ready(http, process, log)
         raw["info"] = info = model_info()
-        version = checkpoint.load_version(settings.models_dir, info.version_id, args.device)
+        # in the dtype the server chose for it (SMA_SERVE_DTYPE)
+        version = checkpoint.load_version(
+            settings.models_dir, info.version_id, args.device, settings.serve_dtype
+        )
         # as in the server: the engine is built on one thread and stepped on another (`worker`,
         # like its step thread). Which thread first runs torch's parallel regions matters: on a
         # busy machine, stepping on that same thread with several threads was far slower

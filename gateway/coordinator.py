@@ -170,11 +170,7 @@ class Coordinator:
         serving = (await registry.GetServing(R.GetServingRequest(), **wait)).serving
         if serving.version.id or unfinished:
             return
-        on_disk = await self._version("")
-        if on_disk is not None:  # trained before (by `sma train`, or a lost registry)
-            log.info("serving the model found on disk, %s", on_disk.version.id)
-            await self._publish(on_disk.version)
-            await self._sync_specialists(on_disk)
+        if await self._serve_on_disk():  # trained before (by `sma train`, or a lost registry)
             return
         try:
             op = await self._create(R.OPERATION_KIND_INITIALIZE, "")
@@ -185,6 +181,17 @@ class Coordinator:
             return
         log.info("first start: no model yet, training one")
         self._spawn(op)
+
+    async def _serve_on_disk(self) -> bool:
+        """Publish the current version on disk and make the registry's specialists its own;
+        False where there is none."""
+        on_disk = await self._version("")
+        if on_disk is None:
+            return False
+        log.info("serving the model found on disk, %s", on_disk.version.id)
+        await self._publish(on_disk.version)
+        await self._sync_specialists(on_disk)
+        return True
 
     async def _adopt_orphans(self) -> None:
         """Every RENEW_S, claim each unfinished operation this gateway does not drive; the
@@ -289,6 +296,10 @@ class Coordinator:
                     job = await self.jobs.run(
                         op, lambda v: early.append(asyncio.create_task(self._serve_early(op, v)))
                     )
+                except asyncio.CancelledError:  # shutdown, or the lease lost: stop them too
+                    for task in early:
+                        task.cancel()
+                    raise
                 finally:  # a publish is short: let it end before the job's own
                     await asyncio.gather(*early, return_exceptions=True)
                 version_id = job.version_id
@@ -326,6 +337,21 @@ class Coordinator:
             reason = _reason(exc)
             log.warning("operation %s failed: %s", op.id, reason)
             await self._fail(op, reason)
+            if op.kind == R.OPERATION_KIND_INITIALIZE:
+                await self._serve_after_failed_start()
+
+    async def _serve_after_failed_start(self) -> None:
+        """A first start that failed after writing its generalist (its specialists failed)
+        leaves that version current on disk. Serve it if nothing serves: the job may have
+        ended before this gateway saw it named (`_serve_early`)."""
+        try:
+            serving = await self.backends.registry.GetServing(
+                R.GetServingRequest(), timeout=RPC_TIMEOUT
+            )
+            if not serving.serving.version.id:
+                await self._serve_on_disk()
+        except grpc.aio.AioRpcError as exc:
+            log.error("cannot serve what the failed first start left: %s", exc.details())
 
     async def _serve_early(self, op: R.Operation, version_id: str) -> None:
         """Publish a version the operation's job wrote before its end (a first start's

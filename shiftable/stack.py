@@ -175,7 +175,8 @@ class FirstStart:
                 self.done = True
             return
         serving = health.get("loaded_version") if health.get("initialized") else None
-        if serving and serving != self.early:
+        # once: the start's last version may load a moment before its operation ends
+        if serving and not self.early:
             self.end_line()
             self._print(f"sma: model {serving} serving while the first start goes on", health)
             self.early = serving

@@ -64,6 +64,7 @@ class _Run:
     job: Job
     process: multiprocessing.process.BaseProcess
     versions_before: set[str]
+    written: set[str] = field(default_factory=set)  # versions it named while it ran (Written)
     outcome: Outcome | None = None
     cancel_reason: str = ""
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -317,6 +318,7 @@ class JobManager:
         if isinstance(message, Written):  # it serves while the job goes on
             with logs.bound(run.job.trace):
                 log.info("%s: wrote %s and goes on", run.job.id, message.version)
+            run.written.add(message.version)
             run.job.version_id = message.version
             self._notify(run.job)
         elif isinstance(message, JobProgress):
@@ -383,7 +385,9 @@ class JobManager:
     def _discard(self, run: _Run) -> None:
         """After a job that did not succeed: remove its temporaries and any version it wrote but
         did not make CURRENT. A version it did make CURRENT (TRAIN_ALL's generalist, before the
-        specialists failed) is complete and served, so it stays and the job names it."""
+        specialists failed) is complete and may serve, so it stays and the job names it; so
+        does one it named while it ran (`Written`), which may serve already though CURRENT has
+        moved on."""
         models = self.settings.models_dir
         self._remove_temporaries()
         pointer = _pointer(models)
@@ -391,6 +395,8 @@ class JobManager:
             if version == pointer:
                 run.job.version_id = version
                 run.job.message = f"published {version} before it stopped"
+            elif version in run.written:
+                log.info("keeping %s, which %s named while it ran", version, run.job.id)
             else:
                 log.warning(
                     "removing %s, written by %s but never made current", version, run.job.id

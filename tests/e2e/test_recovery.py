@@ -8,8 +8,11 @@ import signal
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 
+from sma.v1 import training_pb2 as T
+from sma.v1 import training_pb2_grpc
 from tests.conftest import synthetic_documents, write_domain
 from tests.e2e.conftest import Stack, job_processes, tiny_home, wait_for
 
@@ -150,6 +153,37 @@ def test_a_failed_job_leaves_the_old_model_serving(stack: Stack) -> None:
     assert stack.health()["serving_version"] == serving
     assert "doomed" not in stack.http.get("/specialists").json()
     assert generates(stack)
+
+
+def test_a_first_start_whose_specialists_fail_serves_its_generalist(tmp_path: Path) -> None:
+    """A corpus spoiled while the first start trains its generalist: the specialists fail,
+    the operation fails saying why, and the generalist it wrote serves (published as soon as
+    it was named, or, had the job ended before the gateway saw it named, after the failure)."""
+    home = tiny_home(tmp_path / "home")
+    stack = Stack(home).start()
+    try:
+        listed = home / "state" / "stack.json"  # the children's pids, once they are started
+        training = wait_for(lambda: listed.is_file() and stack.pids().get("training"), every=0.02)
+        job = wait_for(lambda: next(iter(job_processes(training)), None), timeout=120, every=0.02)
+        with grpc.insecure_channel(stack.grpc_address("training")) as channel:
+            stub = training_pb2_grpc.TrainingStub(channel)
+            (first,) = stub.ListJobs(T.ListJobsRequest(), timeout=10).jobs
+            watch = stub.WatchJob(T.WatchJobRequest(id=first.id), timeout=120)
+            next(r for r in watch if r.job.progress.phase == "generalist")
+            os.kill(job, signal.SIGSTOP)  # its corpora read and hashed; not yet the specialists'
+        try:
+            spoiled = sorted((home / "data" / "ds").glob("*.txt"))[0]
+            spoiled.write_bytes(b"caf\xe9 " * 100)  # not UTF-8
+        finally:
+            os.kill(job, signal.SIGCONT)
+        health = stack.wait_ready()
+        assert health["serving_version"] == "v0001" and health["specialists"] == []
+        (op,) = stack.http.get("/operations").json()
+        assert op["kind"] == "initialize" and op["state"] == "failed", op
+        assert spoiled.name in op["error"] and "UTF-8" in op["error"], op
+        assert generates(stack)
+    finally:
+        stack.stop()
 
 
 def test_a_second_start_serves_within_seconds(stack: Stack) -> None:

@@ -387,6 +387,30 @@ def test_a_killed_child_fails_the_job_and_leaves_the_store_as_it_was(
         assert store(harness.models) == before
 
 
+def test_a_first_start_killed_after_naming_its_generalist_keeps_it(tmp_path: Path):
+    """The generalist a TRAIN_ALL job named while it ran may serve already: a job killed later,
+    even once CURRENT points past it (killed between its last version's publish and its
+    report), keeps it, and names the version CURRENT points at."""
+    home = tmp_path / "home"
+    for name in ("general", "ds"):
+        write_domain(home / "data", name, synthetic_documents(name, 40))
+    with serving(home) as harness:
+        job = harness.start(T.JOB_KIND_TRAIN_ALL)
+        watch = harness.stub.WatchJob(T.WatchJobRequest(id=job.id), timeout=120)
+        named = next(r.job for r in watch if r.job.version_id)
+        pid = harness.pid(job.id)
+        os.kill(pid, signal.SIGSTOP)  # in its specialists' training, the generalist written
+        assert named.state == T.JOB_STATE_RUNNING and named.version_id == "v0001"
+        # what the child leaves between writing its last version and reporting it
+        shutil.copytree(harness.models / "v0001", harness.models / "v0002")
+        versions.set_current(harness.models, "v0002")
+        os.kill(pid, signal.SIGKILL)
+        job = harness.wait_finished(job.id)
+        assert job.state == T.JOB_STATE_FAILED and "SIGKILL" in job.error
+        assert job.version_id == "v0002" and "before it stopped" in job.message
+        assert store(harness.models) == (["v0001", "v0002"], "v0002", [])
+
+
 def test_train_specialists_needs_a_generalist(tmp_path: Path):
     write_domain(tmp_path / "data", "general", synthetic_documents("general", 5))
     with serving(tmp_path) as harness:
