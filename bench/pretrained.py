@@ -80,11 +80,6 @@ def import_into(
     return settings, device, imported, version
 
 
-def weight_bytes(model: torch.nn.Module) -> int:
-    """The model's weights in float32, as the server sizes them to choose its dtype."""
-    return sum(p.numel() for p in model.parameters()) * 4
-
-
 def predicted_bytes(tok, rows: torch.Tensor) -> int:
     return sum(
         len(tok.decode(row[1:].tolist(), skip_special_tokens=False).encode()) for row in rows
@@ -101,7 +96,7 @@ def measure(
     profile: str | None = None,
 ) -> dict:
     settings, device, imported, version = import_into(checkpoint_path, home, device_name, profile)
-    served = checkpoint.serving_dtype("auto", device, weight_bytes(version.model))
+    served = checkpoint.serving_dtype("auto", device, checkpoint.weight_bytes(version.model))
     ours, tok = version.model, version.tokenizer
     theirs = load_reference(checkpoint_path, device, torch.float32)
     base = Routing()
@@ -165,7 +160,8 @@ def grow_specialists(settings: Settings) -> dict:
             adds[name] = {"seconds": time.perf_counter() - started, "refused": str(exc)}
     device = jobs.configure_torch(settings)
     current = jobs.load_current(settings, device)
-    served = current.model.to(checkpoint.serving_dtype("auto", device, weight_bytes(current.model)))
+    size = checkpoint.weight_bytes(current.model)
+    served = current.model.to(checkpoint.serving_dtype("auto", device, size))
     if is_plain(current.chat_template):
         shown, prompts = list(PROMPTS), list(PROMPTS)
     else:

@@ -34,7 +34,7 @@ REPEATS = 3
 def rates(model: ShiftableLM, tok, device: torch.device, new_tokens: int) -> dict:
     """Tokens/s at batch 1 in float32 and bfloat16, alternating, and the model's size."""
     model = model.to(device, torch.float32).eval()
-    size = sum(p.numel() for p in model.parameters()) * 4
+    size = checkpoint.weight_bytes(model)
     prompts = [list(range(10, 10 + PROMPT))]
     f32 = ours_decode(model, tok, 1, new_tokens, prompts)
     bf16 = ours_decode(copy.deepcopy(model).to(torch.bfloat16), tok, 1, new_tokens, prompts)

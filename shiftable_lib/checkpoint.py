@@ -144,21 +144,26 @@ def save_version(
 CPU_BF16_MIN_BYTES = 16 * 2**20  # of float32 weights
 
 
+def weight_bytes(model: torch.nn.Module) -> int:
+    """The model's weights in float32 bytes: what `serving_dtype` sizes a model by."""
+    return sum(p.numel() for p in model.parameters()) * 4
+
+
 def cpu_has_bf16() -> bool:
     """Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX)."""
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, check, lambda: False)() for check in checks)
 
 
-def serving_dtype(name: str, device: torch.device, weight_bytes: int = 0) -> torch.dtype:
-    """The dtype a model of `weight_bytes` (its float32 weights) serves in. For `auto`:
+def serving_dtype(name: str, device: torch.device, size: int = 0) -> torch.dtype:
+    """The dtype a model of `size` bytes of float32 weights (`weight_bytes`) serves in. For `auto`:
     bfloat16 on a GPU (half the memory traffic of a decode step, which is bound by it); on a
     CPU, bfloat16 for a model past CPU_BF16_MIN_BYTES where the CPU has bfloat16 instructions,
     else float32 (emulated bfloat16 matmuls are slow)."""
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16
-        large = weight_bytes >= CPU_BF16_MIN_BYTES
+        large = size >= CPU_BF16_MIN_BYTES
         return torch.bfloat16 if large and cpu_has_bf16() else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
@@ -197,8 +202,7 @@ def load_version(
         raise VersionInvalid(f"{version}: its files do not make a model ({exc})") from exc
     metrics_path = path / "metrics.json"
     if isinstance(dtype, str):
-        size = sum(p.numel() for p in model.parameters()) * 4
-        dtype = serving_dtype(dtype, torch.device(device), size)
+        dtype = serving_dtype(dtype, torch.device(device), weight_bytes(model))
     return ModelVersion(
         id=version,
         path=path,
