@@ -262,6 +262,12 @@ class Prefill:
         return attention(q, keys, values, mask=seen)
 
 
+def fuses(cache: KVCache, tokens: Tensor) -> bool:
+    """Whether a decode step of these tokens runs the fused kernels (`fused.py`): then it
+    attends over each row's own cached length, whatever span the caller gives."""
+    return not cache.position_major and fused.applies(tokens, tokens.shape[0])
+
+
 class Decode:
     """One new token for each of slots 0..n-1: the gate's prefix sums grow by that token,
     its keys and values are written at the slot's length, and it attends over the cache.
@@ -285,7 +291,7 @@ class Decode:
         self.heads = cache.heads_for(routes)
         # on a GPU, few rows: the layers run the fused kernels, which write the cache and
         # attend over each row's own length themselves
-        self.fused = not cache.position_major and fused.applies(tokens, n)
+        self.fused = fuses(cache, tokens)
         self.mask: Tensor | None = None
         if not self.fused:
             span = span or int(self.pos.max()) + 1

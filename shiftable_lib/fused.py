@@ -31,14 +31,15 @@ MAX_ROWS = 16  # past this many rows cuBLAS's products are the faster (docs/benc
 ATTENTION_BLOCK = 64  # cached positions a decode attention program reads at a time
 
 
+def available() -> bool:
+    """Whether Triton's kernels are importable here (a GPU is another matter)."""
+    return _kernels is not None
+
+
 def applies(x: Tensor, rows: int) -> bool:
     """Whether a decode step of `rows` rows on x's device runs the fused kernels."""
     return (
-        enabled
-        and _kernels is not None
-        and x.is_cuda
-        and rows <= MAX_ROWS
-        and not torch.is_grad_enabled()
+        enabled and available() and x.is_cuda and rows <= MAX_ROWS and not torch.is_grad_enabled()
     )
 
 

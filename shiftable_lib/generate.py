@@ -26,7 +26,7 @@ from tokenizers import Tokenizer
 from torch import Tensor
 
 from shiftable_lib import kernels
-from shiftable_lib.cache import KVCache
+from shiftable_lib.cache import KVCache, fuses
 from shiftable_lib.model import ShiftableLM
 from shiftable_lib.routing import RouteTable
 from shiftable_lib.sampling import SamplingParams
@@ -194,7 +194,8 @@ class DecodeGraphs:
     whole context would cost a short sequence as much as a full one, and with one query per
     row it is the largest part of a small model's step. The rows past n are free cache slots,
     reset to position 0 first, so they decode a throw-away token there (a slot is prefilled
-    afresh before it is used again).
+    afresh before it is used again). A bucket whose step runs the fused kernels (`fused.py`)
+    has one graph, not one per span: their attention reads each row's own length.
 
     Only the routing that almost every request uses is captured: every expert allowed, soft
     mixing (for the generalist, its one expert). Forcing, excluding or top-k requests in a
@@ -211,6 +212,9 @@ class DecodeGraphs:
         device, E = model.wte.weight.device, len(model.experts)
         self.buckets = _doublings(1, max_batch)
         self.spans = _doublings(min(MIN_SPAN, cache.context), cache.context)
+        # per bucket, the spans it has a graph for: every one of `spans`, or only the whole
+        # context where the fused kernels serve, as they read each row's own length
+        self.captured: dict[int, list[int]] = {}
         self.tokens = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] = {}
         self.single: int | None = None  # the captured routing's one expert, if it has one
@@ -230,7 +234,8 @@ class DecodeGraphs:
         for bucket in reversed(self.buckets):
             routes = RouteTable.from_rows([[True] * E] * bucket, [0] * bucket, device)
             tokens = self.tokens[:bucket]
-            for span in reversed(self.spans):
+            self.captured[bucket] = [cache.context] if fuses(cache, tokens) else self.spans
+            for span in reversed(self.captured[bucket]):
                 side = torch.cuda.Stream(device)
                 side.wait_stream(torch.cuda.current_stream(device))
                 with torch.cuda.stream(side):
@@ -256,7 +261,7 @@ class DecodeGraphs:
         buffers: use them before the next call."""
         n = tokens.shape[0]
         bucket = next(b for b in self.buckets if b >= n)
-        span = next(s for s in self.spans if s >= span)
+        span = next(s for s in self.captured[bucket] if s >= span)
         self.tokens[:n].copy_(tokens)
         self.cache.lengths[n:bucket].zero_()
         graph, logits, gates = self.graphs[bucket, span]

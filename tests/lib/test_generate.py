@@ -315,13 +315,15 @@ def test_sampling_and_batching_work_on_cuda(shiftable, tokenizer):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("fused_kernels", [False, True])
 def test_cuda_graph_decoding_matches_eager_as_requests_join_and_leave(
-    shiftable, tokenizer, monkeypatch
+    shiftable, tokenizer, monkeypatch, fused_kernels
 ):
-    from shiftable_lib import generate
+    from shiftable_lib import fused, generate
 
     # spans of 8, 16, 32 and the whole context: rows grow out of one into the next
     monkeypatch.setattr(generate, "MIN_SPAN", 8)
+    monkeypatch.setattr(fused, "enabled", fused_kernels)
     model = shiftable.to("cuda")
     prompts = ["the list of", "numpy array mean", "tensor gradient", "def main", "import os"]
     lengths = [12, 3, 7, 10, 5]  # rows leave at different steps: the bucket shrinks as they go
@@ -341,6 +343,9 @@ def test_cuda_graph_decoding_matches_eager_as_requests_join_and_leave(
     eager = Engine(model, tokenizer, max_batch=4, cuda_graphs=False)
     assert graphed.graphs is not None and graphed.graphs.buckets == [1, 2, 4]
     assert graphed.graphs.spans == [8, 16, 32, model.cfg.context]
+    # where the fused kernels serve, a step reads each row's length: one graph a bucket
+    spans = [model.cfg.context] if fused_kernels and fused.available() else graphed.graphs.spans
+    assert graphed.graphs.captured == {b: spans for b in (1, 2, 4)}
     assert run(graphed) == run(eager)
     assert graphed.graphs.replays > 0
     replays = graphed.graphs.replays
