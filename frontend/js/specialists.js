@@ -130,11 +130,13 @@ export class Specialists {
     await this.refresh();
   }
 
-  async remove(name) {
-    if (!(await confirmDelete(name))) return;
+  // `maxDrift`: the drift limit of a delete made anyway, which the user has confirmed once.
+  async remove(name, maxDrift = null) {
+    if (maxDrift == null && !(await confirmDelete(name))) return;
     this.showListError(null);
+    const limit = maxDrift == null ? "" : `&max_drift=${maxDrift}`;
     try {
-      const op = await api(`/specialists/${encodeURIComponent(name)}?wait=false`, {
+      const op = await api(`/specialists/${encodeURIComponent(name)}?wait=false${limit}`, {
         method: "DELETE",
       });
       this.follow(op);
@@ -286,16 +288,17 @@ export class Specialists {
     el.classList.add("failed");
     el.querySelector("progress")?.remove();
     el.querySelector(".op-detail").textContent = op.error ?? "It did not finish.";
-    if (op.kind === "add_specialist" && /higher max_drift/.test(op.error ?? "")) {
-      // the user decides: the same add, published whatever it does to the others
+    const again = ANYWAY[op.kind];
+    if (again && /higher max_drift/.test(op.error ?? "")) {
+      // the user decides: the same add or delete, published whatever it does to the others
       const anyway = document.createElement("button");
       anyway.type = "button";
       anyway.className = "ghost";
-      anyway.textContent = "Add anyway";
-      anyway.setAttribute("aria-label", `Add ${op.target} anyway`);
+      anyway.textContent = `${again.verb} anyway`;
+      anyway.setAttribute("aria-label", `${again.verb} ${op.target} anyway`);
       anyway.addEventListener("click", () => {
         el.remove();
-        this.add(op.target, { max_drift: ANYWAY_DRIFT });
+        again.run(this, op.target);
       });
       el.append(anyway);
     }
@@ -313,6 +316,12 @@ export class Specialists {
 }
 
 const ANYWAY_DRIFT = 1000; // percent: the largest limit the API takes
+
+// What a failed operation's "anyway" button does, by the operation's kind.
+const ANYWAY = {
+  add_specialist: { verb: "Add", run: (list, name) => list.add(name, { max_drift: ANYWAY_DRIFT }) },
+  delete_specialist: { verb: "Delete", run: (list, name) => list.remove(name, ANYWAY_DRIFT) },
+};
 
 function count(n) {
   return Number(n).toLocaleString("en-US");

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -476,6 +477,45 @@ def test_an_add_over_the_drift_limit_can_be_made_anyway(page: Page, ui_stack: St
     expect(entry.locator(".badge")).to_have_text("ready", timeout=SLOW)
     assert [b["max_drift"] for b in sent] == [0, 1000]
     assert "mirror" in ui_stack.http.get("/specialists").json()
+
+
+def test_a_delete_over_the_drift_limit_can_be_made_anyway(page: Page, ui_stack: Stack) -> None:
+    """The same for a delete: a branch can carry part of another domain's text, so removing it
+    can make that domain worse. `twin`, trained on a copy of general's corpus, carries some of
+    the general-like domains' text. Under a limit of 0% (any domain made worse at all),
+    removing it is refused with the figures and nothing changes; **Delete anyway** removes it
+    without asking to confirm again."""
+    data = ui_stack.home / "data"
+    shutil.copytree(data / "general", data / "twin")
+    added = ui_stack.http.post(
+        "/specialists", json={"name": "twin", "max_drift": 1000}, timeout=SLOW / 1000
+    )
+    assert added.status_code == 200, added.text
+    sent: list[str] = []
+
+    def strict(route) -> None:
+        sent.append(route.request.url)
+        route.continue_(url=route.request.url + "&max_drift=0")
+
+    open_ui(page, ui_stack)
+    page.route(re.compile(r".*/specialists/twin\?wait=false$"), strict)
+    page.get_by_role("button", name="Delete specialist twin").click()
+    page.locator("#confirm-ok").click()
+    failure = page.locator(".operation.failed")
+    expect(failure).to_contain_text("worse than the 0% limit", timeout=SLOW)
+    expect(failure).to_contain_text(re.compile(r"[\w-]+ \+\d+\.\d\d% \("))  # figures
+    assert "twin" in ui_stack.http.get("/specialists").json()  # nothing published
+    assert list((data / "twin").glob("*.txt"))  # the corpus stays
+
+    failure.get_by_role("button", name="Delete twin anyway").click()
+    expect(page.locator("#confirm")).to_be_hidden()
+    expect(page.locator('.specialist[data-name="twin"]')).to_have_count(0, timeout=SLOW)
+    outcome = page.locator(".operation.outcome")
+    expect(outcome.locator(".op-title")).to_contain_text("Deleting twin: done")
+    assert len(sent) == 1  # the second request carried its own limit, not the test's
+    assert "twin" not in ui_stack.http.get("/specialists").json()
+    assert list((data / ".deleted").glob("twin-*"))
+    outcome.get_by_role("button", name="Dismiss").click()
     # the later tests count the specialists as they were
     assert ui_stack.http.delete("/specialists/mirror").status_code == 200
 
