@@ -367,15 +367,21 @@ class Settings(BaseSettings):
     def state_dir(self) -> Path:
         return self.home / "state"
 
-    def decode_threads(self) -> int:
-        """Torch threads of the inference worker: `threads`, else every core but one.
+    def decode_threads(self, bandwidth_bound: bool = False) -> int:
+        """Torch threads of the inference worker: `threads`, else every core but one, or every
+        core for a model whose decode is `bandwidth_bound`.
 
         The core left over runs the gRPC server, the gateway and their clients while the worker
         decodes, so the per-token hand-offs never preempt a decode step. Where cores are few,
         one thread also decodes faster than more, a single stream and a full batch alike, since
-        with one thread decode attention is the compiled loop (docs/benchmarks.md).
+        with one thread decode attention is the compiled loop. A model large enough to be
+        served in bfloat16 on a CPU (`checkpoint.serving_dtype`) streams its weights from
+        memory each step, and more threads draw more bandwidth: there every core pays for the
+        preemptions (docs/benchmarks.md).
         """
-        return self.threads or max(1, available_cpus() - 1)
+        if self.threads:
+            return self.threads
+        return available_cpus() if bandwidth_bound else max(1, available_cpus() - 1)
 
     def keys(self) -> Keys:
         """The API keys and their scopes; ValueError naming the setting of a malformed key."""

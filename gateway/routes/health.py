@@ -108,6 +108,8 @@ def _model(info: inference_pb2.GetModelInfoResponse | None) -> dict | None:
         "queued": info.queued,
         # "own": an instruct model's template, which chats go through (`messages`)
         "chat_template": "plain" if is_plain(info.chat_template) else "own",
+        "dtype": info.dtype or None,
+        "threads": info.threads or None,  # CPU decode threads; None on a GPU
     }
 
 

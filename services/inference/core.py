@@ -97,7 +97,10 @@ class InferenceCore:
         threads: int = 0,
         cuda_graphs: bool = True,
         dtype: str = "auto",
+        bf16_threads: int = 0,
     ) -> None:
+        """`threads`: the worker's torch threads (0: this process's); `bf16_threads`: those of
+        a version served in bfloat16 on the CPU (0: `threads`)."""
         self.models_dir = models_dir
         self.cuda_graphs = cuda_graphs  # the worker's engines replay CUDA graphs on a GPU
         self.dtype = dtype  # of the weights and KV cache (checkpoint.serving_dtype)
@@ -105,6 +108,7 @@ class InferenceCore:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self._threads = threads or torch.get_num_threads()  # the worker's torch threads
+        self._bf16_threads = bf16_threads or self._threads
         self._version: LoadedVersion | None = None
         self._vocabularies: dict[str, Vocabulary] = {}  # by version id
         self._load_lock = asyncio.Lock()
@@ -243,6 +247,8 @@ class InferenceCore:
             load_error=self._load_error,
             eos_token=((version.stop_tokens or (EOS,))[0]) if version else "",
             chat_template=version.chat_template if version else "",
+            dtype=version.dtype if version else "",
+            threads=version.threads if version else 0,
         )
 
     def close(self) -> None:
@@ -300,6 +306,7 @@ class InferenceCore:
                 "version_id": version_id,
                 "cuda_graphs": self.cuda_graphs,
                 "dtype": self.dtype,
+                "bf16_threads": self._bf16_threads,
             },
             name="sma-inference-worker",
             daemon=True,

@@ -164,7 +164,10 @@ class _Follower:
             )
             return False
         self.load_error = ""
-        log.info("now serving %s", version_id)
+        info = self.core.info()
+        plural = "s" if info.threads > 1 else ""
+        where = f"{info.threads} CPU thread{plural}" if info.threads else info.device
+        log.info("now serving %s (%s on %s)", version_id, info.dtype, where)
         await self.server.ready()
         return True
 

@@ -88,6 +88,8 @@ class Info:
     load_error: str
     eos_token: str = ""
     chat_template: str = ""
+    dtype: str = ""
+    threads: int = 0
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,8 @@ class LoadedVersion:
     tokenizer: Tokenizer  # for /tokenize and the text of tokens, on the server's side
     chat_template: str
     stop_tokens: tuple[str, ...] = ()  # () = our EOS
+    dtype: str = ""  # the weights' dtype as served: float32, bfloat16
+    threads: int = 0  # the CPU threads its decode runs on; 0 on a GPU
 
 
 @dataclass(frozen=True)

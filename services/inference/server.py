@@ -206,6 +206,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             decode_seconds=info.decode_seconds,
             eos_token=info.eos_token,
             chat_template=info.chat_template,
+            dtype=info.dtype,
+            threads=info.threads,
         )
 
     @rpc
@@ -281,6 +283,7 @@ def main(settings: Settings) -> None:
         threads=settings.decode_threads(),
         cuda_graphs=settings.cuda_graphs,
         dtype=settings.serve_dtype,
+        bf16_threads=settings.decode_threads(bandwidth_bound=True),
     )
     service = Service(
         SERVICE_NAME, inference_pb2_grpc.add_InferenceServicer_to_server, InferenceServicer(core)

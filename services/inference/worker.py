@@ -76,13 +76,17 @@ def main(
     version_id: str | None = None,
     cuda_graphs: bool = True,
     dtype: str = "auto",
+    bf16_threads: int = 0,
 ) -> None:
     """Entry point of the worker process. `version_id` is set for a worker that replaces one
-    that died: it serves what that one served, without waiting to be asked."""
+    that died: it serves what that one served, without waiting to be asked. `threads` and
+    `bf16_threads`: as `Worker`'s."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server process decides when it ends
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     torch.set_num_threads(threads)
-    worker = Worker(conn, models_dir, torch.device(device), max_batch, cuda_graphs, dtype)
+    worker = Worker(
+        conn, models_dir, torch.device(device), max_batch, cuda_graphs, dtype, threads, bf16_threads
+    )
     if version_id is not None:
         try:
             worker.adopt(*worker.prepare(version_id))
@@ -107,7 +111,10 @@ _Prepared = tuple[Engine, LoadedVersion]
 
 
 class Worker:
-    """Owns the engines and runs the step loop; everything here runs in the worker process."""
+    """Owns the engines and runs the step loop; everything here runs in the worker process.
+
+    Each version decodes on `threads` torch threads, or on `bf16_threads` where it is served
+    in bfloat16 on the CPU (0: `threads`; 0 for both: torch's count when a version is made)."""
 
     def __init__(
         self,
@@ -117,6 +124,8 @@ class Worker:
         max_batch: int,
         cuda_graphs: bool = True,
         dtype: str = "auto",
+        threads: int = 0,
+        bf16_threads: int = 0,
     ) -> None:
         self.conn = conn
         self.models_dir = models_dir
@@ -124,6 +133,8 @@ class Worker:
         self.max_batch = max_batch
         self.cuda_graphs = cuda_graphs
         self.dtype = dtype  # a `checkpoint.serving_dtype` name: each version's own choice
+        self.threads = threads
+        self.bf16_threads = bf16_threads or threads
         self.engine: Engine | None = None
         self.engine_version = ""
         self.draining: list[Engine] = []
@@ -195,6 +206,10 @@ class Worker:
     def prepare(self, version_id: str) -> _Prepared:
         """Reading weights and allocating a KV cache take a while: a helper thread does it."""
         version = checkpoint.load_version(self.models_dir, version_id, self.device, self.dtype)
+        weights = next(version.model.parameters()).dtype
+        threads = self.threads_for(weights)
+        if threads:  # before the engine: its cache's layout follows the count (`kernels.supports`)
+            torch.set_num_threads(threads)
         engine = Engine(
             version.model,
             version.tokenizer,
@@ -209,8 +224,16 @@ class Worker:
             version.tokenizer,
             version.chat_template,
             version.stop_tokens,
+            str(weights).removeprefix("torch."),
+            (threads or torch.get_num_threads()) if self.device.type == "cpu" else 0,
         )
         return engine, loaded
+
+    def threads_for(self, weights: torch.dtype) -> int:
+        """Torch threads for a version's decode: a model served in bfloat16 on the CPU is
+        bound by memory bandwidth, which more threads draw more of (`Settings.decode_threads`)."""
+        cpu_bf16 = self.device.type == "cpu" and weights == torch.bfloat16
+        return self.bf16_threads if cpu_bf16 else self.threads
 
     def load(self, call_id: int, version_id: str) -> None:
         """The helper thread's part of a `Load`: the step loop adopts what it prepared."""
@@ -239,8 +262,10 @@ class Worker:
 
     def adopt(self, engine: Engine, version: LoadedVersion) -> None:
         if self.engine is not None and self.engine.has_work():
-            self.draining.append(self.engine)
+            self.draining.append(self.engine)  # it finishes on the new version's threads
         self.engine, self.engine_version = engine, version.id
+        if version.threads:  # this thread steps: the count is set where it runs
+            torch.set_num_threads(version.threads)
 
     # ---- streams ------------------------------------------------------------------------------
 

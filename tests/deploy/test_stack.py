@@ -284,6 +284,7 @@ def test_requests_limits_and_threads_fit_each_pod(stack: Stack) -> None:
         # start one thread per core of the node in a pod with a few CPUs
         if service == "inference":
             assert 0 < settings.decode_threads() <= cpus
+            assert 0 < settings.decode_threads(bandwidth_bound=True) <= cpus
         if service == "training":
             assert 0 < settings.train_threads <= cpus
 

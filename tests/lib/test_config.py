@@ -109,6 +109,15 @@ def test_available_cpus_honours_a_cgroup_cpu_limit(
     assert available_cpus(tmp_path / "missing") == cores
 
 
+def test_the_decode_threads_leave_a_core_unless_a_model_is_bound_by_memory_bandwidth() -> None:
+    cpus = available_cpus()
+    auto = Settings(threads=0)
+    assert auto.decode_threads() == max(1, cpus - 1)
+    assert auto.decode_threads(bandwidth_bound=True) == cpus
+    fixed = Settings(threads=3)  # SMA_THREADS: what it says, for every model
+    assert fixed.decode_threads() == fixed.decode_threads(bandwidth_bound=True) == 3
+
+
 def test_the_hosts_the_gateway_answers_to() -> None:
     assert Settings().hosts() == ["127.0.0.1", "::1", "localhost"]
     assert Settings(host="10.0.0.7").hosts() == ["10.0.0.7", "127.0.0.1", "::1", "localhost"]

@@ -45,6 +45,7 @@ def test_the_chat_goes_through_the_models_own_template(
     page, console = instruct_page, Console(instruct_page)
     health = instruct_stack.health()
     assert health["model"]["chat_template"] == "own"
+    assert health["model"]["dtype"] == "float32" and health["model"]["threads"] >= 1  # tiny
     assert health["serving_version"] == "v0002" and health["specialists"] == ["ds"]
     first = json.loads((instruct_stack.home / "artifacts/models/v0001/config.json").read_text())
     assert first["base"]["name"] == "qwen" and first["model"]["n_kv_head"] == 1

@@ -160,7 +160,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("version_id", "specialists", "device", "profile", "context", "n_layer", "d_model", "vocab_size", "max_batch", "max_queue", "active_streams", "queued", "tokens_generated", "requests_total", "swapping", "load_error", "decode_steps", "decode_seconds", "eos_token", "chat_template")
+    __slots__ = ("version_id", "specialists", "device", "profile", "context", "n_layer", "d_model", "vocab_size", "max_batch", "max_queue", "active_streams", "queued", "tokens_generated", "requests_total", "swapping", "load_error", "decode_steps", "decode_seconds", "eos_token", "chat_template", "dtype", "threads")
     VERSION_ID_FIELD_NUMBER: _ClassVar[int]
     SPECIALISTS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -181,6 +181,8 @@ class GetModelInfoResponse(_message.Message):
     DECODE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_FIELD_NUMBER: _ClassVar[int]
     CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    THREADS_FIELD_NUMBER: _ClassVar[int]
     version_id: str
     specialists: _containers.RepeatedScalarFieldContainer[str]
     device: str
@@ -201,7 +203,9 @@ class GetModelInfoResponse(_message.Message):
     decode_seconds: float
     eos_token: str
     chat_template: str
-    def __init__(self, version_id: _Optional[str] = ..., specialists: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., profile: _Optional[str] = ..., context: _Optional[int] = ..., n_layer: _Optional[int] = ..., d_model: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_queue: _Optional[int] = ..., active_streams: _Optional[int] = ..., queued: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., requests_total: _Optional[int] = ..., swapping: _Optional[bool] = ..., load_error: _Optional[str] = ..., decode_steps: _Optional[int] = ..., decode_seconds: _Optional[float] = ..., eos_token: _Optional[str] = ..., chat_template: _Optional[str] = ...) -> None: ...
+    dtype: str
+    threads: int
+    def __init__(self, version_id: _Optional[str] = ..., specialists: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., profile: _Optional[str] = ..., context: _Optional[int] = ..., n_layer: _Optional[int] = ..., d_model: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_queue: _Optional[int] = ..., active_streams: _Optional[int] = ..., queued: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., requests_total: _Optional[int] = ..., swapping: _Optional[bool] = ..., load_error: _Optional[str] = ..., decode_steps: _Optional[int] = ..., decode_seconds: _Optional[float] = ..., eos_token: _Optional[str] = ..., chat_template: _Optional[str] = ..., dtype: _Optional[str] = ..., threads: _Optional[int] = ...) -> None: ...
 
 class TokenizeRequest(_message.Message):
     __slots__ = ("text",)

@@ -68,6 +68,8 @@ def test_generate_streams_deltas_that_concatenate_to_the_completion(models):
     assert (info.requests_total, info.tokens_generated, info.active_streams) == (2, 24 + 32, 0)
     # one step per token: the two calls ran one after the other
     assert info.decode_steps == 24 + 32 and info.decode_seconds > 0
+    # a tiny model serves in float32, on the worker's threads (the tests' one)
+    assert (info.dtype, info.threads) == ("float32", 1)
 
 
 def test_errors_map_to_grpc_status_codes(models):
