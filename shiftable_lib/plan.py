@@ -26,6 +26,7 @@ from shiftable_lib.corpus import (
     discover_specialists,
     text_files,
 )
+from shiftable_lib.demo_corpus import DEFAULT_MAX_BYTES, DEMO_DOMAINS
 from shiftable_lib.errors import NotFound
 from shiftable_lib.tokenizer import load_tokenizer
 
@@ -128,7 +129,11 @@ def decide_train_all(
             PlannedPhase(GENERALIST, profile.generalist_steps),
             PlannedPhase(EVALUATE, reported=False),
         ]
-    if not reason:
+    if demo:  # provisional: the demo corpus brings its specialists, each of about its cap
+        coming = {n: DEFAULT_MAX_BYTES[n] for n in DEMO_DOMAINS if n != GENERAL}
+        names = sorted({*found, *coming})
+        phases += _specialists_stage(settings, names, profile, profile.gate_steps, config, coming)
+    elif not reason:
         phases += _specialists_stage(settings, found, profile, profile.gate_steps, config)
     return TrainAllDecision(demo, config is None, profile, found, reason, digests, phases)
 
@@ -174,14 +179,24 @@ def plan_remove_specialist(recalibrate_steps: int) -> list[PlannedPhase]:
 
 
 def _specialists_stage(
-    settings: Settings, names: list[str], profile: Profile, gate_steps: int, config: dict | None
+    settings: Settings,
+    names: list[str],
+    profile: Profile,
+    gate_steps: int,
+    config: dict | None,
+    coming: dict[str, int] | None = None,
 ) -> list[PlannedPhase]:
+    """The branches of `names`, the gate and the evaluation; `coming`: the bytes expected of
+    corpora not written yet, by name (a corpus on disk is measured)."""
     per_token = _bytes_per_token(settings, config)
+    coming = coming or {}
+
+    def size(name: str) -> float:
+        measured = _training_bytes(settings, name)
+        return measured if measured > 0 or name not in coming else TRAIN_SHARE * coming[name]
+
     branches = [
-        PlannedPhase(
-            specialist_phase(n),
-            specialist_steps(round(_training_bytes(settings, n) / per_token), profile),
-        )
+        PlannedPhase(specialist_phase(n), specialist_steps(round(size(n) / per_token), profile))
         for n in names
     ]
     return [*branches, PlannedPhase(GATE, gate_steps), PlannedPhase(EVALUATE, reported=False)]

@@ -8,8 +8,9 @@ import pytest
 
 from shiftable_lib import checkpoint, jobs, plan, train, versions
 from shiftable_lib import corpus as corpus_module
-from shiftable_lib.config import Settings
+from shiftable_lib.config import Settings, get_profile
 from shiftable_lib.corpus import corpus_digest, load_domain
+from shiftable_lib.demo_corpus import DEFAULT_MAX_BYTES
 from tests.conftest import synthetic_documents, write_domain
 
 
@@ -40,9 +41,48 @@ def _digests(settings: Settings) -> dict[str, str]:
     return versions.version_config(settings.models_dir, current)["corpus_digests"]
 
 
-def test_the_first_start_plans_the_demo_corpus_then_the_generalist(tmp_path: Path):
-    names = [p.name for p in plan.plan_train_all(_settings(tmp_path), demo_if_empty=True)]
-    assert names == [plan.DEMO_CORPUS, plan.TOKENIZER, plan.GENERALIST, plan.EVALUATE]
+DEMO_SPECIALISTS = [plan.specialist_phase(n) for n in ("datascience", "deeplearning")]
+
+
+def test_the_first_start_plans_the_demo_corpus_the_generalist_and_the_demos_specialists(
+    tmp_path: Path,
+):
+    """The demo's specialists are planned before their corpora exist, each of about its cap
+    (`DEFAULT_MAX_BYTES`), so that the first plan weighs the demo corpus against the whole
+    start rather than against the generalist alone."""
+    phases = plan.plan_train_all(_settings(tmp_path), demo_if_empty=True)
+    names = [p.name for p in phases]
+    stages = [plan.GATE, plan.EVALUATE]
+    assert names[:4] == [plan.DEMO_CORPUS, plan.TOKENIZER, plan.GENERALIST, plan.EVALUATE]
+    assert names[4:] == [*DEMO_SPECIALISTS, *stages]
+    profile = get_profile("tiny")
+    expected = plan.specialist_steps(
+        round(plan.TRAIN_SHARE * DEFAULT_MAX_BYTES["datascience"] / plan.BYTES_PER_TOKEN), profile
+    )
+    assert phases[4].steps == expected > 0
+
+
+def base_first_start(home: Path) -> list[plan.PlannedPhase]:
+    """The first plan of a start on a base with the demo corpus to build, `datascience`'s
+    10 documents already there."""
+    write_domain(home / "data", "datascience", synthetic_documents("ds", 10))
+    settings = Settings(home=home, profile="tiny", device="cpu", threads=1, base=home / "b.gguf")
+    return plan.plan_train_all(settings, demo_if_empty=True)
+
+
+def test_a_first_start_on_a_base_plans_the_import_then_the_demos_specialists(tmp_path: Path):
+    """A specialist already there is measured, the rest planned at their caps."""
+    phases = base_first_start(tmp_path)
+    assert [p.name for p in phases] == [
+        plan.DEMO_CORPUS,
+        plan.IMPORT,
+        *DEMO_SPECIALISTS,
+        plan.GATE,
+        plan.EVALUATE,
+    ]
+    profile = get_profile("tiny")
+    assert phases[2].steps == profile.specialist_min_steps  # 10 documents: the least
+    assert phases[3].steps > phases[2].steps  # 3 MB expected
 
 
 def test_train_all_runs_the_phases_it_plans(home: Path):

@@ -35,6 +35,7 @@ from shiftable_lib.train import Progress
 from sma.v1 import training_pb2 as T
 from sma.v1 import training_pb2_grpc
 from tests.conftest import synthetic_documents, torchrun_ranks, write_domain
+from tests.lib.test_plan import base_first_start
 
 FINISHED = (T.JOB_STATE_SUCCEEDED, T.JOB_STATE_FAILED, T.JOB_STATE_CANCELLED)
 LONG_RECALIBRATION = 1_000_000  # gate steps: a REMOVE job that runs until it is stopped
@@ -463,6 +464,16 @@ def test_one_eta_for_the_whole_job_agrees_with_its_fraction():
     etas = [eta for _, _, eta in seen[10:]]
     assert all(b <= a + 1.0 for a, b in itertools.pairwise(etas))  # only ever down
     assert etas[-1] < 0.15 * now
+
+
+def test_a_first_start_on_a_base_does_not_show_its_demo_corpus_as_half_the_job(tmp_path: Path):
+    """Its first plan once held only the demo corpus and the import, so the demo corpus built
+    was 50% and the percentage stayed there until the specialists' real estimate passed it
+    (for hours on a CPU). Replayed with the phases' times of a start on one H200."""
+    estimate = FractionEstimate(base_first_start(tmp_path), now=0.0)
+    seen = [estimate.update(plan.DEMO_CORPUS, 1, 1, 4.4)]
+    seen.append(estimate.update(plan.IMPORT, 1, 1, 15.2))
+    assert seen[0] < 0.15 and seen[1] < 0.3
 
 
 class Pipe(list):
