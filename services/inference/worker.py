@@ -83,7 +83,7 @@ def main(
     `bf16_threads`: as `Worker`'s."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server process decides when it ends
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    torch.set_num_threads(threads)
+    pin_threads(threads)
     worker = Worker(
         conn, models_dir, torch.device(device), max_batch, cuda_graphs, dtype, threads, bf16_threads
     )
@@ -94,6 +94,14 @@ def main(
             log.exception("the new inference worker cannot load %s", version_id)
     with contextlib.suppress(EOFError, OSError):  # the server process has gone
         worker.run()
+
+
+def pin_threads(threads: int) -> None:
+    """Set this thread's torch thread count, for good. A thread takes the process-wide count
+    (the last any thread set) at its first parallel operation, unless it has asked for its
+    count before: asking first keeps a helper thread's later count from reaching it."""
+    torch.get_num_threads()
+    torch.set_num_threads(threads)
 
 
 @dataclass(eq=False)
@@ -209,7 +217,7 @@ class Worker:
         weights = next(version.model.parameters()).dtype
         threads = self.threads_for(weights)
         if threads:  # before the engine: its cache's layout follows the count (`kernels.supports`)
-            torch.set_num_threads(threads)
+            pin_threads(threads)
         engine = Engine(
             version.model,
             version.tokenizer,
@@ -225,7 +233,7 @@ class Worker:
             version.chat_template,
             version.stop_tokens,
             str(weights).removeprefix("torch."),
-            (threads or torch.get_num_threads()) if self.device.type == "cpu" else 0,
+            torch.get_num_threads() if self.device.type == "cpu" else 0,  # what took effect
         )
         return engine, loaded
 
@@ -265,7 +273,7 @@ class Worker:
             self.draining.append(self.engine)  # it finishes on the new version's threads
         self.engine, self.engine_version = engine, version.id
         if version.threads:  # this thread steps: the count is set where it runs
-            torch.set_num_threads(version.threads)
+            pin_threads(version.threads)
 
     # ---- streams ------------------------------------------------------------------------------
 

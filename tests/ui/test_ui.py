@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -477,47 +478,65 @@ def test_an_add_over_the_drift_limit_can_be_made_anyway(page: Page, ui_stack: St
     expect(entry.locator(".badge")).to_have_text("ready", timeout=SLOW)
     assert [b["max_drift"] for b in sent] == [0, 1000]
     assert "mirror" in ui_stack.http.get("/specialists").json()
+    # the later tests count the specialists as they were
+    assert ui_stack.http.delete("/specialists/mirror").status_code == 200
+
+
+def phrases(n: int, seed: int) -> list[str]:
+    """Documents of one small, regular kind of text: a few phrases in a fixed order, which a
+    branch learns far better than the base predicts them."""
+    rng = random.Random(seed)
+    lines = ("alpha beta gamma delta", "one two three four five", "red green blue", "x y z")
+    return [" ; ".join(lines[(i + k) % 4] for k in range(rng.randint(8, 16))) for i in range(n)]
 
 
 def test_a_delete_over_the_drift_limit_can_be_made_anyway(page: Page, ui_stack: Stack) -> None:
     """The same for a delete: a branch can carry part of another domain's text, so removing it
-    can make that domain worse. `twin`, trained on a copy of general's corpus, carries some of
-    the general-like domains' text. Under a limit of 0% (any domain made worse at all),
-    removing it is refused with the figures and nothing changes; **Delete anyway** removes it
-    without asking to confirm again."""
+    can make that domain worse. `pair-b` learns `pair-a`'s kind of text from five times as
+    much of it, `pair-a`'s own included, so `pair-a`'s held-out text leans on it; under a
+    limit of 0% (any domain made worse at all), removing `pair-b` is refused with the figures
+    and nothing changes. **Delete anyway** removes it without asking to confirm again."""
     data = ui_stack.home / "data"
-    shutil.copytree(data / "general", data / "twin")
-    added = ui_stack.http.post(
-        "/specialists", json={"name": "twin", "max_drift": 1000}, timeout=SLOW / 1000
-    )
-    assert added.status_code == 200, added.text
+    write_domain(data, "pair-a", phrases(40, seed=31))
+    shutil.copytree(data / "pair-a", data / "pair-b")
+    write_domain(data, "pair-b", phrases(160, seed=32), file="more.txt")
+    for name in ("pair-a", "pair-b"):
+        added = ui_stack.http.post(
+            "/specialists", json={"name": name, "max_drift": 1000}, timeout=SLOW / 1000
+        )
+        assert added.status_code == 200, added.text
     sent: list[str] = []
 
     def strict(route) -> None:
         sent.append(route.request.url)
         route.continue_(url=route.request.url + "&max_drift=0")
 
-    open_ui(page, ui_stack)
-    page.route(re.compile(r".*/specialists/twin\?wait=false$"), strict)
-    page.get_by_role("button", name="Delete specialist twin").click()
-    page.locator("#confirm-ok").click()
-    failure = page.locator(".operation.failed")
-    expect(failure).to_contain_text("worse than the 0% limit", timeout=SLOW)
-    expect(failure).to_contain_text(re.compile(r"[\w-]+ \+\d+\.\d\d% \("))  # figures
-    assert "twin" in ui_stack.http.get("/specialists").json()  # nothing published
-    assert list((data / "twin").glob("*.txt"))  # the corpus stays
+    try:
+        open_ui(page, ui_stack)
+        page.route(re.compile(r".*/specialists/pair-b\?wait=false$"), strict)
+        page.get_by_role("button", name="Delete specialist pair-b").click()
+        page.locator("#confirm-ok").click()
+        failure = page.locator(".operation.failed")
+        expect(failure).to_contain_text("worse than the 0% limit", timeout=SLOW)
+        expect(failure).to_contain_text(re.compile(r"pair-a \+\d+\.\d\d% \("))  # figures
+        assert "pair-b" in ui_stack.http.get("/specialists").json()  # nothing published
+        assert list((data / "pair-b").glob("*.txt"))  # the corpus stays
 
-    failure.get_by_role("button", name="Delete twin anyway").click()
-    expect(page.locator("#confirm")).to_be_hidden()
-    expect(page.locator('.specialist[data-name="twin"]')).to_have_count(0, timeout=SLOW)
-    outcome = page.locator(".operation.outcome")
-    expect(outcome.locator(".op-title")).to_contain_text("Deleting twin: done")
-    assert len(sent) == 1  # the second request carried its own limit, not the test's
-    assert "twin" not in ui_stack.http.get("/specialists").json()
-    assert list((data / ".deleted").glob("twin-*"))
-    outcome.get_by_role("button", name="Dismiss").click()
-    # the later tests count the specialists as they were
-    assert ui_stack.http.delete("/specialists/mirror").status_code == 200
+        failure.get_by_role("button", name="Delete pair-b anyway").click()
+        expect(page.locator("#confirm")).to_be_hidden()
+        expect(page.locator('.specialist[data-name="pair-b"]')).to_have_count(0, timeout=SLOW)
+        outcome = page.locator(".operation.outcome")
+        expect(outcome.locator(".op-title")).to_contain_text("Deleting pair-b: done")
+        assert len(sent) == 1  # the second request carried its own limit, not the test's
+        assert "pair-b" not in ui_stack.http.get("/specialists").json()
+        assert list((data / ".deleted").glob("pair-b-*"))
+        outcome.get_by_role("button", name="Dismiss").click()  # later tests count operations
+    finally:  # the later tests count the specialists as they were
+        for name in ("pair-b", "pair-a"):
+            if name in ui_stack.http.get("/specialists").json():
+                ui_stack.http.delete(
+                    f"/specialists/{name}", params={"max_drift": 1000}, timeout=SLOW / 1000
+                )
 
 
 def test_deleting_specialists_removes_them_and_keeps_the_last(

@@ -59,3 +59,30 @@ def test_an_explicit_thread_count_serves_every_dtype(models: Path) -> None:
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_load_in_a_helper_thread_leaves_the_step_loops_count_alone(models: Path) -> None:
+    """The step loop, a thread that has not run a parallel operation yet, adopts a float32
+    version on one thread; a helper thread then prepares a bfloat16 one on two (a hot swap,
+    or a load that fails after it). The step loop still decodes on one: torch would otherwise
+    hand a new thread the last count any thread set, at its first parallel operation."""
+    conn, _ = multiprocessing.Pipe()
+    cpu = torch.device("cpu")
+    before = torch.get_num_threads()
+    counts: list[int] = []
+
+    def step_loop() -> None:
+        narrow = Worker(conn, models, cpu, 2, dtype="float32", threads=1, bf16_threads=2)
+        narrow.adopt(*prepare_apart(narrow, SHIFTABLE))  # as a first Load: made apart
+        wide = Worker(conn, models, cpu, 2, dtype="bfloat16", threads=1, bf16_threads=2)
+        assert prepare_apart(wide, SHIFTABLE)[1].threads == 2
+        torch.ones(64, 64) @ torch.ones(64, 64)  # a parallel operation, as a decode step
+        counts.append(torch.get_num_threads())
+
+    try:
+        loop = threading.Thread(target=step_loop)
+        loop.start()
+        loop.join()
+        assert counts == [1]
+    finally:
+        torch.set_num_threads(before)
