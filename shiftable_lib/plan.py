@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from shiftable_lib import versions
 from shiftable_lib.config import Profile, Settings, get_profile
@@ -61,6 +62,9 @@ class PlannedPhase:
     name: str
     steps: int = 0
     reported: bool = True
+    # what a step costs next to one of the profile's own model: an imported base is larger,
+    # while the demo corpus and the import, work without steps, do not grow with it
+    scale: float = 1.0
 
 
 PlanFn = Callable[[list[PlannedPhase]], None]
@@ -129,12 +133,14 @@ def decide_train_all(
             PlannedPhase(GENERALIST, profile.generalist_steps),
             PlannedPhase(EVALUATE, reported=False),
         ]
+    scale = base_scale(settings.base, profile) if config is None and settings.base else 1.0
+    gate = profile.gate_steps
     if demo:  # provisional: the demo corpus brings its specialists, each of about its cap
         coming = {n: DEFAULT_MAX_BYTES[n] for n in DEMO_DOMAINS if n != GENERAL}
         names = sorted({*found, *coming})
-        phases += _specialists_stage(settings, names, profile, profile.gate_steps, config, coming)
+        phases += _specialists_stage(settings, names, profile, gate, config, coming, scale)
     elif not reason:
-        phases += _specialists_stage(settings, found, profile, profile.gate_steps, config)
+        phases += _specialists_stage(settings, found, profile, gate, config, scale=scale)
     return TrainAllDecision(demo, config is None, profile, found, reason, digests, phases)
 
 
@@ -185,9 +191,11 @@ def _specialists_stage(
     gate_steps: int,
     config: dict | None,
     coming: dict[str, int] | None = None,
+    scale: float = 1.0,
 ) -> list[PlannedPhase]:
     """The branches of `names`, the gate and the evaluation; `coming`: the bytes expected of
-    corpora not written yet, by name (a corpus on disk is measured)."""
+    corpora not written yet, by name (a corpus on disk is measured); `scale`: a step's cost
+    next to one of the profile's own model (`PlannedPhase.scale`)."""
     per_token = _bytes_per_token(settings, config)
     coming = coming or {}
 
@@ -196,10 +204,27 @@ def _specialists_stage(
         return measured if measured > 0 or name not in coming else TRAIN_SHARE * coming[name]
 
     branches = [
-        PlannedPhase(specialist_phase(n), specialist_steps(round(size(n) / per_token), profile))
+        PlannedPhase(
+            specialist_phase(n),
+            specialist_steps(round(size(n) / per_token), profile),
+            scale=scale,
+        )
         for n in names
     ]
-    return [*branches, PlannedPhase(GATE, gate_steps), PlannedPhase(EVALUATE, reported=False)]
+    gate = PlannedPhase(GATE, gate_steps, scale=scale)
+    return [*branches, gate, PlannedPhase(EVALUATE, reported=False)]
+
+
+def base_scale(base: Path, profile: Profile) -> float:
+    """How much larger a step on the pretrained `base` is than one on the profile's own model,
+    before it is imported: the checkpoint's bytes against the profile's float32 weights (about
+    12 d_model² a layer, and the embeddings). A quantised checkpoint holds fewer bytes than its
+    weights take, so this errs low. At least 1."""
+    files = [base] if base.is_file() else [*base.glob("*.safetensors"), *base.glob("*.gguf")]
+    size = sum(f.stat().st_size for f in files if f.is_file())
+    d = profile.d_model
+    own = 4 * (12 * profile.n_layer * d * d + profile.vocab_size * d)
+    return max(1.0, size / own)
 
 
 def _training_bytes(settings: Settings, name: str) -> float:

@@ -17,6 +17,7 @@ from shiftable_lib.plan import (
     EVALUATE,
     GATE,
     GENERALIST,
+    IMPORT,
     SPECIALIST_PREFIX,
     TOKENIZER,
     PlannedPhase,
@@ -28,6 +29,9 @@ FRACTION_CAP = 0.99  # the estimate stays below 1 until the job has actually suc
 # generalist's steps, evaluating and publishing against the steps of what it evaluates
 STEPLESS_SHARE = {DEMO_CORPUS: 0.1, TOKENIZER: 0.05, EVALUATE: 0.1}
 DEFAULT_SHARE = 0.1
+# work whose time does not grow with the model: on an imported base, whose steps cost
+# `PlannedPhase.scale` times the profile's own, its share shrinks by that much
+SIZE_FREE = {DEMO_CORPUS, TOKENIZER, IMPORT}
 # what a step of each kind of phase costs next to a generalist's, until the job has timed one
 # of that kind (docs/benchmarks.md, "Progress: one ETA"): a branch trains attention only, the
 # gate runs the trunk without gradients
@@ -62,13 +66,16 @@ def weigh(plan: Iterable[PlannedPhase]) -> list[WeightedPhase]:
         if phase.name != EVALUATE and end + 1 < len(phases):
             continue
         stage = phases[stage_start : end + 1]
-        cost = sum(p.steps * STEP_COST.get(kind(p.name), 1.0) for p in stage)
+        cost = sum(p.steps * STEP_COST.get(kind(p.name), 1.0) * p.scale for p in stage)
+        scale = max((p.scale for p in stage if p.steps > 0), default=1.0)
         for p in stage:
             if p.steps > 0:
-                step_cost = STEP_COST.get(kind(p.name), 1.0)
+                step_cost = STEP_COST.get(kind(p.name), 1.0) * p.scale
                 weighted.append(WeightedPhase(p.name, float(p.steps), step_cost, True, p.reported))
             else:  # a share of its stage's cost, as one step
                 share = STEPLESS_SHARE.get(p.name, DEFAULT_SHARE)
+                if p.name in SIZE_FREE:
+                    share /= scale
                 weighted.append(
                     WeightedPhase(p.name, 1.0, max(1.0, share * cost), False, p.reported)
                 )
@@ -95,6 +102,7 @@ class FractionEstimate:
         self.entered = now  # when the current phase began
         self.step = 0.0  # steps done in it
         self.rates: dict[str, float] = {}  # seconds per unit of cost, per kind timed
+        self.stepped = {kind(p.name) for p in self.phases if p.by_steps}  # kinds of steps
         self.eta_s = 0.0
 
     def update(self, phase: str, step: int, total: int, now: float) -> float:
@@ -121,6 +129,7 @@ class FractionEstimate:
     def plan_rest(self, plan: Iterable[PlannedPhase]) -> None:
         """Replace the phases after the current one (all of them before the first)."""
         self.phases[self.cursor + 1 :] = weigh(plan)
+        self.stepped |= {kind(p.name) for p in self.phases if p.by_steps}
 
     def enter_unreported(self, now: float) -> str | None:
         """When the current phase has ended: enter the next phase if the library does not
@@ -142,11 +151,16 @@ class FractionEstimate:
 
     def _rate(self, phase: WeightedPhase) -> float | None:
         """Seconds per unit of cost of `phase`'s kind: its own if timed, else the mean of the
-        kinds timed so far (None before any)."""
+        kinds timed so far (None before any); for work that grows with the model (steps, an
+        evaluation), of the kinds of steps timed, where there are any: the demo corpus or the
+        import says little of a step's time."""
         own = self.rates.get(kind(phase.name))
         if own is not None:
             return own
-        return sum(self.rates.values()) / len(self.rates) if self.rates else None
+        sized = phase.by_steps or phase.name not in SIZE_FREE
+        stepped = [r for k, r in self.rates.items() if k in self.stepped] if sized else []
+        pool = stepped or list(self.rates.values())
+        return sum(pool) / len(pool) if pool else None
 
     def _estimate(self, now: float) -> None:
         current = self.phases[self.cursor]

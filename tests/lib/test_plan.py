@@ -62,12 +62,30 @@ def test_the_first_start_plans_the_demo_corpus_the_generalist_and_the_demos_spec
     assert phases[4].steps == expected > 0
 
 
-def base_first_start(home: Path) -> list[plan.PlannedPhase]:
-    """The first plan of a start on a base with the demo corpus to build, `datascience`'s
-    10 documents already there."""
+def base_first_start(home: Path, base_bytes: int = 0) -> list[plan.PlannedPhase]:
+    """The first plan of a start on a base of `base_bytes` (a sparse file; none for 0) with the
+    demo corpus to build, `datascience`'s 10 documents already there."""
     write_domain(home / "data", "datascience", synthetic_documents("ds", 10))
-    settings = Settings(home=home, profile="tiny", device="cpu", threads=1, base=home / "b.gguf")
+    base = home / "b.gguf"
+    if base_bytes:
+        with base.open("wb") as f:
+            f.truncate(base_bytes)
+    settings = Settings(home=home, profile="tiny", device="cpu", threads=1, base=base)
     return plan.plan_train_all(settings, demo_if_empty=True)
+
+
+def test_a_bases_steps_are_planned_by_its_size_against_the_profiles_model(tmp_path: Path):
+    """A step on a base costs its bytes over the profile's own float32 weights times a step on
+    the profile's model; never less than one."""
+    tiny = get_profile("tiny")
+    own = 4 * (12 * tiny.n_layer * tiny.d_model**2 + tiny.vocab_size * tiny.d_model)
+    phases = base_first_start(tmp_path, base_bytes=50 * own)
+    assert {p.scale for p in phases if p.steps} == {50.0}
+    assert {p.scale for p in phases if not p.steps} == {1.0}  # the corpus, import, evaluation
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"x" * 100)
+    assert plan.base_scale(folder, tiny) == 1.0
 
 
 def test_a_first_start_on_a_base_plans_the_import_then_the_demos_specialists(tmp_path: Path):

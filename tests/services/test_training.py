@@ -16,19 +16,21 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common import Server, start_server
+from services.training import child
 from services.training.child import Reporter
 from services.training.core import JobManager
 from services.training.job import Job
 from services.training.progress import FractionEstimate
 from services.training.server import SERVICE_NAME, training_service
 from shiftable_lib import plan, versions
-from shiftable_lib.config import Settings
+from shiftable_lib.config import Settings, get_profile
 from shiftable_lib.corpus import corpus_digest
 from shiftable_lib.plan import PlannedPhase
 from shiftable_lib.train import Progress
@@ -476,16 +478,42 @@ def test_a_first_start_on_a_base_does_not_show_its_demo_corpus_as_half_the_job(t
     assert seen[0] < 0.15 and seen[1] < 0.3
 
 
+def test_a_large_bases_first_start_on_a_cpu_foresees_its_hours(tmp_path: Path):
+    """On a CPU a base's steps take far longer than the profile's own model's: with its steps
+    priced by its size, the demo corpus and the import are a small part of the plan, so the
+    percentage does not run ahead of the hours its specialists take and hold there. Replayed:
+    a base of 20 times the profile's weights, the demo corpus 4 s, the import 8 s, then each
+    branch step 40 s."""
+    tiny = get_profile("tiny")
+    own = 4 * (12 * tiny.n_layer * tiny.d_model**2 + tiny.vocab_size * tiny.d_model)
+    phases = base_first_start(tmp_path, base_bytes=20 * own)
+    estimate = FractionEstimate(phases, now=0.0)
+    estimate.update(plan.DEMO_CORPUS, 1, 1, 4.0)
+    after_import = estimate.update(plan.IMPORT, 1, 1, 12.0)
+    branch = next(p for p in phases if p.name.startswith(plan.SPECIALIST_PREFIX))
+    now = 12.0
+    for step in range(1, 11):
+        now += 40.0
+        estimate.update(branch.name, step, branch.steps, now)
+    work = sum(p.steps for p in phases) * 40.0  # every step at a branch step's cost, at least
+    assert after_import < 0.05
+    assert estimate.fraction < 2 * now / (now + work)
+
+
 class Pipe(list):
     def send(self, message: object) -> None:
         self.append(message)
 
 
-def test_the_reporter_follows_the_plans_the_job_makes_between_phases():
+def test_the_reporter_follows_the_plans_the_job_makes_between_phases(
+    monkeypatch: pytest.MonkeyPatch,
+):
     sent = Pipe()
     Reporter(sent).plan(plan.plan_remove_specialist(recalibrate_steps=0))
     assert [(p.phase, p.fraction) for p in sent] == [("evaluate", 0.0)]  # nothing reports first
 
+    clock = itertools.count()  # a second between reports: the rates are the phases' own
+    monkeypatch.setattr(child, "time", SimpleNamespace(monotonic=lambda: float(next(clock))))
     sent = Pipe()
     reporter = Reporter(sent)
     generalist = [PlannedPhase(plan.TOKENIZER), PlannedPhase(plan.GENERALIST, 40)]
@@ -495,10 +523,14 @@ def test_the_reporter_follows_the_plans_the_job_makes_between_phases():
     branch, gate = PlannedPhase("specialist:ds", 10), PlannedPhase(plan.GATE, 10)
     evaluate = PlannedPhase(plan.EVALUATE, reported=False)
     reporter.plan([*generalist, evaluate, branch, gate, evaluate])  # the demo brought "ds"
-    reporter(Progress(plan.GENERALIST, 40, 40, 2.0, 1.0, 0.0))
-    assert [p.phase for p in sent] == [plan.DEMO_CORPUS] * 2 + [plan.GENERALIST, plan.EVALUATE]
+    for step in (10, 20, 30, 40):
+        reporter(Progress(plan.GENERALIST, step, 40, 2.0, 1.0, 0.0))
+    assert [p.phase for p in sent] == [plan.DEMO_CORPUS] * 2 + [plan.GENERALIST] * 4 + [
+        plan.EVALUATE
+    ]
+    assert [p.name for p in reporter.estimate.phases][-3:] == ["specialist:ds", "gate", "evaluate"]
     fractions = [p.fraction for p in sent]
-    assert fractions == sorted(fractions) and fractions[-1] < 0.9
+    assert fractions == sorted(fractions) and fractions[-1] < 0.9  # a stage still to come
 
 
 def test_a_job_over_two_processes_publishes_and_streams_progress(tmp_path: Path):
