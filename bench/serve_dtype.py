@@ -5,9 +5,11 @@ serve bfloat16 (`checkpoint.serving_dtype`, `CPU_BF16_MIN_BYTES`).
 
 Each model (random weights of the shapes in `SHAPES`, and HOME's current version if given)
 decodes greedy rows through the serving engine in both dtypes, the two alternating, at batch
-1; median tokens/s of `REPEATS` runs after a warm-up. On the inference server's torch threads
-(`Settings.decode_threads`: every core but one), unless `--threads` says otherwise: with one,
-float32 decode attention is the compiled loop (`kernels.py`), which bfloat16 does not have.
+1; median tokens/s of `REPEATS` runs after a warm-up. Both dtypes on one thread count: the
+inference server's for float32 (`Settings.decode_threads`: every core but one), unless
+`--threads` says otherwise (the server gives a version it serves in bfloat16 on the CPU every
+core). With one thread, float32 decode attention is the compiled loop (`kernels.py`), which
+bfloat16 does not have.
 A decode step reads every weight once: past the caches it is bound by memory bandwidth, which
 bfloat16 halves, where the processor computes in bfloat16 natively.
 """

@@ -217,14 +217,19 @@ def _specialists_stage(
 
 def base_scale(base: Path, profile: Profile) -> float:
     """How much larger a step on the pretrained `base` is than one on the profile's own model,
-    before it is imported: the checkpoint's bytes against the profile's float32 weights (about
-    12 d_model² a layer, and the embeddings). A quantised checkpoint holds fewer bytes than its
-    weights take, so this errs low. At least 1."""
+    before it is imported: the checkpoint's bytes against the profile's float32 weights
+    (`profile_bytes`). A quantised checkpoint holds fewer bytes than its weights take, so this
+    errs low. At least 1."""
     files = [base] if base.is_file() else [*base.glob("*.safetensors"), *base.glob("*.gguf")]
     size = sum(f.stat().st_size for f in files if f.is_file())
+    return max(1.0, size / profile_bytes(profile))
+
+
+def profile_bytes(profile: Profile) -> int:
+    """The float32 weights of the profile's own model, about: 12 d_model² a layer (attention
+    and MLP) and the embeddings."""
     d = profile.d_model
-    own = 4 * (12 * profile.n_layer * d * d + profile.vocab_size * d)
-    return max(1.0, size / own)
+    return 4 * (12 * profile.n_layer * d * d + profile.vocab_size * d)
 
 
 def _training_bytes(settings: Settings, name: str) -> float:

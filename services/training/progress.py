@@ -102,7 +102,6 @@ class FractionEstimate:
         self.entered = now  # when the current phase began
         self.step = 0.0  # steps done in it
         self.rates: dict[str, float] = {}  # seconds per unit of cost, per kind timed
-        self.stepped = {kind(p.name) for p in self.phases if p.by_steps}  # kinds of steps
         self.eta_s = 0.0
 
     def update(self, phase: str, step: int, total: int, now: float) -> float:
@@ -129,7 +128,6 @@ class FractionEstimate:
     def plan_rest(self, plan: Iterable[PlannedPhase]) -> None:
         """Replace the phases after the current one (all of them before the first)."""
         self.phases[self.cursor + 1 :] = weigh(plan)
-        self.stepped |= {kind(p.name) for p in self.phases if p.by_steps}
 
     def enter_unreported(self, now: float) -> str | None:
         """When the current phase has ended: enter the next phase if the library does not
@@ -158,7 +156,8 @@ class FractionEstimate:
         if own is not None:
             return own
         sized = phase.by_steps or phase.name not in SIZE_FREE
-        stepped = [r for k, r in self.rates.items() if k in self.stepped] if sized else []
+        steps = {kind(p.name) for p in self.phases if p.by_steps}
+        stepped = [r for k, r in self.rates.items() if k in steps] if sized else []
         pool = stepped or list(self.rates.values())
         return sum(pool) / len(pool) if pool else None
 

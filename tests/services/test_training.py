@@ -484,9 +484,7 @@ def test_a_large_bases_first_start_on_a_cpu_foresees_its_hours(tmp_path: Path):
     percentage does not run ahead of the hours its specialists take and hold there. Replayed:
     a base of 20 times the profile's weights, the demo corpus 4 s, the import 8 s, then each
     branch step 40 s."""
-    tiny = get_profile("tiny")
-    own = 4 * (12 * tiny.n_layer * tiny.d_model**2 + tiny.vocab_size * tiny.d_model)
-    phases = base_first_start(tmp_path, base_bytes=20 * own)
+    phases = base_first_start(tmp_path, base_bytes=20 * plan.profile_bytes(get_profile("tiny")))
     estimate = FractionEstimate(phases, now=0.0)
     estimate.update(plan.DEMO_CORPUS, 1, 1, 4.0)
     after_import = estimate.update(plan.IMPORT, 1, 1, 12.0)
